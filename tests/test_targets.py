@@ -1,0 +1,125 @@
+import math
+import re
+import warnings
+
+import pytest
+import torch
+
+from s2m_diffusers.targets import TargetError, log_r, log_w, parse_target
+from s2m_diffusers.toy import ToyProblem
+
+NAMES = ["black_hair", "male", "smiling"]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("black_hair & male & ~smiling", "black_hair & male & ~smiling"),
+        ("black_hair+male-smiling", "black_hair & male & ~smiling"),
+        ("black_hair | male", "black_hair | male"),
+        ("black_hair & (male | smiling)", "black_hair & (male | smiling)"),
+        ("!smiling", "~smiling"),
+        ("~~male & smiling", "male & smiling"),
+        ("(black_hair & male) | ~smiling", "black_hair & male | ~smiling"),
+    ],
+)
+def test_parse_forms(text, expected):
+    assert str(parse_target(text, NAMES)) == expected
+
+
+def test_present_absent_and_stages():
+    t = parse_target("~smiling & black_hair & male", NAMES)
+    assert t.is_conjunction and t.present == ["black_hair", "male"] and t.absent == ["smiling"]
+    assert [str(s) for s in t.stages()] == ["black_hair", "black_hair & male", "black_hair & male & ~smiling"]
+    assert [str(s) for s in parse_target("male | smiling", NAMES).stages()] == ["male | smiling"]
+    assert not parse_target("male | smiling", NAMES).is_conjunction
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("black_hiar & male", "Did you mean 'black_hair'"),
+        ("", "empty"),
+        ("   ", "empty"),
+        ("male &", "Unexpected end"),
+        ("male smiling", "operator missing"),
+        ("(male & smiling", "Missing ')'"),
+        ("male $ smiling", "Unexpected character '$'"),
+        ("male & ~male", "both requires and forbids ['male']"),
+        ("~black_hair & ~male & ~smiling", "can never hold"),
+        ("male & ) ", "Expected an attribute name"),
+    ],
+)
+def test_errors_teach(text, message):
+    with pytest.raises(TargetError, match=re.escape(message)):
+        parse_target(text, NAMES)
+
+
+def test_unknown_attribute_lists_known_names():
+    with pytest.raises(TargetError) as err:
+        parse_target("glasses", NAMES)
+    assert "Known attributes: ['black_hair', 'male', 'smiling']" in str(err.value)
+
+
+def test_holds_matches_boolean_logic():
+    t = parse_target("black_hair & (male | smiling) & ~smiling", NAMES)
+    assert t.holds(["black_hair", "male"])
+    assert not t.holds(["black_hair", "male", "smiling"])
+    assert t.holds([True, True, False]) and not t.holds([True, False, False])
+    attrs = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    assert t.holds_batch(attrs).tolist() == [True, False, False]
+
+
+TOY = ToyProblem()
+TOY_TARGETS = ["A & ~B & ~C", "A & B & C", "A & C & ~B", "A | B", "~A", "A & (B | C)", "~(A & B)", "B - A", "~A | C"]
+
+
+@pytest.mark.parametrize("text", TOY_TARGETS)
+@pytest.mark.parametrize("margin", [1.0, 10.0])
+def test_exact_heads_give_exact_ratio(text, margin):
+    """With exact heads, r_T(x) = h(x) 1[x satisfies T] (spec §3) for any formula and any margin >= 1."""
+    g = torch.Generator().manual_seed(0)
+    x = 2.0 * torch.randn((4000, 2), generator=g, dtype=torch.float64)
+    target = TOY.target(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lr = log_r(target, TOY.dr_log_probs(x), torch.log(TOY.p_data), torch.log(TOY.priors), margin)
+    holds = TOY.holds(target, x)
+    assert torch.equal(torch.isfinite(lr), holds)
+    assert not torch.isnan(lr).any()
+    log_h = TOY.log_p(x) - TOY.log_p_data_x(x)  # h = p / p_data
+    torch.testing.assert_close(lr[holds], log_h[holds])
+
+
+def test_negation_margin_is_the_paper_form_scaled():
+    target = parse_target("a - b", ["a", "b"])
+    dr = torch.log(torch.tensor([[0.8, 0.2], [0.6, 0.4], [0.95, 0.05]], dtype=torch.float64))
+    zero = torch.log(torch.tensor([0.5, 0.5], dtype=torch.float64))
+    for margin in (1.0, 2.0, 10.0):
+        expected = torch.log((dr.exp()[:, 0] - margin * dr.exp()[:, 1]).clamp_min(0))
+        torch.testing.assert_close(log_r(target, dr, zero, None, margin), expected)
+
+
+def test_log_r_stable_in_extremes():
+    target = parse_target("a & ~b", ["a", "b"])
+    dr = torch.tensor([[0.0, -1e4], [-1e-30, -1e-30], [-800.0, -900.0], [-math.inf, 0.0]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = log_r(target, dr, torch.zeros(2, dtype=torch.float64))
+    assert out[0] == 0.0 and out[1] == -math.inf and out[3] == -math.inf
+    torch.testing.assert_close(out[2], torch.tensor(-800.0, dtype=torch.float64))
+
+
+def test_log_r_checks_shapes_and_margin():
+    target = parse_target("a", ["a", "b"])
+    with pytest.raises(ValueError, match="shape"):
+        log_r(target, torch.zeros(3, 3), torch.zeros(2))
+    with pytest.raises(ValueError, match="negation_margin must be >= 1"):
+        log_r(target, torch.zeros(3, 2), torch.zeros(2), negation_margin=0.5)
+
+
+def test_log_w_conditional_needs_class_prior():
+    with pytest.raises(ValueError, match="log_pg_class"):
+        log_w(torch.zeros(2), torch.zeros(2), torch.zeros(2))
+    out = log_w(torch.zeros(2), torch.ones(2), torch.full((2,), -1.0), math.log(0.5))
+    torch.testing.assert_close(out, torch.full((2,), 2.0 + math.log(0.5)))
