@@ -1,0 +1,220 @@
+"""Latent densities for the sampler's proposal (spec §6): the standard normal prior and a refitted mixture.
+
+A latent ``z`` is all the randomness of one generated sample (a GAN's latent, a diffusion model's initial
+noise under a deterministic sampler). Its prior is ``p_z = N(0, I)``. Refitting replaces the proposal by
+
+    q(z) = (1 - eps) * m_k(P z) N(P_perp z; 0, I) + eps * N(z; 0, I)
+
+where ``P`` holds the top-``k`` principal directions of accepted latents (rows orthonormal), ``m_k`` is a
+Gaussian mixture on those ``k`` coordinates fitted with scikit-learn's ``GaussianMixture``, and ``eps`` is the
+defensive share of the prior. Then ``p_z / q <= 1 / eps`` everywhere and
+
+    log p_z(z) - log q(z) = -log((1 - eps) * m_k(P z) / N_k(P z) + eps)
+
+depends on ``k`` coordinates only, which keeps importance weights stable for latents of thousands of
+dimensions. Each density offers ``sample(n, generator)``, ``log_prob(z)`` and ``log_prior_ratio(z)`` (``log p_z
+- log q``, the only quantity the sampler needs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["StandardNormal", "LowRankGaussianMixture", "fit_latent_density"]
+
+
+def _standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """``log N(z; 0, I)`` summed over all but the first dimension."""
+    flat = z.reshape(z.shape[0], -1)
+    return -0.5 * (flat.pow(2).sum(1) + flat.shape[1] * math.log(2 * math.pi))
+
+
+class StandardNormal:
+    """The latent prior ``p_z = N(0, I)`` over latents of shape ``latent_shape``.
+
+    Args:
+        latent_shape (`Sequence[int]`): the shape of one latent, e.g. ``(128,)`` or ``(4, 64, 64)``.
+    """
+
+    def __init__(self, latent_shape: Sequence[int]):
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Draw ``n`` latents, shape ``(n, *latent_shape)``, on the generator's device unless ``device`` is given."""
+        device = device if device is not None else (generator.device if generator is not None else "cpu")
+        return torch.randn((n, *self.latent_shape), generator=generator, device=device, dtype=dtype)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return _standard_normal_log_prob(z)
+
+    def log_prior_ratio(self, z: torch.Tensor) -> torch.Tensor:
+        """``log p_z(z) - log q(z)``: zero for the prior itself."""
+        return torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
+
+    def __repr__(self) -> str:
+        return f"StandardNormal(latent_shape={self.latent_shape})"
+
+
+class LowRankGaussianMixture:
+    """A Gaussian mixture on a ``k``-dimensional principal subspace, standard normal on the rest, with a
+    defensive share ``eps`` of the prior (spec §6). Build it with [`LowRankGaussianMixture.fit`].
+
+    Args:
+        latent_shape (`Sequence[int]`): shape of one latent.
+        basis (`torch.Tensor` of shape `(k, d)`): orthonormal rows ``P``; ``k == d`` fits the full space.
+        weights (`torch.Tensor` of shape `(K,)`), means (`(K, k)`), covariances (`(K, k, k)`): the mixture.
+        defensive (`float`): ``eps``, the share of proposals drawn from the prior.
+    """
+
+    def __init__(
+        self,
+        latent_shape: Sequence[int],
+        basis: torch.Tensor,
+        weights: torch.Tensor,
+        means: torch.Tensor,
+        covariances: torch.Tensor,
+        defensive: float = 0.1,
+    ):
+        if not 0.0 < defensive <= 1.0:
+            raise ValueError(
+                f"defensive must be in (0, 1]: it is the prior's share in the proposal and keeps p_z / q "
+                f"bounded by 1 / defensive. Got {defensive}."
+            )
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.basis = basis.double()  # (k, d)
+        self.defensive = float(defensive)
+        self.mixture = torch.distributions.MixtureSameFamily(
+            torch.distributions.Categorical(probs=weights.double()),
+            torch.distributions.MultivariateNormal(means.double(), covariance_matrix=covariances.double()),
+        )
+        self.rank = self.basis.shape[0]
+        self.dim = self.basis.shape[1]
+
+    @classmethod
+    def fit(
+        cls,
+        latents: torch.Tensor,
+        rank: int = 32,
+        n_components: int | Sequence[int] = (1, 2, 4, 8),
+        defensive: float = 0.1,
+        seed: int = 0,
+        reg_covar: float = 1e-4,
+    ) -> LowRankGaussianMixture:
+        """Fit to accepted latents.
+
+        Args:
+            latents (`torch.Tensor` of shape `(N, *latent_shape)`): latents of accepted, on-target states.
+            rank (`int`, defaults to 32): ``k``, the number of principal directions (capped at the latent size
+                and at ``N - 1``). The subspace is spanned by the top singular vectors of the uncentred latents,
+                so it also holds their mean.
+            n_components (`int` or `Sequence[int]`, defaults to `(1, 2, 4, 8)`): mixture sizes; with several,
+                the one with the lowest BIC is kept (capped so that each component has enough points).
+            defensive (`float`, defaults to 0.1): ``eps``.
+            seed (`int`, defaults to 0): seed of scikit-learn's k-means initialisation.
+            reg_covar (`float`): added to the covariances' diagonals (scikit-learn's argument).
+        """
+        from sklearn.mixture import GaussianMixture
+
+        if latents.ndim < 2 or latents.shape[0] < 2:
+            raise ValueError(
+                f"Refitting needs at least 2 accepted latents, got {latents.shape[0] if latents.ndim else 0}. "
+                f"Draw more proposals before refitting (a larger budget or more chains)."
+            )
+        latent_shape = latents.shape[1:]
+        flat = latents.reshape(latents.shape[0], -1).double().cpu()  # (N, d)
+        n, d = flat.shape
+        k = max(1, min(int(rank), d, n - 1))
+        if k == d:
+            basis = torch.eye(d, dtype=torch.float64)
+        else:
+            # Top-k right singular vectors of the uncentred latents: the directions in which they differ from
+            # N(0, I) the most (their mean included).
+            _, _, vh = torch.linalg.svd(flat, full_matrices=False)
+            basis = vh[:k]
+        coords = (flat @ basis.T).numpy()  # (N, k)
+
+        candidates = [n_components] if isinstance(n_components, int) else list(n_components)
+        # Each component needs comfortably more points than its covariance has parameters.
+        max_k = max(1, n // max(10, k * (k + 3) // 2))
+        candidates = sorted({max(1, min(c, max_k)) for c in candidates})
+        best, best_bic = None, math.inf
+        for c in candidates:
+            gm = GaussianMixture(c, covariance_type="full", reg_covar=reg_covar, random_state=seed, n_init=1)
+            gm.fit(coords)
+            bic = gm.bic(coords) if len(candidates) > 1 else 0.0
+            if bic < best_bic:
+                best, best_bic = gm, bic
+        return cls(
+            latent_shape,
+            basis,
+            torch.from_numpy(np.asarray(best.weights_)),
+            torch.from_numpy(np.asarray(best.means_)),
+            torch.from_numpy(np.asarray(best.covariances_)),
+            defensive=defensive,
+        )
+
+    @property
+    def n_components(self) -> int:
+        return self.mixture.mixture_distribution.probs.shape[0]
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Draw ``n`` latents: from the prior with probability ``eps``, else ``P^T u + (I - P^T P) e``."""
+        device = device if device is not None else (generator.device if generator is not None else "cpu")
+        # All randomness comes from `generator`, drawn on CPU in float64 for reproducibility across devices.
+        g = generator if generator is not None and generator.device.type == "cpu" else None
+        if generator is not None and g is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+            g = torch.Generator().manual_seed(seed)
+        e = torch.randn((n, self.dim), generator=g, dtype=torch.float64)  # (n, d)
+        from_prior = torch.rand(n, generator=g, dtype=torch.float64) < self.defensive
+        probs = self.mixture.mixture_distribution.probs
+        comp = torch.multinomial(probs, n, replacement=True, generator=g)  # (n,)
+        scale_tril = self.mixture.component_distribution.scale_tril[comp]  # (n, k, k)
+        u = self.mixture.component_distribution.loc[comp] + (
+            scale_tril @ torch.randn((n, self.rank, 1), generator=g, dtype=torch.float64)
+        ).squeeze(-1)  # (n, k)
+        z = e - (e @ self.basis.T) @ self.basis + u @ self.basis  # (n, d)
+        z = torch.where(from_prior[:, None], e, z)
+        return z.reshape(n, *self.latent_shape).to(device=device, dtype=dtype)
+
+    def log_prior_ratio(self, z: torch.Tensor) -> torch.Tensor:
+        """``log p_z(z) - log q(z)``, exact and computed on the ``k`` principal coordinates only."""
+        u = z.reshape(z.shape[0], -1).double().cpu() @ self.basis.T  # (n, k)
+        log_m = self.mixture.log_prob(u)
+        log_nk = -0.5 * (u.pow(2).sum(1) + self.rank * math.log(2 * math.pi))
+        stacked = torch.stack(
+            [math.log1p(-self.defensive) + log_m - log_nk, torch.full_like(log_m, math.log(self.defensive))]
+        )
+        if self.defensive == 1.0:
+            stacked = stacked[1:]
+        return (-torch.logsumexp(stacked, 0)).to(device=z.device, dtype=z.dtype if z.is_floating_point() else None)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return _standard_normal_log_prob(z) - self.log_prior_ratio(z)
+
+    def __repr__(self) -> str:
+        return (
+            f"LowRankGaussianMixture(latent_shape={self.latent_shape}, rank={self.rank}, "
+            f"n_components={self.n_components}, defensive={self.defensive})"
+        )
+
+
+def fit_latent_density(latents: torch.Tensor, **kwargs) -> LowRankGaussianMixture:
+    """Shorthand for [`LowRankGaussianMixture.fit`]."""
+    return LowRankGaussianMixture.fit(latents, **kwargs)

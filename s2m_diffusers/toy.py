@@ -1,0 +1,230 @@
+"""An analytic S2M problem whose every density is known in closed form, for exactness tests and benchmarks.
+
+- Latent ``z ~ N(0, I_2)``; generator ``x = G(z) = A sinh(z) + b`` (smooth, invertible), so
+  ``p_G(x) = N(asinh(u)) / (|det A| prod_i sqrt(1 + u_i^2))`` with ``u = A^{-1} (x - b)``. The offset ``b``
+  makes some combinations rare under the proposal (``A & B & C``: 1 %, ``B & ~A & ~C``: 3 %).
+- The population ``p(x) = N(x; 0, sigma^2 I)``. Three attributes, by region:
+  ``A: x_1 > 0``, ``B: x_2 > 0``, ``C: x_1 + x_2 < t``. With ``t > 0`` every point holds at least one of
+  them (``~A & ~B`` implies ``C``), so the universe of spec §1 is the whole plane and the assumption holds:
+  each ``x`` has one definite attribute set ``S(x)``.
+- Single-positive data: label ``c`` with share ``p_data(c)``, image ``x ~ p(x | y_c = 1)``. The attribute
+  priors ``pi_c = p(y_c = 1)`` are Gaussian probabilities.
+- Exact heads (spec §2): ``D_r(c|x) ∝ 1[c in S(x)] p_data(c) / pi_c``;
+  ``logit D_v = log p_data(x) - log p_G(x)`` with ``p_data(x) = p(x) sum_{c in S(x)} p_data(c) / pi_c``;
+  for the class-conditional generator ``G(z, c) = A sinh(z) + mu_c``, ``D_f(c|x) ∝ p_G(x|c) p_G(c)``.
+- The exact target ``p_T(x) = p(x) 1[S(x) satisfies T] / pi_T`` is sampled i.i.d. by rejection from ``p``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .targets import Target, log_r, log_w, parse_target
+
+__all__ = ["ToyProblem", "energy_distance", "chi_square_cells"]
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+class ToyProblem:
+    """The analytic problem. All tensors are float64 on the CPU.
+
+    Args:
+        sigma (`float`, defaults to 1.0): scale of the population ``p``.
+        threshold (`float`, defaults to 0.5): ``t`` in attribute ``C: x_1 + x_2 < t``.
+        label_shares (`Sequence[float]`): ``p_data(c)`` for A, B, C.
+        mixing (`Sequence[Sequence[float]]`): the generator's matrix ``A``.
+        offset (`Sequence[float]`): the generator's offset ``b``.
+        class_means (`Sequence[Sequence[float]]`): ``mu_c`` of the class-conditional generator.
+    """
+
+    attribute_names = ("A", "B", "C")
+
+    def __init__(
+        self,
+        sigma: float = 1.0,
+        threshold: float = 0.5,
+        label_shares: Sequence[float] = (0.5, 0.3, 0.2),
+        mixing: Sequence[Sequence[float]] = ((1.0, 0.35), (-0.2, 0.9)),
+        offset: Sequence[float] = (-0.5, -0.5),
+        class_means: Sequence[Sequence[float]] = ((1.0, -0.5), (-0.5, 1.0), (-0.7, -0.7)),
+    ):
+        self.sigma = sigma
+        self.threshold = threshold
+        self.A = torch.tensor(mixing, dtype=torch.float64)
+        self.A_inv = torch.linalg.inv(self.A)
+        self.log_det_A = float(torch.linalg.slogdet(self.A)[1])
+        self.offset = torch.tensor(offset, dtype=torch.float64)
+        self.p_data = torch.tensor(label_shares, dtype=torch.float64)
+        self.p_data = self.p_data / self.p_data.sum()
+        self.priors = torch.tensor(
+            [0.5, 0.5, _normal_cdf(threshold / (sigma * math.sqrt(2.0)))], dtype=torch.float64
+        )  # pi_c = p(y_c = 1)
+        self.class_means = torch.tensor(class_means, dtype=torch.float64)
+        self.class_probs = torch.full((3,), 1.0 / 3.0, dtype=torch.float64)  # p_G(c)
+
+    # --- the world ------------------------------------------------------------------------------------------
+    def attributes(self, x: torch.Tensor) -> torch.Tensor:
+        """``S(x)`` as booleans (B, 3)."""
+        return torch.stack([x[:, 0] > 0, x[:, 1] > 0, x[:, 0] + x[:, 1] < self.threshold], 1)
+
+    def log_p(self, x: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (x.pow(2).sum(1) / self.sigma**2) - 2 * math.log(self.sigma) - math.log(2 * math.pi)
+
+    def log_p_data_x(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.attributes(x).double()
+        return self.log_p(x) + torch.log((s * (self.p_data / self.priors)).sum(1))
+
+    # --- the generator --------------------------------------------------------------------------------------
+    def generate(self, z: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        x = torch.sinh(z.double()) @ self.A.T
+        return x + (self.offset if class_labels is None else self.class_means[class_labels])
+
+    def _log_p_sinh(self, x: torch.Tensor) -> torch.Tensor:
+        """``log`` density of ``A sinh(z)``, ``z ~ N(0, I)``."""
+        u = x @ self.A_inv.T
+        z = torch.asinh(u)
+        log_pz = -0.5 * z.pow(2).sum(1) - math.log(2 * math.pi)
+        return log_pz - self.log_det_A - 0.5 * torch.log1p(u.pow(2)).sum(1)
+
+    def log_p_g0(self, x: torch.Tensor) -> torch.Tensor:
+        """``log p_G(x)`` of the unconditional generator."""
+        return self._log_p_sinh(x - self.offset)
+
+    def log_p_g_conditional(self, x: torch.Tensor) -> torch.Tensor:
+        """``log p_G(x | c)`` for every class (B, 3)."""
+        return torch.stack([self._log_p_sinh(x - m) for m in self.class_means], 1)
+
+    # --- exact heads ----------------------------------------------------------------------------------------
+    def dr_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact ``log D_r(c|x)`` (B, 3)."""
+        s = self.attributes(x)
+        logits = torch.where(s, torch.log(self.p_data / self.priors), torch.full_like(s, -math.inf, dtype=x.dtype))
+        return torch.log_softmax(logits, 1)
+
+    def dv_logit(self, x: torch.Tensor, conditional: bool = False) -> torch.Tensor:
+        """Exact ``logit D_v(x) = log p_data(x) - log p_G(x)`` (for the conditional generator, its marginal)."""
+        if conditional:
+            log_pg = torch.logsumexp(self.log_p_g_conditional(x) + torch.log(self.class_probs), 1)
+        else:
+            log_pg = self.log_p_g0(x)
+        return self.log_p_data_x(x) - log_pg
+
+    def df_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact ``log D_f(c|x)`` of the class-conditional generator (B, 3)."""
+        return torch.log_softmax(self.log_p_g_conditional(x) + torch.log(self.class_probs), 1)
+
+    # --- what the sampler is given ---------------------------------------------------------------------------
+    def target(self, text: str) -> Target:
+        return parse_target(text, self.attribute_names)
+
+    def evaluate_fn(
+        self,
+        target: Target | str,
+        negation_margin: float = 1.0,
+        priors: torch.Tensor | None = None,
+        class_label: int | None = None,
+    ):
+        """``z -> (x, log_w)`` with exact heads: the function the sampler receives.
+
+        Args:
+            target: the target.
+            negation_margin: ``lambda``.
+            priors: the priors the sampler believes (``None``: the true ones).
+            class_label: sample from the class-conditional generator with this class, with the ``D_f`` term.
+        """
+        target = self.target(target) if isinstance(target, str) else target
+        log_priors = torch.log(self.priors if priors is None else torch.as_tensor(priors, dtype=torch.float64))
+
+        def evaluate(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            labels = None if class_label is None else torch.full((z.shape[0],), class_label, dtype=torch.long)
+            x = self.generate(z, labels)
+            lr = log_r(target, self.dr_log_probs(x), torch.log(self.p_data), log_priors, negation_margin)
+            if class_label is None:
+                return x, log_w(lr, self.dv_logit(x))
+            df = self.df_log_probs(x)[:, class_label]
+            return x, log_w(lr, self.dv_logit(x, conditional=True), df, math.log(self.class_probs[class_label]))
+
+        return evaluate
+
+    def stage_evaluates(self, target: Target | str, **kwargs) -> list:
+        target = self.target(target) if isinstance(target, str) else target
+        return [self.evaluate_fn(stage, **kwargs) for stage in target.stages()]
+
+    def holds(self, target: Target | str, x: torch.Tensor) -> torch.Tensor:
+        """Whether each ``x`` satisfies the target (B,) bool."""
+        target = self.target(target) if isinstance(target, str) else target
+        return target.holds_batch(self.attributes(x))
+
+    def exact_sample(self, target: Target | str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` i.i.d. draws of the exact target ``p_T`` (rejection from ``p``)."""
+        out, got = [], 0
+        while got < n:
+            x = self.sigma * torch.randn((max(4 * n, 4096), 2), generator=generator, dtype=torch.float64)
+            keep = x[self.holds(target, x)]
+            out.append(keep)
+            got += keep.shape[0]
+        return torch.cat(out)[:n]
+
+    def proposal_share(self, target: Target | str, n: int = 200_000, seed: int = 12345) -> float:
+        """``rho``: the share of the prior proposal's samples that satisfy the target (Monte Carlo)."""
+        g = torch.Generator().manual_seed(seed)
+        x = self.generate(torch.randn((n, 2), generator=g, dtype=torch.float64))
+        return float(self.holds(target, x).double().mean())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Two-sample statistics
+
+
+def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` (U-statistics within samples); 0 iff equal laws.
+
+    Repeated points in ``x`` (rejected MH steps) count as such: duplicates raise the distance.
+    """
+    x, y = x.double(), y.double()
+
+    def mean_within(a: torch.Tensor) -> float:
+        n = a.shape[0]
+        return float(torch.cdist(a, a).sum() / (n * (n - 1)))
+
+    return 2 * float(torch.cdist(x, y).mean()) - mean_within(x) - mean_within(y)
+
+
+def chi_square_cells(samples: torch.Tensor, reference: torch.Tensor, bins: int = 4) -> tuple[float, int, float]:
+    """Pearson chi-square of ``samples`` against cell probabilities estimated from a large exact ``reference``.
+
+    Cells: a ``bins x bins`` grid on the reference's per-axis quantiles (cells the reference never visits are
+    merged away). Returns ``(statistic, degrees of freedom, p-value)``; the p-value uses scipy's chi-square
+    survival function.
+    """
+    from scipy.stats import chi2
+
+    q = torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1]
+    edges = [torch.quantile(reference[:, d], q) for d in range(2)]
+
+    def cell(a: torch.Tensor) -> torch.Tensor:
+        i = torch.bucketize(a[:, 0].contiguous(), edges[0])
+        j = torch.bucketize(a[:, 1].contiguous(), edges[1])
+        return i * bins + j
+
+    ref_counts = torch.bincount(cell(reference), minlength=bins * bins).double()
+    obs = torch.bincount(cell(samples), minlength=bins * bins).double()
+    expected = ref_counts / ref_counts.sum() * samples.shape[0]
+    # Cells expected to hold fewer than 5 samples are pooled into one, as the chi-square approximation needs.
+    small = expected < 5
+    if small.any():
+        expected = torch.cat([expected[~small], expected[small].sum()[None]])
+        obs = torch.cat([obs[~small], obs[small].sum()[None]])
+    if (expected == 0).any():
+        if (obs[expected == 0] > 0).any():
+            return math.inf, int((expected > 0).sum()) - 1, 0.0
+        obs, expected = obs[expected > 0], expected[expected > 0]
+    stat = float(((obs - expected) ** 2 / expected).sum())
+    dof = int(expected.numel()) - 1
+    return stat, dof, float(chi2.sf(stat, dof))
