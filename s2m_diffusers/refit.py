@@ -124,6 +124,7 @@ class LowRankGaussianMixture:
             reg_covar (`float`): added to the covariances' diagonals (scikit-learn's argument).
         """
         from sklearn.mixture import GaussianMixture
+        from threadpoolctl import threadpool_limits
 
         if latents.ndim < 2 or latents.shape[0] < 2:
             raise ValueError(
@@ -150,7 +151,10 @@ class LowRankGaussianMixture:
         best, best_bic = None, math.inf
         for c in candidates:
             gm = GaussianMixture(c, covariance_type="full", reg_covar=reg_covar, random_state=seed, n_init=1)
-            gm.fit(coords)
+            # The matrices are at most rank x rank: BLAS threads only add contention (seen: 100x slower fits on
+            # a loaded 2-core machine).
+            with threadpool_limits(limits=1):
+                gm.fit(coords)
             bic = gm.bic(coords) if len(candidates) > 1 else 0.0
             if bic < best_bic:
                 best, best_bic = gm, bic

@@ -394,7 +394,7 @@ def sample_s2m(
     num_samples: int,
     refit: str = "sequential",
     steps_after_entry: int = 3,
-    fit_size: int = 512,
+    fit_size: int = 256,
     fit_batch: int | None = None,
     rank: int = 32,
     n_components: int | Sequence[int] = (1, 2, 4, 8),
@@ -421,7 +421,7 @@ def sample_s2m(
         num_samples (`int`): samples to return.
         refit (`str`, defaults to `"sequential"`): `"off"`, `"once"` or `"sequential"`.
         steps_after_entry (`int`, defaults to 3): see [`sample_imh`].
-        fit_size (`int`, defaults to 512): on-target latents per fit.
+        fit_size (`int`, defaults to 256): on-target latents per fit.
         fit_batch (`int`, *optional*): proposals per round while collecting fit data (defaults to
             ``fit_size``).
         rank, n_components, defensive: see [`LowRankGaussianMixture.fit`].

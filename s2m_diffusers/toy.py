@@ -183,17 +183,14 @@ class ToyProblem:
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` (U-statistics within samples); 0 iff equal laws.
+    """Energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` between two samples, as a V-statistic.
 
-    Repeated points in ``x`` (rejected MH steps) count as such: duplicates raise the distance.
+    The V-statistic (diagonal pairs included) is the squared MMD of the distance kernel: it is positive, and
+    for an exact sample of size ``n`` its expectation is a floor of order ``1/n``. Repeated points in ``x``
+    (chains that returned the same state) raise it, as they should.
     """
-    x, y = x.double(), y.double()
-
-    def mean_within(a: torch.Tensor) -> float:
-        n = a.shape[0]
-        return float(torch.cdist(a, a).sum() / (n * (n - 1)))
-
-    return 2 * float(torch.cdist(x, y).mean()) - mean_within(x) - mean_within(y)
+    x, y = x.double().flatten(1), y.double().flatten(1)
+    return 2 * float(torch.cdist(x, y).mean()) - float(torch.cdist(x, x).mean()) - float(torch.cdist(y, y).mean())
 
 
 def chi_square_cells(samples: torch.Tensor, reference: torch.Tensor, bins: int = 4) -> tuple[float, int, float]:

@@ -1,0 +1,151 @@
+"""S2M sampling on the analytic problem (s2m_diffusers.toy): cost and exactness of three samplers, side by side.
+
+For each target: its share ``rho`` under the prior proposal, and for
+  (a) ``official``: the official recipe, 64 chains x 200 IMH steps from the prior, final states returned;
+  (b) ``prior``: ours from the prior (chains enter the target, then take ``--steps`` MH steps);
+  (c) ``refit``: ours with sequential latent refitting, then ``--steps`` MH steps per chain;
+proposals per returned sample, and the energy distance of the returned samples to 20,000 exact draws of the
+target, beside the same distance for exact i.i.d. samples of the same size (the floor; the mean over 20
+i.i.d. replicates). Each method's figures are means over ``--repeats`` seeds.
+
+Goal (issue 2): for every target with rho <= 1/32, (c) needs at least 20x fewer proposals per sample than (a)
+at a distance within 1.5x the i.i.d. floor.
+
+    python benchmarks/bench_toy.py [--num-samples 1000] [--repeats 3] [--json rows.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from s2m_diffusers.refit import StandardNormal
+from s2m_diffusers.sampling import sample_official, sample_s2m
+from s2m_diffusers.toy import ToyProblem, energy_distance
+
+TARGETS = [
+    "A & ~B & ~C",
+    "A & B & ~C",
+    "B & ~A & ~C",
+    "B & C & ~A",
+    "C & ~A & ~B",
+    "A & C & ~B",
+    "A & B & C",
+    "A | B",
+    "~A",
+    "A & (B | C)",
+]
+
+
+def iid_floor(problem: ToyProblem, target: str, n: int, reference: torch.Tensor, replicates: int = 20) -> float:
+    g = torch.Generator().manual_seed(999)
+    return sum(energy_distance(problem.exact_sample(target, n, g), reference) for _ in range(replicates)) / replicates
+
+
+def run(num_samples: int, repeats: int, steps: int, fit_size: int) -> list[dict]:
+    problem = ToyProblem()
+    prior = StandardNormal((2,))
+    rows = []
+    for target in TARGETS:
+        rho = problem.proposal_share(target)
+        reference = problem.exact_sample(target, 20_000, torch.Generator().manual_seed(1234))
+        methods = {
+            "official": lambda g, target=target: sample_official(
+                problem.evaluate_fn(target), prior, 64, 200, generator=g
+            ),
+            "prior": lambda g, target=target: sample_s2m(
+                problem.stage_evaluates(target), prior, num_samples, refit="off", steps_after_entry=steps, generator=g
+            ),
+            "refit": lambda g, target=target: sample_s2m(
+                problem.stage_evaluates(target),
+                prior,
+                num_samples,
+                refit="sequential",
+                steps_after_entry=steps,
+                fit_size=fit_size,
+                generator=g,
+            ),
+        }
+        floors: dict[int, float] = {}
+        for method, fn in methods.items():
+            pps, dist, on_target, seconds = [], [], [], []
+            for r in range(repeats):
+                t0 = time.perf_counter()
+                res = fn(torch.Generator().manual_seed(r))
+                seconds.append(time.perf_counter() - t0)
+                pps.append(res.stats.proposals_per_sample)
+                dist.append(energy_distance(res.x, reference))
+                on_target.append(float(problem.holds(target, res.x).double().mean()))
+                n = res.x.shape[0]
+            if n not in floors:
+                floors[n] = iid_floor(problem, target, n, reference)
+            rows.append(
+                {
+                    "target": target,
+                    "rho": rho,
+                    "method": method,
+                    "num_samples": n,
+                    "proposals_per_sample": sum(pps) / repeats,
+                    "distance": sum(dist) / repeats,
+                    "iid_distance": floors[n],
+                    "on_target": sum(on_target) / repeats,
+                    "seconds": sum(seconds) / repeats,
+                }
+            )
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (
+        f"{'target':<14} {'rho':>6} {'method':<9} {'n':>5} {'prop/sample':>11} {'vs official':>11} "
+        f"{'distance':>9} {'iid floor':>9} {'dist/floor':>10} {'on target':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for target in dict.fromkeys(r["target"] for r in rows):
+        group = [r for r in rows if r["target"] == target]
+        official = next(r for r in group if r["method"] == "official")["proposals_per_sample"]
+        for r in group:
+            print(
+                f"{r['target']:<14} {r['rho']:>6.3f} {r['method']:<9} {r['num_samples']:>5} "
+                f"{r['proposals_per_sample']:>11.2f} {official / r['proposals_per_sample']:>10.1f}x "
+                f"{r['distance']:>9.5f} {r['iid_distance']:>9.5f} {r['distance'] / r['iid_distance']:>10.2f} "
+                f"{r['on_target']:>9.3f}"
+            )
+    print()
+    print("Goal: rho <= 1/32 -> refit >= 20x fewer proposals per sample than official, dist/floor <= 1.5")
+    for target in dict.fromkeys(r["target"] for r in rows):
+        group = {r["method"]: r for r in rows if r["target"] == target}
+        if group["refit"]["rho"] > 1 / 32:
+            continue
+        speedup = group["official"]["proposals_per_sample"] / group["refit"]["proposals_per_sample"]
+        ratio = group["refit"]["distance"] / group["refit"]["iid_distance"]
+        verdict = "met" if speedup >= 20 and ratio <= 1.5 else "NOT met"
+        print(
+            f"  {target:<14} rho={group['refit']['rho']:.3f} speed-up {speedup:5.1f}x, "
+            f"dist/floor {ratio:.2f}: {verdict}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-samples", type=int, default=1000, help="samples returned by ours (default 1000)")
+    parser.add_argument("--repeats", type=int, default=3, help="seeds per method (default 3)")
+    parser.add_argument("--steps", type=int, default=3, help="MH steps after entry for ours (default 3)")
+    parser.add_argument("--fit-size", type=int, default=256, help="on-target latents per refit stage (default 256)")
+    parser.add_argument("--json", type=str, default=None, help="write the rows to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = run(args.num_samples, args.repeats, args.steps, args.fit_size)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"rows written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The sampler against a problem whose target is known exactly (s2m_diffusers.toy).
+
+Goodness of fit: Pearson's chi-square over a 4 x 4 grid of the exact target's quantiles, against cell
+probabilities from 200,000 exact draws. The returned samples come from independent chains, so the counts
+are multinomial when the sampler is right; with N = 2,000 samples a test fails at p < 1e-3, the tolerance the
+chi-square law gives for that N. Each scenario has a fixed seed. The tests at the bottom break the maths on
+purpose (per-batch acceptance, a flipped negation, a dropped correction) and check that the same test rejects.
+"""
+
+import functools
+import math
+
+import pytest
+import torch
+
+import s2m_diffusers.sampling as sampling
+import s2m_diffusers.targets as targets
+from s2m_diffusers.refit import StandardNormal
+from s2m_diffusers.sampling import BudgetExhaustedError, imh_accept, sample_imh, sample_official, sample_s2m
+from s2m_diffusers.toy import ToyProblem, chi_square_cells, energy_distance
+
+TOY = ToyProblem()
+PRIOR = StandardNormal((2,))
+N = 2000
+ALPHA = 1e-3
+
+
+@functools.cache
+def reference(text: str) -> torch.Tensor:
+    return TOY.exact_sample(text, 200_000, torch.Generator().manual_seed(1234))
+
+
+def p_value(text: str, x: torch.Tensor) -> float:
+    assert bool(TOY.holds(text, x).all()), "a returned sample is off target"
+    return chi_square_cells(x, reference(text))[2]
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Unit behaviour
+
+
+def test_acceptance_is_per_chain_and_handles_zero_weights():
+    current = torch.tensor([-math.inf, 0.0, 0.0, -math.inf, 5.0])
+    proposed = torch.tensor([-3.0, -math.inf, 100.0, -math.inf, 5.0 + math.log(0.5)])
+    acc = torch.stack([imh_accept(current, proposed, gen(s)) for s in range(4000)]).double().mean(0)
+    assert acc[0] == 1.0  # an empty chain accepts any finite weight
+    assert acc[1] == 0.0  # weight 0 is never accepted
+    assert acc[2] == 1.0
+    assert acc[3] == 0.0
+    assert abs(acc[4] - 0.5) < 4 * math.sqrt(0.25 / 4000)  # min(1, ratio)
+    # One uniform per chain: chains with identical inputs do not all move together.
+    many = imh_accept(torch.zeros(1000), torch.full((1000,), math.log(0.5)), gen(0))
+    assert 400 < int(many.sum()) < 600
+
+
+def test_official_recipe_costs_201_per_sample():
+    res = sample_official(TOY.evaluate_fn("A & ~B"), PRIOR, num_chains=64, num_steps=200, generator=gen(0))
+    assert res.stats.proposals == 64 * 201 and res.stats.proposals_per_sample == 201
+    assert res.z.shape == (64, 2) and res.on_target.dtype == torch.bool
+
+
+def test_statistics_add_up_and_seed_reproduces():
+    a = sample_s2m(TOY.stage_evaluates("A & B & ~C"), PRIOR, 300, fit_size=128, generator=gen(5))
+    b = sample_s2m(TOY.stage_evaluates("A & B & ~C"), PRIOR, 300, fit_size=128, generator=gen(5))
+    assert torch.equal(a.z, b.z) and torch.equal(a.x, b.x)
+    s = a.stats
+    assert s.num_returned == 300 and s.on_target_returned == 300 and s.unique_returned == 300
+    assert math.isclose(s.proposals_per_sample * s.num_returned, s.proposals)
+    final_stage = s.proposals - sum(st["proposals"] for st in s.stages)
+    assert final_stage >= s.num_returned  # every returned chain needed at least its entry proposal
+    assert len(s.stages) == 3 and 0 < s.acceptance_rate <= 1
+    assert torch.allclose(TOY.generate(a.z), a.x)
+
+
+def test_budget_exhausted_is_clear_or_partial():
+    ev = TOY.evaluate_fn("A & B & C")
+    with pytest.raises(BudgetExhaustedError, match="ran out with .* of 100 samples on target") as err:
+        sample_imh(ev, PRIOR, 100, max_proposals=500, generator=gen(0))
+    assert err.value.result.stats.proposals == 500
+    assert "refit" in str(err.value)
+    part = sample_imh(ev, PRIOR, 100, max_proposals=500, generator=gen(0), allow_partial=True)
+    assert part.stats.budget_exhausted and part.stats.proposals == 500
+    assert part.z.shape[0] < 100 and bool(part.on_target.all())
+
+
+def test_bad_arguments():
+    ev = TOY.evaluate_fn("A")
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        sample_imh(ev, PRIOR, 0)
+    with pytest.raises(ValueError, match="refit must be"):
+        sample_s2m([ev], PRIOR, 10, refit="always")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exactness
+
+
+@pytest.mark.parametrize(
+    "text, refit, seed",
+    [
+        ("A & ~B", "off", 0),  # conjunction with negation, prior proposal
+        ("A & B & C", "off", 1),  # rare conjunction (rho = 1 %), prior proposal
+        ("A & B & C", "sequential", 2),
+        ("B & ~A & ~C", "sequential", 3),  # rho = 3 %
+        ("A | B", "once", 4),  # disjunction
+        ("~A", "off", 5),  # pure negation: some attribute, but not A
+        ("A & (B | C)", "sequential", 6),
+    ],
+)
+def test_samples_follow_the_exact_target(text, refit, seed):
+    steps = 30 if refit == "off" else 10
+    res = sample_s2m(TOY.stage_evaluates(text), PRIOR, N, refit=refit, steps_after_entry=steps, generator=gen(seed))
+    assert p_value(text, res.x) > ALPHA
+
+
+def test_class_conditional_proposal_with_df_correction():
+    res = sample_imh(TOY.evaluate_fn("A & ~B", class_label=0), PRIOR, N, steps_after_entry=20, generator=gen(7))
+    assert p_value("A & ~B", res.x) > ALPHA
+
+
+def test_wrong_priors_do_not_bias_a_conjunction_with_a_large_margin():
+    wrong = TOY.priors * torch.tensor([0.3, 1.0, 3.0], dtype=torch.float64)
+    ev = TOY.evaluate_fn("A & ~C", negation_margin=10.0, priors=wrong)
+    res = sample_imh(ev, PRIOR, N, steps_after_entry=30, generator=gen(8))
+    assert p_value("A & ~C", res.x) > ALPHA
+    # With the paper's margin of 1, the same wrong priors let images holding C leak in.
+    ev = TOY.evaluate_fn("A & ~C", negation_margin=1.0, priors=TOY.priors * torch.tensor([3.0, 1.0, 0.3]))
+    leaked = sample_imh(ev, PRIOR, N, steps_after_entry=30, generator=gen(8))
+    assert not bool(TOY.holds("A & ~C", leaked.x).all())
+
+
+def test_wrong_priors_bias_a_disjunction():
+    wrong = TOY.priors * torch.tensor([4.0, 0.25, 1.0], dtype=torch.float64)
+    res = sample_imh(TOY.evaluate_fn("A | B", priors=wrong), PRIOR, N, steps_after_entry=30, generator=gen(9))
+    assert p_value("A | B", res.x) < ALPHA
+    right = sample_imh(TOY.evaluate_fn("A | B"), PRIOR, N, steps_after_entry=30, generator=gen(9))
+    assert p_value("A | B", right.x) > ALPHA
+
+
+def test_refitting_costs_far_fewer_proposals_at_the_same_quality():
+    text = "A & B & C"
+    ref = reference(text)[:20000]
+    official = sample_official(TOY.evaluate_fn(text), PRIOR, generator=gen(10))
+    ours = sample_s2m(TOY.stage_evaluates(text), PRIOR, N, generator=gen(10))
+    floor = sum(energy_distance(TOY.exact_sample(text, N, gen(20 + i)), ref) for i in range(5)) / 5
+    assert ours.stats.proposals_per_sample * 10 < official.stats.proposals_per_sample
+    assert energy_distance(ours.x, ref) < 2 * floor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The same tests must reject broken maths
+
+
+def _batch_accept(current, proposed, generator=None):
+    """Broken on purpose: one decision for the whole batch, from the mean acceptance ratio."""
+    finite = torch.isfinite(proposed) & torch.isfinite(current)
+    la = torch.where(finite, proposed - current, torch.zeros_like(proposed)).clamp(max=0).mean()
+    u = torch.rand((), generator=generator)
+    accept = bool(torch.log(u) < la)
+    empty = ~torch.isfinite(current) & torch.isfinite(proposed)
+    return torch.isfinite(proposed) & (empty | accept)
+
+
+def _log_add(log_a, log_b):
+    """Broken on purpose: the negation's sign flipped, g_a + lambda g_b."""
+    return torch.logaddexp(log_a, log_b)
+
+
+def test_broken_per_batch_acceptance_is_rejected(monkeypatch):
+    monkeypatch.setattr(sampling, "imh_accept", _batch_accept)
+    res = sample_imh(TOY.evaluate_fn("A & ~B"), PRIOR, N, steps_after_entry=30, generator=gen(0))
+    assert p_value("A & ~B", res.x) < ALPHA
+
+
+def test_broken_negation_sign_is_rejected(monkeypatch):
+    monkeypatch.setattr(targets, "_log_sub", _log_add)
+    res = sample_imh(TOY.evaluate_fn("A & ~B"), PRIOR, N, steps_after_entry=30, generator=gen(0))
+    with pytest.raises(AssertionError, match="off target"):
+        p_value("A & ~B", res.x)
+
+
+def test_broken_missing_proposal_correction_is_rejected(monkeypatch):
+    from s2m_diffusers.refit import LowRankGaussianMixture
+
+    monkeypatch.setattr(LowRankGaussianMixture, "log_prior_ratio", lambda self, z: torch.zeros(z.shape[0]))
+    res = sample_s2m(TOY.stage_evaluates("B & ~A & ~C"), PRIOR, N, steps_after_entry=10, generator=gen(3))
+    assert p_value("B & ~A & ~C", res.x) < ALPHA
+
+
+def test_broken_missing_df_correction_is_rejected():
+    ev = TOY.evaluate_fn("A & ~B", class_label=0)
+
+    def without_df(z):
+        x, lw = ev(z)
+        return x, lw + TOY.df_log_probs(x)[:, 0]  # undo the - log D_f(c|x) term
+
+    res = sample_imh(without_df, PRIOR, N, steps_after_entry=20, generator=gen(7))
+    assert p_value("A & ~B", res.x) < ALPHA
