@@ -24,7 +24,7 @@ import torch
 
 from s2m_diffusers.refit import StandardNormal
 from s2m_diffusers.sampling import sample_official, sample_s2m
-from s2m_diffusers.toy import ToyProblem, energy_distance
+from s2m_diffusers.toy import ToyProblem, energy_distance, mean_distance
 
 TARGETS = [
     "A & ~B & ~C",
@@ -40,9 +40,12 @@ TARGETS = [
 ]
 
 
-def iid_floor(problem: ToyProblem, target: str, n: int, reference: torch.Tensor, replicates: int = 20) -> float:
+def iid_floor(
+    problem: ToyProblem, target: str, n: int, reference: torch.Tensor, yy: float, replicates: int = 20
+) -> float:
     g = torch.Generator().manual_seed(999)
-    return sum(energy_distance(problem.exact_sample(target, n, g), reference) for _ in range(replicates)) / replicates
+    total = sum(energy_distance(problem.exact_sample(target, n, g), reference, yy) for _ in range(replicates))
+    return total / replicates
 
 
 def run(num_samples: int, repeats: int, steps: int, fit_size: int) -> list[dict]:
@@ -52,6 +55,7 @@ def run(num_samples: int, repeats: int, steps: int, fit_size: int) -> list[dict]
     for target in TARGETS:
         rho = problem.proposal_share(target)
         reference = problem.exact_sample(target, 20_000, torch.Generator().manual_seed(1234))
+        yy = mean_distance(reference, reference)
         methods = {
             "official": lambda g, target=target: sample_official(
                 problem.evaluate_fn(target), prior, 64, 200, generator=g
@@ -77,11 +81,11 @@ def run(num_samples: int, repeats: int, steps: int, fit_size: int) -> list[dict]
                 res = fn(torch.Generator().manual_seed(r))
                 seconds.append(time.perf_counter() - t0)
                 pps.append(res.stats.proposals_per_sample)
-                dist.append(energy_distance(res.x, reference))
+                dist.append(energy_distance(res.x, reference, yy))
                 on_target.append(float(problem.holds(target, res.x).double().mean()))
                 n = res.x.shape[0]
             if n not in floors:
-                floors[n] = iid_floor(problem, target, n, reference)
+                floors[n] = iid_floor(problem, target, n, reference, yy)
             rows.append(
                 {
                     "target": target,
@@ -134,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-samples", type=int, default=1000, help="samples returned by ours (default 1000)")
     parser.add_argument("--repeats", type=int, default=3, help="seeds per method (default 3)")
-    parser.add_argument("--steps", type=int, default=3, help="MH steps after entry for ours (default 3)")
+    parser.add_argument("--steps", type=int, default=5, help="MH steps after entry for ours (default 5)")
     parser.add_argument("--fit-size", type=int, default=256, help="on-target latents per refit stage (default 256)")
     parser.add_argument("--json", type=str, default=None, help="write the rows to this JSON file")
     args = parser.parse_args()

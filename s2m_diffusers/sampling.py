@@ -270,7 +270,7 @@ def sample_imh(
     evaluate: Evaluate,
     proposal,
     num_samples: int,
-    steps_after_entry: int = 3,
+    steps_after_entry: int = 5,
     num_chains: int | None = None,
     max_proposals: int | None = None,
     generator: torch.Generator | None = None,
@@ -288,7 +288,7 @@ def sample_imh(
         evaluate (`Callable`): ``z -> (x, log_w)`` with ``log_w`` of shape `(B,)`, ``-inf`` off target.
         proposal: a latent density (``StandardNormal`` or a refitted ``LowRankGaussianMixture``).
         num_samples (`int`): samples to return.
-        steps_after_entry (`int`, defaults to 3): MH steps each chain takes after entering the target. The law of
+        steps_after_entry (`int`, defaults to 5): MH steps each chain takes after entering the target. The law of
             the returned state approaches the target geometrically in it, at rate ``1 - 1/W`` where ``W`` bounds
             ``pi / q`` (spec §5): with a good refitted ``q``, a few steps suffice.
         num_chains (`int`, *optional*): chains side by side (the batch size of ``evaluate``). Defaults to
@@ -393,12 +393,14 @@ def sample_s2m(
     prior: StandardNormal,
     num_samples: int,
     refit: str = "sequential",
-    steps_after_entry: int = 3,
+    steps_after_entry: int = 5,
     fit_size: int = 256,
     fit_batch: int | None = None,
     rank: int = 32,
     n_components: int | Sequence[int] = (1, 2, 4, 8),
     defensive: float = 0.1,
+    covariance_scale: float = 2.0,
+    fit_weighting: str = "resample",
     num_chains: int | None = None,
     max_proposals: int | None = None,
     generator: torch.Generator | None = None,
@@ -420,17 +422,24 @@ def sample_s2m(
         prior ([`StandardNormal`]): the latent prior.
         num_samples (`int`): samples to return.
         refit (`str`, defaults to `"sequential"`): `"off"`, `"once"` or `"sequential"`.
-        steps_after_entry (`int`, defaults to 3): see [`sample_imh`].
+        steps_after_entry (`int`, defaults to 5): see [`sample_imh`].
         fit_size (`int`, defaults to 256): on-target latents per fit.
         fit_batch (`int`, *optional*): proposals per round while collecting fit data (defaults to
             ``fit_size``).
-        rank, n_components, defensive: see [`LowRankGaussianMixture.fit`].
+        rank, n_components, defensive, covariance_scale: see [`LowRankGaussianMixture.fit`]. The default
+            ``covariance_scale=2.0`` (a proposal wider than the fit) was chosen on the analytic problem: with 1.0
+            the fit sometimes misses part of the target and the chains need many more steps to fill it in.
+        fit_weighting (`str`, defaults to `"resample"`): `"resample"` fits to on-target proposals resampled in
+            proportion to ``w_s p_z / q``; `"none"` fits to them unweighted (measured far worse: the fit inherits
+            the previous proposal's shape).
         num_chains, max_proposals, generator, allow_partial, callback: see [`sample_imh`]; the budget covers
             the fitting stages too.
 
     Returns:
         [`SampleResult`]; ``stats.stages`` lists each fitting stage's proposals, on-target share and ESS.
     """
+    if fit_weighting not in ("resample", "none"):
+        raise ValueError(f"fit_weighting must be 'resample' or 'none', got {fit_weighting!r}.")
     if refit not in ("off", "once", "sequential"):
         raise ValueError(f"refit must be 'off', 'once' or 'sequential', got {refit!r}.")
     if not stage_evaluates:
@@ -471,12 +480,16 @@ def sample_s2m(
             )
         z = torch.cat(zs)
         log_ratio = torch.cat(ratios)
-        idx, ess = importance_resample(log_ratio, min(fit_size, n_on), generator)
+        if fit_weighting == "resample":
+            idx, ess = importance_resample(log_ratio, min(fit_size, n_on), generator)
+        else:
+            idx, ess = torch.isfinite(log_ratio).nonzero().flatten(), float("nan")
         density = LowRankGaussianMixture.fit(
             z[idx.to(z.device)].cpu(),
             rank=rank,
             n_components=n_components,
             defensive=defensive,
+            covariance_scale=covariance_scale,
             seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=_gen_device(generator))),
         )
         total.stages.append(

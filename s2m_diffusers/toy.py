@@ -24,7 +24,7 @@ import torch
 
 from .targets import Target, log_r, log_w, parse_target
 
-__all__ = ["ToyProblem", "energy_distance", "chi_square_cells"]
+__all__ = ["ToyProblem", "energy_distance", "mean_distance", "chi_square_cells"]
 
 
 def _normal_cdf(x: float) -> float:
@@ -182,15 +182,23 @@ class ToyProblem:
 # Two-sample statistics
 
 
-def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+def mean_distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 2048) -> float:
+    """``E|A - B|`` over all pairs (diagonal included), in chunks to bound memory."""
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    total = sum(float(torch.cdist(a[i : i + chunk], b).sum()) for i in range(0, a.shape[0], chunk))
+    return total / (a.shape[0] * b.shape[0])
+
+
+def energy_distance(x: torch.Tensor, y: torch.Tensor, yy: float | None = None) -> float:
     """Energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` between two samples, as a V-statistic.
 
     The V-statistic (diagonal pairs included) is the squared MMD of the distance kernel: it is positive, and
     for an exact sample of size ``n`` its expectation is a floor of order ``1/n``. Repeated points in ``x``
-    (chains that returned the same state) raise it, as they should.
+    (chains that returned the same state) raise it, as they should. Pass ``yy = mean_distance(y, y)`` to
+    reuse the reference's own term across calls.
     """
-    x, y = x.double().flatten(1), y.double().flatten(1)
-    return 2 * float(torch.cdist(x, y).mean()) - float(torch.cdist(x, x).mean()) - float(torch.cdist(y, y).mean())
+    yy = mean_distance(y, y) if yy is None else yy
+    return 2 * mean_distance(x, y) - mean_distance(x, x) - yy
 
 
 def chi_square_cells(samples: torch.Tensor, reference: torch.Tensor, bins: int = 4) -> tuple[float, int, float]:
