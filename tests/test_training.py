@@ -1,0 +1,196 @@
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from s2m_diffusers.data import SinglePositiveDataset
+from s2m_diffusers.priors import estimate_log_gamma, estimate_priors
+from s2m_diffusers.training import (
+    augment_images,
+    expected_calibration_error,
+    fit_temperature,
+    head_metrics,
+    nll,
+    train_heads,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SMALL = {"cnn_channels": [8], "num_heldout_samples": 16, "progress": False, "batch_size": 8}
+
+
+def _data(n: int = 48) -> SinglePositiveDataset:
+    images = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    labels = torch.arange(n) % 3
+    images[:, :, :3, :3] = (labels.float() - 1).view(-1, 1, 1, 1)
+    return SinglePositiveDataset(images, labels, ["a", "b", "c"])
+
+
+class CountingProposal:
+    """Uniform noise in [-0.8, 0.8]; counts calls; optionally class-conditional."""
+
+    def __init__(self, conditional: bool = False):
+        self.calls, self.conditional = 0, conditional
+
+    def __call__(self, n, generator):
+        self.calls += 1
+        images = torch.rand(n, 1, 8, 8, generator=generator) * 1.6 - 0.8
+        if self.conditional:
+            return images, torch.randint(3, (n,), generator=generator)
+        return images
+
+
+def test_calibration_lowers_nll_on_an_overconfident_case():
+    generator = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(4000, 3, generator=generator) * 1.5
+    labels = torch.multinomial(torch.softmax(true_logits, -1), 1, generator=generator).squeeze(1)
+    overconfident = 4.0 * true_logits
+    temperature = fit_temperature(overconfident, labels)
+    assert 3.3 < temperature < 4.7
+    metrics = head_metrics(overconfident, labels, temperature)
+    assert metrics["nll_after"] < metrics["nll_before"] - 0.3
+    assert metrics["ece_after"] < 0.5 * metrics["ece_before"]
+    # Binary case with weights (as D_v: real and generated weighted equally).
+    z = torch.randn(3000, generator=generator) * 2
+    y = torch.bernoulli(torch.sigmoid(z), generator=generator).long()
+    w = torch.where(y == 1, 2.0, 1.0)
+    t = fit_temperature(3 * z, y, w)
+    assert nll(3 * z / t, y, w) < nll(3 * z, y, w)
+
+
+def test_ece_of_perfect_calibration_is_small_and_of_a_wrong_one_large():
+    generator = torch.Generator().manual_seed(1)
+    z = torch.randn(20000, generator=generator) * 2
+    y = torch.bernoulli(torch.sigmoid(z), generator=generator).long()
+    assert expected_calibration_error(z, y) < 0.02
+    assert expected_calibration_error(5 * z, y) > 0.1
+
+
+def test_estimate_priors_recovers_gamma_ratios():
+    # Images holding {a, b}, {b, c} or {a, b, c}; exact D_r(c|x) = gamma_c^-1 / sum over S(x) of gamma^-1.
+    gamma = torch.tensor([1.0, 2.0, 0.5])
+    sets = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 1, 1], [1, 0, 0]], dtype=torch.bool).repeat(10, 1)
+    weights = torch.where(sets, 1 / gamma, torch.zeros(()))
+    dr = weights / weights.sum(1, keepdim=True)
+    log_gamma, report = estimate_log_gamma(dr.clamp_min(1e-9).log())
+    torch.testing.assert_close(log_gamma - log_gamma.mean(), gamma.log() - gamma.log().mean(), atol=1e-5, rtol=0)
+    assert report["identified"] == [True, True, True] and report["residual_rms"] < 1e-6
+    priors, _ = estimate_priors(dr.clamp_min(1e-9).log(), [10, 20, 30])
+    ratios = torch.tensor(priors) / torch.tensor([10.0, 20.0, 30.0])
+    torch.testing.assert_close(ratios / ratios[0], gamma / gamma[0], atol=1e-5, rtol=0)
+    # An attribute never sharing mass with another is not identified and keeps gamma = 1.
+    sharp = torch.eye(3)[torch.arange(30) % 3] * 0.98 + 0.01
+    _, report = estimate_log_gamma(sharp.log())
+    assert report["identified"] == [False, False, False]
+
+
+def test_augment_images_keeps_shape_and_range():
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    out = augment_images(images, ("shift", "flip", "noise", "blur", "contrast"), torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.min() >= -1 and out.max() <= 1
+    with pytest.raises(ValueError, match="Unknown augmentations"):
+        augment_images(images, ("rotate",), torch.Generator())
+
+
+def test_train_heads_is_reproducible_and_reports_metrics():
+    data = _data()
+    heads1, metrics = train_heads(data, CountingProposal(), num_steps=4, eval_steps=2, **SMALL)
+    heads2, _ = train_heads(data, CountingProposal(), num_steps=4, eval_steps=2, **SMALL)
+    for (k, a), b in zip(heads1.state_dict().items(), heads2.state_dict().values()):
+        # Temperatures of 4-step heads sit on a flat NLL (logits near 0): compare the trained weights.
+        assert k.endswith("_temperature") or torch.equal(a, b), k
+    for h in ("dv", "dr"):
+        for key in ("accuracy", "nll_before", "nll_after", "ece_before", "ece_after", "temperature", "best_step"):
+            assert f"{h}_{key}" in metrics
+        assert metrics[f"{h}_nll_after"] <= metrics[f"{h}_nll_before"] + 1e-9
+    assert "df_accuracy" not in metrics and len(metrics["priors"]) == 3 and "priors_report" in metrics
+    heads3, _ = train_heads(data, CountingProposal(), num_steps=4, eval_steps=2, seed=1, **SMALL)
+    assert not torch.equal(heads3.dr_head.weight, heads1.dr_head.weight)
+
+
+def test_user_priors_and_margin_are_stored():
+    heads, metrics = train_heads(
+        _data(), CountingProposal(), num_steps=1, priors=[0.2, 0.3, 0.5], negation_margin=5.0, **SMALL
+    )
+    assert heads.priors == [0.2, 0.3, 0.5] and metrics["priors"] == [0.2, 0.3, 0.5] and heads.negation_margin == 5.0
+
+
+def test_conditional_proposal_trains_df():
+    heads, metrics = train_heads(_data(), CountingProposal(conditional=True), num_steps=2, **SMALL)
+    assert heads.conditional and "df_ece_after" in metrics
+    assert sum(heads.config.proposal_class_probs) == pytest.approx(1.0)
+
+
+def test_resume_continues_from_the_saved_step(tmp_path):
+    data = _data()
+    full, _ = train_heads(
+        data, CountingProposal(), num_steps=6, eval_steps=2, output_dir=tmp_path / "a", checkpointing_steps=3, **SMALL
+    )
+    assert sorted(os.listdir(tmp_path / "a")).count("checkpoint-3") == 1
+    state = json.loads((tmp_path / "a" / "checkpoint-3" / "s2m_training_state.json").read_text())
+    assert state["step"] == 3
+
+    first = CountingProposal()
+    train_heads(data, first, num_steps=3, eval_steps=2, output_dir=tmp_path / "b", checkpointing_steps=3, **SMALL)
+    second = CountingProposal()
+    resumed, metrics = train_heads(
+        data,
+        second,
+        num_steps=6,
+        eval_steps=2,
+        output_dir=tmp_path / "b",
+        resume_from_checkpoint="latest",
+        checkpointing_steps=3,
+        **SMALL,
+    )
+    assert metrics["steps"] == 6
+    assert second.calls == 1 + 3  # the held-out draw and steps 4..6 only
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        if not k.endswith("_temperature"):  # see above
+            torch.testing.assert_close(a, b, msg=k)
+    assert (tmp_path / "b" / "checkpoint-6").is_dir()
+    assert (tmp_path / "b" / "config.json").exists() and (tmp_path / "b" / "metrics.json").exists()
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        train_heads(
+            data, CountingProposal(), num_steps=2, output_dir=tmp_path / "c", resume_from_checkpoint="latest", **SMALL
+        )
+
+
+def test_folder_of_generated_samples_as_proposal(tmp_path):
+    for i in range(10):
+        Image.new("L", (8, 8), 20 * i).save(tmp_path / f"{i}.png")
+    heads, metrics = train_heads(_data(), tmp_path, num_steps=2, **SMALL)
+    assert metrics["steps"] == 2 and not heads.conditional
+
+
+def test_gradient_accumulation_and_mixed_precision_pass_through():
+    from accelerate.state import AcceleratorState
+
+    # accelerate fixes the precision once per process: reset its state around this test.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        heads, metrics = train_heads(
+            _data(), CountingProposal(), num_steps=2, gradient_accumulation_steps=2, mixed_precision="bf16", **SMALL
+        )
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert metrics["steps"] == 2
+
+
+def test_bad_proposals_are_errors():
+    with pytest.raises(ValueError, match=r"expected images \(16, 1, 8, 8\)"):
+        train_heads(_data(), lambda n, g: torch.zeros(n, 3, 8, 8), num_steps=1, **SMALL)
+    with pytest.raises(ValueError, match=r"must lie in \[-1, 1\]"):
+        train_heads(_data(), lambda n, g: torch.full((n, 1, 8, 8), 255.0), num_steps=1, **SMALL)
+    with pytest.raises(ValueError, match="must lie in \\[0, 2\\]"):
+        train_heads(_data(), lambda n, g: (torch.zeros(n, 1, 8, 8), torch.full((n,), 7)), num_steps=1, **SMALL)
+
+
+def test_dv_auxiliary_classifier_trains_dv_backbone_only_in_training():
+    heads, _ = train_heads(_data(), CountingProposal(), num_steps=3, dv_auxiliary_classifier=True, **SMALL)
+    assert heads.dv_aux_head is not None and heads.dv_aux_head.weight.shape == (3, 8)
+    assert set(heads.raw_logits(_data().images[:2], heads=["dv_aux"])) == {"dv_aux"}
+    assert heads(_data().images[:2]).df_log_probs is None  # forward is unchanged
+    with pytest.raises(ValueError, match="does not exist"):
+        heads.raw_logits(_data().images[:2], heads=["df"])
