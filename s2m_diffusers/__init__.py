@@ -3,6 +3,14 @@
 The maths lives in pure functions (``targets``, ``sampling``, ``refit``); models and pipelines build on them.
 """
 
+# Every component module is imported here: diffusers 0.42.1 resolves a custom component only from a module
+# that is already in sys.modules.
+from . import hub
+from .evaluation import AttributeEvaluator
+from .models.gan import DCGANDiscriminator, DCGANGenerator
+from .models.heads import S2MHeads, S2MHeadsOutput
+from .pipeline_s2m import S2MPipeline, S2MPipelineOutput
+from .proposals import DDIMProposal, GeneratorProposal, PipelineProposal, ProposalSample
 from .refit import LowRankGaussianMixture, StandardNormal
 from .sampling import (
     BudgetExhaustedError,
@@ -17,7 +25,19 @@ from .targets import Target, TargetError, log_r, log_w, parse_target
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AttributeEvaluator",
     "BudgetExhaustedError",
+    "DCGANDiscriminator",
+    "DCGANGenerator",
+    "DDIMProposal",
+    "GeneratorProposal",
+    "PipelineProposal",
+    "ProposalSample",
+    "S2MHeads",
+    "S2MHeadsOutput",
+    "S2MPipeline",
+    "S2MPipelineOutput",
+    "hub",
     "LowRankGaussianMixture",
     "SampleResult",
     "SamplerStats",

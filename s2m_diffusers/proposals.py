@@ -1,0 +1,576 @@
+"""Proposal adapters: pretrained generators behind one interface (spec §4), as k-diffusion's `external.py` does.
+
+S2M samples in latent space: a proposal is a deterministic map ``x = G(z)`` from a standard-normal latent ``z`` to
+an image, and ``z`` is *all* the randomness of one sample. Each adapter wraps one kind of generator:
+
+- [`DDIMProposal`]: a diffusers `UNet2DModel` with its scheduler, run as DDIM with ``eta = 0``; the latent is the
+  initial noise ``x_T`` `(C, H, W)`.
+- [`PipelineProposal`]: any diffusers pipeline that accepts ``latents=`` and ``output_type="pt"`` (e.g.
+  text-to-image with a fixed prompt, decoded by its VAE); the latent is the pipeline's initial latents.
+- [`GeneratorProposal`]: a GAN generator, [`~s2m_diffusers.models.gan.DCGANGenerator`] or any `ModelMixin` whose
+  forward maps latents (and optionally class labels) to images; the latent is the generator's latent.
+
+Every adapter offers the same methods:
+
+- ``latent_shape``: the shape of one latent; ``prior()``: the latent prior ``p_z = N(0, I)`` as a
+  [`~s2m_diffusers.refit.StandardNormal`]; ``log_prob(z)``: ``log p_z(z)``, the latent log-density.
+- ``generate(latents, class_labels=None)``: the deterministic map, run in micro-batches of ``micro_batch_size``
+  latents (the memory setting: peak memory grows with it, the result does not depend on it).
+- ``sample(n, generator)``: a [`ProposalSample`] with latents, images and the latents' log-density.
+- ``proposal(n, generator)``: images only, or ``(images, class_labels)`` for a class-conditional generator, with
+  classes drawn from ``class_probs``: the proposal callable that training ``D_v`` (and ``D_f``) expects.
+
+**Images are float tensors `(B, C, H, W)` in [-1, 1]**, the diffusers convention for model inputs, on the
+generator's device. A pipeline's ``output_type="pt"`` images (in [0, 1] for diffusers' pipelines) are mapped to
+[-1, 1] in one place, [`PipelineProposal.generate`].
+
+Generators run in `eval()` mode while they generate (batch normalisation then uses its stored statistics, so that
+every image is a function of its own latent only), and the mode they had is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .refit import StandardNormal
+
+__all__ = [
+    "ProposalSample",
+    "ProposalAdapter",
+    "DDIMProposal",
+    "PipelineProposal",
+    "GeneratorProposal",
+    "eval_mode",
+]
+
+
+@dataclass
+class ProposalSample:
+    """What [`ProposalAdapter.sample`] returns.
+
+    Args:
+        latents (`torch.Tensor` of shape `(n, *latent_shape)`): the latents ``z``.
+        images (`torch.Tensor` of shape `(n, C, H, W)`): ``G(z)`` in [-1, 1].
+        log_prob (`torch.Tensor` of shape `(n,)`): ``log p_z(z)`` under the standard normal prior.
+        class_labels (`torch.Tensor` of shape `(n,)`, *optional*): classes of a class-conditional generator.
+    """
+
+    latents: torch.Tensor
+    images: torch.Tensor
+    log_prob: torch.Tensor
+    class_labels: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """Put modules in `eval()` mode for the duration of the block and restore each submodule's mode afterwards."""
+    saved = []
+    for module in modules:
+        if isinstance(module, nn.Module):
+            saved.extend((m, m.training) for m in module.modules())
+            module.eval()
+    try:
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+def _check_micro_batch_size(value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(
+            f"micro_batch_size must be a positive integer (latents per generator or heads call), got {value!r}. "
+            "Lower it if the generator runs out of memory; the images do not depend on it."
+        )
+    return value
+
+
+def _module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in module.parameters():
+        return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+class ProposalAdapter:
+    """Base class of the adapters: micro-batching, the prior, sampling. Subclasses implement `_generate`.
+
+    Args:
+        latent_shape (`Sequence[int]`): the shape of one latent.
+        micro_batch_size (`int`, defaults to 64): latents per call of the wrapped generator.
+        num_classes (`int`, *optional*): number of classes of a class-conditional generator.
+        class_probs (`Sequence[float]`, *optional*): ``p_G(c)``, the class share used by ``proposal(n)``
+            (uniform by default).
+    """
+
+    def __init__(
+        self,
+        latent_shape: Sequence[int],
+        micro_batch_size: int = 64,
+        num_classes: int | None = None,
+        class_probs: Sequence[float] | None = None,
+    ):
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        if not self.latent_shape or any(s < 1 for s in self.latent_shape):
+            raise ValueError(f"latent_shape must be a non-empty shape of positive sizes, got {tuple(latent_shape)}.")
+        self.micro_batch_size = _check_micro_batch_size(micro_batch_size)
+        self.num_classes = num_classes
+        if class_probs is not None and num_classes is not None and len(class_probs) != num_classes:
+            raise ValueError(f"class_probs has {len(class_probs)} entries for a generator with {num_classes} classes.")
+        self.class_probs = None if class_probs is None else torch.tensor(class_probs, dtype=torch.float64)
+
+    # --- what subclasses provide -----------------------------------------------------------------------------
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """`(C, H, W)` of the images when the generator's config tells it without running it, else `None`."""
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def _generate(self, latents: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _models(self) -> list[nn.Module]:
+        return []
+
+    # --- shared ----------------------------------------------------------------------------------------------
+    @property
+    def is_conditional(self) -> bool:
+        return self.num_classes is not None
+
+    def prior(self) -> StandardNormal:
+        """The latent prior ``p_z = N(0, I)`` over ``latent_shape``."""
+        return StandardNormal(self.latent_shape)
+
+    def log_prob(self, latents: torch.Tensor) -> torch.Tensor:
+        """``log p_z(z)`` `(n,)`: the latents' log-density under the standard normal prior."""
+        return self.prior().log_prob(latents)
+
+    def _check_labels(self, class_labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        if self.num_classes is None:
+            if class_labels is not None:
+                raise ValueError(f"{type(self).__name__} wraps an unconditional generator; pass no class_labels.")
+            return None
+        if class_labels is None:
+            raise ValueError(
+                f"This generator is class-conditional ({self.num_classes} classes): pass class_labels, a long tensor "
+                f"of shape ({n},) with values in 0..{self.num_classes - 1}."
+            )
+        class_labels = torch.as_tensor(class_labels, dtype=torch.long)
+        if class_labels.shape != (n,):
+            raise ValueError(f"class_labels must have shape ({n},), got {tuple(class_labels.shape)}.")
+        return class_labels
+
+    @torch.no_grad()
+    def generate(self, latents: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the generator on latents, ``micro_batch_size`` at a time.
+
+        Args:
+            latents (`torch.Tensor` of shape `(n, *latent_shape)`): standard-normal latents.
+            class_labels (`torch.Tensor` of shape `(n,)`, *optional*): classes, for a class-conditional generator.
+
+        Returns:
+            `torch.Tensor` of shape `(n, C, H, W)`: images in [-1, 1], on the generator's device.
+        """
+        if tuple(latents.shape[1:]) != self.latent_shape:
+            raise ValueError(
+                f"{type(self).__name__} expects latents of shape (n, {', '.join(map(str, self.latent_shape))}), "
+                f"got {tuple(latents.shape)}."
+            )
+        class_labels = self._check_labels(class_labels, latents.shape[0])
+        out = []
+        with eval_mode(*self._models()):
+            for start in range(0, latents.shape[0], self.micro_batch_size):
+                chunk = latents[start : start + self.micro_batch_size]
+                labels = None if class_labels is None else class_labels[start : start + self.micro_batch_size]
+                out.append(self._generate(chunk, labels).clamp(-1.0, 1.0))
+        if not out:
+            shape = self.image_shape or (0, 0, 0)
+            return torch.zeros((0, *shape), device=self.device)
+        return torch.cat(out)
+
+    def draw_class_labels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """``n`` classes drawn from ``class_probs`` (uniform by default); `None` for an unconditional generator."""
+        if self.num_classes is None:
+            return None
+        probs = self.class_probs if self.class_probs is not None else torch.ones(self.num_classes, dtype=torch.float64)
+        gen_device = generator.device if generator is not None else "cpu"
+        return torch.multinomial(probs.to(gen_device), n, replacement=True, generator=generator).cpu()
+
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, class_labels: torch.Tensor | None = None
+    ) -> ProposalSample:
+        """Draw ``n`` latents from the prior and generate their images.
+
+        Args:
+            n (`int`): number of samples.
+            generator (`torch.Generator`, *optional*): the source of the latents (and of the classes).
+            class_labels (`torch.Tensor`, *optional*): classes for a class-conditional generator; drawn from
+                ``class_probs`` when omitted.
+
+        Returns:
+            [`ProposalSample`].
+        """
+        latents = self.prior().sample(n, generator=generator)
+        if class_labels is None:
+            class_labels = self.draw_class_labels(n, generator)
+        images = self.generate(latents, class_labels)
+        return ProposalSample(latents, images, self.log_prob(latents), class_labels)
+
+    def __call__(self, n: int, generator: torch.Generator | None = None):
+        """The proposal callable of ``D_v`` training: images `(n, C, H, W)` in [-1, 1] on the CPU, or
+        ``(images, class_labels)`` for a class-conditional generator."""
+        s = self.sample(n, generator)
+        images = s.images.float().cpu()
+        return images if s.class_labels is None else (images, s.class_labels)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Diffusion UNet + scheduler, as deterministic DDIM
+
+
+def _sample_size(value) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+class DDIMProposal(ProposalAdapter):
+    """A diffusers `UNet2DModel` (or any UNet with the same call) run as DDIM with ``eta = 0``.
+
+    The scheduler is rebuilt as ``DDIMScheduler.from_config(scheduler.config)``: same noise schedule and prediction
+    type as the model was trained with, deterministic steps. The initial noise ``x_T`` is the latent, so an image is
+    a function of its latent alone. Images are the final sample, clamped to [-1, 1] (pixel-space UNets; for a
+    latent-diffusion model use [`PipelineProposal`] on its pipeline, which decodes through the VAE).
+
+    Args:
+        unet (`UNet2DModel`): the denoiser; class-conditional when its config has ``num_class_embeds``.
+        scheduler (`SchedulerMixin`): the scheduler it was trained with (any diffusers noise scheduler).
+        num_inference_steps (`int`, defaults to 25): DDIM steps.
+        micro_batch_size (`int`, defaults to 64): latents per UNet call.
+        class_probs (`Sequence[float]`, *optional*): ``p_G(c)`` for ``proposal(n)`` of a class-conditional UNet.
+
+    Examples:
+
+    ```py
+    >>> import torch
+    >>> from diffusers import DDPMScheduler, UNet2DModel
+    >>> from s2m_diffusers.proposals import DDIMProposal
+    >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+    ...                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    ...                    norm_num_groups=8, layers_per_block=1)
+    >>> proposal = DDIMProposal(unet, DDPMScheduler(), num_inference_steps=3)
+    >>> s = proposal.sample(2, torch.Generator().manual_seed(0))
+    >>> s.latents.shape, s.images.shape
+    (torch.Size([2, 1, 8, 8]), torch.Size([2, 1, 8, 8]))
+    ```
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        scheduler,
+        num_inference_steps: int = 25,
+        micro_batch_size: int = 64,
+        class_probs: Sequence[float] | None = None,
+    ):
+        from diffusers import DDIMScheduler
+
+        if unet is None or scheduler is None:
+            raise ValueError(
+                "DDIMProposal needs both the UNet and the scheduler it was trained with (`unet=`, `scheduler=`)."
+            )
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+        config = unet.config
+        h, w = _sample_size(config.sample_size)
+        super().__init__(
+            (config.in_channels, h, w),
+            micro_batch_size=micro_batch_size,
+            num_classes=getattr(config, "num_class_embeds", None),
+            class_probs=class_probs,
+        )
+        self.unet = unet
+        self.num_inference_steps = num_inference_steps
+        self.scheduler = DDIMScheduler.from_config(scheduler.config)
+        self.scheduler.set_timesteps(num_inference_steps)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.latent_shape
+
+    @property
+    def device(self) -> torch.device:
+        return _module_device_dtype(self.unet)[0]
+
+    def _models(self) -> list[nn.Module]:
+        return [self.unet]
+
+    def _generate(self, latents: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        device, dtype = _module_device_dtype(self.unet)
+        x = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma  # (B, C, H, W)
+        labels = None if class_labels is None else class_labels.to(device)
+        channels = x.shape[1]
+        for t in self.scheduler.timesteps:
+            model_input = self.scheduler.scale_model_input(x, t)
+            model_output = self.unet(model_input, t, class_labels=labels).sample
+            if model_output.shape[1] == 2 * channels:  # a learned-variance model: keep the mean prediction
+                model_output = model_output[:, :channels]
+            x = self.scheduler.step(model_output, t, x, eta=0.0).prev_sample
+        return x.float()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Any diffusers pipeline that accepts `latents=`
+
+
+def _infer_pipeline_latent_shape(pipeline, pipeline_kwargs: dict) -> tuple[int, ...]:
+    denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+    config = getattr(denoiser, "config", None)
+    if config is None or getattr(config, "in_channels", None) is None or getattr(config, "sample_size", None) is None:
+        raise ValueError(
+            f"Cannot infer the latent shape of {type(pipeline).__name__}: it has no `unet` or `transformer` with "
+            "`in_channels` and `sample_size` in its config. Pass `latent_shape=(C, H, W)`, the shape of one latent "
+            "the pipeline accepts in `latents=`."
+        )
+    h, w = _sample_size(config.sample_size)
+    height, width = pipeline_kwargs.get("height"), pipeline_kwargs.get("width")
+    scale = getattr(pipeline, "vae_scale_factor", None)
+    if height is not None and width is not None and scale:
+        h, w = int(height) // scale, int(width) // scale
+    return (int(config.in_channels), h, w)
+
+
+class PipelineProposal(ProposalAdapter):
+    """Any diffusers pipeline that accepts ``latents=`` and ``output_type="pt"``, with fixed call arguments.
+
+    For example a text-to-image pipeline with a fixed prompt: ``PipelineProposal(sd_pipe, pipeline_kwargs={"prompt":
+    "a portrait photo", "guidance_scale": 5.0})``. The pipeline's initial latents are the latent ``z``; its images
+    are decoded as the pipeline decodes them (through its VAE). The batch size is passed as ``num_images_per_prompt``
+    when the pipeline takes a prompt, else as ``batch_size`` when it has that argument.
+
+    The pipeline must be deterministic given its latents (an ODE sampler such as DDIM with ``eta = 0``, Euler,
+    DPM-Solver++, flow matching): a sampler that adds fresh noise at each step makes the image depend on more than
+    its latent and biases S2M. [`check_deterministic`] tests this on one latent; [`~S2MPipeline`] calls it once.
+
+    Args:
+        pipeline (`DiffusionPipeline`): the loaded pipeline; its weights are used, not copied.
+        latent_shape (`Sequence[int]`, *optional*): shape of one latent. Inferred from the pipeline's `unet` or
+            `transformer` config (``(in_channels, sample_size, sample_size)``, or ``height // vae_scale_factor``...
+            when `height`/`width` are among the fixed arguments).
+        pipeline_kwargs (`dict`, *optional*): fixed call arguments (prompt, guidance scale, size, ...).
+        num_inference_steps (`int`, *optional*): passed to the pipeline when given.
+        micro_batch_size (`int`, defaults to 64): latents per pipeline call.
+        output_range (`tuple[float, float]`, defaults to `(0.0, 1.0)`): the value range of the pipeline's
+            ``output_type="pt"`` images (``[0, 1]`` for diffusers' pipelines); mapped linearly to [-1, 1].
+    """
+
+    def __init__(
+        self,
+        pipeline,
+        latent_shape: Sequence[int] | None = None,
+        pipeline_kwargs: dict | None = None,
+        num_inference_steps: int | None = None,
+        micro_batch_size: int = 64,
+        output_range: tuple[float, float] = (0.0, 1.0),
+    ):
+        if pipeline is None or not callable(pipeline):
+            raise ValueError("PipelineProposal needs a loaded diffusers pipeline.")
+        self.pipeline = pipeline
+        self.pipeline_kwargs = dict(pipeline_kwargs or {})
+        self.parameters = inspect.signature(pipeline.__call__).parameters
+        for name in ("latents", "output_type"):
+            if name not in self.parameters:
+                raise ValueError(
+                    f"{type(pipeline).__name__} does not accept `{name}=`, so it cannot serve as an S2M proposal "
+                    "(the latents must be given to it, and its images returned as tensors). Use a pipeline that "
+                    "takes `latents=` and `output_type='pt'`, or wrap its UNet with DDIMProposal."
+                )
+        for name in ("latents", "output_type", "return_dict", "generator"):
+            if name in self.pipeline_kwargs:
+                raise ValueError(f"pipeline_kwargs must not set `{name}`: the adapter sets it.")
+        if latent_shape is None:
+            latent_shape = _infer_pipeline_latent_shape(pipeline, self.pipeline_kwargs)
+        super().__init__(latent_shape, micro_batch_size=micro_batch_size)
+        if num_inference_steps is not None:
+            self.pipeline_kwargs["num_inference_steps"] = int(num_inference_steps)
+        low, high = (float(v) for v in output_range)
+        if not high > low:
+            raise ValueError(f"output_range must be (low, high) with high > low, got {output_range}.")
+        self.output_range = (low, high)
+
+    @property
+    def device(self) -> torch.device:
+        device = getattr(self.pipeline, "device", None)
+        return device if isinstance(device, torch.device) else torch.device("cpu")
+
+    def _dtype(self) -> torch.dtype:
+        denoiser = getattr(self.pipeline, "unet", None) or getattr(self.pipeline, "transformer", None)
+        dtype = getattr(denoiser, "dtype", None) or getattr(self.pipeline, "dtype", None)
+        return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+    def _models(self) -> list[nn.Module]:
+        components = getattr(self.pipeline, "components", {}) or {}
+        return [m for m in components.values() if isinstance(m, nn.Module)]
+
+    def _batch_kwargs(self, n: int) -> dict:
+        takes_prompt = any(k in self.pipeline_kwargs for k in ("prompt", "prompt_embeds"))
+        if "num_images_per_prompt" in self.parameters and takes_prompt:
+            prompt = self.pipeline_kwargs.get("prompt")
+            if isinstance(prompt, (list, tuple)) and len(prompt) != 1:
+                raise ValueError("PipelineProposal takes one fixed prompt (a string), not a list of prompts.")
+            return {"num_images_per_prompt": n}
+        if "batch_size" in self.parameters:
+            return {"batch_size": n}
+        return {}
+
+    def _generate(self, latents: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        config = getattr(self.pipeline, "_progress_bar_config", None)
+        self.pipeline.set_progress_bar_config(disable=True)
+        try:
+            out = self.pipeline(
+                **self.pipeline_kwargs,
+                **self._batch_kwargs(latents.shape[0]),
+                latents=latents.to(self.device, self._dtype()),
+                output_type="pt",
+                return_dict=True,
+            )
+        finally:
+            if config is None:
+                del self.pipeline._progress_bar_config
+            else:
+                self.pipeline._progress_bar_config = config
+        images = out.images
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(
+                f"{type(self.pipeline).__name__} returned {type(images).__name__} for output_type='pt'; a tensor "
+                "(B, C, H, W) is needed."
+            )
+        if images.ndim == 4 and images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4):
+            images = images.permute(0, 3, 1, 2)  # channels-last output
+        low, high = self.output_range
+        # The one place where a pipeline's output range is brought to the library's [-1, 1].
+        return (2.0 * (images.float() - low) / (high - low) - 1.0).to(images.device)
+
+    @torch.no_grad()
+    def check_deterministic(self, atol: float = 1e-4) -> None:
+        """Generate one latent twice and raise if the images differ (a sampler that adds noise at each step).
+
+        Raises:
+            ValueError: naming the scheduler and the fix.
+        """
+        z = self.prior().sample(1, generator=torch.Generator().manual_seed(0))
+        a, b = self.generate(z), self.generate(z)
+        if not torch.allclose(a, b, atol=atol):
+            scheduler = type(getattr(self.pipeline, "scheduler", None)).__name__
+            raise ValueError(
+                f"{type(self.pipeline).__name__} is not deterministic given its latents: the same latent gave images "
+                f"that differ by up to {float((a - b).abs().max()):.3g} (scheduler: {scheduler}). S2M samples in "
+                "latent space and needs each image to be a function of its latent. Give the pipeline an ODE "
+                "scheduler, e.g. `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)` (eta = 0), or "
+                "EulerDiscreteScheduler / DPMSolverMultistepScheduler."
+            )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GAN generators
+
+
+def _output_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    for name in ("sample", "images", "image"):
+        value = getattr(out, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ValueError(
+        f"The generator returned {type(out).__name__}; expected a tensor of images (B, C, H, W) in [-1, 1] (or an "
+        "output with a `sample` tensor)."
+    )
+
+
+class GeneratorProposal(ProposalAdapter):
+    """A GAN generator, or any `ModelMixin` whose forward maps latents (and optionally class labels) to images.
+
+    The forward is called as ``model(latents)`` or, for a class-conditional model, ``model(latents,
+    class_labels=labels)``, and must return images in [-1, 1] (a ``tanh`` output), as a tensor or an output with a
+    ``sample`` field. The reference is [`~s2m_diffusers.models.gan.DCGANGenerator`].
+
+    Args:
+        model (`ModelMixin`): the generator.
+        latent_shape (`Sequence[int]`, *optional*): shape of one latent; read from the config's ``latent_dim`` (or
+            ``latent_shape``) when omitted.
+        micro_batch_size (`int`, defaults to 64): latents per generator call.
+        num_classes (`int`, *optional*): classes of a class-conditional model; read from the config's
+            ``num_classes`` (or ``num_class_embeds``) when omitted.
+        class_probs (`Sequence[float]`, *optional*): ``p_G(c)`` for ``proposal(n)`` (uniform by default).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        latent_shape: Sequence[int] | None = None,
+        micro_batch_size: int = 64,
+        num_classes: int | None = None,
+        class_probs: Sequence[float] | None = None,
+    ):
+        if model is None:
+            raise ValueError("GeneratorProposal needs a generator model.")
+        config = getattr(model, "config", None)
+        if latent_shape is None:
+            latent_shape = getattr(config, "latent_shape", None)
+            if latent_shape is None and getattr(config, "latent_dim", None) is not None:
+                latent_shape = (config.latent_dim,)
+        if latent_shape is None:
+            raise ValueError(
+                f"Cannot tell the latent shape of {type(model).__name__}: its config has no `latent_dim` or "
+                "`latent_shape`. Pass `latent_shape=` (e.g. `(128,)`), the shape of one latent its forward takes."
+            )
+        if num_classes is None:
+            num_classes = getattr(config, "num_classes", None) or getattr(config, "num_class_embeds", None)
+        super().__init__(latent_shape, micro_batch_size, num_classes, class_probs)
+        self.model = model
+
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        config = getattr(self.model, "config", None)
+        size = getattr(config, "sample_size", None)
+        channels = getattr(config, "out_channels", None)
+        if size is None or channels is None:
+            return None
+        h, w = _sample_size(size)
+        return (int(channels), h, w)
+
+    @property
+    def device(self) -> torch.device:
+        return _module_device_dtype(self.model)[0]
+
+    def _models(self) -> list[nn.Module]:
+        return [self.model]
+
+    def _generate(self, latents: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        device, dtype = _module_device_dtype(self.model)
+        z = latents.to(device=device, dtype=dtype)
+        if class_labels is None:
+            out = self.model(z)
+        else:
+            out = self.model(z, class_labels=class_labels.to(device))
+        images = _output_tensor(out)
+        if images.ndim != 4:
+            raise ValueError(f"The generator returned a tensor of shape {tuple(images.shape)}; expected (B, C, H, W).")
+        return images.float()
+
+
+def standard_normal_cdf(u: torch.Tensor) -> torch.Tensor:
+    """``Phi(u)``, the standard normal CDF (used to turn one latent coordinate into a class draw)."""
+    return 0.5 * (1.0 + torch.erf(u / math.sqrt(2.0)))
