@@ -1,0 +1,652 @@
+"""The `s2m` command.
+
+Each subcommand is one parser function (``_<name>_parser``) and one function that runs it (``<name>``), registered in
+``COMMANDS``. The run functions import what they need (torch, diffusers) themselves.
+
+    s2m sample --pipeline DIR --target "a & ~b" --num-images 16 --output samples/ --seed 0
+    s2m train-heads --generator GEN_DIR --data-dir DATA_DIR --output DIR
+    s2m evaluate --images samples/ --target "a & ~b" --evaluator EVAL_DIR
+    s2m demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_BUDGET, EXIT_USAGE = 0, 1, 2
+
+
+def _jsonable(value):
+    """Stats as strict JSON: non-finite floats become `null`, tensors lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _jsonable(value.tolist())
+    return value
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_jsonable(data), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"s2m: error: {message}", file=sys.stderr)
+    return code
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# s2m sample
+
+
+def _sample_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "sample",
+        help="draw images that satisfy a target with a saved S2M pipeline",
+        description=(
+            "Draw images that satisfy a target (a boolean formula over the heads' attributes) with a saved S2M "
+            "pipeline, and write them as PNGs with a stats.json (proposals drawn, acceptance rate, proposals per "
+            "image, seconds in the generator, the heads and the sampler) and latents.safetensors (the latent "
+            "each image came from)."
+        ),
+        epilog=(
+            "examples:\n"
+            '  s2m sample --pipeline my-s2m --target "black_hair & male & ~smiling" --num-images 16 \\\n'
+            "      --output samples/ --seed 0\n"
+            '  s2m sample --pipeline user/s2m-digits --revision 3f2c1ab --target "A | B" --num-images 4 \\\n'
+            "      --output out/ --refit off --max-proposals 20000\n"
+            "\n"
+            "targets: attribute names with & (and), | (or), ~ (not) and parentheses, e.g. 'a & (b | c) & ~d',\n"
+            "or the paper's form 'a+b-c'. Exit status: 0 done, 1 budget exhausted, 2 invalid input."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--pipeline", required=True, metavar="DIR", help="folder saved by S2MPipeline.save_pretrained, or a Hub repo"
+    )
+    p.add_argument("--revision", default=None, help="commit, branch or tag of a Hub repo (pin a commit)")
+    p.add_argument("--target", default=None, help="the target, e.g. 'a & ~b'; defaults to the pipeline's default")
+    p.add_argument("--num-images", type=int, default=4, metavar="N", help="images to draw (default: 4)")
+    p.add_argument("--output", required=True, metavar="IMGDIR", help="folder for the PNGs and stats.json")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, recorded in stats)")
+    p.add_argument(
+        "--refit",
+        choices=("off", "once", "sequential"),
+        default="sequential",
+        help="latent refitting: one literal at a time (default), once on the full target, or off",
+    )
+    p.add_argument("--max-proposals", type=int, default=None, metavar="N", help="proposal budget (generator calls)")
+    p.add_argument(
+        "--micro-batch-size", type=int, default=64, metavar="N", help="latents per generator call (memory; default 64)"
+    )
+    p.add_argument(
+        "--fit-size", type=int, default=None, metavar="N", help="on-target latents per refit (default: the sampler's)"
+    )
+    p.add_argument("--negation-margin", type=float, default=None, help="lambda of negated literals (default: heads')")
+    p.add_argument("--num-inference-steps", type=int, default=None, help="steps of a diffusion proposal")
+    p.add_argument(
+        "--class-label",
+        default="auto",
+        help="class of a conditional proposal: 'auto' (default), 'none' (drawn with the latent), or an attribute",
+    )
+    p.add_argument("--allow-partial", action="store_true", help="write the images found if the budget runs out")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def sample(args: argparse.Namespace) -> int:
+    """Run `s2m sample`."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .pipeline_s2m import S2MPipeline
+    from .sampling import BudgetExhaustedError
+    from .targets import TargetError
+
+    if args.num_images < 1:
+        return _fail(f"--num-images must be at least 1, got {args.num_images}.", EXIT_USAGE)
+    if not os.path.isdir(args.pipeline) and (args.pipeline.count("/") != 1 or os.path.exists(args.pipeline)):
+        return _fail(
+            f"--pipeline {args.pipeline!r} is neither a folder nor a Hub repo id ('user/name'). Save one with "
+            "S2MPipeline.save_pretrained(DIR).",
+            EXIT_USAGE,
+        )
+    try:
+        pipe = S2MPipeline.from_pretrained(args.pipeline, revision=args.revision)
+    except (OSError, ValueError) as err:
+        return _fail(f"could not load the pipeline {args.pipeline!r}: {err}", EXIT_USAGE)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
+    class_label: str | int | None = args.class_label
+    if class_label == "none":
+        class_label = None
+    elif isinstance(class_label, str) and class_label.isdigit():
+        class_label = int(class_label)
+
+    try:
+        out = pipe(
+            args.target,
+            num_images=args.num_images,
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+            output_type="pil",
+            refit=args.refit,
+            max_proposals=args.max_proposals,
+            micro_batch_size=args.micro_batch_size,
+            fit_size=args.fit_size,
+            negation_margin=args.negation_margin,
+            class_label=class_label,
+            num_inference_steps=args.num_inference_steps,
+            allow_partial=args.allow_partial,
+        )
+    except BudgetExhaustedError as err:
+        return _fail(str(err), EXIT_BUDGET)
+    except (TargetError, ValueError) as err:
+        return _fail(str(err), EXIT_USAGE)
+
+    os.makedirs(args.output, exist_ok=True)
+    names = []
+    for i, image in enumerate(out.images):
+        name = f"{i:04d}.png"
+        image.save(os.path.join(args.output, name))
+        names.append(name)
+    save_file({"latents": out.latents.contiguous().cpu()}, os.path.join(args.output, "latents.safetensors"))
+    record = {
+        "pipeline": args.pipeline,
+        "revision": args.revision,
+        "seed": seed,
+        "images": names,
+        "on_target": out.on_target.tolist(),
+        "class_labels": None if out.class_labels is None else out.class_labels.tolist(),
+        **out.stats,
+    }
+    _write_json(os.path.join(args.output, "stats.json"), record)
+    stats = out.stats
+    print(
+        f"wrote {len(names)} images to {args.output} ({stats['proposals']} proposals, "
+        f"{stats['proposals_per_image']:.3g} per image, acceptance rate {stats['acceptance_rate']:.3g}, "
+        f"{stats['seconds_total']:.3g} s)"
+    )
+    if stats["budget_exhausted"]:
+        print(f"s2m: warning: the budget ran out with {len(names)} of {args.num_images} images.", file=sys.stderr)
+        return EXIT_BUDGET
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# s2m train-heads
+
+
+def _resolve_class(name: str):
+    """A `ModelMixin` class named in a config's `_class_name`: from s2m_diffusers first, then diffusers."""
+    import importlib
+
+    for module in ("s2m_diffusers.models.gan", "s2m_diffusers.models", "s2m_diffusers", "diffusers"):
+        cls = getattr(importlib.import_module(module), name, None)
+        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+            return cls
+    return None
+
+
+def load_generator_folder(path: str) -> tuple[str, dict]:
+    """Load a generator saved with `save_pretrained` as `S2MPipeline` components.
+
+    Args:
+        path (`str`): a diffusers pipeline folder with `model_index.json` naming a `unet` and a `scheduler` (e.g. a
+            `DDPMPipeline`; sampled as DDIM), or a model folder with `config.json` whose `_class_name` is a GAN
+            generator class of s2m_diffusers or diffusers (e.g. `DCGANGenerator`).
+
+    Returns:
+        `tuple[str, dict]`: the kind (`"ddim"` or `"gan"`) and the components (`unet`, `scheduler` or `gan`).
+
+    Raises:
+        ValueError: the folder is neither, or names a class that cannot be found.
+    """
+    import diffusers
+
+    if not os.path.isdir(path):
+        raise ValueError(f"--generator {path!r} is not a folder. Save a generator there with `save_pretrained`.")
+    index_file, config_file = os.path.join(path, "model_index.json"), os.path.join(path, "config.json")
+    if os.path.isfile(index_file):
+        with open(index_file, encoding="utf-8") as f:
+            index = json.load(f)
+        if not (isinstance(index.get("unet"), list) and isinstance(index.get("scheduler"), list)):
+            raise ValueError(
+                f"The pipeline in {path!r} ({index.get('_class_name')}) has no `unet` and `scheduler` components; "
+                "only unconditional pixel-space diffusion pipelines (e.g. DDPMPipeline, DDIMPipeline) or GAN "
+                "generator folders are supported by `s2m train-heads`."
+            )
+        components = {}
+        for key in ("unet", "scheduler"):
+            library, class_name = index[key][:2]
+            cls = getattr(diffusers, class_name, None) if library == "diffusers" else None
+            if cls is None:
+                raise ValueError(f"Cannot load the {key} class {library}.{class_name} named in {index_file!r}.")
+            components[key] = cls.from_pretrained(path, subfolder=key)
+        components["unet"].eval()
+        return "ddim", components
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            class_name = json.load(f).get("_class_name")
+        cls = _resolve_class(class_name) if class_name else None
+        if cls is None:
+            raise ValueError(
+                f"The config in {path!r} names the class {class_name!r}, which is neither in s2m_diffusers nor in "
+                "diffusers. Save the generator from a ModelMixin class (e.g. s2m_diffusers.models.gan.DCGANGenerator)."
+            )
+        return "gan", {"gan": cls.from_pretrained(path).eval()}
+    raise ValueError(
+        f"--generator {path!r} holds neither model_index.json (a diffusers pipeline such as DDPMPipeline) nor "
+        "config.json (a generator model such as DCGANGenerator). Save one with `save_pretrained(PATH)`."
+    )
+
+
+def _generator_image_shape(kind: str, components: dict) -> tuple[int, int]:
+    """(sample_size, channels) of a generator's images."""
+    if kind == "ddim":
+        config = components["unet"].config
+        size, channels = config.sample_size, config.in_channels
+    else:
+        config = getattr(components["gan"], "config", None)
+        size, channels = getattr(config, "sample_size", None), getattr(config, "out_channels", None)
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ValueError(f"The generator makes {size[0]}x{size[1]} images; the heads need square images.")
+        size = size[0]
+    if size is None or channels is None:
+        raise ValueError(
+            "Cannot tell the generator's image size: its config needs `sample_size` and `out_channels` (GAN) or "
+            "`sample_size` and `in_channels` (UNet)."
+        )
+    return int(size), int(channels)
+
+
+def _train_heads_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train-heads",
+        help="train S2M heads for a pretrained generator on single-positive data; write an S2M pipeline",
+        description=(
+            "Train the S2M heads (D_v: real vs generated; D_r: which attribute) for a pretrained generator on "
+            "single-positive data (a folder with one sub-folder of images per attribute), and write a complete S2M "
+            "pipeline folder (generator + heads) that `s2m sample --pipeline OUT` loads."
+        ),
+        epilog=(
+            "examples:\n"
+            "  s2m train-heads --generator my-ddpm/ --data-dir data/ --output my-s2m\n"
+            "  s2m train-heads --generator my-gan/ --data-dir data/ --output my-s2m --num-steps 500 --seed 1\n"
+            "\n"
+            "data layout: data/smiling/*.png, data/male/*.png, ... (the sub-folder name is the attribute; names\n"
+            "[A-Za-z0-9_.]+). Images are resized and converted to the generator's size and channels.\n"
+            "generator: a folder saved with save_pretrained: a diffusers pipeline with a unet and a scheduler (e.g.\n"
+            "DDPMPipeline; sampled as deterministic DDIM), or a GAN generator model (e.g. DCGANGenerator).\n"
+            "Exit status: 0 done, 2 invalid input."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--generator", required=True, metavar="PATH", help="generator folder saved with save_pretrained")
+    p.add_argument(
+        "--data-dir", required=True, metavar="DIR", help="folder with one sub-folder of images per attribute"
+    )
+    p.add_argument("--output", required=True, metavar="OUT", help="folder for the S2M pipeline (and metrics.json)")
+    p.add_argument("--num-steps", type=int, default=2000, metavar="N", help="training steps (default: 2000)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="real images per step (default: 64)")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the split, the proposal draws and training (default 0)"
+    )
+    p.add_argument(
+        "--num-inference-steps",
+        type=int,
+        default=25,
+        metavar="N",
+        help="DDIM steps of a diffusion generator, for training and stored as the pipeline's default (default: 25)",
+    )
+    p.add_argument(
+        "--bank-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help=(
+            "train on N samples drawn once from the generator instead of fresh ones at every step (default: 4096 "
+            "for a diffusion generator, whose samples are expensive; 0: always fresh; a GAN draws fresh ones)"
+        ),
+    )
+    p.add_argument(
+        "--num-heldout-samples",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="generated samples kept for early stopping and calibration (default: 1024)",
+    )
+    p.add_argument(
+        "--priors",
+        default="estimate",
+        help="attribute priors pi_c: 'estimate' (default, from the calibrated D_r), 'none', or comma-separated floats",
+    )
+    p.add_argument(
+        "--negation-margin",
+        type=float,
+        default=10.0,
+        help="lambda of negated literals stored in the heads (default 10)",
+    )
+    p.add_argument("--default-target", default=None, help="target `s2m sample` uses when given none")
+    p.add_argument(
+        "--num-threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def train_heads_command(args: argparse.Namespace) -> int:
+    """Run `s2m train-heads`."""
+    import torch
+
+    from .data import ImageBankProposal, SinglePositiveDataset
+    from .pipeline_s2m import S2MPipeline
+    from .proposals import DDIMProposal, GeneratorProposal
+    from .training import train_heads
+
+    for name in ("num_steps", "batch_size", "num_inference_steps", "num_heldout_samples"):
+        if getattr(args, name) < 1:
+            return _fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.", EXIT_USAGE)
+    if args.num_threads is not None:
+        if args.num_threads < 1:
+            return _fail(f"--num-threads must be at least 1, got {args.num_threads}.", EXIT_USAGE)
+        torch.set_num_threads(args.num_threads)
+    if args.bank_size is not None and args.bank_size < 0:
+        return _fail(f"--bank-size must be 0 or more, got {args.bank_size}.", EXIT_USAGE)
+    if args.priors in ("estimate", "none"):
+        priors = None if args.priors == "none" else "estimate"
+    else:
+        try:
+            priors = [float(p) for p in args.priors.split(",")]
+        except ValueError:
+            return _fail(
+                f"--priors must be 'estimate', 'none' or comma-separated floats like '0.3,0.5'; got {args.priors!r}.",
+                EXIT_USAGE,
+            )
+    try:
+        kind, components = load_generator_folder(args.generator)
+        size, channels = _generator_image_shape(kind, components)
+        data = SinglePositiveDataset.from_folder(args.data_dir, size, channels)
+        if priors is not None and priors != "estimate" and len(priors) != len(data.attribute_names):
+            raise ValueError(
+                f"--priors gives {len(priors)} values but the data has {len(data.attribute_names)} attributes "
+                f"{list(data.attribute_names)}."
+            )
+        if kind == "ddim":
+            proposal = DDIMProposal(components["unet"], components["scheduler"], args.num_inference_steps)
+            bank_size = 4096 if args.bank_size is None else args.bank_size
+        else:
+            proposal = GeneratorProposal(components["gan"])
+            bank_size = args.bank_size or 0
+        if bank_size:
+            with torch.no_grad():
+                proposal = ImageBankProposal(proposal(bank_size, torch.Generator().manual_seed(args.seed + 12345)))
+        heads, metrics = train_heads(
+            data,
+            proposal,
+            num_steps=args.num_steps,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            eval_steps=min(100, args.num_steps),
+            num_heldout_samples=args.num_heldout_samples,
+            seed=args.seed,
+            priors=priors,
+            negation_margin=args.negation_margin,
+            progress=not args.quiet,
+        )
+        extra = {"num_inference_steps": args.num_inference_steps} if kind == "ddim" else {}
+        pipe = S2MPipeline(heads=heads, **components, default_target=args.default_target, **extra)
+        pipe.save_pretrained(
+            args.output,
+            training_data={"data_dir": os.path.abspath(args.data_dir), "generator": os.path.abspath(args.generator)},
+        )
+    except (OSError, ValueError) as err:
+        return _fail(str(err), EXIT_USAGE)
+    metrics.update(generator=os.path.abspath(args.generator), generator_kind=kind, data_dir=args.data_dir)
+    metrics["attribute_names"] = list(data.attribute_names)
+    metrics["label_counts"] = list(data.label_counts)
+    _write_json(os.path.join(args.output, "metrics.json"), metrics)
+    summary = ", ".join(
+        f"{h} accuracy {metrics[f'{h}_accuracy']:.3f}" for h in ("dv", "dr", "df") if f"{h}_accuracy" in metrics
+    )
+    print(f"wrote the S2M pipeline to {args.output} ({summary}; attributes {list(data.attribute_names)})")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# s2m evaluate
+
+
+def _evaluate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score a folder of images against a target with an attribute evaluator",
+        description=(
+            "Score a folder of images (e.g. written by `s2m sample`) against a target with an attribute evaluator "
+            "(an AttributeEvaluator saved with save_pretrained): the share of images it judges on target, and with "
+            "--reference the Frechet distance between the evaluator's features of the images and of reference "
+            "images. Prints the result and writes it as JSON."
+        ),
+        epilog=(
+            "examples:\n"
+            '  s2m evaluate --images samples/ --target "A & B & ~C" \\\n'
+            "      --evaluator s2m_diffusers/pretrained/digits7to3/evaluator\n"
+            '  s2m evaluate --images samples/ --target "A & ~B" --evaluator my-evaluator --reference real/ab/\n'
+            "Exit status: 0 done, 2 invalid input."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--images", required=True, metavar="DIR", help="folder of images to score")
+    p.add_argument("--target", required=True, help="the target, e.g. 'a & ~b', over the evaluator's attributes")
+    p.add_argument("--evaluator", required=True, metavar="PATH", help="AttributeEvaluator folder (save_pretrained)")
+    p.add_argument("--reference", default=None, metavar="DIR", help="folder of reference images for the distance")
+    p.add_argument(
+        "--threshold", type=float, default=0.5, help="probability above which an image is on target (default 0.5)"
+    )
+    p.add_argument(
+        "--output", default=None, metavar="FILE", help="JSON file for the result (default: DIR/evaluation.json)"
+    )
+    return p
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Run `s2m evaluate`."""
+    from .data import load_image_folder
+    from .demo import formula_accuracy
+    from .evaluation import AttributeEvaluator, evaluator_features, frechet_distance
+
+    if not os.path.isfile(os.path.join(args.evaluator, "config.json")):
+        return _fail(
+            f"--evaluator {args.evaluator!r} is not an evaluator folder (no config.json); save an AttributeEvaluator "
+            "there with save_pretrained, e.g. s2m_diffusers/pretrained/digits7to3/evaluator.",
+            EXIT_USAGE,
+        )
+    try:
+        evaluator = AttributeEvaluator.from_pretrained(args.evaluator).eval()
+        size, channels = evaluator.config.sample_size, evaluator.config.in_channels
+        images = load_image_folder(args.images, size, channels)
+        accuracy = formula_accuracy(evaluator, images, args.target, args.threshold)
+        result = {
+            "images": args.images,
+            "num_images": int(len(images)),
+            "target": args.target,
+            "evaluator": args.evaluator,
+            "threshold": args.threshold,
+            "accuracy": accuracy,
+        }
+        if args.reference is not None:
+            reference = load_image_folder(args.reference, size, channels)
+            result["reference"] = args.reference
+            result["num_reference"] = int(len(reference))
+            result["frechet_distance"] = frechet_distance(
+                evaluator_features(evaluator, images), evaluator_features(evaluator, reference)
+            )
+    except (OSError, ValueError) as err:
+        return _fail(str(err), EXIT_USAGE)
+    output = args.output or os.path.join(args.images, "evaluation.json")
+    _write_json(output, result)
+    line = f"accuracy {accuracy:.4f} on {result['num_images']} images for {args.target!r}"
+    if "frechet_distance" in result:
+        line += f", Frechet distance {result['frechet_distance']:.4g} to {result['num_reference']} reference images"
+    print(f"{line} (written to {output})")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# s2m demo
+
+
+def _demo_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "demo",
+        help="sample all 7 Digits-7to3 combinations with the shipped GAN and DDPM (offline, under a minute on a CPU)",
+        description=(
+            "Run S2M sampling on Digits-7to3 (scikit-learn's digits 0-6 turned into the 7 non-empty combinations "
+            "of attributes A, B, C) with the shipped weights: a DCGAN and a DDPM (sampled as DDIM), each with "
+            "its trained heads. Samples every combination with each generator, scores the images with the shipped "
+            "evaluator, and writes grid.png (one labelled row per combination, one column block per generator), "
+            "report.md and report.json (per generator and combination: accuracy, proposals per image, acceptance "
+            "rate, seconds). Runs offline in under a minute on 2 CPU cores."
+        ),
+        epilog=(
+            "examples:\n"
+            "  s2m demo\n"
+            "  s2m demo --output demo/ --num-images 16 --seed 1\n"
+            "  s2m demo --retrain          # retrain both heads first (a few minutes more)\n"
+            "\n"
+            "--retrain retrains the heads only (with s2m_diffusers.demo.train_demo_heads, as in\n"
+            "examples/train_demo_heads.py); the generators and the evaluator stay the shipped ones, as retraining\n"
+            "them takes much longer (examples/train_gan.py, examples/train_ddpm.py, examples/train_evaluator.py)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--output", default="s2m-demo", metavar="DIR", help="folder for the results (default: s2m-demo)")
+    p.add_argument("--num-images", type=int, default=16, metavar="N", help="images per combination (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument(
+        "--retrain",
+        action="store_true",
+        help="retrain the heads of both generators first (heads only, into DIR/heads_*; generators stay shipped)",
+    )
+    p.add_argument(
+        "--retrain-steps", type=int, default=1000, metavar="N", help="training steps per heads with --retrain"
+    )
+    p.add_argument(
+        "--generators", nargs="+", choices=("gan", "ddpm"), default=["gan", "ddpm"], help="which generators (both)"
+    )
+    p.add_argument(
+        "--num-threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch CPU threads (default: 1; the models are tiny, and more threads on a busy CPU slow them down)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Run `s2m demo`."""
+    import torch
+
+    from .demo import run_demo
+
+    if args.num_images < 1:
+        return _fail(f"--num-images must be at least 1, got {args.num_images}.", EXIT_USAGE)
+    if args.retrain_steps < 1:
+        return _fail(f"--retrain-steps must be at least 1, got {args.retrain_steps}.", EXIT_USAGE)
+    if args.num_threads < 1:
+        return _fail(f"--num-threads must be at least 1, got {args.num_threads}.", EXIT_USAGE)
+    torch.set_num_threads(args.num_threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        report = run_demo(
+            args.output,
+            num_images=args.num_images,
+            seed=args.seed,
+            retrain=args.retrain,
+            generators=args.generators,
+            retrain_steps=args.retrain_steps,
+            progress=not args.quiet,
+        )
+    except (OSError, ValueError) as err:
+        return _fail(str(err), EXIT_USAGE)
+    print(f"{'generator':<10} {'target':<14} {'accuracy':>8} {'prop/img':>9} {'accept':>7} {'seconds':>8}")
+    for r in report["rows"]:
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        print(
+            f"{r['generator']:<10} {r['target']:<14} {acc:>8} {r['proposals_per_image']:>9.1f} "
+            f"{r['acceptance_rate']:>7.3f} {r['seconds']:>8.1f}"
+        )
+    for g, s in report["summary"].items():
+        acc = "-" if s["mean_accuracy"] is None else f"{s['mean_accuracy']:.3f}"
+        print(
+            f"{g}: mean accuracy {acc}, {s['mean_proposals_per_image']:.1f} proposals per image, {s['seconds']:.1f} s"
+        )
+    paths = report["paths"]
+    print(f"wall time {report['wall_seconds']:.1f} s")
+    print(f"grid:   {paths['grid']}\nreport: {paths['markdown']}\njson:   {paths['json']}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Registry and entry point
+
+# (parser function, run function) per subcommand; add a subcommand by writing the two and listing them here.
+COMMANDS: list[tuple[Callable, Callable[[argparse.Namespace], int]]] = [
+    (_sample_parser, sample),
+    (_train_heads_parser, train_heads_command),
+    (_evaluate_parser, evaluate),
+    (_demo_parser, demo),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `s2m` argument parser with every subcommand of ``COMMANDS``."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="s2m",
+        description=(
+            "S2M sampling for diffusers: images that hold any combination of attributes, from a pretrained "
+            "generator and heads trained on single-positive labels."
+        ),
+        epilog="Run `s2m COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"s2m-diffusers {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add_parser, run in COMMANDS:
+        add_parser(subparsers).set_defaults(func=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `s2m` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return EXIT_USAGE
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

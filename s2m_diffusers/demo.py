@@ -1,0 +1,421 @@
+"""`s2m demo`: S2M sampling of all seven Digits-7to3 combinations with the shipped DCGAN and DDPM, offline.
+
+The shipped weights live in `s2m_diffusers/pretrained/digits7to3/`: the generators (`gan/`, `ddpm/`), their heads
+(`heads_gan/`, `heads_ddpm/`, trained by `examples/train_demo_heads.py`, i.e. [`train_demo_heads`]) and the
+evaluator (`evaluator/`) that scores the samples. [`run_demo`] samples every combination of `SEVEN_TARGETS` with each
+generator and writes a labelled image grid (`grid.png`: one row per combination, one column block per generator),
+`report.md` and `report.json` (one row per generator and combination: evaluator accuracy, proposals per image,
+acceptance rate, seconds).
+
+Examples:
+
+```py
+>>> from s2m_diffusers.demo import run_demo
+>>> report = run_demo("s2m-demo", num_images=8, seed=0)  # doctest: +SKIP
+>>> report["paths"]["grid"]  # doctest: +SKIP
+'s2m-demo/grid.png'
+```
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+
+from .seven_to_three import DIGITS_7TO3_PRETRAINED, SEVEN_TARGETS, load_digits_7to3
+
+GENERATORS = ("gan", "ddpm")
+# DDIM steps of the DDPM proposal: the shipped heads were trained on samples drawn with this many steps.
+DDIM_STEPS = 10
+# Sampler settings per generator, chosen so that the whole demo runs in well under a minute on 2 CPU cores (one torch
+# thread): the GAN is cheap (sequential refitting, one literal at a time); a DDIM sample costs DDIM_STEPS UNet calls
+# (no refitting: the independent Metropolis-Hastings sampler from the prior, with a budget).
+DEMO_SETTINGS: dict[str, dict] = {
+    "gan": {"refit": "sequential", "fit_size": 128, "micro_batch_size": 256, "max_proposals": 20000},
+    "ddpm": {"refit": "off", "num_inference_steps": DDIM_STEPS, "micro_batch_size": 128, "max_proposals": 1500},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading and (re)training
+
+
+def load_generator(kind: str, root: str = DIGITS_7TO3_PRETRAINED) -> dict:
+    """A shipped Digits-7to3 generator as `S2MPipeline` components.
+
+    Args:
+        kind (`str`): `"gan"` (the DCGAN in `root/gan`) or `"ddpm"` (the DDPMPipeline folder `root/ddpm`).
+        root (`str`): the folder of the shipped weights.
+
+    Returns:
+        `dict`: `{"gan": DCGANGenerator}` or `{"unet": UNet2DModel, "scheduler": DDPMScheduler}`, in eval mode.
+    """
+    if kind == "gan":
+        from .models.gan import DCGANGenerator
+
+        return {"gan": DCGANGenerator.from_pretrained(os.path.join(root, "gan")).eval()}
+    if kind == "ddpm":
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        folder = os.path.join(root, "ddpm")
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
+        return {"unet": unet, "scheduler": DDPMScheduler.from_pretrained(folder, subfolder="scheduler")}
+    raise ValueError(f"Unknown generator {kind!r}; choose one of {list(GENERATORS)}.")
+
+
+def digits_train_data(sample_size: int = 16):
+    """The Digits-7to3 train split as a `SinglePositiveDataset` (the held-out split stays for the evaluator)."""
+    from .data import SinglePositiveDataset
+
+    train = load_digits_7to3(size=sample_size).train()
+    return SinglePositiveDataset.from_tensors(train.images, train.single_labels, list(train.attribute_names))
+
+
+def training_proposal(kind: str, components: dict, ddim_steps: int = DDIM_STEPS, bank_size: int = 3000, seed: int = 0):
+    """The proposal `proposal(n, generator)` the heads of a shipped generator are trained on.
+
+    The GAN itself; for the DDPM a bank of `bank_size` DDIM samples drawn once (an `ImageBankProposal`: a DDIM
+    sample costs `ddim_steps` UNet calls, too many to draw afresh at every training step on a CPU).
+    """
+    from .data import ImageBankProposal
+    from .proposals import DDIMProposal, GeneratorProposal
+
+    if kind == "gan":
+        return GeneratorProposal(components["gan"])
+    proposal = DDIMProposal(components["unet"], components["scheduler"], ddim_steps, micro_batch_size=256)
+    with torch.no_grad():
+        images = proposal(bank_size, torch.Generator().manual_seed(seed + 12345))
+    return ImageBankProposal(images)
+
+
+def train_demo_heads(
+    kind: str,
+    output_dir: str | os.PathLike | None = None,
+    num_steps: int = 2000,
+    ddim_steps: int = DDIM_STEPS,
+    bank_size: int = 3000,
+    seed: int = 0,
+    generator_root: str = DIGITS_7TO3_PRETRAINED,
+    progress: bool = True,
+    **train_kwargs,
+):
+    """Train the S2M heads of a shipped generator on the Digits-7to3 train split with `train_heads`.
+
+    Args:
+        kind (`str`): `"gan"` or `"ddpm"`.
+        output_dir (`str`, *optional*): where the heads (`save_pretrained`) and `metrics.json` go.
+        num_steps (`int`, defaults to 2000): optimizer steps.
+        ddim_steps (`int`, defaults to `DDIM_STEPS`): DDIM steps of the DDPM proposal.
+        bank_size (`int`, defaults to 3000): pre-generated DDIM samples the DDPM heads are trained on.
+        seed (`int`, defaults to 0): seed of the split, the proposal draws and training.
+        generator_root (`str`): the folder holding `gan/` and `ddpm/`.
+        progress (`bool`, defaults to `True`): progress bars.
+        train_kwargs: more arguments of [`~s2m_diffusers.training.train_heads`].
+
+    Returns:
+        `tuple[S2MHeads, dict]`: the heads and `train_heads`' metrics, plus `generator` (and `ddim_steps`,
+        `bank_size` for the DDPM).
+    """
+    from .training import train_heads
+
+    components = load_generator(kind, generator_root)
+    proposal = training_proposal(kind, components, ddim_steps, bank_size, seed)
+    heads, metrics = train_heads(
+        digits_train_data(),
+        proposal,
+        output_dir=output_dir,
+        num_steps=num_steps,
+        seed=seed,
+        progress=progress,
+        **train_kwargs,
+    )
+    metrics["generator"] = kind
+    if kind == "ddpm":
+        metrics.update(ddim_steps=ddim_steps, bank_size=bank_size)
+    if output_dir is not None:
+        with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+    return heads, metrics
+
+
+def load_demo_pipeline(kind: str, root: str = DIGITS_7TO3_PRETRAINED, heads_root: str | None = None):
+    """`S2MPipeline` of a shipped generator with its heads (`heads_root/heads_KIND`, default `root`)."""
+    from .models.heads import S2MHeads
+    from .pipeline_s2m import S2MPipeline
+
+    heads_dir = os.path.join(heads_root or root, f"heads_{kind}")
+    if not os.path.isfile(os.path.join(heads_dir, "config.json")):
+        raise FileNotFoundError(
+            f"No trained heads in {heads_dir!r}. Train them with `python examples/train_demo_heads.py` or run "
+            "`s2m demo --retrain`."
+        )
+    heads = S2MHeads.from_pretrained(heads_dir).eval()
+    extra = {"num_inference_steps": DDIM_STEPS} if kind == "ddpm" else {}
+    return S2MPipeline(heads=heads, **load_generator(kind, root), **extra)
+
+
+def load_evaluator(root: str = DIGITS_7TO3_PRETRAINED):
+    """The shipped `AttributeEvaluator` of Digits-7to3."""
+    from .evaluation import AttributeEvaluator
+
+    return AttributeEvaluator.from_pretrained(os.path.join(root, "evaluator")).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring and writing
+
+
+def formula_accuracy(evaluator, images: torch.Tensor, target: str, threshold: float = 0.5) -> float:
+    """Share of images `(B, C, H, W)` in [-1, 1] that the evaluator judges to satisfy `target` (any formula).
+
+    The probability of the target is the summed probability of the evaluator's combinations that satisfy it.
+    """
+    from .evaluation import evaluator_class_probs
+    from .targets import parse_target
+
+    if len(images) == 0:
+        raise ValueError("`images` is empty; target accuracy needs at least one image.")
+    parsed = parse_target(target, list(evaluator.config.attribute_names))
+    in_target = parsed.holds_batch(evaluator.class_table.cpu())  # (K,)
+    probs = evaluator_class_probs(evaluator, images)[:, in_target].sum(dim=1)
+    return (probs > threshold).float().mean().item()
+
+
+def _to_pil(images01: torch.Tensor):
+    from PIL import Image
+
+    array = (images01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    if array.shape[-1] == 1:
+        return [Image.fromarray(a[..., 0], mode="L").convert("RGB") for a in array]
+    return [Image.fromarray(a).convert("RGB") for a in array]
+
+
+def make_grid(
+    blocks: dict[str, dict[str, torch.Tensor]],
+    targets: Sequence[str],
+    cell: int = 48,
+    pad: int = 4,
+    label_width: int = 120,
+):
+    """A labelled image grid: one row per target, one column block per generator.
+
+    Args:
+        blocks (`dict`): `{generator: {target: images (B, C, H, W) in [0, 1]}}`.
+        targets (`Sequence[str]`): the row order; the label of each row.
+        cell (`int`, defaults to 48): side of one image in pixels (nearest-neighbour upscaled).
+        pad (`int`, defaults to 4): gap between images.
+        label_width (`int`, defaults to 120): width of the label column.
+
+    Returns:
+        `PIL.Image.Image`: the grid (RGB).
+    """
+    from PIL import Image, ImageDraw
+
+    names = list(blocks)
+    columns = {g: max((len(blocks[g].get(t, [])) for t in targets), default=0) for g in names}
+    header = 18
+    block_widths = {g: max(columns[g] * (cell + pad), 60) for g in names}
+    width = label_width + sum(block_widths.values()) + pad * len(names)
+    height = header + len(targets) * (cell + pad) + pad
+    grid = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(grid)
+    x0 = label_width
+    for g in names:
+        draw.text((x0 + 2, 3), g, fill="black")
+        for row, target in enumerate(targets):
+            y = header + row * (cell + pad)
+            for col, image in enumerate(_to_pil(blocks[g][target]) if target in blocks[g] else []):
+                grid.paste(image.resize((cell, cell), Image.NEAREST), (x0 + col * (cell + pad), y))
+        x0 += block_widths[g] + pad
+    for row, target in enumerate(targets):
+        draw.text((4, header + row * (cell + pad) + cell // 2 - 6), target, fill="black")
+    return grid
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def report_markdown(report: dict) -> str:
+    """The markdown report: a table per generator and the settings."""
+    lines = [
+        "# S2M demo: Digits-7to3",
+        "",
+        f"{report['num_images']} images per combination, seed {report['seed']}, "
+        f"wall time {report['wall_seconds']:.1f} s{' (heads retrained)' if report['retrain'] else ''}.",
+        "Accuracy: share of images the shipped evaluator judges on target.",
+        "",
+        "| generator | target | accuracy | proposals / image | acceptance rate | seconds | refit |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['generator']} | `{r['target']}` | {_fmt(r['accuracy'])} | {_fmt(r['proposals_per_image'])} | "
+            f"{_fmt(r['acceptance_rate'])} | {_fmt(r['seconds'])} | {r['refit']} |"
+        )
+    lines += ["", "| generator | mean accuracy | mean proposals / image | seconds |", "|---|---|---|---|"]
+    for g, s in report["summary"].items():
+        lines.append(
+            f"| {g} | {_fmt(s['mean_accuracy'])} | {_fmt(s['mean_proposals_per_image'])} | {_fmt(s['seconds'])} |"
+        )
+    lines += ["", "Sampler settings: " + json.dumps(report["settings"]), "", "![grid](grid.png)", ""]
+    return "\n".join(lines)
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The demo
+
+
+def run_demo(
+    output_dir: str | os.PathLike = "s2m-demo",
+    num_images: int = 16,
+    seed: int = 0,
+    retrain: bool = False,
+    generators: Sequence[str] = GENERATORS,
+    targets: Sequence[str] = SEVEN_TARGETS,
+    root: str = DIGITS_7TO3_PRETRAINED,
+    retrain_steps: int = 1000,
+    settings: dict[str, dict] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Sample every target with each shipped generator, score the images and write the grid and reports.
+
+    Args:
+        output_dir (`str`, defaults to `"s2m-demo"`): where `grid.png`, `report.md`, `report.json` (and, with
+            `retrain`, the retrained heads `heads_gan/`, `heads_ddpm/`) go.
+        num_images (`int`, defaults to 16): images per generator and target.
+        seed (`int`, defaults to 0): seed of the sampling (and of the retraining).
+        retrain (`bool`, defaults to `False`): retrain the heads of each generator first (`retrain_steps` steps
+            each, a few minutes on a CPU); the generators and the evaluator stay the shipped ones.
+        generators (`Sequence[str]`, defaults to `("gan", "ddpm")`): which generators.
+        targets (`Sequence[str]`, defaults to `SEVEN_TARGETS`): the combinations, one grid row each.
+        root (`str`): the folder of the shipped weights.
+        retrain_steps (`int`, defaults to 1000): training steps of each head set with `retrain`.
+        settings (`dict`, *optional*): per-generator pipeline call arguments overriding `DEMO_SETTINGS`.
+        progress (`bool`, defaults to `True`): progress bars.
+
+    Returns:
+        `dict`: the report (as in `report.json`): `rows` (one per generator and target: `generator`, `target`,
+        `accuracy`, `proposals_per_image`, `acceptance_rate`, `seconds`, `num_images`, `refit`, `proposals`,
+        `budget_exhausted`), `summary` per generator, `settings`, `wall_seconds`, and `paths` of the files written.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    if num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {num_images}.")
+    unknown = [g for g in generators if g not in GENERATORS]
+    if unknown:
+        raise ValueError(f"Unknown generators {unknown}; choose among {list(GENERATORS)}.")
+    output_dir = os.fspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    settings = {g: {**DEMO_SETTINGS[g], **((settings or {}).get(g, {}))} for g in generators}
+
+    heads_root = root
+    training = {}
+    if retrain:
+        heads_root = output_dir
+        for g in generators:
+            _, metrics = train_demo_heads(
+                g,
+                os.path.join(output_dir, f"heads_{g}"),
+                num_steps=retrain_steps,
+                seed=seed,
+                generator_root=root,
+                progress=progress,
+            )
+            training[g] = {k: v for k, v in metrics.items() if k.startswith(("dv_", "dr_")) or k == "train_time_s"}
+
+    evaluator = load_evaluator(root)
+    rows, blocks = [], {}
+    bar = tqdm(total=len(generators) * len(targets), desc="demo", disable=not progress)
+    for g in generators:
+        pipe = load_demo_pipeline(g, root, heads_root)
+        pipe.set_progress_bar_config(disable=not progress, leave=False)
+        blocks[g] = {}
+        for i, target in enumerate(targets):
+            bar.set_postfix_str(f"{g}: {target}")
+            t0 = time.perf_counter()
+            out = pipe(
+                target,
+                num_images=num_images,
+                generator=torch.Generator().manual_seed(seed + i),
+                output_type="pt",
+                allow_partial=True,
+                **settings[g],
+            )
+            seconds = time.perf_counter() - t0
+            images01 = out.images
+            stats = out.stats
+            accuracy = formula_accuracy(evaluator, images01 * 2 - 1, target) if len(images01) else None
+            blocks[g][target] = images01
+            rows.append(
+                {
+                    "generator": g,
+                    "target": target,
+                    "accuracy": accuracy,
+                    "proposals_per_image": stats["proposals_per_image"],
+                    "acceptance_rate": stats["acceptance_rate"],
+                    "seconds": seconds,
+                    "num_images": int(len(images01)),
+                    "refit": stats["refit"],
+                    "proposals": stats["proposals"],
+                    "budget_exhausted": bool(stats["budget_exhausted"]),
+                }
+            )
+            bar.update(1)
+    bar.close()
+
+    summary = {}
+    for g in generators:
+        mine = [r for r in rows if r["generator"] == g]
+        accs = [r["accuracy"] for r in mine if r["accuracy"] is not None]
+        summary[g] = {
+            "mean_accuracy": sum(accs) / len(accs) if accs else None,
+            "mean_proposals_per_image": sum(r["proposals_per_image"] for r in mine) / len(mine),
+            "seconds": sum(r["seconds"] for r in mine),
+        }
+    paths = {name: os.path.join(output_dir, name) for name in ("grid.png", "report.md", "report.json")}
+    grid = make_grid(blocks, list(targets))
+    tmp = os.path.join(output_dir, ".grid.tmp.png")
+    grid.save(tmp)
+    os.replace(tmp, paths["grid.png"])
+    report = {
+        "dataset": "digits7to3",
+        "num_images": num_images,
+        "seed": seed,
+        "retrain": retrain,
+        "rows": rows,
+        "summary": summary,
+        "settings": settings,
+        "training": training,
+        "wall_seconds": time.perf_counter() - start,
+        "paths": {"grid": paths["grid.png"], "markdown": paths["report.md"], "json": paths["report.json"]},
+    }
+    _write_text(paths["report.md"], report_markdown(report))
+    _write_text(paths["report.json"], json.dumps(_jsonable(report), indent=2) + "\n")
+    return report

@@ -1,0 +1,99 @@
+"""The `s2m` command: `s2m sample` writes PNGs, stats.json and the latents; errors exit with a message."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_pipeline import gan_pipeline
+
+from s2m_diffusers.cli import build_parser, main
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "s2m"
+    gan_pipeline().save_pretrained(folder)
+    return str(folder)
+
+
+def sample_args(pipeline, output, *extra):
+    return [
+        "sample",
+        "--pipeline",
+        pipeline,
+        "--target",
+        "A & ~B",
+        "--num-images",
+        "3",
+        "--output",
+        str(output),
+        "--fit-size",
+        "32",
+        "--negation-margin",
+        "1",
+        "--quiet",
+        *extra,
+    ]
+
+
+def test_help_lists_commands_and_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "sample" in out and "COMMAND --help" in out
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    out = capsys.readouterr().out
+    for option in ["--pipeline", "--target", "--num-images", "--output", "--seed", "--refit", "--max-proposals"]:
+        assert option in out, option
+    assert "examples:" in out and "a & (b | c) & ~d" in out
+    assert main([]) == 2  # no command: help, usage error
+
+
+def test_sample_writes_images_stats_and_latents(saved, tmp_path, capsys):
+    assert main(sample_args(saved, tmp_path / "a", "--seed", "3")) == 0
+    files = sorted(os.listdir(tmp_path / "a"))
+    assert files == ["0000.png", "0001.png", "0002.png", "latents.safetensors", "stats.json"]
+    stats = json.loads((tmp_path / "a" / "stats.json").read_text())
+    assert stats["seed"] == 3 and stats["target"] == "A & ~B" and stats["images"] == files[:3]
+    assert stats["proposals_per_image"] * stats["num_images"] == pytest.approx(stats["proposals"])
+    assert stats["on_target"] == [True] * 3 and stats["refit"] == "sequential"
+    assert load_file(str(tmp_path / "a" / "latents.safetensors"))["latents"].shape == (3, 8)
+    assert "wrote 3 images" in capsys.readouterr().out
+    # same seed, same images; the random default seed is recorded so that a run can be repeated
+    assert main(sample_args(saved, tmp_path / "b", "--seed", "3")) == 0
+    for name in files[:3]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert main(sample_args(saved, tmp_path / "c")) == 0
+    seed = json.loads((tmp_path / "c" / "stats.json").read_text())["seed"]
+    assert main(sample_args(saved, tmp_path / "d", "--seed", str(seed))) == 0
+    assert (tmp_path / "c" / "0000.png").read_bytes() == (tmp_path / "d" / "0000.png").read_bytes()
+
+
+def test_errors_exit_with_a_message(saved, tmp_path, capsys):
+    code = main(["sample", "--pipeline", saved, "--target", "A & ~Z", "--output", str(tmp_path / "x"), "--quiet"])
+    assert code == 2 and "Unknown attribute 'Z'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")
+    code = main(["sample", "--pipeline", str(tmp_path / "nowhere"), "--target", "A", "--output", str(tmp_path)])
+    assert code == 2 and "neither a folder nor a Hub repo id" in capsys.readouterr().err
+    args = sample_args(saved, tmp_path / "y", "--seed", "0", "--refit", "off", "--max-proposals", "2")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "budget of 2 ran out" in err and "refit='sequential'" in err
+    assert main([*args, "--allow-partial"]) == 1  # partial results are written, and the status says so
+    assert json.loads((tmp_path / "y" / "stats.json").read_text())["budget_exhausted"] is True
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sample", "--pipeline", saved, "--output", "o", "--refit", "maybe"])
+
+
+@pytest.mark.skipif(shutil.which("s2m") is None, reason="the console script is not installed")
+def test_console_script_is_installed():
+    result = subprocess.run(["s2m", "sample", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--num-images" in result.stdout

@@ -1,0 +1,127 @@
+"""`s2m demo` plumbing: `run_demo` on tiny stand-ins of the shipped weights writes the grid and both reports with one
+row per generator and target; the shipped weights load into pipelines."""
+
+import json
+import os
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler
+from PIL import Image
+from test_pipeline import dcgan, spread_heads, tiny_unet
+
+from s2m_diffusers.cli import main
+from s2m_diffusers.demo import DEMO_SETTINGS, formula_accuracy, load_demo_pipeline, make_grid, run_demo
+from s2m_diffusers.evaluation import AttributeEvaluator
+from s2m_diffusers.models.heads import S2MHeads
+from s2m_diffusers.proposals import DDIMProposal, GeneratorProposal
+from s2m_diffusers.seven_to_three import DIGITS_7TO3_PRETRAINED
+
+torch.set_num_threads(1)
+TARGETS = ["A", "B & ~C"]
+TINY_SETTINGS = {
+    "gan": {"fit_size": 16, "negation_margin": 1.0},
+    "ddpm": {"num_inference_steps": 2, "negation_margin": 1.0, "max_proposals": 3000},
+}
+
+
+def tiny_heads(images: torch.Tensor) -> S2MHeads:
+    torch.manual_seed(1)
+    heads = S2MHeads(["A", "B", "C"], sample_size=8, in_channels=1, cnn_channels=(4, 8), label_counts=[10, 20, 30])
+    return spread_heads(heads, images).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    """A folder laid out like `pretrained/digits7to3`, with tiny 8x8 models."""
+    root = tmp_path_factory.mktemp("pretrained")
+    gan = dcgan()
+    gan.save_pretrained(root / "gan")
+    z = torch.randn(128, 8, generator=torch.Generator().manual_seed(0))
+    tiny_heads(GeneratorProposal(gan).generate(z)).save_pretrained(root / "heads_gan")
+    unet, scheduler = tiny_unet().eval(), DDPMScheduler(num_train_timesteps=50)
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(root / "ddpm")
+    with torch.no_grad():
+        samples = DDIMProposal(unet, scheduler, 2)(128, torch.Generator().manual_seed(0))
+    tiny_heads(samples).save_pretrained(root / "heads_ddpm")
+    torch.manual_seed(0)
+    AttributeEvaluator(sample_size=8, base_channels=4).save_pretrained(root / "evaluator")
+    return str(root)
+
+
+def test_run_demo_writes_grid_and_reports(tiny_root, tmp_path):
+    out = tmp_path / "demo"
+    report = run_demo(
+        out, num_images=2, seed=0, targets=TARGETS, root=tiny_root, settings=TINY_SETTINGS, progress=False
+    )
+    assert report["paths"] == {
+        "grid": str(out / "grid.png"),
+        "markdown": str(out / "report.md"),
+        "json": str(out / "report.json"),
+    }
+    saved = json.loads((out / "report.json").read_text())
+    rows = saved["rows"]
+    assert [(r["generator"], r["target"]) for r in rows] == [(g, t) for g in ("gan", "ddpm") for t in TARGETS]
+    for r in rows:
+        for key in ("generator", "target", "accuracy", "proposals_per_image", "acceptance_rate", "seconds"):
+            assert key in r, key
+        assert r["num_images"] == 2 and not r["budget_exhausted"]
+        assert r["accuracy"] in (0.0, 0.5, 1.0)
+        assert r["proposals_per_image"] == pytest.approx(r["proposals"] / 2)
+        assert 0 < r["acceptance_rate"] <= 1 and r["seconds"] > 0
+    assert [r["refit"] for r in rows] == ["sequential"] * 2 + ["off"] * 2
+    assert saved["settings"]["ddpm"]["num_inference_steps"] == 2
+    assert set(saved["summary"]) == {"gan", "ddpm"} and saved["num_images"] == 2 and saved["wall_seconds"] > 0
+
+    markdown = (out / "report.md").read_text()
+    assert markdown.count("| gan | `") == 2 and markdown.count("| ddpm | `") == 2 and "`B & ~C`" in markdown
+    with Image.open(out / "grid.png") as grid:
+        width, height = grid.size
+    assert height > 2 * 48 and width > 120 + 4 * 48  # two rows; two images in each of two blocks
+
+
+def test_make_grid_layout_and_formula_accuracy(tiny_root):
+    blocks = {"gan": {"A": torch.ones(3, 1, 8, 8)}, "ddpm": {"A": torch.zeros(1, 1, 8, 8)}}
+    grid = make_grid(blocks, ["A", "B"], cell=10, pad=2, label_width=50)
+    assert grid.size == (50 + 2 * (60 + 2), 18 + 2 * 12 + 2)  # blocks at least 60 wide (their title)
+    assert grid.getpixel((50, 18)) == (255, 255, 255)  # a white image in the first cell of the gan block
+    assert grid.getpixel((50 + 62, 18)) == (0, 0, 0)  # a black image in the first cell of the ddpm block
+    evaluator = AttributeEvaluator.from_pretrained(os.path.join(tiny_root, "evaluator"))
+    images = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert formula_accuracy(evaluator, images, "A | ~A") == 1.0  # every combination but "none" has A or not A
+    assert formula_accuracy(evaluator, images, "A & B & C") <= formula_accuracy(evaluator, images, "A | B")
+    with pytest.raises(ValueError, match="both requires and forbids"):
+        formula_accuracy(evaluator, images, "A & ~A")
+    with pytest.raises(ValueError, match="empty"):
+        formula_accuracy(evaluator, images[:0], "A")
+
+
+def test_demo_command_prints_the_paths(tiny_root, tmp_path, capsys, monkeypatch):
+    import s2m_diffusers.demo as demo
+
+    monkeypatch.setattr(demo, "DIGITS_7TO3_PRETRAINED", tiny_root)
+    monkeypatch.setattr(demo, "SEVEN_TARGETS", ("A",))
+    calls = {}
+
+    def fake_run_demo(output_dir, **kwargs):
+        calls.update(kwargs)
+        return run_demo(output_dir, targets=["A"], root=tiny_root, settings=TINY_SETTINGS, **kwargs)
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    out = tmp_path / "d"
+    assert main(["demo", "--output", str(out), "--num-images", "1", "--seed", "3", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert calls["num_images"] == 1 and calls["seed"] == 3 and not calls["retrain"]
+    assert str(out / "grid.png") in printed and str(out / "report.json") in printed and "wall time" in printed
+
+
+@pytest.mark.skipif(
+    not os.path.isdir(os.path.join(DIGITS_7TO3_PRETRAINED, "heads_gan")), reason="shipped heads not trained yet"
+)
+def test_shipped_weights_load_and_match():
+    for kind in ("gan", "ddpm"):
+        pipe = load_demo_pipeline(kind)
+        assert pipe.heads.attribute_names == ["A", "B", "C"]
+        assert (pipe.heads.config.sample_size, pipe.heads.config.in_channels) == (16, 1)
+        assert pipe.proposal_kind == {"gan": "gan", "ddpm": "ddim"}[kind]
+    assert DEMO_SETTINGS["ddpm"]["num_inference_steps"] == pipe.config.num_inference_steps
