@@ -6,10 +6,12 @@ The maths lives in pure functions (``targets``, ``sampling``, ``refit``); models
 # Every component module is imported here: diffusers 0.42.1 resolves a custom component only from a module
 # that is already in sys.modules.
 from . import hub
+from .data import ImageBankProposal, SinglePositiveDataset, prepare_images
 from .evaluation import AttributeEvaluator
 from .models.gan import DCGANDiscriminator, DCGANGenerator
 from .models.heads import S2MHeads, S2MHeadsOutput
 from .pipeline_s2m import S2MPipeline, S2MPipelineOutput
+from .priors import estimate_priors
 from .proposals import DDIMProposal, GeneratorProposal, PipelineProposal, ProposalSample
 from .refit import LowRankGaussianMixture, StandardNormal
 from .sampling import (
@@ -21,6 +23,7 @@ from .sampling import (
     sample_s2m,
 )
 from .targets import Target, TargetError, log_r, log_w, parse_target
+from .training import train_heads
 
 __version__ = "0.1.0.dev0"
 
@@ -37,7 +40,12 @@ __all__ = [
     "S2MHeadsOutput",
     "S2MPipeline",
     "S2MPipelineOutput",
+    "ImageBankProposal",
+    "SinglePositiveDataset",
+    "estimate_priors",
     "hub",
+    "prepare_images",
+    "train_heads",
     "LowRankGaussianMixture",
     "SampleResult",
     "SamplerStats",
