@@ -36,7 +36,16 @@ DDIM_STEPS = 10
 # thread): the GAN is cheap (sequential refitting, one literal at a time); a DDIM sample costs DDIM_STEPS UNet calls
 # (no refitting: the independent Metropolis-Hastings sampler from the prior, with a budget).
 DEMO_SETTINGS: dict[str, dict] = {
-    "gan": {"refit": "sequential", "fit_size": 128, "micro_batch_size": 256, "max_proposals": 20000},
+    # The GAN runs without refitting and with the adaptive step count of `sample_imh` (mixing_tolerance): with these
+    # heads the importance weights are heavy-tailed, a refitted proposal did not lower the bound W, and a fixed 5
+    # steps left chains at unselected states. Measured (16 images, seed 0): mean accuracy 0.91 at ~200 proposals
+    # per image, against 0.86 at 66 with sequential refitting and 5 steps.
+    "gan": {
+        "refit": "off",
+        "micro_batch_size": 256,
+        "max_proposals": 100000,
+        "sampler_kwargs": {"mixing_tolerance": 0.1},
+    },
     "ddpm": {"refit": "off", "num_inference_steps": DDIM_STEPS, "micro_batch_size": 128, "max_proposals": 1500},
 }
 

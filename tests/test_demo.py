@@ -69,7 +69,7 @@ def test_run_demo_writes_grid_and_reports(tiny_root, tmp_path):
         assert r["accuracy"] in (0.0, 0.5, 1.0)
         assert r["proposals_per_image"] == pytest.approx(r["proposals"] / 2)
         assert 0 < r["acceptance_rate"] <= 1 and r["seconds"] > 0
-    assert [r["refit"] for r in rows] == ["sequential"] * 2 + ["off"] * 2
+    assert [r["refit"] for r in rows] == [DEMO_SETTINGS[g]["refit"] for g in ("gan", "ddpm") for _ in TARGETS]
     assert saved["settings"]["ddpm"]["num_inference_steps"] == 2
     assert set(saved["summary"]) == {"gan", "ddpm"} and saved["num_images"] == 2 and saved["wall_seconds"] > 0
 

@@ -199,3 +199,17 @@ def test_broken_missing_df_correction_is_rejected():
 
     res = sample_imh(without_df, PRIOR, N, steps_after_entry=20, generator=gen(7))
     assert p_value("A & ~B", res.x) < ALPHA
+
+
+def test_adaptive_steps_from_the_estimated_bound_reach_the_target():
+    """With the prior as proposal, 5 fixed steps are visibly biased on `A & ~B`; the step count from the estimated
+    bound W (mixing_tolerance) is not."""
+    fixed = sample_imh(TOY.evaluate_fn("A & ~B"), PRIOR, N, steps_after_entry=5, generator=gen(12))
+    assert p_value("A & ~B", fixed.x) < ALPHA
+    adaptive = sample_imh(
+        TOY.evaluate_fn("A & ~B"), PRIOR, N, steps_after_entry=5, mixing_tolerance=0.05, generator=gen(12)
+    )
+    assert p_value("A & ~B", adaptive.x) > ALPHA
+    assert adaptive.stats.proposals > fixed.stats.proposals
+    with pytest.raises(ValueError, match="mixing_tolerance must be in"):
+        sample_imh(TOY.evaluate_fn("A"), PRIOR, 10, mixing_tolerance=1.5)
