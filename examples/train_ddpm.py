@@ -20,8 +20,6 @@ DDIM (eta = 0, `--num_inference_steps`) and prints the share of each attribute c
 
 import argparse
 import os
-import shutil
-import tempfile
 import time
 
 import torch
@@ -36,6 +34,7 @@ from tqdm.auto import tqdm
 
 from s2m_diffusers.evaluation import AttributeEvaluator, combination_shares, evaluator_features, frechet_distance
 from s2m_diffusers.seven_to_three import SEVEN_TARGETS, load_digits_7to3
+from s2m_diffusers.utils import save_pretrained_atomically
 
 PRETRAINED = os.path.join(os.path.dirname(__file__), "..", "s2m_diffusers", "pretrained", "digits7to3")
 
@@ -59,21 +58,6 @@ def parse_args():
     parser.add_argument("--num_inference_steps", type=int, default=25)
     parser.add_argument("--evaluate_only", action="store_true", help="Evaluate the pipeline in --output_dir.")
     return parser.parse_args()
-
-
-def save_atomically(pipeline, output_dir: str) -> None:
-    """`save_pretrained` into a temporary folder beside `output_dir`, then swap it in (files readable by all)."""
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=".staging-")
-    pipeline.save_pretrained(staging)
-    for root, _, files in os.walk(staging):
-        os.chmod(root, 0o755)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o644)
-    if os.path.exists(output_dir):
-        shutil.rmtree(output_dir)
-    os.replace(staging, output_dir)
 
 
 def train(args) -> None:
@@ -150,7 +134,7 @@ def train(args) -> None:
     if accelerator.is_main_process:
         unet = accelerator.unwrap_model(model)
         ema.copy_to(unet.parameters())
-        save_atomically(DDPMPipeline(unet=unet, scheduler=noise_scheduler), args.output_dir)
+        save_pretrained_atomically(DDPMPipeline(unet=unet, scheduler=noise_scheduler), args.output_dir)
         print(f"Trained {args.num_steps} steps in {elapsed:.0f} s; saved to {args.output_dir}")
 
 

@@ -16,9 +16,6 @@ Digits-7to3 (885 images), and the held-back half of the digits 7, 8, 9 (which it
 """
 
 import argparse
-import os
-import shutil
-import tempfile
 import time
 
 import torch
@@ -35,6 +32,7 @@ from s2m_diffusers.seven_to_three import (
     load_digits_7to3,
     load_digits_without_attributes,
 )
+from s2m_diffusers.utils import save_pretrained_atomically
 
 
 def parse_args():
@@ -50,21 +48,6 @@ def parse_args():
     parser.add_argument("--no_none_class", action="store_true", help="Train the 7 combinations only.")
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads (results depend on it).")
     return parser.parse_args()
-
-
-def save_atomically(model, output_dir: str) -> None:
-    """`save_pretrained` into a temporary folder beside `output_dir`, then swap it in (files readable by all)."""
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=".staging-")
-    model.save_pretrained(staging)
-    for root, _, files in os.walk(staging):
-        os.chmod(root, 0o755)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o644)
-    if os.path.exists(output_dir):
-        shutil.rmtree(output_dir)
-    os.replace(staging, output_dir)
 
 
 def main(args) -> None:
@@ -107,7 +90,7 @@ def main(args) -> None:
     if not accelerator.is_main_process:
         return
     model = accelerator.unwrap_model(model).cpu().eval()
-    save_atomically(model, args.output_dir)
+    save_pretrained_atomically(model, args.output_dir)
     print(f"Trained {args.num_steps} steps in {elapsed:.0f} s on {len(images)} images; saved to {args.output_dir}")
 
     # Accuracy on real images the evaluator never saw.

@@ -21,8 +21,6 @@ then samples `--num_eval_samples` images and prints the share of each attribute 
 
 import argparse
 import os
-import shutil
-import tempfile
 import time
 
 import torch
@@ -43,6 +41,7 @@ from s2m_diffusers.evaluation import (
 )
 from s2m_diffusers.models.gan import DCGANDiscriminator, DCGANGenerator
 from s2m_diffusers.seven_to_three import SEVEN_TARGETS, load_digits_7to3
+from s2m_diffusers.utils import save_pretrained_atomically
 
 PRETRAINED = os.path.join(os.path.dirname(__file__), "..", "s2m_diffusers", "pretrained", "digits7to3")
 
@@ -64,21 +63,6 @@ def parse_args():
     parser.add_argument("--num_eval_samples", type=int, default=2000)
     parser.add_argument("--evaluate_only", action="store_true", help="Evaluate the generator in --output_dir.")
     return parser.parse_args()
-
-
-def save_atomically(model, output_dir: str) -> None:
-    """`save_pretrained` into a temporary folder beside `output_dir`, then swap it in (files readable by all)."""
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=".staging-")
-    model.save_pretrained(staging)
-    for root, _, files in os.walk(staging):
-        os.chmod(root, 0o755)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o644)
-    if os.path.exists(output_dir):
-        shutil.rmtree(output_dir)
-    os.replace(staging, output_dir)
 
 
 @torch.no_grad()
@@ -174,7 +158,7 @@ def train(args) -> None:
         if args.conditional:
             class_probs = torch.tensor(data.label_counts, dtype=torch.float)
         recompute_batch_norm_statistics(generator.cpu(), 20, 256, class_probs, args.seed + 2)
-        save_atomically(generator, args.output_dir)
+        save_pretrained_atomically(generator, args.output_dir)
         print(f"Trained {args.num_steps} steps in {elapsed:.0f} s; saved to {args.output_dir}")
 
 

@@ -1,0 +1,28 @@
+"""Small helpers shared by the library and the example scripts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+__all__ = ["save_pretrained_atomically"]
+
+
+def save_pretrained_atomically(obj, output_dir: str | os.PathLike) -> None:
+    """`obj.save_pretrained` into a temporary folder beside `output_dir`, then swap it in (files readable by all).
+
+    A crash mid-save leaves the previous `output_dir` intact, never a half-written one.
+    """
+    output_dir = os.fspath(output_dir)
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".staging-")
+    obj.save_pretrained(staging)
+    for root, _, files in os.walk(staging):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+    if os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
+    os.replace(staging, output_dir)
