@@ -4,6 +4,7 @@ Each subcommand is one parser function (``_<name>_parser``) and one function tha
 ``COMMANDS``. The run functions import what they need (torch, diffusers) themselves.
 
     s2m sample --pipeline DIR --target "a & ~b" --num-images 16 --output samples/ --seed 0
+    accelerate launch --num_processes 2 -m s2m_diffusers.cli sample ...   # several processes (GPUs)
     s2m train-heads --generator GEN_DIR --data-dir DATA_DIR --output DIR
     s2m evaluate --images samples/ --target "a & ~b" --evaluator EVAL_DIR
     s2m demo
@@ -69,6 +70,13 @@ def _sample_parser(subparsers) -> argparse.ArgumentParser:
             "      --output samples/ --seed 0\n"
             '  s2m sample --pipeline user/s2m-digits --revision 3f2c1ab --target "A | B" --num-images 4 \\\n'
             "      --output out/ --refit off --max-proposals 20000\n"
+            "  accelerate launch --num_processes 4 -m s2m_diffusers.cli sample --pipeline my-s2m \\\n"
+            "      --target 'a & b' --num-images 64 --output samples/ --seed 0\n"
+            "\n"
+            "several processes: under `accelerate launch` (or `torchrun`) the images are split over the processes,\n"
+            "each on its own device, and the main process writes them all (stats summed over the processes). On a\n"
+            "machine without GPUs use `accelerate launch --multi_gpu --num_processes N` (CPU processes). The same\n"
+            "--seed gives the same images for the same number of processes.\n"
             "\n"
             "targets: attribute names with & (and), | (or), ~ (not) and parentheses, e.g. 'a & (b | c) & ~d',\n"
             "or the paper's form 'a+b-c'. Exit status: 0 done, 1 budget exhausted, 2 invalid input."
@@ -91,10 +99,22 @@ def _sample_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--max-proposals", type=int, default=None, metavar="N", help="proposal budget (generator calls)")
     p.add_argument(
-        "--micro-batch-size", type=int, default=64, metavar="N", help="latents per generator call (memory; default 64)"
+        "--micro-batch-size",
+        type=int,
+        default=64,
+        metavar="N",
+        help="latents per generator and heads call (device memory; default 64)",
+    )
+    p.add_argument(
+        "--num-chains", type=int, default=None, metavar="N", help="chains side by side (default: min(N images, 256))"
     )
     p.add_argument(
         "--fit-size", type=int, default=None, metavar="N", help="on-target latents per refit (default: the sampler's)"
+    )
+    p.add_argument(
+        "--cpu-offload",
+        action="store_true",
+        help="keep the models on the CPU and move each to the accelerator only while it runs (large generators)",
     )
     p.add_argument("--negation-margin", type=float, default=None, help="lambda of negated literals (default: heads')")
     p.add_argument("--num-inference-steps", type=int, default=None, help="steps of a diffusion proposal")
@@ -114,14 +134,24 @@ def sample(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
+    from .distributed import get_state, launched_processes
     from .pipeline_s2m import S2MPipeline
     from .sampling import BudgetExhaustedError
     from .targets import TargetError
 
+    # Under `accelerate launch` / `torchrun` every process runs this function; the main process reports and writes.
+    state = get_state() if launched_processes() > 1 else None
+    main_process = state is None or state.is_main_process
+
+    def fail(message: str, code: int) -> int:
+        return _fail(message, code) if main_process else code
+
     if args.num_images < 1:
-        return _fail(f"--num-images must be at least 1, got {args.num_images}.", EXIT_USAGE)
+        return fail(f"--num-images must be at least 1, got {args.num_images}.", EXIT_USAGE)
+    if args.num_chains is not None and args.num_chains < 1:
+        return fail(f"--num-chains must be at least 1, got {args.num_chains}.", EXIT_USAGE)
     if not os.path.isdir(args.pipeline) and (args.pipeline.count("/") != 1 or os.path.exists(args.pipeline)):
-        return _fail(
+        return fail(
             f"--pipeline {args.pipeline!r} is neither a folder nor a Hub repo id ('user/name'). Save one with "
             "S2MPipeline.save_pretrained(DIR).",
             EXIT_USAGE,
@@ -129,11 +159,21 @@ def sample(args: argparse.Namespace) -> int:
     try:
         pipe = S2MPipeline.from_pretrained(args.pipeline, revision=args.revision)
     except (OSError, ValueError) as err:
-        return _fail(f"could not load the pipeline {args.pipeline!r}: {err}", EXIT_USAGE)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe.to(device)
+        return fail(f"could not load the pipeline {args.pipeline!r}: {err}", EXIT_USAGE)
+    if state is not None:
+        device = args.device or state.device  # each process its own device
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=args.quiet)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
+    if state is not None and args.seed is None:  # one random seed for all processes: the main process's
+        from accelerate.utils import broadcast
+
+        seed = int(broadcast(torch.tensor([seed], device=state.device), from_process=0).item())
     class_label: str | int | None = args.class_label
     if class_label == "none":
         class_label = None
@@ -149,17 +189,22 @@ def sample(args: argparse.Namespace) -> int:
             refit=args.refit,
             max_proposals=args.max_proposals,
             micro_batch_size=args.micro_batch_size,
+            num_chains=args.num_chains,
             fit_size=args.fit_size,
             negation_margin=args.negation_margin,
             class_label=class_label,
             num_inference_steps=args.num_inference_steps,
             allow_partial=args.allow_partial,
+            distributed=state is not None,
         )
     except BudgetExhaustedError as err:
-        return _fail(str(err), EXIT_BUDGET)
+        return fail(str(err), EXIT_BUDGET)
     except (TargetError, ValueError) as err:
-        return _fail(str(err), EXIT_USAGE)
+        return fail(str(err), EXIT_USAGE)
 
+    stats = out.stats
+    if not main_process:  # the main process holds the same, gathered output and writes it
+        return EXIT_BUDGET if stats["budget_exhausted"] else EXIT_OK
     os.makedirs(args.output, exist_ok=True)
     names = []
     for i, image in enumerate(out.images):
@@ -177,7 +222,6 @@ def sample(args: argparse.Namespace) -> int:
         **out.stats,
     }
     _write_json(os.path.join(args.output, "stats.json"), record)
-    stats = out.stats
     print(
         f"wrote {len(names)} images to {args.output} ({stats['proposals']} proposals, "
         f"{stats['proposals_per_image']:.3g} per image, acceptance rate {stats['acceptance_rate']:.3g}, "
@@ -290,9 +334,13 @@ def _train_heads_parser(subparsers) -> argparse.ArgumentParser:
             "examples:\n"
             "  s2m train-heads --generator my-ddpm/ --data-dir data/ --output my-s2m\n"
             "  s2m train-heads --generator my-gan/ --data-dir data/ --output my-s2m --num-steps 500 --seed 1\n"
+            "  accelerate launch --num_processes 2 -m s2m_diffusers.cli train-heads --generator my-ddpm/ \\\n"
+            "      --data-dir data/ --output my-s2m     # data parallel; the main process writes\n"
             "\n"
             "data layout: data/smiling/*.png, data/male/*.png, ... (the sub-folder name is the attribute; names\n"
-            "[A-Za-z0-9_.]+). Images are resized and converted to the generator's size and channels.\n"
+            "[A-Za-z0-9_.]+). Images are resized and converted to the generator's size and channels (or to\n"
+            "--sample-size: the heads then see downscaled copies of the generator's images, in training and\n"
+            "sampling).\n"
             "generator: a folder saved with save_pretrained: a diffusers pipeline with a unet and a scheduler (e.g.\n"
             "DDPMPipeline; sampled as deterministic DDIM), or a GAN generator model (e.g. DCGANGenerator).\n"
             "Exit status: 0 done, 2 invalid input."
@@ -304,6 +352,14 @@ def _train_heads_parser(subparsers) -> argparse.ArgumentParser:
         "--data-dir", required=True, metavar="DIR", help="folder with one sub-folder of images per attribute"
     )
     p.add_argument("--output", required=True, metavar="OUT", help="folder for the S2M pipeline (and metrics.json)")
+    p.add_argument(
+        "--sample-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="side of the images the heads see, at most the generator's (default: the generator's; smaller for a "
+        "large generator: its images are downscaled)",
+    )
     p.add_argument("--num-steps", type=int, default=2000, metavar="N", help="training steps (default: 2000)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="real images per step (default: 64)")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
@@ -357,10 +413,14 @@ def train_heads_command(args: argparse.Namespace) -> int:
     """Run `s2m train-heads`."""
     import torch
 
-    from .data import ImageBankProposal, SinglePositiveDataset
+    from .data import ImageBankProposal, SinglePositiveDataset, prepare_images
+    from .distributed import get_state, launched_processes
     from .pipeline_s2m import S2MPipeline
     from .proposals import DDIMProposal, GeneratorProposal
     from .training import train_heads
+
+    # Under `accelerate launch` every process trains (data parallel); the main process writes and reports.
+    main_process = launched_processes() == 1 or get_state().is_main_process
 
     for name in ("num_steps", "batch_size", "num_inference_steps", "num_heldout_samples"):
         if getattr(args, name) < 1:
@@ -384,6 +444,12 @@ def train_heads_command(args: argparse.Namespace) -> int:
     try:
         kind, components = load_generator_folder(args.generator)
         size, channels = _generator_image_shape(kind, components)
+        if args.sample_size is not None:
+            if not 1 <= args.sample_size <= size:
+                raise ValueError(
+                    f"--sample-size must be between 1 and the generator's image size {size}, got {args.sample_size}."
+                )
+            size = args.sample_size
         data = SinglePositiveDataset.from_folder(args.data_dir, size, channels)
         if priors is not None and priors != "estimate" and len(priors) != len(data.attribute_names):
             raise ValueError(
@@ -398,7 +464,8 @@ def train_heads_command(args: argparse.Namespace) -> int:
             bank_size = args.bank_size or 0
         if bank_size:
             with torch.no_grad():
-                proposal = ImageBankProposal(proposal(bank_size, torch.Generator().manual_seed(args.seed + 12345)))
+                bank = proposal(bank_size, torch.Generator().manual_seed(args.seed + 12345))
+            proposal = ImageBankProposal(prepare_images(bank, size, channels) if bank.shape[-1] != size else bank)
         heads, metrics = train_heads(
             data,
             proposal,
@@ -413,6 +480,8 @@ def train_heads_command(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         extra = {"num_inference_steps": args.num_inference_steps} if kind == "ddim" else {}
+        if not main_process:
+            return EXIT_OK
         pipe = S2MPipeline(heads=heads, **components, default_target=args.default_target, **extra)
         pipe.save_pretrained(
             args.output,
@@ -645,7 +714,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return EXIT_USAGE
-    return args.func(args)
+    code = args.func(args)
+    _end_processes()
+    return code
+
+
+def _end_processes() -> None:
+    """Under `accelerate launch`: wait for every process, then close the process group (a process that exits while
+    the others still use it can abort them)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ Every adapter offers the same methods:
 
 - ``latent_shape``: the shape of one latent; ``prior()``: the latent prior ``p_z = N(0, I)`` as a
   [`~s2m_diffusers.refit.StandardNormal`]; ``log_prob(z)``: ``log p_z(z)``, the latent log-density.
-- ``generate(latents, class_labels=None)``: the deterministic map, run in micro-batches of ``micro_batch_size``
-  latents (the memory setting: peak memory grows with it, the result does not depend on it).
+- ``generate(latents, class_labels=None, output_device=None)``: the deterministic map, run in micro-batches of
+  ``micro_batch_size`` latents (the memory setting: peak memory grows with it, the result does not depend on it);
+  ``output_device="cpu"`` moves each micro-batch's images off the accelerator as soon as they are made.
 - ``sample(n, generator)``: a [`ProposalSample`] with latents, images and the latents' log-density.
 - ``proposal(n, generator)``: images only, or ``(images, class_labels)`` for a class-conditional generator, with
   classes drawn from ``class_probs``: the proposal callable that training ``D_v`` (and ``D_f``) expects.
@@ -48,6 +49,7 @@ __all__ = [
     "PipelineProposal",
     "GeneratorProposal",
     "eval_mode",
+    "execution_device",
 ]
 
 
@@ -96,6 +98,17 @@ def _module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     for p in module.parameters():
         return p.device, p.dtype
     return torch.device("cpu"), torch.float32
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device a module computes on: its offloading hook's execution device when it is CPU-offloaded (diffusers'
+    `enable_model_cpu_offload` keeps the weights on the CPU and moves them there for each call), else the device of
+    its weights."""
+    for m in module.modules():
+        device = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return _module_device_dtype(module)[0]
 
 
 class ProposalAdapter:
@@ -170,15 +183,23 @@ class ProposalAdapter:
         return class_labels
 
     @torch.no_grad()
-    def generate(self, latents: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        latents: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        output_device: torch.device | str | None = None,
+    ) -> torch.Tensor:
         """Run the generator on latents, ``micro_batch_size`` at a time.
 
         Args:
             latents (`torch.Tensor` of shape `(n, *latent_shape)`): standard-normal latents.
             class_labels (`torch.Tensor` of shape `(n,)`, *optional*): classes, for a class-conditional generator.
+            output_device (`torch.device` or `str`, *optional*): where each micro-batch's images go as soon as they
+                are made (e.g. ``"cpu"``, so that the generator's device holds one micro-batch at a time); by default
+                they stay on the generator's device.
 
         Returns:
-            `torch.Tensor` of shape `(n, C, H, W)`: images in [-1, 1], on the generator's device.
+            `torch.Tensor` of shape `(n, C, H, W)`: images in [-1, 1], on ``output_device`` or the generator's device.
         """
         if tuple(latents.shape[1:]) != self.latent_shape:
             raise ValueError(
@@ -191,10 +212,11 @@ class ProposalAdapter:
             for start in range(0, latents.shape[0], self.micro_batch_size):
                 chunk = latents[start : start + self.micro_batch_size]
                 labels = None if class_labels is None else class_labels[start : start + self.micro_batch_size]
-                out.append(self._generate(chunk, labels).clamp(-1.0, 1.0))
+                images = self._generate(chunk, labels).clamp(-1.0, 1.0)
+                out.append(images if output_device is None else images.to(output_device))
         if not out:
             shape = self.image_shape or (0, 0, 0)
-            return torch.zeros((0, *shape), device=self.device)
+            return torch.zeros((0, *shape), device=output_device or self.device)
         return torch.cat(out)
 
     def draw_class_labels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
@@ -219,17 +241,27 @@ class ProposalAdapter:
         Returns:
             [`ProposalSample`].
         """
+        return self._sample(n, generator, class_labels)
+
+    def _sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        class_labels: torch.Tensor | None = None,
+        output_device: torch.device | str | None = None,
+    ) -> ProposalSample:
         latents = self.prior().sample(n, generator=generator)
         if class_labels is None:
             class_labels = self.draw_class_labels(n, generator)
-        images = self.generate(latents, class_labels)
+        images = self.generate(latents, class_labels, output_device=output_device)
         return ProposalSample(latents, images, self.log_prob(latents), class_labels)
 
     def __call__(self, n: int, generator: torch.Generator | None = None):
         """The proposal callable of ``D_v`` training: images `(n, C, H, W)` in [-1, 1] on the CPU, or
-        ``(images, class_labels)`` for a class-conditional generator."""
-        s = self.sample(n, generator)
-        images = s.images.float().cpu()
+        ``(images, class_labels)`` for a class-conditional generator. Each micro-batch goes to the CPU as soon as it is
+        made."""
+        s = self._sample(n, generator, output_device="cpu")
+        images = s.images.float()
         return images if s.class_labels is None else (images, s.class_labels)
 
 
@@ -309,13 +341,13 @@ class DDIMProposal(ProposalAdapter):
 
     @property
     def device(self) -> torch.device:
-        return _module_device_dtype(self.unet)[0]
+        return execution_device(self.unet)
 
     def _models(self) -> list[nn.Module]:
         return [self.unet]
 
     def _generate(self, latents: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        device, dtype = _module_device_dtype(self.unet)
+        device, dtype = execution_device(self.unet), _module_device_dtype(self.unet)[1]
         x = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma  # (B, C, H, W)
         labels = None if class_labels is None else class_labels.to(device)
         channels = x.shape[1]
@@ -409,7 +441,7 @@ class PipelineProposal(ProposalAdapter):
 
     @property
     def device(self) -> torch.device:
-        device = getattr(self.pipeline, "device", None)
+        device = getattr(self.pipeline, "_execution_device", None) or getattr(self.pipeline, "device", None)
         return device if isinstance(device, torch.device) else torch.device("cpu")
 
     def _dtype(self) -> torch.dtype:
@@ -553,13 +585,13 @@ class GeneratorProposal(ProposalAdapter):
 
     @property
     def device(self) -> torch.device:
-        return _module_device_dtype(self.model)[0]
+        return execution_device(self.model)
 
     def _models(self) -> list[nn.Module]:
         return [self.model]
 
     def _generate(self, latents: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        device, dtype = _module_device_dtype(self.model)
+        device, dtype = execution_device(self.model), _module_device_dtype(self.model)[1]
         z = latents.to(device=device, dtype=dtype)
         if class_labels is None:
             out = self.model(z)

@@ -14,6 +14,14 @@ calibration error before and after, and estimates the attribute priors from ``D_
 Every random draw of step `k` (batch indices, augmentation, proposal noise, dropout) comes from a generator seeded
 by `(seed, k)`: a run is reproducible on CPU, and a run resumed from a checkpoint continues exactly as the
 uninterrupted run would.
+
+Several processes: [`train_heads`] runs unchanged under ``accelerate launch --num_processes N`` (on a machine without
+GPUs ``--multi_gpu`` or ``torchrun``, see `s2m_diffusers.distributed`): data parallel (each process draws its own
+``batch_size / N`` real images and proposal samples per step, from a generator seeded by ``(seed, step, process)``;
+gradients are averaged), the logged losses are averaged over the processes, the held-out evaluation, calibration
+and prior estimate run on every process on the same data and weights (so every process returns the same heads and
+metrics), the class counts of a conditional proposal are summed over the processes, and checkpoints, the heads and
+`metrics.json` are written once, by the main process. A run's result depends on the number of processes.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import ImageBankProposal, SinglePositiveDataset
+from .data import ImageBankProposal, SinglePositiveDataset, prepare_images
+from .distributed import get_state
 from .models.heads import S2MHeads
 from .priors import estimate_priors
 
@@ -202,15 +211,27 @@ def _step_generator(seed: int, *keys: int) -> torch.Generator:
 
 
 def _draw(proposal: Callable, n: int, generator: torch.Generator, like: SinglePositiveDataset):
-    """n proposal samples `(images, class_labels or None)`, checked against the data's format."""
+    """n proposal samples `(images, class_labels or None)`, checked against the data's format.
+
+    Images larger than the data's (same channels) are downscaled as real images are (`prepare_images`: antialiased
+    resize of the shorter side, centre crop), which `S2MPipeline.heads_view` does at sampling time too."""
     out = proposal(n, generator)
     images, labels = out if isinstance(out, (tuple, list)) else (out, None)
     expected = (n, like.in_channels, like.sample_size, like.sample_size)
+    larger = (
+        isinstance(images, torch.Tensor)
+        and images.ndim == 4
+        and tuple(images.shape[:2]) == expected[:2]
+        and min(images.shape[-2:]) >= like.sample_size
+    )
+    if larger and tuple(images.shape) != expected:
+        images = prepare_images(images.float(), like.sample_size, like.in_channels)
     if not isinstance(images, torch.Tensor) or tuple(images.shape) != expected:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(
             f"The proposal returned {shape} for n={n}; expected images {expected} in [-1, 1] (the data's size and "
-            "channels), or a tuple (images, class_labels) for a class-conditional proposal."
+            "channels; larger images with the same channels are downscaled), or a tuple (images, class_labels) for "
+            "a class-conditional proposal."
         )
     if images.abs().max() > 1.5:
         raise ValueError(
@@ -358,7 +379,9 @@ def train_heads(
             checkpoints `checkpoint-STEP` go.
         num_steps (`int`, defaults to 2000): optimizer steps (early stopping picks the best evaluated step per head).
         batch_size (`int`, defaults to 64): real images per step (and as many proposal samples), over all
-            processes and accumulation micro-steps.
+            processes and accumulation micro-steps. A proposal's images larger than the data's (same channels) are
+            downscaled to the data's size (see [`S2MPipeline.heads_view`]), so heads can be trained on small copies
+            of a large generator's images.
         learning_rate (`float`, defaults to 1e-3), weight_decay (`float`, defaults to 1e-4): AdamW.
         ema_decay (`float`, *optional*, defaults to 0.99): evaluate, early-stop and return an exponential moving
             average of the weights (smoother, better calibrated ``D_r``: measured on Digits-7to3); `None`: the raw
@@ -413,6 +436,7 @@ def train_heads(
         raise ValueError("`resume_from_checkpoint='latest'` needs `output_dir`, where the checkpoints are.")
     if checkpointing_steps is not None and output_dir is None:
         raise ValueError("`checkpointing_steps` needs `output_dir` to save checkpoints into.")
+    get_state()  # several CPU processes where there is no accelerator (a plain Accelerator() would see one)
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
@@ -497,7 +521,8 @@ def train_heads(
         with open(os.path.join(path, STATE_FILE)) as f:
             state = json.load(f)
         step = state["step"]
-        fake_class_counts = torch.tensor(state["fake_class_counts"])
+        # the saved counts are summed over the processes: the main process takes them up, the others start at 0
+        fake_class_counts = torch.tensor(state["fake_class_counts"]) * int(accelerator.is_main_process)
         if ema_decay is not None:
             averaged.load_state_dict(load_file(os.path.join(path, EMA_FILE)))
         tensors = load_file(os.path.join(path, BEST_FILE))
@@ -515,13 +540,21 @@ def train_heads(
                 best[name].update(nll=score, step=at_step, state=_branch_state(averaged, prefixes))
         return scores
 
+    def total_class_counts() -> torch.Tensor:
+        """The conditional proposal's class counts, summed over the processes (every process calls this)."""
+        if accelerator.num_processes == 1:
+            return fake_class_counts
+        return accelerator.reduce(fake_class_counts.to(accelerator.device), reduction="sum").cpu()
+
     def save_checkpoint(at_step: int) -> None:
         final = os.path.join(os.fspath(output_dir), f"checkpoint-{at_step}")
         tmp = final + ".tmp"
+        counts = total_class_counts()
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(tmp)
+        accelerator.save_state(tmp)  # every process writes its random state into tmp
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_file(
                 {f"{n}/{k}": v.contiguous() for n, b in best.items() for k, v in b["state"].items()},
@@ -531,7 +564,7 @@ def train_heads(
                 save_file({k: v.contiguous() for k, v in averaged.state_dict().items()}, os.path.join(tmp, EMA_FILE))
             state = {
                 "step": at_step,
-                "fake_class_counts": fake_class_counts.tolist(),
+                "fake_class_counts": counts.tolist(),
                 "best": {n: {"nll": b["nll"], "step": b["step"]} for n, b in best.items()},
             }
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
@@ -588,7 +621,10 @@ def train_heads(
                             average.copy_(current)  # e.g. normalisation statistics of a transformers backbone
             step += 1
             bar.update(1)
-            logs = {f"loss_{h}": float(v.detach()) for h, v in losses.items()}
+            mean_losses = torch.stack([v.detach().float() for v in losses.values()])
+            if accelerator.num_processes > 1:
+                mean_losses = accelerator.reduce(mean_losses, reduction="mean")  # over the processes
+            logs = {f"loss_{h}": float(v) for h, v in zip(losses, mean_losses)}
             if step % eval_steps == 0 or step == num_steps:
                 logs.update({f"heldout_nll_{h}": v for h, v in evaluate(step).items()})
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
@@ -619,7 +655,7 @@ def train_heads(
     heads.eval()
 
     if conditional:
-        counts = fake_class_counts.double() + torch.bincount(heldout_fake_labels, minlength=heads.num_attributes)
+        counts = total_class_counts().double() + torch.bincount(heldout_fake_labels, minlength=heads.num_attributes)
         heads.register_to_config(proposal_class_probs=(counts / counts.sum()).tolist())
     if isinstance(priors, str):
         if priors != "estimate":

@@ -7,10 +7,13 @@ import subprocess
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from test_pipeline import gan_pipeline
 
 from s2m_diffusers.cli import build_parser, main
+from s2m_diffusers.models.gan import DCGANGenerator
+from s2m_diffusers.pipeline_s2m import S2MPipeline
 
 torch.set_num_threads(1)
 
@@ -97,3 +100,35 @@ def test_errors_exit_with_a_message(saved, tmp_path, capsys):
 def test_console_script_is_installed():
     result = subprocess.run(["s2m", "sample", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--num-images" in result.stdout
+
+
+def test_sample_memory_options(saved, tmp_path):
+    """--num-chains and --cpu-offload (the offloading hooks on the CPU here) give the same images."""
+    assert main(sample_args(saved, tmp_path / "a", "--seed", "5")) == 0
+    assert main(sample_args(saved, tmp_path / "b", "--seed", "5", "--cpu-offload", "--micro-batch-size", "2")) == 0
+    for name in ("0000.png", "0001.png", "0002.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert main(sample_args(saved, tmp_path / "c", "--seed", "5", "--num-chains", "1")) == 0
+    stats = json.loads((tmp_path / "c" / "stats.json").read_text())
+    assert stats["num_images"] == 3 and stats["num_processes"] == 1
+    assert main(sample_args(saved, tmp_path / "d", "--num-chains", "0")) == 2
+
+
+def test_train_heads_sample_size_must_not_exceed_the_generator(tmp_path, capsys):
+    gan = tmp_path / "gan"
+    torch.manual_seed(0)
+    DCGANGenerator(latent_dim=8, sample_size=8, out_channels=1, base_channels=4).save_pretrained(gan)
+    data = tmp_path / "data"
+    for name in ("a", "b"):
+        os.makedirs(data / name)
+        for i in range(4):
+            Image.new("L", (8, 8), 40 * i + (100 if name == "a" else 0)).save(data / name / f"{i}.png")
+    args = ["train-heads", "--generator", str(gan), "--data-dir", str(data), "--output", str(tmp_path / "out")]
+    assert main([*args, "--sample-size", "16", "--quiet"]) == 2
+    assert "--sample-size must be between 1 and the generator's image size 8" in capsys.readouterr().err
+    small = [*args, "--sample-size", "4", "--num-steps", "1", "--batch-size", "4", "--num-heldout-samples", "8"]
+    assert main([*small, "--priors", "none", "--quiet"]) == 0
+    pipe = S2MPipeline.from_pretrained(str(tmp_path / "out"))
+    assert pipe.heads.config.sample_size == 4 and pipe.gan.config.sample_size == 8
+    out = pipe("a", num_images=2, generator=torch.Generator().manual_seed(0), output_type="pt", fit_size=16)
+    assert out.images.shape == (2, 1, 8, 8)  # the generator's size; the heads saw 4x4 copies

@@ -194,3 +194,18 @@ def test_dv_auxiliary_classifier_trains_dv_backbone_only_in_training():
     assert heads(_data().images[:2]).df_log_probs is None  # forward is unchanged
     with pytest.raises(ValueError, match="does not exist"):
         heads.raw_logits(_data().images[:2], heads=["df"])
+
+
+def test_larger_proposal_images_are_downscaled_to_the_data_size():
+    """A large generator: the heads are trained (and later sample) on downscaled copies of its images."""
+    seen = []
+
+    def large(n, generator):
+        images = torch.rand(n, 1, 16, 16, generator=generator) * 1.6 - 0.8
+        seen.append(images.shape[-1])
+        return images
+
+    heads, metrics = train_heads(_data(), large, num_steps=2, **SMALL)
+    assert set(seen) == {16} and heads.config.sample_size == 8 and metrics["steps"] == 2
+    with pytest.raises(ValueError, match=r"larger images with the same channels are downscaled"):
+        train_heads(_data(), lambda n, g: torch.zeros(n, 1, 4, 4), num_steps=1, **SMALL)

@@ -1,0 +1,139 @@
+"""Several processes with `accelerate`: the process state, how images are split, per-process seeds, gathering.
+
+[`S2MPipeline`](s2m_diffusers.pipeline_s2m.S2MPipeline) with ``distributed=True`` and
+[`train_heads`](s2m_diffusers.training.train_heads) use these helpers; both run under
+
+    accelerate launch --num_processes N script.py       # N GPUs (or `--multi_gpu`)
+    accelerate launch --multi_gpu --num_processes N script.py   # on a machine without GPUs: N CPU processes (gloo)
+    torchrun --nproc_per_node N script.py                # the same, without accelerate's launcher
+
+On a machine without accelerator, `accelerate launch --cpu --num_processes N` starts *one* process (accelerate expects
+`mpirun` for several CPU processes); use `--multi_gpu` or `torchrun` there: [`get_state`] sees several processes and
+no accelerator and chooses CPU processes with the gloo backend (as ``ACCELERATE_USE_CPU=1`` would).
+
+What a seed reproduces across process counts (see [`process_generator`] and `S2MPipeline.__call__`):
+
+- a list of per-image generators: image ``i`` depends on ``generator[i]`` alone, so the images are the same for any
+  number of processes;
+- one generator (or none): every process derives its own generator from one integer drawn from it and its process
+  index; the images are reproducible for a fixed number of processes, and differ when that number changes. With one
+  process the generator is used as given, so ``distributed=True`` on one process equals a plain call.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather, gather_object, parse_flag_from_env
+
+__all__ = ["get_state", "launched_processes", "image_share", "process_generator", "gather_rows", "gather_objects"]
+
+_MAX_DIMS = 8  # trailing dimensions a gathered tensor may have
+
+
+def launched_processes() -> int:
+    """The number of processes the launcher started (``WORLD_SIZE``; 1 when run as a plain script)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+def get_state() -> PartialState:
+    """The `accelerate.PartialState` of this process, set up for CPU processes where there is no accelerator.
+
+    Several processes on a machine without an accelerator (``accelerate launch --multi_gpu``, ``torchrun``,
+    `accelerate.debug_launcher`) get CPU processes with the gloo backend, as with ``ACCELERATE_USE_CPU=1``; a plain
+    `PartialState()` would see one process there. Once created, the state is shared by `accelerate.Accelerator`.
+
+    Returns:
+        `accelerate.PartialState`: ``num_processes``, ``process_index``, ``is_main_process``, ``device``.
+    """
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (launched_processes() > 1 and not _has_accelerator())
+    return PartialState(cpu=cpu)
+
+
+def image_share(num_items: int, state: PartialState) -> range:
+    """The indices ``0..num_items-1`` this process handles: contiguous blocks, in process order, whose sizes differ by
+    at most one (as `PartialState.split_between_processes`); empty when there are more processes than items."""
+    with state.split_between_processes(list(range(num_items))) as indices:
+        indices = list(indices)
+    return range(indices[0], indices[-1] + 1) if indices else range(0)
+
+
+def process_generator(generator: torch.Generator | None, state: PartialState) -> torch.Generator | None:
+    """A generator for this process, derived from one integer drawn from ``generator`` and the process index.
+
+    With one process ``generator`` is returned unchanged. With several, every process draws the same integer from the
+    same seeded ``generator`` (or from torch's global generator when it is `None`) and seeds its own generator with
+    ``(integer, process_index)``: the processes draw different images, reproducibly for a fixed process count.
+
+    Args:
+        generator (`torch.Generator`, *optional*): the caller's generator, seeded the same on every process.
+        state (`accelerate.PartialState`): the process state.
+
+    Returns:
+        `torch.Generator` or `None`: on the device of ``generator`` (the CPU for `None`).
+    """
+    if state.num_processes == 1:
+        return generator
+    device = generator.device if generator is not None else torch.device("cpu")
+    base = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+    seed = np.random.SeedSequence([base, state.process_index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(seed >> np.uint64(1)))
+
+
+def gather_rows(tensor: torch.Tensor, state: PartialState) -> torch.Tensor:
+    """Concatenate every process's rows along the first dimension, in process order, on every process (CPU).
+
+    The processes may hold different numbers of rows (none included); the trailing shape and dtype are taken from
+    the processes that hold rows. Boolean tensors are sent as bytes.
+
+    Args:
+        tensor (`torch.Tensor`): `(n_p, *shape)` on process ``p``.
+        state (`accelerate.PartialState`): the process state.
+
+    Returns:
+        `torch.Tensor`: `(sum_p n_p, *shape)` on the CPU.
+    """
+    if state.num_processes == 1:
+        return tensor.cpu()
+    if tensor.ndim - 1 > _MAX_DIMS:
+        raise ValueError(f"gather_rows takes tensors of at most {_MAX_DIMS + 1} dimensions, got {tensor.ndim}.")
+    device = state.device
+    header = torch.zeros(_MAX_DIMS + 2, dtype=torch.long)
+    header[0], header[1] = tensor.shape[0], tensor.ndim - 1
+    header[2 : tensor.ndim + 1] = torch.tensor(tensor.shape[1:], dtype=torch.long)
+    headers = gather(header.to(device)).reshape(state.num_processes, -1).cpu()  # (P, 2 + _MAX_DIMS)
+    counts = headers[:, 0].tolist()
+    if max(counts) == 0:
+        return tensor.cpu()
+    ref = headers[int(np.argmax(counts))]
+    shape = tuple(ref[2 : 2 + int(ref[1])].tolist())
+    is_bool = tensor.dtype == torch.bool
+    send = tensor.to(torch.uint8) if is_bool else tensor
+    if send.shape[0] == 0:
+        send = send.new_zeros((0, *shape))
+    padded = send.new_zeros((max(counts), *shape))
+    padded[: send.shape[0]] = send
+    everything = gather(padded.contiguous().to(device)).cpu()  # (P * max, *shape)
+    everything = everything.reshape(state.num_processes, max(counts), *shape)
+    out = torch.cat([everything[p, :n] for p, n in enumerate(counts)])
+    return out.bool() if is_bool else out
+
+
+def gather_objects(value, state: PartialState) -> list:
+    """``[value of process 0, value of process 1, ...]`` on every process (small picklable values: statistics)."""
+    if state.num_processes == 1:
+        return [value]
+    return list(gather_object([value]))
