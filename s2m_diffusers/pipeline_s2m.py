@@ -11,6 +11,7 @@ never sees a model.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
@@ -28,6 +29,7 @@ from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin, UNet2DModel
 from diffusers.utils import BaseOutput, replace_example_docstring
 
 from . import hub
+from .data import prepare_images
 from .models.heads import S2MHeads
 from .proposals import (
     DDIMProposal,
@@ -35,17 +37,34 @@ from .proposals import (
     PipelineProposal,
     ProposalAdapter,
     eval_mode,
+    execution_device,
     standard_normal_cdf,
 )
 from .refit import StandardNormal
 from .sampling import BudgetExhaustedError, SampleResult, SamplerStats, sample_s2m
-from .targets import And, Attr, Target, TargetError, log_r, log_w, parse_target
+from .targets import And, Attr, Target, TargetError, auto_dr_temperature, log_r, log_w, parse_target, temper_dr
 
 __all__ = ["S2MPipeline", "S2MPipelineOutput"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 _SAMPLER_DEFAULTS = {k: p.default for k, p in inspect.signature(sample_s2m).parameters.items()}
 REFIT_MODES = ("off", "once", "sequential")
+# Chains run side by side when a call does not set `num_chains`: at most this many, so that the images kept for the
+# chains' states stay bounded however many images are asked for (see "Memory" in `S2MPipeline.__call__`).
+DEFAULT_MAX_CHAINS = 256
+# Statistics that add up over the processes of a distributed call.
+_SUMMED_STATS = (
+    "proposals",
+    "accepted",
+    "chains_started",
+    "chains_entered",
+    "rounds",
+    "max_proposals",
+    "seconds_generator",
+    "seconds_heads",
+    "seconds_sampler",
+    "seconds_total",
+)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -143,6 +162,8 @@ class _CallState:
     round: int = 0
     phase: int = 0
     checked_shape: bool = False
+    num_fit_stages: int = 0  # refitting stages before the final sampling (their images are not kept)
+    keep_all_images: bool = False  # a callback asked for every round's images
     stages: list[dict] = field(default_factory=list)
 
 
@@ -186,9 +207,18 @@ class S2MPipeline(DiffusionPipeline):
             ``proposal_pipeline`` unless ``proposal_kwargs`` sets them.
         default_target (`str`, *optional*): the target used when a call names none (e.g. by `diffusers-cli run`
             without `--pipeline-kwargs`).
+
+    Large generators: a call runs the generator and the heads ``micro_batch_size`` images at a time, keeps only one
+    micro-batch of generated images on the execution device, and lets heads trained on smaller images see a
+    downscaled copy (see "Memory" in [`~S2MPipeline.__call__`]). `enable_model_cpu_offload()` keeps every model on the
+    CPU and moves each one to the accelerator only while it runs (``model_cpu_offload_seq``; a wrapped
+    ``proposal_pipeline`` gets its own offloading). Several processes: ``pipe(..., distributed=True)`` under
+    ``accelerate launch`` (see `s2m_diffusers.distributed`).
     """
 
-    model_cpu_offload_seq = None
+    # diffusers' `enable_model_cpu_offload` order: the generator, then the heads. `proposal_pipeline` is a pipeline,
+    # not a module: diffusers skips it here, and `enable_model_cpu_offload` below offloads its own models.
+    model_cpu_offload_seq = "proposal_pipeline->unet->gan->heads"
     _optional_components = ["heads", "gan", "unet", "scheduler", "proposal_pipeline"]
     _callback_tensor_inputs = ["latents", "images", "log_w"]
 
@@ -292,6 +322,21 @@ class S2MPipeline(DiffusionPipeline):
         if self.proposal_pipeline is not None:
             self.proposal_pipeline.to(*args, **kwargs)
         return self
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """As `DiffusionPipeline.enable_model_cpu_offload`: every model stays on the CPU and is moved to the
+        accelerator when it runs (the generator, then the heads, ``model_cpu_offload_seq``); a wrapped
+        ``proposal_pipeline`` gets its own `enable_model_cpu_offload` (its UNet, text encoders and VAE one at a time).
+
+        Args:
+            gpu_id (`int`, *optional*), device (`torch.device` or `str`, *optional*): as in diffusers. diffusers raises
+                without an accelerator unless ``device`` is given (``device="cpu"`` installs the hooks on a CPU
+                machine, which saves nothing but runs the same code).
+        """
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        inner = self.proposal_pipeline
+        if inner is not None and getattr(inner, "model_cpu_offload_seq", None):
+            inner.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
 
     @classmethod
     def load_config(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -485,17 +530,31 @@ class S2MPipeline(DiffusionPipeline):
             ) from err
 
     def _check_image_shape(self, shape: tuple[int, ...], proposal: ProposalAdapter) -> None:
+        """The heads take the proposal's images as they are, or a downscaled copy when the images are larger."""
         hc = self.heads.config
         expected = (int(hc.in_channels), int(hc.sample_size), int(hc.sample_size))
-        if tuple(shape) != expected:
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 3 or shape[0] != expected[0] or min(shape[1:]) < expected[1]:
             raise ValueError(
                 f"The heads were trained for images of shape {expected} (in_channels={hc.in_channels}, "
                 f"sample_size={hc.sample_size}), but the proposal ({type(proposal).__name__} of "
-                f"{self.proposal_description()['class']}) produces images of shape {tuple(shape)}. Train heads on "
-                f"the proposal's format (S2MHeads(sample_size={shape[-1]}, in_channels={shape[0]}), with real images "
-                "brought to it by `s2m_diffusers.data.prepare_images`), or use the proposal the heads were trained "
-                "with."
+                f"{self.proposal_description()['class']}) produces images of shape {shape}. The heads can see a "
+                "downscaled copy of larger images with the same channels, never a smaller one. Train heads on "
+                f"the proposal's format (S2MHeads(sample_size={min(shape[1:])}, in_channels={shape[0]}) or smaller, "
+                "with real images brought to it by `s2m_diffusers.data.prepare_images`), or use the proposal the "
+                "heads were trained with."
             )
+
+    def heads_view(self, images: torch.Tensor) -> torch.Tensor:
+        """What the heads see of the proposal's images `(B, C, H, W)` in [-1, 1]: the images themselves at the heads'
+        ``sample_size``, else a copy downscaled as real data is (`s2m_diffusers.data.prepare_images`: the shorter side
+        resized with antialiased bilinear filtering, then a centre crop). `train_heads` downscales the proposal's
+        images in the same way, so heads trained on small copies of a large generator's images can judge them."""
+        hc = self.heads.config
+        size, channels = int(hc.sample_size), int(hc.in_channels)
+        if tuple(images.shape[1:]) == (channels, size, size):
+            return images
+        return prepare_images(images, size, channels)
 
     def _class_plan(self, target: Target, proposal: ProposalAdapter, class_label: int | str | None) -> _ClassPlan:
         names = tuple(self.heads.config.attribute_names)
@@ -551,16 +610,24 @@ class S2MPipeline(DiffusionPipeline):
         log_p_data: torch.Tensor,
         log_priors: torch.Tensor | None,
         negation_margin: float,
+        dr_temperature: float,
         micro_batch_size: int,
         state: _CallState,
         on_round: Callable,
     ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """``evaluate(z) -> (x, log_w)`` for one target (a refitting stage or the full target)."""
-        heads = self.heads
-        heads_device, heads_dtype = _module_device_dtype(heads)
+        """``evaluate(z) -> (x, log_w)`` for one target (a refitting stage or the full target).
 
-        def evaluate(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        Generator and heads run ``micro_batch_size`` latents at a time. Each micro-batch's images leave the execution
+        device once the heads have seen them (to the CPU), so that it holds one micro-batch of generated images at a
+        time; the images of the refitting stages, which only their latents and weights serve, are not kept at all
+        (``x`` is then `None`) unless a callback asks for them.
+        """
+        heads = self.heads
+        heads_device, heads_dtype = execution_device(heads), _module_device_dtype(heads)[1]
+
+        def evaluate(z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
             images, weights = [], []
+            keep = state.keep_all_images or state.phase >= state.num_fit_stages
             for chunk in z.split(micro_batch_size):
                 latents, labels = plan.split(chunk, proposal.latent_shape)
                 t0 = time.perf_counter()
@@ -571,18 +638,20 @@ class S2MPipeline(DiffusionPipeline):
                 if not state.checked_shape:
                     self._check_image_shape(tuple(x.shape[1:]), proposal)
                     state.checked_shape = True
-                out = heads(x.to(heads_device, heads_dtype))
+                out = heads(self.heads_view(x.to(heads_device)).to(dtype=heads_dtype))
                 _sync(heads_device)
                 state.seconds_heads += time.perf_counter() - t1
-                lr = log_r(target, out.dr_log_probs.double(), log_p_data, log_priors, negation_margin)
+                dr = temper_dr(out.dr_log_probs.double(), dr_temperature)
+                lr = log_r(target, dr, log_p_data, log_priors, negation_margin)
                 if plan.mode == "fixed":
                     df = out.df_log_probs[:, plan.index].double()
                     lw = log_w(lr, out.dv_logit.double(), df, float(plan.log_probs[plan.index]))
                 else:
                     lw = log_w(lr, out.dv_logit.double())
-                images.append(x)
+                if keep:
+                    images.append(x.cpu())
                 weights.append(lw)
-            x, lw = torch.cat(images), torch.cat(weights)
+            x, lw = (torch.cat(images) if keep else None), torch.cat(weights)
             on_round(z, x, lw)
             return x, lw
 
@@ -614,6 +683,7 @@ class S2MPipeline(DiffusionPipeline):
         steps_after_entry: int | None = None,
         fit_size: int | None = None,
         negation_margin: float | None = None,
+        dr_temperature: float | str | None = None,
         priors: Sequence[float] | None = None,
         class_label: int | str | None = "auto",
         num_inference_steps: int | None = None,
@@ -621,6 +691,7 @@ class S2MPipeline(DiffusionPipeline):
         sampler_kwargs: dict | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        distributed: bool = False,
     ) -> S2MPipelineOutput | tuple:
         r"""Draw ``num_images`` images that satisfy ``target``.
 
@@ -646,11 +717,17 @@ class S2MPipeline(DiffusionPipeline):
                 `BudgetExhaustedError` says how far the sampler got and what to try.
             micro_batch_size (`int`, defaults to 64): latents per generator call and images per heads call; the
                 memory setting (the results do not depend on it).
-            num_chains (`int`, *optional*): chains run side by side in the final stage (defaults to ``num_images``).
+            num_chains (`int`, *optional*): chains run side by side in the final stage (defaults to
+                ``min(num_images, 256)``).
             steps_after_entry (`int`, *optional*): MH steps each chain takes after it first reaches the target;
                 defaults to `sample_s2m`'s.
             fit_size (`int`, *optional*): on-target latents per refitting stage; defaults to `sample_s2m`'s.
             negation_margin (`float`, *optional*): lambda of negated literals; defaults to the heads' config.
+            dr_temperature (`float` or `"auto"`, *optional*): read ``D_r`` tempered, ``softmax(log D_r / T)``
+                (`~s2m_diffusers.targets.temper_dr`; exact heads are unchanged by it, soft heads are sharpened by
+                ``T < 1``). ``None`` (default) uses the calibrated heads as they are; ``"auto"`` sharpens pure
+                conjunctions of two or more attributes (``T = 0.2``) and leaves other targets at 1
+                (`~s2m_diffusers.targets.auto_dr_temperature`). Every refitting stage uses the full target's value.
             priors (`Sequence[float]`, *optional*): attribute priors ``pi_c``; default the heads' (or ``p_data``).
             class_label (`int`, `str` or `None`, defaults to `"auto"`): for a class-conditional proposal, the class
                 every sample is generated with (with the ``D_f`` correction). ``"auto"``: the first attribute the
@@ -669,7 +746,31 @@ class S2MPipeline(DiffusionPipeline):
                 ``callback_on_step_end_tensor_inputs`` for that round's proposals, plus ``"num_on_target"``. Its
                 return value is ignored (the sampler's state cannot be changed from outside).
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): any of ``"latents"``, ``"images"``,
-                ``"log_w"``; defaults to ``["latents"]``.
+                ``"log_w"``; defaults to ``["latents"]``. ``"images"`` (on the CPU) makes the refitting stages keep
+                their images, which they otherwise drop.
+            distributed (`bool`, defaults to `False`): spread the images over the processes started by
+                ``accelerate launch`` (or ``torchrun``; see `s2m_diffusers.distributed`). Every process must make
+                the same call. The images are split in contiguous blocks (`split_between_processes` on the image
+                indices); each process samples its block with its own sampler run(s), refitting included, on its own
+                device, and the results are gathered in image order: **every process returns the whole output**
+                (write files from the main process only). ``stats`` then sums counts and seconds over the processes
+                (``proposals`` is the total over all of them; ``seconds_wall`` is the longest process's time;
+                ``num_processes``), and ``max_proposals`` is split in proportion to each process's images. Seeds: with
+                a list of generators image ``i`` depends on ``generator[i]`` alone, so the images are the same for
+                any number of processes; with one generator each process derives its own from it and its index
+                (`s2m_diffusers.distributed.process_generator`), so the images are reproducible for a given number of
+                processes but change with it (one process: the plain call's images). When one process exhausts its
+                budget the others finish theirs, and then every process raises `BudgetExhaustedError` (or, with
+                ``allow_partial``, returns what all found).
+
+        Memory: the generator and the heads run ``micro_batch_size`` latents at a time, and each micro-batch's images
+        leave the execution device for the CPU once the heads have seen them, so that device memory holds one
+        micro-batch of generated images. The CPU holds the images of the chains in flight (at most ``num_chains``,
+        by default ``min(num_images, 256)``) and those returned; refitting stages keep no images. Heads trained on
+        smaller images than the proposal makes (same channels) see a downscaled copy (`S2MPipeline.heads_view`: the
+        antialiased resize and centre crop of `s2m_diffusers.data.prepare_images`, as `train_heads` applies to the
+        proposal's images). For a large proposal, `enable_model_cpu_offload()` keeps only the model that runs on the
+        accelerator.
 
         Returns:
             [`S2MPipelineOutput`] or `tuple`. ``stats`` holds: ``target``, ``refit``, ``num_images`` (returned),
@@ -677,8 +778,8 @@ class S2MPipeline(DiffusionPipeline):
             (``proposals / num_images``), ``on_target_images``, ``unique_images``, ``chains_started``,
             ``chains_entered``, ``rounds``, ``stages`` (per refitting stage: proposals, on-target share, ESS),
             ``budget_exhausted``, ``max_proposals``, ``class_label``, ``proposal``, and ``seconds_generator``,
-            ``seconds_heads``, ``seconds_sampler`` (the rest: sampling, refitting, bookkeeping) and
-            ``seconds_total`` (their sum).
+            ``seconds_heads``, ``seconds_sampler`` (the rest: sampling, refitting, bookkeeping), ``seconds_total``
+            (their sum), ``num_processes`` and ``seconds_wall`` (see ``distributed``).
 
         Raises:
             TargetError: the target names an attribute the heads do not know, or is malformed.
@@ -701,6 +802,13 @@ class S2MPipeline(DiffusionPipeline):
                 "target at a time (the default), 'once' on the full target, 'off' samples from the prior."
             )
         generators = _generator_list(generator, num_images)
+        per_image_generators = isinstance(generator, (list, tuple))
+        dist_state, share = None, range(num_images)
+        if distributed:
+            from . import distributed as dist
+
+            dist_state = dist.get_state()
+            share = dist.image_share(num_images, dist_state)
         tensor_inputs = list(
             callback_on_step_end_tensor_inputs or getattr(callback_on_step_end, "tensor_inputs", None) or ["latents"]
         )
@@ -721,10 +829,20 @@ class S2MPipeline(DiffusionPipeline):
             raise ValueError(f"priors has {len(priors)} entries, but the heads know {len(names)} attributes {names}.")
         log_priors = None if priors is None else torch.tensor(priors, dtype=torch.float64).log()
         margin = float(negation_margin if negation_margin is not None else getattr(hc, "negation_margin", 1.0))
+        if dr_temperature is None:
+            temperature = 1.0
+        elif dr_temperature == "auto":
+            temperature = auto_dr_temperature(target)
+        elif isinstance(dr_temperature, int | float) and not isinstance(dr_temperature, bool) and dr_temperature > 0:
+            temperature = float(dr_temperature)
+        else:
+            raise ValueError(
+                f"dr_temperature must be None, 'auto' or a positive number, got {dr_temperature!r}; 1.0 (or None) "
+                "reads the calibrated heads as they are."
+            )
 
         proposal = self.get_proposal(micro_batch_size, num_inference_steps)
-        expected = (int(hc.in_channels), int(hc.sample_size), int(hc.sample_size))
-        if proposal.image_shape is not None and tuple(proposal.image_shape) != expected:
+        if proposal.image_shape is not None:
             self._check_image_shape(proposal.image_shape, proposal)
         if isinstance(proposal, PipelineProposal) and id(self.proposal_pipeline) not in self._deterministic_checked:
             proposal.check_deterministic()
@@ -735,16 +853,31 @@ class S2MPipeline(DiffusionPipeline):
         settings = {"steps_after_entry": steps_after_entry, "fit_size": fit_size, **(sampler_kwargs or {})}
         settings = {k: v for k, v in settings.items() if v is not None}
         fit_size = settings.get("fit_size", _SAMPLER_DEFAULTS["fit_size"])
-        budget = max_proposals
-        if budget is None:
-            budget = max(10_000, 1_000 * num_images + 20 * fit_size * n_fit)
-        elif not isinstance(budget, int) or budget < 1:
+        if max_proposals is not None and (not isinstance(max_proposals, int) or max_proposals < 1):
             raise ValueError(f"max_proposals must be a positive integer, got {max_proposals!r}.")
+        if max_proposals is None:
+            budget = max(10_000, 1_000 * len(share) + 20 * fit_size * n_fit)
+        elif dist_state is None:
+            budget = max_proposals
+        else:  # this process's part of the budget, in proportion to its images
+            budget = (max_proposals * share.stop) // num_images - (max_proposals * share.start) // num_images
 
-        state = _CallState()
+        # One sampler run per generator: one run for all of this process's images, or one per image.
+        if per_image_generators:
+            run_generators, run_size = [generators[i] for i in share], 1
+        else:
+            gen = generators[0] if dist_state is None else dist.process_generator(generators[0], dist_state)
+            run_generators, run_size = ([gen] if len(share) else []), len(share)
+        if num_chains is None:
+            num_chains = min(run_size, DEFAULT_MAX_CHAINS) if run_size else None
+        # Several processes must not raise while others wait for them: each keeps what it found, and the gathered
+        # result is checked against the budget below.
+        keep_partial = allow_partial or dist_state is not None
+
+        state = _CallState(num_fit_stages=n_fit, keep_all_images="images" in tensor_inputs)
         prior = StandardNormal(plan.latent_shape(proposal.latent_shape))
 
-        def on_round(z: torch.Tensor, x: torch.Tensor, lw: torch.Tensor) -> None:
+        def on_round(z: torch.Tensor, x: torch.Tensor | None, lw: torch.Tensor) -> None:
             if callback_on_step_end is not None:
                 tensors = {"latents": z, "images": x, "log_w": lw}
                 kwargs = {k: tensors[k] for k in tensor_inputs}
@@ -753,15 +886,17 @@ class S2MPipeline(DiffusionPipeline):
             state.round += 1
 
         evaluates = [
-            self._evaluate_fn(stage, proposal, plan, log_p_data, log_priors, margin, micro_batch_size, state, on_round)
+            self._evaluate_fn(
+                stage, proposal, plan, log_p_data, log_priors, margin, temperature, micro_batch_size, state, on_round
+            )
             for stage in stages
         ]
         results: list[SampleResult] = []
+        show_bar = dist_state is None or dist_state.is_main_process
+        bar_context = self.progress_bar(total=len(share)) if show_bar else _SilentBar(len(share))
         start = time.perf_counter()
-        with self.progress_bar(total=num_images) as bar, eval_mode(self.heads):
-            for i, gen in enumerate(generators):
-                runs = len(generators)
-                n = num_images if runs == 1 else 1
+        with bar_context as bar, eval_mode(self.heads):
+            for i, gen in enumerate(run_generators):
                 state.phase = 0
 
                 def sampler_callback(round_: int, info: dict, offset: int = i) -> None:
@@ -776,20 +911,23 @@ class S2MPipeline(DiffusionPipeline):
 
                 remaining = budget - sum(r.stats.proposals for r in results)
                 if remaining < 1:  # an earlier image's run spent the budget
-                    if not allow_partial:
+                    if not keep_partial:
                         raise self._budget_error(target, refit, num_images, budget, results, plan)
-                    results[-1].stats.budget_exhausted = True
+                    if results:
+                        results[-1].stats.budget_exhausted = True
+                    else:
+                        results.append(_empty_result(prior))
                     break
                 try:
                     result = sample_s2m(
                         evaluates,
                         prior,
-                        n,
+                        run_size,
                         refit=refit,
                         num_chains=num_chains,
                         max_proposals=remaining,
                         generator=gen,
-                        allow_partial=allow_partial,
+                        allow_partial=keep_partial,
                         callback=sampler_callback,
                         **settings,
                     )
@@ -801,8 +939,23 @@ class S2MPipeline(DiffusionPipeline):
                     break
         seconds_total = time.perf_counter() - start
 
-        z, x, on_target = self._gather(results, proposal, plan)
+        z, x, log_weights, on_target = self._gather(results, proposal, plan)
         stats = self._stats(target, refit, budget, results, on_target, z, state, seconds_total, plan)
+        if dist_state is not None and dist_state.num_processes > 1:
+            z, x = dist.gather_rows(z, dist_state), dist.gather_rows(x, dist_state)
+            log_weights, on_target = dist.gather_rows(log_weights, dist_state), dist.gather_rows(on_target, dist_state)
+            stats = _merge_process_stats(dist.gather_objects(stats, dist_state), z, on_target)
+        if stats["budget_exhausted"] and not allow_partial:
+            s = SamplerStats(
+                proposals=stats["proposals"],
+                accepted=stats["accepted"],
+                chains_started=stats["chains_started"],
+                chains_entered=stats["chains_entered"],
+                stages=stats["stages"],
+                budget_exhausted=True,
+            )
+            partial = SampleResult(z, x, log_weights, on_target, s)
+            raise self._budget_error_from(target, refit, num_images, stats["max_proposals"], s, partial, plan)
         labels = None if plan.mode == "none" else plan.split(z, proposal.latent_shape)[1] if z.shape[0] else None
         images = self._postprocess(x, z, output_type)
         self.maybe_free_model_hooks()
@@ -813,16 +966,25 @@ class S2MPipeline(DiffusionPipeline):
     # ----- results ------------------------------------------------------------------------------------------------
     def _gather(
         self, results: list[SampleResult], proposal: ProposalAdapter, plan: _ClassPlan
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hc = self.heads.config
-        zs = [r.z.cpu() for r in results if r.x is not None and r.z.shape[0]]
-        xs = [r.x.cpu() for r in results if r.x is not None and r.z.shape[0]]
-        flags = [r.on_target.cpu() for r in results if r.x is not None and r.z.shape[0]]
-        if not zs:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The runs' latents, images, log weights and on-target flags, concatenated on the CPU."""
+        found = [r for r in results if r.x is not None and r.z.shape[0]]
+        if not found:
+            hc = self.heads.config
             shape = plan.latent_shape(proposal.latent_shape)
-            image_shape = (int(hc.in_channels), int(hc.sample_size), int(hc.sample_size))
-            return torch.zeros((0, *shape)), torch.zeros((0, *image_shape)), torch.zeros(0, dtype=torch.bool)
-        return torch.cat(zs), torch.cat(xs), torch.cat(flags)
+            image_shape = proposal.image_shape or (int(hc.in_channels), int(hc.sample_size), int(hc.sample_size))
+            return (
+                torch.zeros((0, *shape)),
+                torch.zeros((0, *image_shape)),
+                torch.zeros(0, dtype=torch.float64),
+                torch.zeros(0, dtype=torch.bool),
+            )
+        return (
+            torch.cat([r.z.cpu() for r in found]),
+            torch.cat([r.x.cpu() for r in found]),
+            torch.cat([r.log_w.cpu() for r in found]),
+            torch.cat([r.on_target.cpu() for r in found]),
+        )
 
     def _stats(
         self,
@@ -868,6 +1030,8 @@ class S2MPipeline(DiffusionPipeline):
             "seconds_heads": state.seconds_heads,
             "seconds_sampler": seconds_sampler,
             "seconds_total": state.seconds_generator + state.seconds_heads + seconds_sampler,
+            "num_processes": 1,
+            "seconds_wall": seconds_total,
         }
 
     def _budget_error(
@@ -897,6 +1061,18 @@ class S2MPipeline(DiffusionPipeline):
             )
         else:
             partial = SampleResult(torch.zeros(0), None, torch.zeros(0), torch.zeros(0, dtype=torch.bool), s)
+        return self._budget_error_from(target, refit, num_images, budget, s, partial, plan)
+
+    def _budget_error_from(
+        self,
+        target: Target,
+        refit: str,
+        num_images: int,
+        budget: int,
+        s: SamplerStats,
+        partial: SampleResult,
+        plan: _ClassPlan,
+    ) -> BudgetExhaustedError:
         n_found = int(partial.z.shape[0]) if partial.x is not None else 0
         s.num_returned = n_found
         shares = [f"{st.get('on_target', 0)} of {st.get('proposals', 0)}" for st in s.stages]
@@ -924,6 +1100,47 @@ class S2MPipeline(DiffusionPipeline):
 
 # ------------------------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _empty_result(prior: StandardNormal) -> SampleResult:
+    """No image and no proposal: a process whose part of the budget was empty."""
+    stats = SamplerStats(budget_exhausted=True)
+    return SampleResult(prior.sample(0), None, torch.zeros(0), torch.zeros(0, dtype=torch.bool), stats)
+
+
+class _SilentBar(contextlib.nullcontext):
+    """A progress bar that shows nothing (processes other than the main one)."""
+
+    def __init__(self, total: int):
+        super().__init__(self)
+        self.total, self.n = total, 0
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+
+def _merge_process_stats(per_process: list[dict], z: torch.Tensor, on_target: torch.Tensor) -> dict:
+    """The statistics of a distributed call: counts and seconds summed over the processes, rates recomputed,
+    ``seconds_wall`` the longest process's time, ``stages`` every process's refitting stages (with ``"process"``)."""
+    out = dict(per_process[0])
+    for key in _SUMMED_STATS:
+        out[key] = sum(p[key] for p in per_process)
+    n = int(z.shape[0])
+    out.update(
+        num_images=n,
+        acceptance_rate=out["accepted"] / out["proposals"] if out["proposals"] else 0.0,
+        proposals_per_image=out["proposals"] / n if n else math.inf,
+        on_target_images=int(on_target.sum()),
+        unique_images=int(torch.unique(z.reshape(n, -1), dim=0).shape[0]) if n else 0,
+        budget_exhausted=any(p["budget_exhausted"] for p in per_process),
+        stages=[{**stage, "process": i} for i, p in enumerate(per_process) for stage in p["stages"]],
+        num_processes=len(per_process),
+        seconds_wall=max(p["seconds_wall"] for p in per_process),
+    )
+    return out
 
 
 def _check_components(heads, gan, unet, scheduler, proposal_pipeline, need_heads: bool = True) -> None:

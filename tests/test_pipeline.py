@@ -13,11 +13,12 @@ from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, ModelMixin, UN
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
+from s2m_diffusers.data import prepare_images
 from s2m_diffusers.models.gan import DCGANGenerator
 from s2m_diffusers.models.heads import S2MHeads, S2MHeadsOutput
 from s2m_diffusers.pipeline_s2m import S2MPipeline, S2MPipelineOutput
-from s2m_diffusers.proposals import GeneratorProposal
-from s2m_diffusers.sampling import BudgetExhaustedError
+from s2m_diffusers.proposals import GeneratorProposal, execution_device
+from s2m_diffusers.sampling import BudgetExhaustedError, sample_s2m
 from s2m_diffusers.targets import TargetError
 
 torch.set_num_threads(1)
@@ -116,6 +117,18 @@ class ExactHeads(ModelMixin, ConfigMixin):
         present = quadrant_attributes(images)
         dr = torch.log_softmax(torch.where(present, 0.0, -40.0), 1)
         return S2MHeadsOutput(dv_logit=torch.zeros(images.shape[0]), dr_log_probs=dr, df_log_probs=None)
+
+
+def test_tempered_dr_keeps_exact_heads_on_target_and_bad_temperatures_are_refused():
+    pipe = S2MPipeline(heads=ExactHeads(), gan=QuadrantGenerator())
+    pipe.set_progress_bar_config(disable=True)
+    for temperature in ("auto", 0.5):
+        out = pipe("A & B", num_images=8, generator=seeded(), output_type="pt", dr_temperature=temperature, **FAST)
+        present = quadrant_attributes(out.images * 2 - 1)
+        assert (present[:, 0] & present[:, 1]).all(), temperature
+    for bad in (0, -1.0, "sharp", True):
+        with pytest.raises(ValueError, match="dr_temperature"):
+            pipe("A & B", num_images=1, generator=seeded(), dr_temperature=bad, **FAST)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,9 +361,9 @@ def test_heads_for_another_image_size_or_channel_count():
         with pytest.raises(ValueError, match=rf"trained for images of shape.*{fragment}.*produces images of shape"):
             pipe("A", **FAST)
     # a generator whose config does not tell its image size: caught at its first images
-    pipe = S2MPipeline(heads=S2MHeads(NAMES, sample_size=4, in_channels=1, cnn_channels=(4, 8)), gan=dcgan())
+    pipe = S2MPipeline(heads=S2MHeads(NAMES, sample_size=16, in_channels=1, cnn_channels=(4, 8)), gan=dcgan())
     pipe.gan.register_to_config(sample_size=None)
-    with pytest.raises(ValueError, match=r"produces images of shape \(1, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"produces images of shape \(1, 8, 8\).*downscaled copy of larger"):
         pipe("A", **FAST)
 
 
@@ -489,3 +502,111 @@ def test_budget_spent_by_earlier_images_of_a_generator_list():
     partial = pipe("A | B | C", allow_partial=True, **kwargs)
     assert partial.stats["num_images"] == 1 and partial.stats["budget_exhausted"]
     assert partial.stats["proposals"] == 4 and partial.stats["proposals_per_image"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory: micro-batches, downscaled copies for the heads, bounded chains, CPU offloading
+
+
+class RecordingGenerator(QuadrantGenerator):
+    """QuadrantGenerator at any size, recording the largest batch it was called with."""
+
+    @register_to_config
+    def __init__(self, latent_dim: int = 4, sample_size: int = 8, out_channels: int = 1):
+        super().__init__(latent_dim, sample_size, out_channels)
+        self.largest = 0
+
+    def forward(self, latents):
+        self.largest = max(self.largest, latents.shape[0])
+        q = torch.tanh(self.scale * latents.view(-1, 1, 2, 2))
+        k = self.config.sample_size // 2
+        return q.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)  # (B, 1, S, S)
+
+
+class RecordingHeads(ExactHeads):
+    """ExactHeads that record the largest batch and the image shapes they saw."""
+
+    def forward(self, images):
+        self.seen = getattr(self, "seen", set()) | {tuple(images.shape[1:])}
+        self.largest = max(getattr(self, "largest", 0), images.shape[0])
+        return super().forward(images)
+
+
+def test_heads_see_a_downscaled_copy_of_larger_images():
+    gan, heads = RecordingGenerator(sample_size=16), RecordingHeads(sample_size=8)
+    pipe = S2MPipeline(heads=heads, gan=gan)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("A & ~B", num_images=6, generator=seeded(), output_type="pt", **FAST)
+    assert out.images.shape == (6, 1, 16, 16)  # the proposal's images are returned at full size
+    assert heads.seen == {(1, 8, 8)}  # the heads only saw 8x8 copies
+    present = quadrant_attributes(pipe.heads_view(out.images * 2 - 1))
+    assert (present[:, 0] & ~present[:, 1]).all()  # and the exact heads still select the target
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    assert torch.allclose(pipe.heads_view(images), prepare_images(images, 8, 1))  # as real data is prepared
+    # smaller images, or other channels, are refused (see test_heads_for_another_image_size_or_channel_count)
+    with pytest.raises(ValueError, match="never a smaller one"):
+        S2MPipeline(heads=RecordingHeads(sample_size=32), gan=gan)("A", **FAST)
+
+
+def test_generator_and_heads_run_in_micro_batches_and_chains_are_bounded():
+    gan, heads = RecordingGenerator(), RecordingHeads()
+    pipe = S2MPipeline(heads=heads, gan=gan)
+    pipe.set_progress_bar_config(disable=True)
+    rounds = []
+    out = pipe(
+        "A | B",
+        num_images=300,
+        generator=seeded(),
+        refit="off",
+        micro_batch_size=16,
+        callback_on_step_end=lambda p, r, phase, kw: rounds.append(kw["latents"].shape[0]),
+    )
+    assert len(out.images) == 300 and out.on_target.all()
+    assert gan.largest == 16 and heads.largest == 16  # never more than a micro-batch at once
+    assert max(rounds) == 256  # the default pool: at most 256 chains (and their images) at once
+
+
+def test_refitting_stages_keep_images_only_when_a_callback_asks(monkeypatch):
+    import s2m_diffusers.pipeline_s2m as module
+
+    kept = []  # per evaluate call: were the images kept?
+
+    def spy(evaluates, *args, **kwargs):
+        def wrap(evaluate):
+            def recorded(z):
+                x, lw = evaluate(z)
+                kept.append(x is not None)
+                return x, lw
+
+            return recorded
+
+        return sample_s2m([wrap(e) for e in evaluates], *args, **kwargs)
+
+    monkeypatch.setattr(module, "sample_s2m", spy)
+    pipe = gan_pipeline()
+    out = pipe("A & ~B", num_images=2, generator=seeded(), negation_margin=1.0, output_type="pt", **FAST)
+    assert len(out.stats["stages"]) == 2 and out.images.shape == (2, 1, 8, 8)
+    n_fit = sum(not k for k in kept)
+    assert n_fit >= 2 and kept == [False] * n_fit + [True] * (len(kept) - n_fit)  # refitting, then sampling
+    phases = []
+    pipe(
+        "A & ~B",
+        num_images=2,
+        generator=seeded(),
+        negation_margin=1.0,
+        callback_on_step_end=lambda p, r, phase, kw: phases.append((phase, kw["images"] is not None)),
+        callback_on_step_end_tensor_inputs=["images"],
+        **FAST,
+    )
+    assert {phase for phase, _ in phases} == {0, 1, 2} and all(has for _, has in phases)
+
+
+def test_model_cpu_offload_sequence_names_components_and_runs():
+    pipe = gan_pipeline()
+    names = pipe.model_cpu_offload_seq.split("->")
+    assert set(names) <= set(pipe.components) and names[-1] == "heads"
+    plain = pipe("A & ~B", num_images=2, generator=seeded(), negation_margin=1.0, output_type="pt", **FAST)
+    pipe.enable_model_cpu_offload(device="cpu")  # the hooks of an accelerator, on the CPU: same code path
+    assert execution_device(pipe.gan).type == "cpu" and getattr(pipe.gan, "_hf_hook", None) is not None
+    offloaded = pipe("A & ~B", num_images=2, generator=seeded(), negation_margin=1.0, output_type="pt", **FAST)
+    assert torch.equal(plain.images, offloaded.images)

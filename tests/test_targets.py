@@ -123,3 +123,27 @@ def test_log_w_conditional_needs_class_prior():
         log_w(torch.zeros(2), torch.zeros(2), torch.zeros(2))
     out = log_w(torch.zeros(2), torch.ones(2), torch.full((2,), -1.0), math.log(0.5))
     torch.testing.assert_close(out, torch.full((2,), 2.0 + math.log(0.5)))
+
+
+def test_tempering_leaves_exact_heads_unchanged_and_sharpens_soft_ones():
+    from s2m_diffusers.targets import temper_dr
+
+    # Exact heads: D_r uniform on the image's attribute set.
+    exact = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64).log()
+    for temperature in (0.2, 1.0, 3.0):
+        torch.testing.assert_close(temper_dr(exact, temperature).exp(), exact.exp())
+    soft = torch.tensor([[0.45, 0.45, 0.10]], dtype=torch.float64).log()
+    sharp = temper_dr(soft, 0.2).exp()[0]
+    assert sharp[2] < 1e-3 and abs(float(sharp[0]) - 0.5) < 1e-3
+    with pytest.raises(ValueError, match="positive"):
+        temper_dr(soft, 0.0)
+
+
+def test_auto_temperature_sharpens_pure_conjunctions_only():
+    from s2m_diffusers.targets import auto_dr_temperature
+
+    names = ["a", "b", "c"]
+    assert auto_dr_temperature(parse_target("a & b & c", names)) == 0.2
+    assert auto_dr_temperature(parse_target("a & b", names)) == 0.2
+    for text in ("a", "a & ~b", "a & b & ~c", "a | b", "~a"):
+        assert auto_dr_temperature(parse_target(text, names)) == 1.0, text
