@@ -1,0 +1,419 @@
+#!/usr/bin/env python
+"""S2M sampling as the number of attributes grows: Shapes, k = 1 to 6 required attributes.
+
+The dataset is [`s2m_diffusers.shapes`]: a constructed generator whose image shows attribute ``s_i`` (a bright patch)
+exactly when latent coordinate ``z_i`` exceeds a threshold, each with prior probability 0.3, so the target
+``s0 & s1 & ... & s{k-1}`` (the other attributes free) holds for a share ``0.3^k`` of the proposals (7.3e-4 at
+k = 6). Attributes are read from the pixels, so **accuracy is exact**: no evaluator. Single-positive training data
+follows spec §1 (label ``c`` uniform, image from ``p(x | y_c = 1)``); the heads are trained on it once with
+``train_heads`` and cached in ``--heads-dir``.
+
+For every k, seed and method, ``--num-images`` images are drawn and scored:
+
+- `accuracy`: share of the returned images that hold all k attributes (read from the pixels).
+- `frechet`: Fréchet distance, in the generator's fixed features (patch means, texture coefficients), to 5000 exact
+  draws of the target; `frechet_iid` is the same for ``N`` exact i.i.d. draws (the floor at this ``N``).
+- `proposals_per_image`: generator calls per returned image, refitting included.
+- `seconds`: wall time of the sampling.
+
+Methods (the issue's vocabulary: ``official``, ``ours``; ``ours`` without refitting is ``ours_norefit``):
+
+- `official`: the official recipe (`sample_official`: ``N`` chains x 200 IMH steps from the prior, final states
+  returned, 201 proposals per image) with the official weights: ``gamma_c`` 0.1 for a present attribute, negation
+  margin 1, ``logit D_v``, and the official ``D_r`` temperature, 1.2 for one present attribute, 1.0 for two, 0.2 for
+  three; the official code has none for more, **0.2 is used for k >= 3**.
+- `ours_norefit`: `S2MPipeline(heads, gan=ShapesGenerator)` with ``refit="off"``: chains from the prior.
+- `ours`: the same pipeline with ``refit="sequential"`` (one more literal per refitting stage).
+
+Both of ours run the sampler's own stopping rule, ``mixing_tolerance`` (default 0.1): each chain takes enough MH
+steps after entering the target that the bound ``(1 - 1/W)^T`` falls below it, ``W`` the largest importance ratio
+seen (capped at ``--max-steps``). Both therefore aim at the same distribution, the heads' ``p_T``, and reach about
+the same accuracy; the cost of getting there is what differs. (With the sampler's default of 5 fixed steps, every
+chain of ``ours_norefit`` "enters" the target at once, since the heads give every image a positive weight, and
+returns an almost unselected image.)
+
+Refitting settings of `ours` (flags): ``--fit-size 2048`` proposals per stage, ``--n-components 1`` (one Gaussian),
+``--covariance-scale 1.0``. With `sample_s2m`'s defaults (256, up to 8 components, 2.0) the fits degenerate on this
+10-dimensional latent: every proposal has a finite weight (the heads give every image some ``D_r`` mass), so a stage
+stops after ``fit_size`` proposals whatever their weights, the importance resampling keeps about 0.3 of them, a
+widened or multi-component full-covariance fit to ~70 distinct points makes ``p_z / q`` swing, and the effective
+sample size falls to 2-10 by the third stage (measured: k = 3 accuracy 0.35 against 0.92 without refitting).
+
+The column `heads' ceiling` is the accuracy of the heads' own target ``p_T ∝ p_G w`` (100,000 prior draws, weighted):
+what a converged sampler returns. It falls with k because ``D_r`` keeps a small mass on absent attributes and the
+images missing m of the k attributes outnumber the target by ``C(k, m) (0.7 / 0.3)^m``.
+
+``mixing_tolerance`` is pessimistic after refitting: ``W`` is the largest ratio ``pi / q`` seen, reached by the
+defensive prior draws (``p_z / q`` up to ``1 / defensive``) and the fitted Gaussian's light tails, so the chains of
+``ours`` run to `sample_imh`'s cap of 200 steps (which `sample_s2m` does not let a caller change). ``--refit-steps
+50`` gives ``ours`` a fixed 50 steps instead; at k = 6 that reaches the heads' ceiling for 112 proposals per image.
+
+Goal (issue 6): at k = 6, ``ours`` needs <= 1/10 the proposals per image of ``ours_norefit`` at equal accuracy.
+
+Usage:
+
+```sh
+python benchmarks/bench_scaling.py                                  # prints the table
+python benchmarks/bench_scaling.py --num-images 200 --seeds 0 1 --json scaling.json
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from s2m_diffusers.evaluation import frechet_distance  # noqa: E402
+from s2m_diffusers.models.heads import S2MHeads  # noqa: E402
+from s2m_diffusers.proposals import GeneratorProposal  # noqa: E402
+from s2m_diffusers.refit import StandardNormal  # noqa: E402
+from s2m_diffusers.sampling import sample_imh, sample_official, sample_s2m  # noqa: E402
+from s2m_diffusers.shapes import ShapesGenerator, shapes_single_positive  # noqa: E402
+from s2m_diffusers.targets import Target, log_r, log_w, parse_target  # noqa: E402
+from s2m_diffusers.training import save_heads, train_heads  # noqa: E402
+
+METHODS = ("official", "ours_norefit", "ours")
+# The official code's D_r temperature by the number of present attributes; it has none beyond 3 (0.2 is used).
+OFFICIAL_TEMPERATURES = {1: 1.2, 2: 1.0}
+OFFICIAL_TEMPERATURE_MANY = 0.2
+OFFICIAL_GAMMA_PRESENT, OFFICIAL_GAMMA_ABSENT = 0.1, 1.0
+OFFICIAL_STEPS = 200
+REFERENCE_SIZE = 5000
+# Heads training settings; the cache in --heads-dir is reused only when they match.
+TRAINING = {
+    "num_train_images": 12000,
+    "data_seed": 0,
+    "num_steps": 3000,
+    "batch_size": 64,
+    "learning_rate": 2e-3,
+    "cnn_channels": [16, 32, 64],
+    "eval_steps": 100,
+    "seed": 0,
+    "augment": [],
+}
+
+
+def train_or_load_heads(generator: ShapesGenerator, heads_dir: str, retrain: bool = False) -> tuple[S2MHeads, dict]:
+    """Heads trained on Shapes single-positive data with the Shapes generator as proposal, cached in `heads_dir`.
+
+    Returns:
+        `tuple`: the heads (eval mode) and the training metrics (with `train_time_s`; from the cache when loaded).
+    """
+    settings_file = os.path.join(heads_dir, "bench_settings.json")
+    config = {k: v for k, v in generator.config.items() if not k.startswith("_")}
+    wanted = {"training": TRAINING, "generator": config}
+    if not retrain and os.path.exists(settings_file):
+        with open(settings_file) as f:
+            if json.load(f) == json.loads(json.dumps(wanted)):
+                with open(os.path.join(heads_dir, "metrics.json")) as f:
+                    metrics = json.load(f)
+                return S2MHeads.from_pretrained(heads_dir).eval(), {**metrics, "cached": True}
+    t = TRAINING
+    data, _ = shapes_single_positive(generator, t["num_train_images"], seed=t["data_seed"])
+    heads, metrics = train_heads(
+        data,
+        GeneratorProposal(generator, micro_batch_size=256),
+        num_steps=t["num_steps"],
+        batch_size=t["batch_size"],
+        learning_rate=t["learning_rate"],
+        eval_steps=t["eval_steps"],
+        augment=t["augment"],
+        dr_augment=t["augment"],
+        seed=t["seed"],
+        progress=False,
+        cnn_channels=t["cnn_channels"],
+    )
+    os.makedirs(heads_dir, exist_ok=True)
+    save_heads(heads, heads_dir)
+    for name, content in (("metrics.json", metrics), ("bench_settings.json", wanted)):
+        tmp = os.path.join(heads_dir, f".{name}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(content, f, indent=2)
+        os.replace(tmp, os.path.join(heads_dir, name))
+    return heads.eval(), {**metrics, "cached": False}
+
+
+def official_evaluate(generator: ShapesGenerator, heads: S2MHeads, target: Target, micro_batch_size: int = 256):
+    """``evaluate(z) -> (x, log_w)`` with the official recipe's weights (as `bench_7to3.official_evaluate`)."""
+    names = heads.attribute_names
+    present = set(target.present)
+    gammas = torch.tensor(
+        [OFFICIAL_GAMMA_PRESENT if n in present else OFFICIAL_GAMMA_ABSENT for n in names], dtype=torch.float64
+    )
+    counts = torch.tensor(heads.config.label_counts, dtype=torch.float64)
+    log_p_data = (counts / counts.sum()).log()
+    log_priors = gammas.log() + log_p_data
+    temperature = OFFICIAL_TEMPERATURES.get(len(present), OFFICIAL_TEMPERATURE_MANY)
+    proposal = GeneratorProposal(generator, micro_batch_size=micro_batch_size)
+
+    @torch.no_grad()
+    def evaluate(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images, weights = [], []
+        for chunk in z.split(micro_batch_size):
+            x = proposal.generate(chunk)
+            out = heads(x)
+            dr = torch.log_softmax(out.dr_log_probs.double() / temperature, dim=1)
+            lr = log_r(target, dr, log_p_data, log_priors, negation_margin=1.0)
+            images.append(x)
+            weights.append(log_w(lr, out.dv_logit.double()))
+        return torch.cat(images), torch.cat(weights)
+
+    return evaluate, proposal
+
+
+def ours_evaluates(generator: ShapesGenerator, heads: S2MHeads, target: Target, micro_batch_size: int = 256) -> list:
+    """``evaluate(z) -> (x, log_w)`` per refitting stage of `target`, with the heads' calibrated weights: the formula
+    of `S2MPipeline` (``log r_T`` with the heads' ``p_data``, priors and negation margin, plus ``logit D_v``)."""
+    counts = torch.tensor(heads.config.label_counts, dtype=torch.float64)
+    log_p_data = (counts / counts.sum()).log()
+    log_priors = None if heads.priors is None else torch.tensor(heads.priors, dtype=torch.float64).log()
+    proposal = GeneratorProposal(generator, micro_batch_size=micro_batch_size)
+
+    def make(stage: Target):
+        @torch.no_grad()
+        def evaluate(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            images, weights = [], []
+            for chunk in z.split(micro_batch_size):
+                x = proposal.generate(chunk)
+                out = heads(x)
+                lr = log_r(stage, out.dr_log_probs.double(), log_p_data, log_priors, heads.negation_margin)
+                images.append(x)
+                weights.append(log_w(lr, out.dv_logit.double()))
+            return torch.cat(images), torch.cat(weights)
+
+        return evaluate
+
+    return [make(stage) for stage in target.stages()]
+
+
+@torch.no_grad()
+def heads_ceiling(generator: ShapesGenerator, heads: S2MHeads, ks: list[int], n: int = 100_000) -> dict[int, float]:
+    """Accuracy of the heads' own target ``p_T ∝ p_G w`` for each k: the share of ``sum w`` over ``n`` prior draws
+    that falls on images holding the k attributes. A sampler that converges returns this accuracy, not 1."""
+    z = StandardNormal((generator.config.latent_dim,)).sample(n, torch.Generator().manual_seed(99))
+    holds = generator.latent_attributes(z)
+    outs = [heads(generator(chunk)) for chunk in z.split(4096)]
+    dr = torch.cat([o.dr_log_probs for o in outs]).double()
+    dv = torch.cat([o.dv_logit for o in outs]).double()
+    counts = torch.tensor(heads.config.label_counts, dtype=torch.float64)
+    log_p_data = (counts / counts.sum()).log()
+    log_priors = None if heads.priors is None else torch.tensor(heads.priors, dtype=torch.float64).log()
+    out = {}
+    for k in ks:
+        target = parse_target(" & ".join(heads.attribute_names[:k]), heads.attribute_names)
+        lw = log_w(log_r(target, dr, log_p_data, log_priors, heads.negation_margin), dv)
+        p = torch.softmax(lw, 0)
+        out[k] = float(p[holds[:, :k].all(1)].sum())
+    return out
+
+
+@torch.no_grad()
+def run_method(
+    method: str,
+    generator: ShapesGenerator,
+    heads: S2MHeads,
+    target: str,
+    num_images: int,
+    seed: int,
+    settings: dict,
+) -> tuple[torch.Tensor, int, float, dict]:
+    """Draw `num_images` images of `target`; returns (images in [-1, 1], proposals, seconds, extra stats)."""
+    rng = torch.Generator().manual_seed(seed)
+    parsed = parse_target(target, heads.attribute_names)
+    prior = StandardNormal((generator.config.latent_dim,))
+    t0 = time.perf_counter()
+    if method == "official":
+        evaluate, _ = official_evaluate(generator, heads, parsed)
+        result = sample_official(evaluate, prior, num_images, OFFICIAL_STEPS, generator=rng)
+    elif method == "ours":
+        result = sample_s2m(
+            ours_evaluates(generator, heads, parsed),
+            prior,
+            num_images,
+            refit="sequential",
+            steps_after_entry=5 if settings["refit_steps"] is None else settings["refit_steps"],
+            mixing_tolerance=settings["mixing_tolerance"] if settings["refit_steps"] is None else None,
+            fit_size=settings["fit_size"],
+            n_components=settings["n_components"],
+            covariance_scale=settings["covariance_scale"],
+            max_proposals=settings["max_proposals"],
+            generator=rng,
+        )
+    elif method == "ours_norefit":
+        # sample_s2m(refit="off") is sample_imh from the prior; called directly for its max_steps_after_entry.
+        result = sample_imh(
+            ours_evaluates(generator, heads, parsed)[-1],
+            prior,
+            num_images,
+            mixing_tolerance=settings["mixing_tolerance"],
+            max_steps_after_entry=settings["max_steps"],
+            max_proposals=settings["max_proposals"],
+            generator=rng,
+        )
+    else:
+        raise ValueError(f"Unknown method {method!r}; choose among {list(METHODS)}.")
+    seconds = time.perf_counter() - t0
+    s = result.stats
+    extra = {
+        "fit_proposals": sum(stage["proposals"] for stage in s.stages),
+        "acceptance_rate": s.acceptance_rate,
+        "unique_images": s.unique_returned,
+    }
+    return result.x.float().cpu(), s.proposals, seconds, extra
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-images", type=int, default=200, help="images per (k, method, seed)")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="numbers of attributes")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--mixing-tolerance", type=float, default=0.1, help="ours: the sampler's stopping rule")
+    parser.add_argument("--max-steps", type=int, default=5000, help="ours_norefit: cap on MH steps after entry")
+    parser.add_argument(
+        "--refit-steps",
+        type=int,
+        default=None,
+        help="ours: a fixed number of MH steps after entry instead of the mixing_tolerance rule",
+    )
+    parser.add_argument("--fit-size", type=int, default=2048, help="ours: proposals per refitting stage")
+    parser.add_argument("--n-components", type=int, default=1, help="ours: Gaussian mixture components per fit")
+    parser.add_argument("--covariance-scale", type=float, default=1.0, help="ours: widening of each fit")
+    parser.add_argument("--max-proposals", type=int, default=5_000_000, help="ours: proposal budget per run")
+    parser.add_argument(
+        "--heads-dir",
+        default=os.path.join(tempfile.gettempdir(), "s2m_bench_scaling_heads"),
+        help="where the trained heads are cached (retrained when the settings differ)",
+    )
+    parser.add_argument("--retrain", action="store_true", help="train the heads even if cached")
+    parser.add_argument("--json", default=None, help="write the rows to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    generator = ShapesGenerator().eval()
+    heads, metrics = train_or_load_heads(generator, args.heads_dir, args.retrain)
+    print(
+        f"heads ({'cached' if metrics['cached'] else 'trained'} in {metrics['train_time_s']:.0f} s, "
+        f"{args.heads_dir}): D_r accuracy {metrics['dr_accuracy']:.3f} NLL {metrics['dr_nll_after']:.3f}, "
+        f"D_v accuracy {metrics['dv_accuracy']:.3f}",
+        flush=True,
+    )
+    settings = {
+        "mixing_tolerance": args.mixing_tolerance,
+        "max_steps": args.max_steps,
+        "fit_size": args.fit_size,
+        "n_components": args.n_components,
+        "covariance_scale": args.covariance_scale,
+        "max_proposals": args.max_proposals,
+        "refit_steps": args.refit_steps,
+    }
+    names = generator.attribute_names
+    ceiling = heads_ceiling(generator, heads, args.ks)
+
+    rows = []
+    for k in args.ks:
+        target = " & ".join(names[:k])
+        reference = generator.features(
+            generator(
+                generator.sample_latents(REFERENCE_SIZE, torch.Generator().manual_seed(10_000 + k), present=range(k))
+            )
+        )
+        for seed in args.seeds:
+            iid = generator(
+                generator.sample_latents(
+                    args.num_images, torch.Generator().manual_seed(20_000 + 100 * k + seed), present=range(k)
+                )
+            )
+            frechet_iid = frechet_distance(generator.features(iid), reference)
+            for method in args.methods:
+                images, proposals, seconds, extra = run_method(
+                    method, generator, heads, target, args.num_images, 1000 * k + seed, settings
+                )
+                holds = generator.image_attributes(images)[:, :k].all(1)
+                row = {
+                    "dataset": "shapes",
+                    "proposal": "shapes_generator",
+                    "target": target,
+                    "k": k,
+                    "method": method,
+                    "seed": seed,
+                    "num_images": len(images),
+                    "accuracy": float(holds.double().mean()),
+                    "frechet": frechet_distance(generator.features(images), reference),
+                    "frechet_iid": frechet_iid,
+                    "proposals_per_image": proposals / len(images),
+                    "seconds": seconds,
+                    "prior_share": generator.attribute_probability**k,
+                    "heads_ceiling": ceiling[k],
+                    **extra,
+                }
+                rows.append(row)
+                print(
+                    f"k={k} seed={seed} {method:<13} acc {row['accuracy']:.3f}  frechet {row['frechet']:7.4f} "
+                    f"(iid {frechet_iid:.4f})  prop/img {row['proposals_per_image']:9.1f}  {seconds:7.1f} s",
+                    flush=True,
+                )
+
+    print(f"\nShapes, k attributes required, {args.num_images} images, seeds {args.seeds}")
+    print("cells: accuracy / frechet / proposals per image / seconds (means over seeds)\n")
+    show_ratio = "ours" in args.methods and "ours_norefit" in args.methods
+    header = f"| k | prior share | heads' ceiling | {' | '.join(args.methods)} |" + (
+        " no-refit / refit proposals |" if show_ratio else ""
+    )
+    print(header)
+    print("|---" * (3 + len(args.methods) + show_ratio) + "|")
+    for k in args.ks:
+        cells = []
+        per = {m: [r for r in rows if r["k"] == k and r["method"] == m] for m in args.methods}
+        for m in args.methods:
+            cells.append(
+                " / ".join(
+                    [
+                        _fmt(_mean(per[m], "accuracy")),
+                        _fmt(_mean(per[m], "frechet")),
+                        _fmt(_mean(per[m], "proposals_per_image")),
+                        f"{_mean(per[m], 'seconds'):.1f}",
+                    ]
+                )
+            )
+        line = f"| {k} | {generator.attribute_probability**k:.2g} | {ceiling[k]:.3f} | {' | '.join(cells)} |"
+        if show_ratio:
+            ratio = _mean(per["ours_norefit"], "proposals_per_image") / _mean(per["ours"], "proposals_per_image")
+            line += f" {ratio:.1f}x |"
+        print(line)
+    if show_ratio and 6 in args.ks:
+        per = {m: [r for r in rows if r["k"] == 6 and r["method"] == m] for m in ("ours", "ours_norefit")}
+        ratio = _mean(per["ours_norefit"], "proposals_per_image") / _mean(per["ours"], "proposals_per_image")
+        acc = {m: _mean(per[m], "accuracy") for m in per}
+        print(
+            f"\nGoal (k = 6: refit needs <= 1/10 the proposals per image of no refit, at equal accuracy): "
+            f"ratio {ratio:.1f}x, accuracy {acc['ours']:.3f} (refit) vs {acc['ours_norefit']:.3f} (no refit)"
+        )
+
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, args.json)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
