@@ -610,6 +610,7 @@ class S2MPipeline(DiffusionPipeline):
         log_p_data: torch.Tensor,
         log_priors: torch.Tensor | None,
         negation_margin: float,
+        presence_margin: float,
         dr_temperature: float,
         micro_batch_size: int,
         state: _CallState,
@@ -642,7 +643,7 @@ class S2MPipeline(DiffusionPipeline):
                 _sync(heads_device)
                 state.seconds_heads += time.perf_counter() - t1
                 dr = temper_dr(out.dr_log_probs.double(), dr_temperature)
-                lr = log_r(target, dr, log_p_data, log_priors, negation_margin)
+                lr = log_r(target, dr, log_p_data, log_priors, negation_margin, presence_margin)
                 if plan.mode == "fixed":
                     df = out.df_log_probs[:, plan.index].double()
                     lw = log_w(lr, out.dv_logit.double(), df, float(plan.log_probs[plan.index]))
@@ -683,6 +684,7 @@ class S2MPipeline(DiffusionPipeline):
         steps_after_entry: int | None = None,
         fit_size: int | None = None,
         negation_margin: float | None = None,
+        presence_margin: float | None = None,
         dr_temperature: float | str | None = None,
         priors: Sequence[float] | None = None,
         class_label: int | str | None = "auto",
@@ -723,6 +725,11 @@ class S2MPipeline(DiffusionPipeline):
                 defaults to `sample_s2m`'s.
             fit_size (`int`, *optional*): on-target latents per refitting stage; defaults to `sample_s2m`'s.
             negation_margin (`float`, *optional*): lambda of negated literals; defaults to the heads' config.
+            presence_margin (`float`, *optional*): ``kappa`` in [0, 1]: a required attribute counts only where its
+                ratio comes within ``kappa`` of the image's strongest (`~s2m_diffusers.targets.log_r`). Exact heads
+                are unchanged by it; soft heads stop counting faint attributes, which makes conjunctions such as
+                ``"a & b & c"`` hold only where all three are clear. Defaults to the heads' config
+                ``presence_margin``, else 0 (the paper's formula).
             dr_temperature (`float` or `"auto"`, *optional*): read ``D_r`` tempered, ``softmax(log D_r / T)``
                 (`~s2m_diffusers.targets.temper_dr`; exact heads are unchanged by it, soft heads are sharpened by
                 ``T < 1``). ``None`` (default) uses the calibrated heads as they are; ``"auto"`` sharpens pure
@@ -829,6 +836,11 @@ class S2MPipeline(DiffusionPipeline):
             raise ValueError(f"priors has {len(priors)} entries, but the heads know {len(names)} attributes {names}.")
         log_priors = None if priors is None else torch.tensor(priors, dtype=torch.float64).log()
         margin = float(negation_margin if negation_margin is not None else getattr(hc, "negation_margin", 1.0))
+        if presence_margin is None:
+            presence_margin = getattr(hc, "presence_margin", None) or 0.0
+        presence = float(presence_margin)
+        if not 0.0 <= presence <= 1.0:
+            raise ValueError(f"presence_margin must lie in [0, 1] (0 is the paper's formula), got {presence}.")
         if dr_temperature is None:
             temperature = 1.0
         elif dr_temperature == "auto":
@@ -887,7 +899,17 @@ class S2MPipeline(DiffusionPipeline):
 
         evaluates = [
             self._evaluate_fn(
-                stage, proposal, plan, log_p_data, log_priors, margin, temperature, micro_batch_size, state, on_round
+                stage,
+                proposal,
+                plan,
+                log_p_data,
+                log_priors,
+                margin,
+                presence,
+                temperature,
+                micro_batch_size,
+                state,
+                on_round,
             )
             for stage in stages
         ]

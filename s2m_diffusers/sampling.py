@@ -293,7 +293,7 @@ def sample_imh(
         steps_after_entry (`int`, defaults to 5): MH steps each chain takes after entering the target. The law of
             the returned state approaches the target geometrically in it, at rate ``1 - 1/W`` where ``W`` bounds
             ``pi / q`` (spec §5): with a good refitted ``q``, a few steps suffice.
-        mixing_tolerance (`float`, *optional*, defaults to 0.1): also take enough steps that the independent
+        mixing_tolerance (`float`, *optional*): also take enough steps that the independent
             sampler's convergence bound ``(1 - 1/W)^T`` (spec §5) falls below this, with ``W`` estimated as the
             largest importance ratio ``pi / q`` among all proposals drawn so far in this call (one global figure,
             so no chain's own path decides its length). With real heads every image has some weight, chains
@@ -418,6 +418,7 @@ def sample_s2m(
     refit: str = "sequential",
     steps_after_entry: int = 5,
     mixing_tolerance: float | None = None,
+    max_steps_after_entry: int = 200,
     fit_size: int = 256,
     fit_batch: int | None = None,
     rank: int = 32,
@@ -446,8 +447,8 @@ def sample_s2m(
         prior ([`StandardNormal`]): the latent prior.
         num_samples (`int`): samples to return.
         refit (`str`, defaults to `"sequential"`): `"off"`, `"once"` or `"sequential"`.
-        steps_after_entry (`int`, defaults to 5), mixing_tolerance (`float`, defaults to 0.1): see
-            [`sample_imh`].
+        steps_after_entry (`int`, defaults to 5), mixing_tolerance (`float`, *optional*), max_steps_after_entry
+            (`int`, defaults to 200): see [`sample_imh`].
         fit_size (`int`, defaults to 256): on-target latents per fit.
         fit_batch (`int`, *optional*): proposals per round while collecting fit data (defaults to
             ``fit_size``).
@@ -539,6 +540,7 @@ def sample_s2m(
             num_samples,
             steps_after_entry=steps_after_entry,
             mixing_tolerance=mixing_tolerance,
+            max_steps_after_entry=max_steps_after_entry,
             num_chains=num_chains,
             max_proposals=remaining,
             generator=generator,

@@ -610,3 +610,13 @@ def test_model_cpu_offload_sequence_names_components_and_runs():
     assert execution_device(pipe.gan).type == "cpu" and getattr(pipe.gan, "_hf_hook", None) is not None
     offloaded = pipe("A & ~B", num_images=2, generator=seeded(), negation_margin=1.0, output_type="pt", **FAST)
     assert torch.equal(plain.images, offloaded.images)
+
+
+def test_presence_margin_keeps_exact_heads_on_target_and_is_checked():
+    pipe = S2MPipeline(heads=ExactHeads(), gan=QuadrantGenerator())
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("A & B", num_images=8, generator=seeded(), output_type="pt", presence_margin=0.9, **FAST)
+    present = quadrant_attributes(out.images * 2 - 1)
+    assert (present[:, 0] & present[:, 1]).all()
+    with pytest.raises(ValueError, match="presence_margin"):
+        pipe("A & B", num_images=1, generator=seeded(), presence_margin=2.0, **FAST)

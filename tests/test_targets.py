@@ -147,3 +147,25 @@ def test_auto_temperature_sharpens_pure_conjunctions_only():
     assert auto_dr_temperature(parse_target("a & b", names)) == 0.2
     for text in ("a", "a & ~b", "a & b & ~c", "a | b", "~a"):
         assert auto_dr_temperature(parse_target(text, names)) == 1.0, text
+
+
+def test_presence_margin_leaves_exact_heads_unchanged_and_drops_faint_attributes():
+    names = ["a", "b", "c"]
+    log_p_data = torch.full((3,), 1 / 3, dtype=torch.float64).log()
+    # Exact heads: D_r uniform on every non-empty attribute set.
+    sets = [s for s in range(1, 8)]
+    exact = torch.tensor([[((s >> i) & 1) / bin(s).count("1") for i in range(3)] for s in sets], dtype=torch.float64)
+    for text in ("a & b & c", "a & b", "a & ~b", "a | (b & ~c)", "~a"):
+        target = parse_target(text, names)
+        base = log_r(target, exact.log(), log_p_data, negation_margin=10.0)
+        for kappa in (0.3, 1.0):
+            torch.testing.assert_close(log_r(target, exact.log(), log_p_data, None, 10.0, kappa), base)
+    soft = torch.tensor([[0.45, 0.45, 0.10], [0.40, 0.33, 0.27], [0.70, 0.25, 0.05]], dtype=torch.float64).log()
+    abc = log_r(parse_target("a & b & c", names), soft, log_p_data, presence_margin=0.5)
+    assert torch.isinf(abc[0]) and torch.isfinite(abc[1])  # c is faint in the first image, not in the second
+    assert torch.isfinite(log_r(parse_target("a & b & c", names), soft, log_p_data)[0])  # kappa = 0: the paper's
+    # A negated attribute is not masked: a faint b still blocks `a & ~b` as the negation margin says.
+    not_b = log_r(parse_target("a & ~b", names), soft, log_p_data, None, 30.0, 0.5)
+    assert torch.isinf(not_b[2])
+    with pytest.raises(ValueError, match="presence_margin"):
+        log_r(parse_target("a", names), soft, log_p_data, presence_margin=1.5)
