@@ -213,3 +213,24 @@ def test_adaptive_steps_from_the_estimated_bound_reach_the_target():
     assert adaptive.stats.proposals > fixed.stats.proposals
     with pytest.raises(ValueError, match="mixing_tolerance must be in"):
         sample_imh(TOY.evaluate_fn("A"), PRIOR, 10, mixing_tolerance=1.5)
+
+
+def test_fit_exponent_keeps_the_asked_effective_sample_size():
+    from s2m_diffusers.sampling import fit_exponent
+
+    gen = torch.Generator().manual_seed(0)
+    heavy = torch.randn(400, generator=gen, dtype=torch.float64) * 6.0  # log-normal ratios, very heavy-tailed
+    heavy[::7] = -math.inf  # off-target proposals do not count
+    finite = heavy[torch.isfinite(heavy)]
+
+    def ess(beta):
+        p = torch.softmax(beta * finite, 0)
+        return float(1 / p.pow(2).sum())
+
+    assert ess(1.0) < 10  # untempered, a handful of latents would carry the fit
+    beta = fit_exponent(heavy, 0.25 * len(finite))
+    assert 0 < beta < 1 and ess(beta) >= 0.25 * len(finite) - 1e-6
+    assert ess(min(1.0, beta + 1e-3)) < 0.25 * len(finite)  # the largest such beta, up to the bisection
+    assert fit_exponent(torch.zeros(50, dtype=torch.float64), 25) == 1.0  # flat weights need no tempering
+    with pytest.raises(ValueError, match="No finite weight"):
+        fit_exponent(torch.full((3,), -math.inf), 1.0)
