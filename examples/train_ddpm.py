@@ -33,15 +33,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from s2m_diffusers.evaluation import AttributeEvaluator, combination_shares, evaluator_features, frechet_distance
-from s2m_diffusers.seven_to_three import SEVEN_TARGETS, load_digits_7to3
+from s2m_diffusers.seven_to_three import DATASETS, PRETRAINED_ROOTS, SEVEN_TARGETS, load_7to3
 from s2m_diffusers.utils import save_pretrained_atomically
-
-PRETRAINED = os.path.join(os.path.dirname(__file__), "..", "s2m_diffusers", "pretrained", "digits7to3")
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=str, required=True)
+    parser.add_argument("--dataset", choices=DATASETS, default="digits", help="Digits-7to3 or Fashion-7to3")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_steps", type=int, default=2500)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -53,17 +52,22 @@ def parse_args():
     parser.add_argument("--beta_schedule", type=str, default="squaredcos_cap_v2")
     parser.add_argument("--ema_max_decay", type=float, default=0.999)
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads (results depend on it).")
-    parser.add_argument("--evaluator_path", type=str, default=os.path.join(PRETRAINED, "evaluator"))
+    parser.add_argument(
+        "--evaluator_path", type=str, default=None, help="default: the evaluator of --dataset's pretrained root"
+    )
     parser.add_argument("--num_eval_samples", type=int, default=2000)
     parser.add_argument("--num_inference_steps", type=int, default=25)
     parser.add_argument("--evaluate_only", action="store_true", help="Evaluate the pipeline in --output_dir.")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.evaluator_path is None:
+        args.evaluator_path = os.path.join(PRETRAINED_ROOTS[args.dataset], "evaluator")
+    return args
 
 
 def train(args) -> None:
     accelerator = Accelerator()
     set_seed(args.seed)
-    data = load_digits_7to3().train()
+    data = load_7to3(args.dataset).train()
 
     n_blocks = len(args.block_out_channels)
     model = UNet2DModel(
@@ -158,7 +162,7 @@ def evaluate(args) -> None:
     pipeline = DDPMPipeline.from_pretrained(args.output_dir)
     scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     evaluator = AttributeEvaluator.from_pretrained(args.evaluator_path).eval()
-    data = load_digits_7to3().train()
+    data = load_7to3(args.dataset).train()
     real_shares = torch.bincount(data.source_classes, minlength=7).float() / len(data)
 
     noise = torch.randn(args.num_eval_samples, 1, 16, 16, generator=torch.Generator().manual_seed(1234))

@@ -10,6 +10,8 @@ Digits-7to3 with its single-positive labels. The work is done by `s2m_diffusers.
 
     python examples/train_demo_heads.py                      # both, into s2m_diffusers/pretrained/digits7to3/
     python examples/train_demo_heads.py --generators gan --num_steps 500 --output_root /tmp/heads
+    python examples/train_demo_heads.py --generators gan_conditional       # heads with D_f, for bench_7to3
+    python examples/train_demo_heads.py --dataset fashion --generators gan gan_conditional ddpm
 
 The heads are written with `save_pretrained` to `OUTPUT_ROOT/heads_gan` and `OUTPUT_ROOT/heads_ddpm` with their
 `metrics.json` (held-out accuracy, NLL and calibration of D_v and D_r, the estimated priors).
@@ -21,20 +23,29 @@ import time
 
 import torch
 
-from s2m_diffusers.demo import DDIM_STEPS, GENERATORS, train_demo_heads
-from s2m_diffusers.seven_to_three import DIGITS_7TO3_PRETRAINED
+from s2m_diffusers.demo import DDIM_STEPS, GENERATOR_KINDS, GENERATORS, train_demo_heads
+from s2m_diffusers.seven_to_three import DATASETS, PRETRAINED_ROOTS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--generators", nargs="+", choices=GENERATORS, default=list(GENERATORS))
-    parser.add_argument("--output_root", default=DIGITS_7TO3_PRETRAINED, help="heads go to OUTPUT_ROOT/heads_KIND")
+    parser.add_argument("--generators", nargs="+", choices=GENERATOR_KINDS, default=list(GENERATORS))
+    parser.add_argument("--dataset", choices=DATASETS, default="digits", help="Digits-7to3 or Fashion-7to3")
+    parser.add_argument(
+        "--generator_root", default=None, help="folder of the generators (default: the dataset's pretrained root)"
+    )
+    parser.add_argument(
+        "--output_root", default=None, help="heads go to OUTPUT_ROOT/heads_KIND (default: GENERATOR_ROOT)"
+    )
     parser.add_argument("--num_steps", type=int, default=2000)
     parser.add_argument("--ddim_steps", type=int, default=DDIM_STEPS)
     parser.add_argument("--bank_size", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_threads", type=int, default=2, help="torch CPU threads")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.generator_root = args.generator_root or PRETRAINED_ROOTS[args.dataset]
+    args.output_root = args.output_root or args.generator_root
+    return args
 
 
 def main(argv=None) -> dict:
@@ -46,7 +57,14 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         output_dir = os.path.join(args.output_root, f"heads_{kind}")
         _, metrics = train_demo_heads(
-            kind, output_dir, args.num_steps, ddim_steps=args.ddim_steps, bank_size=args.bank_size, seed=args.seed
+            kind,
+            output_dir,
+            args.num_steps,
+            ddim_steps=args.ddim_steps,
+            bank_size=args.bank_size,
+            seed=args.seed,
+            generator_root=args.generator_root,
+            dataset=args.dataset,
         )
         metrics["wall_s"] = time.perf_counter() - start
         results[kind] = metrics

@@ -26,11 +26,12 @@ from tqdm.auto import tqdm
 
 from s2m_diffusers.evaluation import AttributeEvaluator, evaluator_class_probs, random_shift, target_accuracy
 from s2m_diffusers.seven_to_three import (
+    DATASETS,
     SEVEN_TARGET_LITERALS,
     SEVEN_TARGETS,
     SOURCE_CLASS_ATTRIBUTES,
-    load_digits_7to3,
-    load_digits_without_attributes,
+    load_7to3,
+    load_without_attributes,
 )
 from s2m_diffusers.utils import save_pretrained_atomically
 
@@ -38,6 +39,7 @@ from s2m_diffusers.utils import save_pretrained_atomically
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=str, required=True)
+    parser.add_argument("--dataset", choices=DATASETS, default="digits", help="Digits-7to3 or Fashion-7to3")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_steps", type=int, default=1500)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -53,7 +55,7 @@ def parse_args():
 def main(args) -> None:
     accelerator = Accelerator()
     set_seed(args.seed)
-    data = load_digits_7to3()
+    data = load_7to3(args.dataset)
     heldout, unseen = data.heldout(), data.train()
 
     # Training set: the heldout split with its combination (= source class), plus the "no attribute" class.
@@ -61,7 +63,7 @@ def main(args) -> None:
     class_attributes = list(SOURCE_CLASS_ATTRIBUTES)
     none_train = none_test = None
     if not args.no_none_class:
-        none_images = load_digits_without_attributes()
+        none_images = load_without_attributes(args.dataset)
         order = torch.randperm(len(none_images), generator=torch.Generator().manual_seed(args.seed))
         none_train, none_test = none_images[order[: len(order) // 2]], none_images[order[len(order) // 2 :]]
         images = torch.cat([images, none_train])
@@ -108,7 +110,8 @@ def main(args) -> None:
     print(f"combination accuracy on its own training images (heldout split): {own.float().mean():.4f}")
     if none_test is not None:
         called_none = evaluator_class_probs(model, none_test).argmax(dim=1) == len(class_attributes) - 1
-        print(f"unseen digits 7-9 called 'no attribute': {called_none.float().mean():.4f} of {len(none_test)}")
+        share = called_none.float().mean()
+        print(f"unseen images outside the universe called 'no attribute': {share:.4f} of {len(none_test)}")
 
 
 if __name__ == "__main__":

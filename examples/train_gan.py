@@ -40,15 +40,14 @@ from s2m_diffusers.evaluation import (
     random_shift,
 )
 from s2m_diffusers.models.gan import DCGANDiscriminator, DCGANGenerator
-from s2m_diffusers.seven_to_three import SEVEN_TARGETS, load_digits_7to3
+from s2m_diffusers.seven_to_three import DATASETS, PRETRAINED_ROOTS, SEVEN_TARGETS, load_7to3
 from s2m_diffusers.utils import save_pretrained_atomically
-
-PRETRAINED = os.path.join(os.path.dirname(__file__), "..", "s2m_diffusers", "pretrained", "digits7to3")
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=str, required=True)
+    parser.add_argument("--dataset", choices=DATASETS, default="digits", help="Digits-7to3 or Fashion-7to3")
     parser.add_argument("--conditional", action="store_true", help="Condition on the single-positive labels.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_steps", type=int, default=3000)
@@ -59,10 +58,15 @@ def parse_args():
     parser.add_argument("--max_shift", type=int, default=2, help="DiffAugment shift in pixels (0: none).")
     parser.add_argument("--ema_decay", type=float, default=0.999)
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads (results depend on it).")
-    parser.add_argument("--evaluator_path", type=str, default=os.path.join(PRETRAINED, "evaluator"))
+    parser.add_argument(
+        "--evaluator_path", type=str, default=None, help="default: the evaluator of --dataset's pretrained root"
+    )
     parser.add_argument("--num_eval_samples", type=int, default=2000)
     parser.add_argument("--evaluate_only", action="store_true", help="Evaluate the generator in --output_dir.")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.evaluator_path is None:
+        args.evaluator_path = os.path.join(PRETRAINED_ROOTS[args.dataset], "evaluator")
+    return args
 
 
 @torch.no_grad()
@@ -86,7 +90,7 @@ def recompute_batch_norm_statistics(generator, num_batches, batch_size, class_pr
 def train(args) -> None:
     accelerator = Accelerator()
     set_seed(args.seed)
-    data = load_digits_7to3().train()
+    data = load_7to3(args.dataset).train()
     num_classes = len(data.attribute_names) if args.conditional else None
 
     generator = DCGANGenerator(
@@ -170,7 +174,7 @@ def evaluate(args) -> None:
         return
     generator = DCGANGenerator.from_pretrained(args.output_dir).eval()
     evaluator = AttributeEvaluator.from_pretrained(args.evaluator_path).eval()
-    data = load_digits_7to3().train()
+    data = load_7to3(args.dataset).train()
     rng = torch.Generator().manual_seed(1234)
     n = args.num_eval_samples
 

@@ -27,26 +27,39 @@ from collections.abc import Sequence
 
 import torch
 
-from .seven_to_three import DIGITS_7TO3_PRETRAINED, SEVEN_TARGETS, load_digits_7to3
+from .seven_to_three import DIGITS_7TO3_PRETRAINED, SEVEN_TARGETS, load_7to3
 
 GENERATORS = ("gan", "ddpm")
+# Every trained generator kind: the demo's two, and the class-conditional DCGAN (proposal of the D_f benchmark).
+GENERATOR_KINDS = (*GENERATORS, "gan_conditional")
 # DDIM steps of the DDPM proposal: the shipped heads were trained on samples drawn with this many steps.
 DDIM_STEPS = 10
-# Sampler settings per generator, chosen so that the whole demo runs in well under a minute on 2 CPU cores (one torch
-# thread): the GAN is cheap (sequential refitting, one literal at a time); a DDIM sample costs DDIM_STEPS UNet calls
-# (no refitting: the independent Metropolis-Hastings sampler from the prior, with a budget).
+# Sampler settings per generator: those of `benchmarks/bench_7to3.py`'s "ours" (see benchmarks/RESULTS.md), with a
+# budget. Both read the heads with a negation margin of 30 and a presence margin of 0.5 (`log_r`: neither changes the
+# target of exact heads; with these soft heads they keep images that hold a forbidden attribute faintly, or a required
+# one only faintly, out of the target) and take 3 MH steps after a chain enters the target. The GAN refits the latent
+# density one literal at a time, without widening the fits; the DDPM does not refit (its 256-dimensional DDIM noise
+# was fitted badly from the few effective latents its heavy-tailed weights leave).
 DEMO_SETTINGS: dict[str, dict] = {
-    # The GAN runs without refitting and with the adaptive step count of `sample_imh` (mixing_tolerance): with these
-    # heads the importance weights are heavy-tailed, a refitted proposal did not lower the bound W, and a fixed 5
-    # steps left chains at unselected states. Measured (16 images, seed 0): mean accuracy 0.91 at ~200 proposals
-    # per image, against 0.86 at 66 with sequential refitting and 5 steps.
     "gan": {
-        "refit": "off",
+        "refit": "sequential",
+        "negation_margin": 30.0,
+        "presence_margin": 0.5,
+        "steps_after_entry": 3,
+        "fit_size": 128,
+        "sampler_kwargs": {"covariance_scale": 1.0},
         "micro_batch_size": 256,
         "max_proposals": 100000,
-        "sampler_kwargs": {"mixing_tolerance": 0.1},
     },
-    "ddpm": {"refit": "off", "num_inference_steps": DDIM_STEPS, "micro_batch_size": 128, "max_proposals": 1500},
+    "ddpm": {
+        "refit": "off",
+        "negation_margin": 30.0,
+        "presence_margin": 0.5,
+        "steps_after_entry": 3,
+        "num_inference_steps": DDIM_STEPS,
+        "micro_batch_size": 128,
+        "max_proposals": 3000,
+    },
 }
 
 
@@ -55,33 +68,34 @@ DEMO_SETTINGS: dict[str, dict] = {
 
 
 def load_generator(kind: str, root: str = DIGITS_7TO3_PRETRAINED) -> dict:
-    """A shipped Digits-7to3 generator as `S2MPipeline` components.
+    """A shipped Digits-7to3 generator (or one trained the same way, in `root`) as `S2MPipeline` components.
 
     Args:
-        kind (`str`): `"gan"` (the DCGAN in `root/gan`) or `"ddpm"` (the DDPMPipeline folder `root/ddpm`).
+        kind (`str`): `"gan"` (the DCGAN in `root/gan`), `"gan_conditional"` (the class-conditional DCGAN in
+            `root/gan_conditional`) or `"ddpm"` (the DDPMPipeline folder `root/ddpm`).
         root (`str`): the folder of the shipped weights.
 
     Returns:
         `dict`: `{"gan": DCGANGenerator}` or `{"unet": UNet2DModel, "scheduler": DDPMScheduler}`, in eval mode.
     """
-    if kind == "gan":
+    if kind in ("gan", "gan_conditional"):
         from .models.gan import DCGANGenerator
 
-        return {"gan": DCGANGenerator.from_pretrained(os.path.join(root, "gan")).eval()}
+        return {"gan": DCGANGenerator.from_pretrained(os.path.join(root, kind)).eval()}
     if kind == "ddpm":
         from diffusers import DDPMScheduler, UNet2DModel
 
         folder = os.path.join(root, "ddpm")
         unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
         return {"unet": unet, "scheduler": DDPMScheduler.from_pretrained(folder, subfolder="scheduler")}
-    raise ValueError(f"Unknown generator {kind!r}; choose one of {list(GENERATORS)}.")
+    raise ValueError(f"Unknown generator {kind!r}; choose one of {list(GENERATOR_KINDS)}.")
 
 
-def digits_train_data(sample_size: int = 16):
-    """The Digits-7to3 train split as a `SinglePositiveDataset` (the held-out split stays for the evaluator)."""
+def digits_train_data(sample_size: int = 16, dataset: str = "digits"):
+    """The 7to3 train split (Digits by default) as a `SinglePositiveDataset` (the held-out split is for scoring)."""
     from .data import SinglePositiveDataset
 
-    train = load_digits_7to3(size=sample_size).train()
+    train = load_7to3(dataset, size=sample_size).train()
     return SinglePositiveDataset.from_tensors(train.images, train.single_labels, list(train.attribute_names))
 
 
@@ -94,7 +108,7 @@ def training_proposal(kind: str, components: dict, ddim_steps: int = DDIM_STEPS,
     from .data import ImageBankProposal
     from .proposals import DDIMProposal, GeneratorProposal
 
-    if kind == "gan":
+    if kind in ("gan", "gan_conditional"):
         return GeneratorProposal(components["gan"])
     proposal = DDIMProposal(components["unet"], components["scheduler"], ddim_steps, micro_batch_size=256)
     with torch.no_grad():
@@ -111,12 +125,13 @@ def train_demo_heads(
     seed: int = 0,
     generator_root: str = DIGITS_7TO3_PRETRAINED,
     progress: bool = True,
+    dataset: str = "digits",
     **train_kwargs,
 ):
     """Train the S2M heads of a shipped generator on the Digits-7to3 train split with `train_heads`.
 
     Args:
-        kind (`str`): `"gan"` or `"ddpm"`.
+        kind (`str`): `"gan"`, `"gan_conditional"` (heads with D_f) or `"ddpm"`.
         output_dir (`str`, *optional*): where the heads (`save_pretrained`) and `metrics.json` go.
         num_steps (`int`, defaults to 2000): optimizer steps.
         ddim_steps (`int`, defaults to `DDIM_STEPS`): DDIM steps of the DDPM proposal.
@@ -124,6 +139,7 @@ def train_demo_heads(
         seed (`int`, defaults to 0): seed of the split, the proposal draws and training.
         generator_root (`str`): the folder holding `gan/` and `ddpm/`.
         progress (`bool`, defaults to `True`): progress bars.
+        dataset (`str`, defaults to `"digits"`): the 7to3 source of the real images, `"digits"` or `"fashion"`.
         train_kwargs: more arguments of [`~s2m_diffusers.training.train_heads`].
 
     Returns:
@@ -135,7 +151,7 @@ def train_demo_heads(
     components = load_generator(kind, generator_root)
     proposal = training_proposal(kind, components, ddim_steps, bank_size, seed)
     heads, metrics = train_heads(
-        digits_train_data(),
+        digits_train_data(dataset=dataset),
         proposal,
         output_dir=output_dir,
         num_steps=num_steps,
@@ -143,7 +159,7 @@ def train_demo_heads(
         progress=progress,
         **train_kwargs,
     )
-    metrics["generator"] = kind
+    metrics.update(generator=kind, dataset=dataset)
     if kind == "ddpm":
         metrics.update(ddim_steps=ddim_steps, bank_size=bank_size)
     if output_dir is not None:

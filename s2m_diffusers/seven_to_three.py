@@ -78,6 +78,16 @@ FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 # Shipped Digits-7to3 models: `gan/`, `gan_conditional/`, `ddpm/` (a DDPMPipeline folder) and `evaluator/`.
 DIGITS_7TO3_PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", "digits7to3")
 
+# Fashion-7to3 models trained by the example scripts for the benchmarks (`gan/`, `gan_conditional/`, `ddpm/`,
+# `evaluator/`, `heads_*`). They live in the source checkout, not in the installed package.
+FASHION_7TO3_PRETRAINED = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "pretrained", "fashion7to3"
+)
+
+# The two real-image sources of 7to3, by name (`load_7to3`), and where their trained models are.
+DATASETS: tuple[str, ...] = ("digits", "fashion")
+PRETRAINED_ROOTS: dict[str, str] = {"digits": DIGITS_7TO3_PRETRAINED, "fashion": FASHION_7TO3_PRETRAINED}
+
 
 def satisfies(
     attributes: torch.Tensor,
@@ -309,17 +319,7 @@ def load_fashion_7to3(
     """
     images, classes, heldout = [], [], []
     for prefix, is_heldout in (("train", False), ("t10k", True)):
-        paths = []
-        for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
-            candidates = [os.path.join(root, f"{prefix}-{kind}{ext}") for ext in (".gz", "")]
-            found = [p for p in candidates if os.path.exists(p)]
-            if not found:
-                raise FileNotFoundError(
-                    f"Fashion-MNIST file {candidates[0]} not found. Install it with "
-                    "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass `root=` to a folder that "
-                    "holds the four IDX files."
-                )
-            paths.append(found[0])
+        paths = _fashion_files(root, prefix)
         split_images, split_labels = _read_idx(paths[0]), _read_idx(paths[1]).astype(np.int64)
         keep = split_labels < len(SOURCE_CLASS_ATTRIBUTES)
         if max_per_class is not None:
@@ -332,3 +332,63 @@ def load_fashion_7to3(
         heldout.append(np.full(int(keep.sum()), is_heldout))
     images01 = torch.from_numpy(np.concatenate(images).astype(np.float32) / 255.0)[:, None]  # (N, 1, 28, 28)
     return _build(images01, np.concatenate(classes), np.concatenate(heldout), size, seed)
+
+
+def _fashion_files(root: str, prefix: str) -> tuple[str, str]:
+    paths = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        candidates = [os.path.join(root, f"{prefix}-{kind}{ext}") for ext in (".gz", "")]
+        found = [p for p in candidates if os.path.exists(p)]
+        if not found:
+            raise FileNotFoundError(
+                f"Fashion-MNIST file {candidates[0]} not found. Install it with "
+                "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass `root=` to a folder that "
+                "holds the four IDX files."
+            )
+        paths.append(found[0])
+    return paths[0], paths[1]
+
+
+def load_fashion_without_attributes(size: int = 16, root: str = FASHION_MNIST_ROOT) -> torch.Tensor:
+    """Fashion-MNIST test images of classes 7, 8, 9 (sneaker, bag, ankle boot): real images outside the 7to3 universe.
+
+    They train and test the evaluator's "no attribute" class, like `load_digits_without_attributes` for Digits.
+
+    Args:
+        size (`int`, defaults to 16): side of the returned images (antialiased bilinear resize of 28x28).
+        root (`str`, defaults to `"/usr/share/datasets/fashion-mnist"`): folder of the IDX files.
+
+    Returns:
+        `torch.Tensor`: images `(3000, 1, size, size)` in [-1, 1].
+    """
+    image_path, label_path = _fashion_files(root, "t10k")
+    images, labels = _read_idx(image_path), _read_idx(label_path).astype(np.int64)
+    images01 = torch.from_numpy(images[labels >= len(SOURCE_CLASS_ATTRIBUTES)].astype(np.float32) / 255.0)[:, None]
+    return (_resize(images01, size).clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()
+
+
+def load_7to3(dataset: str, size: int = 16, seed: int = 0) -> SevenToThree:
+    """`load_digits_7to3` or `load_fashion_7to3` by name.
+
+    Args:
+        dataset (`str`): `"digits"` or `"fashion"`.
+        size (`int`, defaults to 16): side of the returned images.
+        seed (`int`, defaults to 0): seed of the single-positive labels (and of Digits' split).
+
+    Returns:
+        [`SevenToThree`]: images in [-1, 1].
+    """
+    if dataset == "digits":
+        return load_digits_7to3(size=size, seed=seed)
+    if dataset == "fashion":
+        return load_fashion_7to3(size=size, seed=seed)
+    raise ValueError(f"Unknown 7to3 dataset {dataset!r}; choose one of {list(DATASETS)}.")
+
+
+def load_without_attributes(dataset: str, size: int = 16) -> torch.Tensor:
+    """Real images outside the 7to3 universe of `dataset` (digits 7-9, or Fashion-MNIST classes 7-9), in [-1, 1]."""
+    if dataset == "digits":
+        return load_digits_without_attributes(size=size)
+    if dataset == "fashion":
+        return load_fashion_without_attributes(size=size)
+    raise ValueError(f"Unknown 7to3 dataset {dataset!r}; choose one of {list(DATASETS)}.")

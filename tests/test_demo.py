@@ -20,8 +20,8 @@ from s2m_diffusers.seven_to_three import DIGITS_7TO3_PRETRAINED
 torch.set_num_threads(1)
 TARGETS = ["A", "B & ~C"]
 TINY_SETTINGS = {
-    "gan": {"fit_size": 16, "negation_margin": 1.0},
-    "ddpm": {"num_inference_steps": 2, "negation_margin": 1.0, "max_proposals": 3000},
+    "gan": {"fit_size": 16, "negation_margin": 1.0, "presence_margin": 0.0},
+    "ddpm": {"num_inference_steps": 2, "negation_margin": 1.0, "presence_margin": 0.0, "max_proposals": 3000},
 }
 
 
