@@ -1,14 +1,14 @@
 #!/usr/bin/env python
-"""S2M sampling of the seven Digits-7to3 combinations: the official recipe, ours and two references.
+"""S2M sampling of the seven 7to3 combinations: the official recipe, ours and two references, side by side.
 
-For every combination of `SEVEN_TARGETS` and every method, `N` images are drawn with the shipped DCGAN proposal and
-its shipped heads (`load_demo_pipeline("gan")`) and scored with the shipped evaluator:
+For each dataset (Digits-7to3, Fashion-7to3), each proposal (the DCGAN, the DDPM sampled as 10-step DDIM) and each
+combination of `SEVEN_TARGETS`, every method draws `N` images, scored with that dataset's evaluator:
 
 | column | meaning |
 |---|---|
 | `accuracy` | share of the images the evaluator judges on target (`formula_accuracy`) |
 | `frechet` | Fréchet distance in the evaluator's features to the real held-out images of that combination |
-| `proposals/image` | generator calls per returned image |
+| `proposals/image` | generator calls per returned image (refitting included) |
 | `seconds` | wall time of the sampling (scoring excluded) |
 
 Methods:
@@ -19,15 +19,26 @@ Methods:
   present attribute, 1.0 for an absent one, i.e. ``log pi_c = log gamma_c + log p_data(c)``), negation margin 1 and
   the official temperature on ``D_r`` (1.2 for one present attribute, 1.0 for two, 0.2 for three:
   ``log_softmax(dr_log_probs / T)``), plus ``logit D_v``.
-- `ours`: `S2MPipeline` with its defaults (calibrated heads, `refit="sequential"`).
+- `ours`: `S2MPipeline` with the settings of `OURS_SETTINGS`: calibrated heads and priors, negation margin 30,
+  presence margin 0.5 (both leave the target of exact heads unchanged; `log_r`), sequential refitting with 128
+  latents per stage fitted without widening (``covariance_scale=1.0``), 3 MH steps after a chain enters the target.
+  The DDPM runs without refitting (its 256-dimensional DDIM noise was fitted badly from the few effective latents
+  that its heavy-tailed weights leave: `A & B & C` accuracy 0.33 with refitting, 0.92 without, 64 images).
+- `ours_conditional` (GAN only): `S2MPipeline` on the class-conditional DCGAN (`gan_conditional/`, trained on the
+  single-positive labels) with heads that have ``D_f`` (`heads_gan_conditional/`): the proposal is conditioned on the
+  target's first present attribute and ``D_f`` corrects for it (spec §4).
 - `oracle`: proposals accepted by the evaluator itself until `N` are on target (an upper bound on accuracy that no
-  sampler without the evaluator can reach).
+  sampler without the evaluator can reach, and the cost of plain rejection with a perfect selector).
+
+The models come from `PRETRAINED_ROOTS`: Digits' are shipped in the package, Fashion's are trained by the example
+scripts into `benchmarks/pretrained/fashion7to3/` (see `benchmarks/RESULTS.md` for the commands). A dataset or a model
+that is missing is reported and skipped.
 
 Usage:
 
 ```sh
-python benchmarks/bench_7to3.py                             # prints the table
-python benchmarks/bench_7to3.py --num-images 32 --json 7to3.json
+python benchmarks/bench_7to3.py --datasets digits --proposals gan             # the issue's goal row
+python benchmarks/bench_7to3.py --seeds 0 1 2 --json 7to3.json                 # everything
 ```
 """
 
@@ -43,14 +54,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from s2m_diffusers.demo import formula_accuracy, load_demo_pipeline, load_evaluator  # noqa: E402
+from s2m_diffusers.demo import DEMO_SETTINGS, formula_accuracy, load_demo_pipeline, load_evaluator  # noqa: E402
 from s2m_diffusers.evaluation import evaluator_class_probs, evaluator_features, frechet_distance  # noqa: E402
 from s2m_diffusers.refit import StandardNormal  # noqa: E402
 from s2m_diffusers.sampling import sample_official  # noqa: E402
-from s2m_diffusers.seven_to_three import SEVEN_TARGETS, load_digits_7to3  # noqa: E402
+from s2m_diffusers.seven_to_three import DATASETS, PRETRAINED_ROOTS, SEVEN_TARGETS, load_7to3  # noqa: E402
 from s2m_diffusers.targets import Target, log_r, log_w, parse_target  # noqa: E402
 
-METHODS = ("raw", "official", "ours", "oracle")
+METHODS = ("raw", "official", "ours", "ours_conditional", "oracle")
+PROPOSALS = ("gan", "ddpm")
+COLUMNS = ("accuracy", "frechet", "proposals_per_image")
+# Ours: the pipeline's keyword arguments per proposal (see the module docstring and benchmarks/RESULTS.md).
+OURS_SETTINGS: dict[str, dict] = {
+    "gan": {
+        "negation_margin": 30.0,
+        "presence_margin": 0.5,
+        "refit": "sequential",
+        "steps_after_entry": 3,
+        "fit_size": 128,
+        "sampler_kwargs": {"covariance_scale": 1.0},
+        "max_proposals": 400_000,
+    },
+    "ddpm": {
+        "negation_margin": 30.0,
+        "presence_margin": 0.5,
+        "refit": "off",
+        "steps_after_entry": 3,
+        "micro_batch_size": DEMO_SETTINGS["ddpm"]["micro_batch_size"],
+        "max_proposals": 200_000,
+    },
+}
 # The official code's D_r temperature by the number of present attributes of the target.
 OFFICIAL_TEMPERATURES = {1: 1.2, 2: 1.0, 3: 0.2}
 OFFICIAL_GAMMA_PRESENT, OFFICIAL_GAMMA_ABSENT = 0.1, 1.0
@@ -102,8 +135,14 @@ def official_evaluate(pipe, target: Target, micro_batch_size: int = 256):
 
 
 @torch.no_grad()
-def run_method(method: str, pipe, evaluator, target: str, num_images: int, seed: int, max_oracle: int):
-    """Draw `num_images` images of `target` with `method`; returns (images in [-1, 1], proposals, seconds)."""
+def run_method(
+    method: str, pipe, evaluator, target: str, num_images: int, seed: int, max_oracle: int, ours: dict | None = None
+):
+    """Draw `num_images` images of `target` with `method`; returns (images in [-1, 1], proposals, seconds).
+
+    `pipe` is the unconditional pipeline, or for `ours_conditional` the class-conditional one; `ours` holds the
+    pipeline's keyword arguments for `ours` and `ours_conditional`.
+    """
     generator = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     if method == "raw":
@@ -116,8 +155,8 @@ def run_method(method: str, pipe, evaluator, target: str, num_images: int, seed:
             evaluate, StandardNormal(proposal.latent_shape), num_images, OFFICIAL_STEPS, generator=generator
         )
         images, proposals = result.x, result.stats.proposals
-    elif method == "ours":
-        out = pipe(target, num_images=num_images, generator=generator, output_type="pt")
+    elif method in ("ours", "ours_conditional"):
+        out = pipe(target, num_images=num_images, generator=generator, output_type="pt", **(ours or {}))
         images, proposals = out.images * 2 - 1, out.stats["proposals"]
     elif method == "oracle":
         parsed = parse_target(target, list(evaluator.config.attribute_names))
@@ -148,69 +187,151 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num-images", type=int, default=64, help="images per target and method")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-oracle-proposals", type=int, default=200_000)
-    parser.add_argument("--json", default=None, help="write the rows to this file")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
-    pipe = load_demo_pipeline("gan")
-    pipe.set_progress_bar_config(disable=True)
-    evaluator = load_evaluator()
-    heldout = load_digits_7to3(size=int(pipe.heads.config.sample_size)).heldout()
 
-    rows = []
-    for k, target in enumerate(SEVEN_TARGETS):
-        real = evaluator_features(evaluator, heldout.images[heldout.source_classes == k])
-        for method in args.methods:
-            images, proposals, seconds = run_method(
-                method, pipe, evaluator, target, args.num_images, args.seed + k, args.max_oracle_proposals
-            )
-            row = {
-                "dataset": "digits",
-                "proposal": "gan",
-                "target": target,
-                "method": method,
-                "accuracy": formula_accuracy(evaluator, images, target),
-                "frechet": frechet_distance(evaluator_features(evaluator, images), real),
-                "proposals_per_image": proposals / len(images),
-                "seconds": seconds,
-            }
-            rows.append(row)
-            print(
-                f"{target:<12} {method:<9} acc {row['accuracy']:.3f}  frechet {row['frechet']:8.3f}  "
-                f"prop/img {row['proposals_per_image']:8.1f}  {seconds:6.1f} s",
-                flush=True,
-            )
+def _spread(values: list[float]) -> str:
+    """`mean` or `mean ± sd` over seeds."""
+    if len(values) < 2:
+        return _fmt(_mean(values))
+    m = _mean(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return f"{_fmt(m)} ± {_fmt(sd, 2)}"
 
-    header = f"| target | {' | '.join(args.methods)} |"
-    print(f"\nDigits-7to3, GAN proposal, {args.num_images} images, seed {args.seed}")
-    print("cells: accuracy / frechet / proposals per image / seconds\n")
-    print(header)
-    print("|---" * (len(args.methods) + 1) + "|")
-    cell = {(r["target"], r["method"]): r for r in rows}
+
+def _missing(dataset: str, kind: str) -> str | None:
+    """Why (dataset, kind) cannot run here, or None."""
+    root = PRETRAINED_ROOTS[dataset]
+    if dataset == "fashion":
+        try:
+            load_7to3("fashion", size=16)
+        except FileNotFoundError as err:
+            return f"{err} Going on without Fashion-7to3."
+    needed = [kind, f"heads_{kind}", "evaluator"]
+    absent = [name for name in needed if not os.path.isdir(os.path.join(root, name))]
+    if absent:
+        return (
+            f"{dataset}: no {absent} in {root}. Train them with the commands in benchmarks/RESULTS.md "
+            f"(examples/train_gan.py, train_ddpm.py, train_evaluator.py, train_demo_heads.py --dataset {dataset})."
+        )
+    return None
+
+
+def print_table(rows: list[dict], dataset: str, kind: str, methods: list[str], num_images: int, seeds) -> None:
+    """One markdown table for (dataset, proposal): per target and method, mean (± sd over seeds) of each column."""
+    mine = [r for r in rows if r["dataset"] == dataset and r["proposal"] == kind]
+    methods = [m for m in methods if any(r["method"] == m for r in mine)]
+    if not mine:
+        return
+    print(f"\n{dataset}-7to3, {kind} proposal, {num_images} images per cell, seeds {list(seeds)}")
+    print("cells: accuracy / Fréchet / proposals per image / seconds (mean ± sd over seeds)\n")
+    print(f"| target | {' | '.join(methods)} |")
+    print("|---" * (len(methods) + 1) + "|")
+
+    def cell(selected: list[dict]) -> str:
+        return " / ".join(
+            [_spread([r[k] for r in selected]) for k in COLUMNS] + [f"{_mean([r['seconds'] for r in selected]):.1f}"]
+        )
+
     for target in SEVEN_TARGETS:
-        cells = []
-        for m in args.methods:
-            r = cell[(target, m)]
-            cells.append(
-                f"{_fmt(r['accuracy'])} / {_fmt(r['frechet'])} / {_fmt(r['proposals_per_image'])} / {r['seconds']:.1f}"
-            )
+        cells = [cell([r for r in mine if r["target"] == target and r["method"] == m]) for m in methods]
         print(f"| `{target}` | {' | '.join(cells)} |")
     means = []
-    for m in args.methods:
-        mine = [r for r in rows if r["method"] == m]
-        avg = {key: sum(r[key] for r in mine) / len(mine) for key in ("accuracy", "frechet", "proposals_per_image")}
-        secs = sum(r["seconds"] for r in mine)
-        means.append(
-            f"{_fmt(avg['accuracy'])} / {_fmt(avg['frechet'])} / {_fmt(avg['proposals_per_image'])} / {secs:.1f}"
-        )
-    print(f"| **mean** (seconds: total) | {' | '.join(means)} |")
+    for m in methods:
+        per_seed = []
+        for seed in seeds:
+            sel = [r for r in mine if r["method"] == m and r["seed"] == seed]
+            if sel:
+                per_seed.append({k: _mean([r[k] for r in sel]) for k in COLUMNS})
+        secs = _mean([r["seconds"] for r in mine if r["method"] == m])
+        means.append(" / ".join(_spread([p[k] for p in per_seed]) for k in COLUMNS) + f" / {secs:.1f}")
+    print(f"| **mean of the 7** | {' | '.join(means)} |")
 
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--proposals", nargs="+", default=list(PROPOSALS), choices=PROPOSALS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--num-images", type=int, default=64, help="images per target and method")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
+    parser.add_argument(
+        "--official-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds of the (costly) official recipe, default all of --seeds",
+    )
+    parser.add_argument("--max-oracle-proposals", type=int, default=200_000)
+    parser.add_argument("--num-threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--json", default=None, help="write the rows to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.num_threads)
+
+    rows = []
+    for dataset in args.datasets:
+        root = PRETRAINED_ROOTS[dataset]
+        for kind in args.proposals:
+            why = _missing(dataset, kind)
+            if why:
+                print(why, flush=True)
+                continue
+            pipe = load_demo_pipeline(kind, root)
+            pipe.set_progress_bar_config(disable=True)
+            conditional = None
+            if "ours_conditional" in args.methods and kind == "gan":
+                why = _missing(dataset, "gan_conditional")
+                if why:
+                    print(why, flush=True)
+                else:
+                    conditional = load_demo_pipeline("gan_conditional", root)
+                    conditional.set_progress_bar_config(disable=True)
+            evaluator = load_evaluator(root)
+            heldout = load_7to3(dataset, size=int(pipe.heads.config.sample_size)).heldout()
+            for k, target in enumerate(SEVEN_TARGETS):
+                real = evaluator_features(evaluator, heldout.images[heldout.source_classes == k])
+                for seed in args.seeds:
+                    for method in args.methods:
+                        if method == "ours_conditional" and conditional is None:
+                            continue
+                        if method == "official" and seed not in (args.official_seeds or args.seeds):
+                            continue
+                        images, proposals, seconds = run_method(
+                            method,
+                            conditional if method == "ours_conditional" else pipe,
+                            evaluator,
+                            target,
+                            args.num_images,
+                            1000 * seed + k,
+                            args.max_oracle_proposals,
+                            OURS_SETTINGS[kind],
+                        )
+                        row = {
+                            "dataset": dataset,
+                            "proposal": kind,
+                            "target": target,
+                            "method": method,
+                            "seed": seed,
+                            "num_images": len(images),
+                            "accuracy": formula_accuracy(evaluator, images, target),
+                            "frechet": frechet_distance(evaluator_features(evaluator, images), real),
+                            "proposals_per_image": proposals / len(images),
+                            "seconds": seconds,
+                        }
+                        rows.append(row)
+                        print(
+                            f"{dataset:<8} {kind:<5} {target:<12} seed {seed} {method:<16} acc {row['accuracy']:.3f}  "
+                            f"frechet {row['frechet']:8.3f}  prop/img {row['proposals_per_image']:8.1f}  "
+                            f"{seconds:6.1f} s",
+                            flush=True,
+                        )
+            print_table(rows, dataset, kind, args.methods, args.num_images, args.seeds)
+
+    print(f"\nOurs: {OURS_SETTINGS}")
+    for dataset in args.datasets:
+        for kind in args.proposals:
+            print_table(rows, dataset, kind, args.methods, args.num_images, args.seeds)
     if args.json:
         tmp = f"{args.json}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
