@@ -576,6 +576,17 @@ def sample_s2m(
             callback(-1, {"stage": s, "on_target_share": n_on / stage.proposals})
 
     remaining = None if max_proposals is None else max_proposals - total.proposals
+    if remaining is not None and remaining <= 0:  # the fits spent the whole budget: nothing left to sample with
+        total.budget_exhausted = True
+        result = SampleResult(prior.sample(0), None, torch.zeros(0), torch.zeros(0, dtype=torch.bool), total)
+        if allow_partial:
+            return _finish(result, start)
+        raise BudgetExhaustedError(
+            f"The refitting stages spent the whole budget of {max_proposals} proposals before sampling began "
+            f"(on-target shares per stage: {[round(st['on_target_share'], 4) for st in total.stages]}). Try a "
+            "larger max_proposals, or check that the generator can produce this combination at all.",
+            result,
+        )
     try:
         result = sample_imh(
             stage_evaluates[-1],

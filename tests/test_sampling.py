@@ -87,6 +87,15 @@ def test_budget_exhausted_is_clear_or_partial():
     assert part.z.shape[0] < 100 and bool(part.on_target.all())
 
 
+def test_fits_that_spend_the_whole_budget_raise_the_budget_error_not_a_value_error():
+    ev = TOY.evaluate_fn("A")  # half the prior holds A: the one fit finds ~150 latents in its 300 proposals
+    kwargs = dict(refit="once", fit_size=256, fit_batch=300, max_proposals=300, generator=gen(0))
+    with pytest.raises(BudgetExhaustedError, match="spent the whole budget of 300"):
+        sample_s2m([ev], PRIOR, 10, **kwargs)
+    part = sample_s2m([ev], PRIOR, 10, allow_partial=True, **kwargs)
+    assert part.stats.budget_exhausted and part.z.shape[0] == 0 and part.stats.proposals == 300
+
+
 def test_bad_arguments():
     ev = TOY.evaluate_fn("A")
     with pytest.raises(ValueError, match="num_samples must be a positive integer"):
