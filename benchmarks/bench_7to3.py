@@ -24,7 +24,8 @@ Methods:
   latents per stage fitted without widening (``covariance_scale=1.0``), 3 MH steps after a chain enters the target.
   The DDPM runs without refitting (its 256-dimensional DDIM noise was fitted badly from the few effective latents
   that its heavy-tailed weights leave: `A & B & C` accuracy 0.33 with refitting, 0.92 without, 64 images).
-  A call whose budget (`max_proposals`) runs out returns the images found (`budget_exhausted` in the JSON row;
+  Its budget is the official recipe's cost, 201 proposals per image. A call whose budget runs out returns the images
+  found (`budget_exhausted` in the JSON row;
   accuracy and Fréchet distance over those, proposals per image over them, infinite when none was found).
 - `ours_conditional` (GAN only): `S2MPipeline` on the class-conditional DCGAN (`gan_conditional/`, trained on the
   single-positive labels) with heads that have ``D_f`` (`heads_gan_conditional/`): the proposal is conditioned on the
@@ -75,7 +76,6 @@ OURS_SETTINGS: dict[str, dict] = {
         "steps_after_entry": 3,
         "fit_size": 128,
         "sampler_kwargs": {"covariance_scale": 1.0},
-        "max_proposals": 400_000,
     },
     "ddpm": {
         "negation_margin": 30.0,
@@ -83,7 +83,6 @@ OURS_SETTINGS: dict[str, dict] = {
         "refit": "off",
         "steps_after_entry": 3,
         "micro_batch_size": DEMO_SETTINGS["ddpm"]["micro_batch_size"],
-        "max_proposals": 200_000,
     },
 }
 # The official code's D_r temperature by the number of present attributes of the target.
@@ -158,9 +157,11 @@ def run_method(
         )
         images, proposals = result.x, result.stats.proposals
     elif method in ("ours", "ours_conditional"):
-        # allow_partial: a combination the heads can barely reach is reported (fewer images), not a crash
+        # The budget is the official recipe's cost (201 proposals per image); allow_partial: a combination the heads
+        # can barely reach is reported (fewer images), not a crash.
+        settings = {"max_proposals": (OFFICIAL_STEPS + 1) * num_images, **(ours or {})}
         out = pipe(
-            target, num_images=num_images, generator=generator, output_type="pt", allow_partial=True, **(ours or {})
+            target, num_images=num_images, generator=generator, output_type="pt", allow_partial=True, **settings
         )
         images, proposals = out.images * 2 - 1, out.stats["proposals"]
     elif method == "oracle":
