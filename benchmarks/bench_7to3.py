@@ -62,7 +62,7 @@ from s2m_diffusers.evaluation import evaluator_class_probs, evaluator_features, 
 from s2m_diffusers.refit import StandardNormal  # noqa: E402
 from s2m_diffusers.sampling import sample_official  # noqa: E402
 from s2m_diffusers.seven_to_three import DATASETS, PRETRAINED_ROOTS, SEVEN_TARGETS, load_7to3  # noqa: E402
-from s2m_diffusers.targets import Target, log_r, log_w, parse_target  # noqa: E402
+from s2m_diffusers.targets import Target, log_r, log_w, parse_target, temper_dr  # noqa: E402
 
 METHODS = ("raw", "official", "ours", "ours_conditional", "oracle")
 PROPOSALS = ("gan", "ddpm")
@@ -96,27 +96,28 @@ def _log_p_data(heads) -> torch.Tensor:
     return (counts / counts.sum()).log()
 
 
-def official_evaluate(pipe, target: Target, micro_batch_size: int = 256):
+def official_evaluate(heads, proposal, target: Target, micro_batch_size: int = 256, many: float | None = None):
     """``evaluate(z) -> (x, log_w)`` with the official recipe's weights (hand-set gammas, temperature, margin 1).
 
     Args:
-        pipe (`S2MPipeline`): an unconditional pipeline with heads.
+        heads (`S2MHeads`): the heads.
+        proposal (`ProposalAdapter`): an unconditional proposal (`pipe.get_proposal()`, `GeneratorProposal`).
         target (`Target`): a conjunction over the heads' attributes.
         micro_batch_size (`int`, defaults to 256): latents per generator and heads call.
+        many (`float`, *optional*): the temperature for more than 3 present attributes, which the official
+            scripts do not have (an error when `None`).
 
     Returns:
         `Callable`: the evaluate function of `sample_official`; images in [-1, 1].
     """
-    heads = pipe.heads
     names = list(heads.config.attribute_names)
-    proposal = pipe.get_proposal(micro_batch_size)
     present = set(target.present)
     gammas = torch.tensor(
         [OFFICIAL_GAMMA_PRESENT if n in present else OFFICIAL_GAMMA_ABSENT for n in names], dtype=torch.float64
     )
     log_p_data = _log_p_data(heads)
     log_priors = gammas.log() + log_p_data
-    temperature = OFFICIAL_TEMPERATURES.get(len(present))
+    temperature = OFFICIAL_TEMPERATURES.get(len(present), many)
     if temperature is None:
         raise ValueError(f"The official recipe has temperatures for 1-3 present attributes; {target} has {present}.")
 
@@ -126,13 +127,13 @@ def official_evaluate(pipe, target: Target, micro_batch_size: int = 256):
         for chunk in z.split(micro_batch_size):
             x = proposal.generate(chunk)
             out = heads(x)
-            dr = torch.log_softmax(out.dr_log_probs.double() / temperature, dim=1)
+            dr = temper_dr(out.dr_log_probs.double(), temperature)
             lr = log_r(target, dr, log_p_data, log_priors, negation_margin=1.0)
             images.append(x)
             weights.append(log_w(lr, out.dv_logit.double()))
         return torch.cat(images), torch.cat(weights)
 
-    return evaluate, proposal
+    return evaluate
 
 
 @torch.no_grad()
@@ -151,7 +152,8 @@ def run_method(
         proposals = num_images
     elif method == "official":
         parsed = parse_target(target, list(pipe.heads.config.attribute_names))
-        evaluate, proposal = official_evaluate(pipe, parsed)
+        proposal = pipe.get_proposal(256)
+        evaluate = official_evaluate(pipe.heads, proposal, parsed)
         result = sample_official(
             evaluate, StandardNormal(proposal.latent_shape), num_images, OFFICIAL_STEPS, generator=generator
         )

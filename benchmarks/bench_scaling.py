@@ -61,6 +61,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from bench_7to3 import OFFICIAL_STEPS, official_evaluate  # noqa: E402  (the same folder)
 
 from s2m_diffusers.evaluation import frechet_distance  # noqa: E402
 from s2m_diffusers.models.heads import S2MHeads  # noqa: E402
@@ -73,10 +74,7 @@ from s2m_diffusers.training import save_heads, train_heads  # noqa: E402
 
 METHODS = ("official", "ours_norefit", "ours")
 # The official code's D_r temperature by the number of present attributes; it has none beyond 3 (0.2 is used).
-OFFICIAL_TEMPERATURES = {1: 1.2, 2: 1.0}
-OFFICIAL_TEMPERATURE_MANY = 0.2
-OFFICIAL_GAMMA_PRESENT, OFFICIAL_GAMMA_ABSENT = 0.1, 1.0
-OFFICIAL_STEPS = 200
+OFFICIAL_TEMPERATURE_MANY = 0.2  # the official scripts stop at 3 present attributes (0.2); used for k >= 4
 REFERENCE_SIZE = 5000
 # Heads training settings; the cache in --heads-dir is reused only when they match.
 TRAINING = {
@@ -130,34 +128,6 @@ def train_or_load_heads(generator: ShapesGenerator, heads_dir: str, retrain: boo
             json.dump(content, f, indent=2)
         os.replace(tmp, os.path.join(heads_dir, name))
     return heads.eval(), {**metrics, "cached": False}
-
-
-def official_evaluate(generator: ShapesGenerator, heads: S2MHeads, target: Target, micro_batch_size: int = 256):
-    """``evaluate(z) -> (x, log_w)`` with the official recipe's weights (as `bench_7to3.official_evaluate`)."""
-    names = heads.attribute_names
-    present = set(target.present)
-    gammas = torch.tensor(
-        [OFFICIAL_GAMMA_PRESENT if n in present else OFFICIAL_GAMMA_ABSENT for n in names], dtype=torch.float64
-    )
-    counts = torch.tensor(heads.config.label_counts, dtype=torch.float64)
-    log_p_data = (counts / counts.sum()).log()
-    log_priors = gammas.log() + log_p_data
-    temperature = OFFICIAL_TEMPERATURES.get(len(present), OFFICIAL_TEMPERATURE_MANY)
-    proposal = GeneratorProposal(generator, micro_batch_size=micro_batch_size)
-
-    @torch.no_grad()
-    def evaluate(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images, weights = [], []
-        for chunk in z.split(micro_batch_size):
-            x = proposal.generate(chunk)
-            out = heads(x)
-            dr = torch.log_softmax(out.dr_log_probs.double() / temperature, dim=1)
-            lr = log_r(target, dr, log_p_data, log_priors, negation_margin=1.0)
-            images.append(x)
-            weights.append(log_w(lr, out.dv_logit.double()))
-        return torch.cat(images), torch.cat(weights)
-
-    return evaluate, proposal
 
 
 def ours_evaluates(
@@ -233,7 +203,8 @@ def run_method(
     prior = StandardNormal((generator.config.latent_dim,))
     t0 = time.perf_counter()
     if method == "official":
-        evaluate, _ = official_evaluate(generator, heads, parsed)
+        proposal = GeneratorProposal(generator, micro_batch_size=256)
+        evaluate = official_evaluate(heads, proposal, parsed, many=OFFICIAL_TEMPERATURE_MANY)
         result = sample_official(evaluate, prior, num_images, OFFICIAL_STEPS, generator=rng)
     elif method == "ours":
         result = sample_s2m(
