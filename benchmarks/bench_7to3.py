@@ -48,7 +48,6 @@ python benchmarks/bench_7to3.py --seeds 0 1 2 --json 7to3.json                 #
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -63,6 +62,7 @@ from s2m_diffusers.refit import StandardNormal  # noqa: E402
 from s2m_diffusers.sampling import sample_official  # noqa: E402
 from s2m_diffusers.seven_to_three import DATASETS, PRETRAINED_ROOTS, SEVEN_TARGETS, load_7to3  # noqa: E402
 from s2m_diffusers.targets import Target, log_r, log_w, parse_target, temper_dr  # noqa: E402
+from s2m_diffusers.utils import write_json_atomically  # noqa: E402
 
 METHODS = ("raw", "official", "ours", "ours_conditional", "oracle")
 PROPOSALS = ("gan", "ddpm")
@@ -351,11 +351,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for kind in args.proposals:
             print_table(rows, dataset, kind, args.methods, args.num_images, args.seeds)
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, args.json)
+        write_json_atomically(args.json, rows)
     return rows
 
 

@@ -71,6 +71,7 @@ from s2m_diffusers.sampling import sample_imh, sample_official, sample_s2m  # no
 from s2m_diffusers.shapes import ShapesGenerator, shapes_single_positive  # noqa: E402
 from s2m_diffusers.targets import Target, log_r, log_w, parse_target  # noqa: E402
 from s2m_diffusers.training import save_heads, train_heads  # noqa: E402
+from s2m_diffusers.utils import write_json_atomically  # noqa: E402
 
 METHODS = ("official", "ours_norefit", "ours")
 # The official code's D_r temperature by the number of present attributes; it has none beyond 3 (0.2 is used).
@@ -384,11 +385,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
 
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, args.json)
+        write_json_atomically(args.json, rows)
     return rows
 
 

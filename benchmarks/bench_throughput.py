@@ -181,10 +181,9 @@ def main() -> None:
     rows = run(args)
     print(markdown(rows))
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=2)
-        os.replace(tmp, args.json)
+        from s2m_diffusers.utils import write_json_atomically
+
+        write_json_atomically(args.json, rows)
         print(f"wrote {args.json}")
 
 

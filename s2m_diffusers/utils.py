@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 
-__all__ = ["save_pretrained_atomically"]
+__all__ = ["save_pretrained_atomically", "write_json_atomically"]
+
+
+def write_json_atomically(path: str | os.PathLike, data) -> None:
+    """Write `data` as indented JSON to a temporary file beside `path`, then rename it over `path`."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 def save_pretrained_atomically(obj, output_dir: str | os.PathLike) -> None:

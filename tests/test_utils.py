@@ -11,3 +11,15 @@ def test_save_pretrained_atomically_replaces_the_folder(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging-")]
     assert DCGANGenerator.from_pretrained(out).config.latent_dim == 4
+
+
+def test_write_json_atomically_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    import json
+
+    from s2m_diffusers.utils import write_json_atomically
+
+    path = tmp_path / "rows.json"
+    path.write_text("old")
+    write_json_atomically(path, [{"accuracy": 0.5}])
+    assert json.loads(path.read_text()) == [{"accuracy": 0.5}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
