@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from s2m_diffusers.evaluation import AttributeEvaluator, combination_shares, evaluator_features, frechet_distance
+from s2m_diffusers.proposals import DDIMProposal
 from s2m_diffusers.seven_to_three import DATASETS, PRETRAINED_ROOTS, SEVEN_TARGETS, load_7to3
 from s2m_diffusers.utils import save_pretrained_atomically
 
@@ -142,32 +143,21 @@ def train(args) -> None:
         print(f"Trained {args.num_steps} steps in {elapsed:.0f} s; saved to {args.output_dir}")
 
 
-@torch.no_grad()
-def ddim_sample(unet, scheduler, noise, num_inference_steps, batch_size=250):
-    """Deterministic DDIM (eta = 0) from `noise` (N, 1, 16, 16) to images in [-1, 1]."""
-    scheduler.set_timesteps(num_inference_steps)
-    images = []
-    for x in noise.split(batch_size):
-        for t in scheduler.timesteps:
-            x = scheduler.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
-        images.append(x.clamp(-1.0, 1.0))
-    return torch.cat(images)
-
-
 def evaluate(args) -> None:
     """Sample the saved pipeline with DDIM and print the share of each combination the evaluator sees."""
     if not os.path.isdir(args.evaluator_path):
         print(f"No evaluator at {args.evaluator_path}; skipping the evaluation (train it with train_evaluator.py).")
         return
     pipeline = DDPMPipeline.from_pretrained(args.output_dir)
-    scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    proposal = DDIMProposal(pipeline.unet, pipeline.scheduler, args.num_inference_steps, micro_batch_size=250)
     evaluator = AttributeEvaluator.from_pretrained(args.evaluator_path).eval()
     data = load_7to3(args.dataset).train()
     real_shares = torch.bincount(data.source_classes, minlength=7).float() / len(data)
 
     noise = torch.randn(args.num_eval_samples, 1, 16, 16, generator=torch.Generator().manual_seed(1234))
     start = time.time()
-    images = ddim_sample(pipeline.unet.eval(), scheduler, noise, args.num_inference_steps)
+    with torch.no_grad():
+        images = proposal.generate(noise)  # deterministic DDIM (eta = 0), clamped to [-1, 1]
     elapsed = time.time() - start
     shares, low_confidence = combination_shares(evaluator, images)
     print(
