@@ -65,11 +65,12 @@ from bench_7to3 import OFFICIAL_STEPS, official_evaluate  # noqa: E402  (the sam
 
 from s2m_diffusers.evaluation import frechet_distance  # noqa: E402
 from s2m_diffusers.models.heads import S2MHeads  # noqa: E402
+from s2m_diffusers.pipeline_s2m import S2MPipeline  # noqa: E402
 from s2m_diffusers.proposals import GeneratorProposal  # noqa: E402
 from s2m_diffusers.refit import StandardNormal  # noqa: E402
-from s2m_diffusers.sampling import sample_imh, sample_official, sample_s2m  # noqa: E402
+from s2m_diffusers.sampling import sample_official  # noqa: E402
 from s2m_diffusers.shapes import ShapesGenerator, shapes_single_positive  # noqa: E402
-from s2m_diffusers.targets import Target, log_r, log_w, parse_target  # noqa: E402
+from s2m_diffusers.targets import log_r, log_w, parse_target  # noqa: E402
 from s2m_diffusers.training import save_heads, train_heads  # noqa: E402
 from s2m_diffusers.utils import write_json_atomically  # noqa: E402
 
@@ -131,40 +132,6 @@ def train_or_load_heads(generator: ShapesGenerator, heads_dir: str, retrain: boo
     return heads.eval(), {**metrics, "cached": False}
 
 
-def ours_evaluates(
-    generator: ShapesGenerator,
-    heads: S2MHeads,
-    target: Target,
-    presence_margin: float = 0.0,
-    micro_batch_size: int = 256,
-) -> list:
-    """``evaluate(z) -> (x, log_w)`` per refitting stage of `target`, with the heads' calibrated weights: the formula
-    of `S2MPipeline` (``log r_T`` with the heads' ``p_data``, priors and negation margin and the given presence
-    margin, plus ``logit D_v``)."""
-    counts = torch.tensor(heads.config.label_counts, dtype=torch.float64)
-    log_p_data = (counts / counts.sum()).log()
-    log_priors = None if heads.priors is None else torch.tensor(heads.priors, dtype=torch.float64).log()
-    proposal = GeneratorProposal(generator, micro_batch_size=micro_batch_size)
-
-    def make(stage: Target):
-        @torch.no_grad()
-        def evaluate(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            images, weights = [], []
-            for chunk in z.split(micro_batch_size):
-                x = proposal.generate(chunk)
-                out = heads(x)
-                lr = log_r(
-                    stage, out.dr_log_probs.double(), log_p_data, log_priors, heads.negation_margin, presence_margin
-                )
-                images.append(x)
-                weights.append(log_w(lr, out.dv_logit.double()))
-            return torch.cat(images), torch.cat(weights)
-
-        return evaluate
-
-    return [make(stage) for stage in target.stages()]
-
-
 @torch.no_grad()
 def heads_ceiling(
     generator: ShapesGenerator, heads: S2MHeads, ks: list[int], presence_margin: float = 0.0, n: int = 100_000
@@ -191,49 +158,51 @@ def heads_ceiling(
 @torch.no_grad()
 def run_method(
     method: str,
-    generator: ShapesGenerator,
-    heads: S2MHeads,
+    pipe: S2MPipeline,
     target: str,
     num_images: int,
     seed: int,
     settings: dict,
 ) -> tuple[torch.Tensor, int, float, dict]:
-    """Draw `num_images` images of `target`; returns (images in [-1, 1], proposals, seconds, extra stats)."""
+    """Draw `num_images` images of `target`; returns (images in [-1, 1], proposals, seconds, extra stats).
+
+    Ours are `pipe` calls (`S2MPipeline(heads, gan=ShapesGenerator)`); the official recipe uses the same heads and
+    generator through `sample_official`.
+    """
     rng = torch.Generator().manual_seed(seed)
+    heads = pipe.heads
     parsed = parse_target(target, heads.attribute_names)
-    prior = StandardNormal((generator.config.latent_dim,))
+    prior = StandardNormal((pipe.gan.config.latent_dim,))
     t0 = time.perf_counter()
     if method == "official":
-        proposal = GeneratorProposal(generator, micro_batch_size=256)
-        evaluate = official_evaluate(heads, proposal, parsed, many=OFFICIAL_TEMPERATURE_MANY)
+        evaluate = official_evaluate(heads, pipe.get_proposal(256), parsed, many=OFFICIAL_TEMPERATURE_MANY)
         result = sample_official(evaluate, prior, num_images, OFFICIAL_STEPS, generator=rng)
-    elif method == "ours":
-        result = sample_s2m(
-            ours_evaluates(generator, heads, parsed, settings["presence_margin"]),
-            prior,
-            num_images,
-            refit="sequential",
+    elif method in ("ours", "ours_norefit"):
+        out = pipe(
+            target,
+            num_images=num_images,
+            generator=rng,
+            output_type="pt",
+            refit="sequential" if method == "ours" else "off",
             steps_after_entry=settings["steps"] or 5,
-            mixing_tolerance=None if settings["steps"] else settings["mixing_tolerance"],
-            max_steps_after_entry=settings["max_steps"],
             fit_size=settings["fit_size"],
-            n_components=settings["n_components"],
-            covariance_scale=settings["covariance_scale"],
+            presence_margin=settings["presence_margin"],
             max_proposals=settings["max_proposals"],
-            generator=rng,
+            micro_batch_size=256,
+            sampler_kwargs={
+                "mixing_tolerance": None if settings["steps"] else settings["mixing_tolerance"],
+                "max_steps_after_entry": settings["max_steps"],
+                "n_components": settings["n_components"],
+                "covariance_scale": settings["covariance_scale"],
+            },
         )
-    elif method == "ours_norefit":
-        # sample_s2m(refit="off") is sample_imh from the prior; called directly for its max_steps_after_entry.
-        result = sample_imh(
-            ours_evaluates(generator, heads, parsed, settings["presence_margin"])[-1],
-            prior,
-            num_images,
-            steps_after_entry=settings["steps"] or 5,
-            mixing_tolerance=None if settings["steps"] else settings["mixing_tolerance"],
-            max_steps_after_entry=settings["max_steps"],
-            max_proposals=settings["max_proposals"],
-            generator=rng,
-        )
+        seconds = time.perf_counter() - t0
+        extra = {
+            "fit_proposals": sum(stage["proposals"] for stage in out.stats["stages"]),
+            "acceptance_rate": out.stats["acceptance_rate"],
+            "unique_images": out.stats["unique_images"],
+        }
+        return out.images * 2 - 1, out.stats["proposals"], seconds, extra
     else:
         raise ValueError(f"Unknown method {method!r}; choose among {list(METHODS)}.")
     seconds = time.perf_counter() - t0
@@ -284,6 +253,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     generator = ShapesGenerator().eval()
     heads, metrics = train_or_load_heads(generator, args.heads_dir, args.retrain)
+    pipe = S2MPipeline(heads=heads, gan=generator)
+    pipe.set_progress_bar_config(disable=True)
     print(
         f"heads ({'cached' if metrics['cached'] else 'trained'} in {metrics['train_time_s']:.0f} s, "
         f"{args.heads_dir}): D_r accuracy {metrics['dr_accuracy']:.3f} NLL {metrics['dr_nll_after']:.3f}, "
@@ -320,7 +291,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             frechet_iid = frechet_distance(generator.features(iid), reference)
             for method in args.methods:
                 images, proposals, seconds, extra = run_method(
-                    method, generator, heads, target, args.num_images, 1000 * k + seed, settings
+                    method, pipe, target, args.num_images, 1000 * k + seed, settings
                 )
                 holds = generator.image_attributes(images)[:, :k].all(1)
                 row = {
