@@ -14,35 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+
+from .utils import jsonable, write_json_atomically
 
 __all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_BUDGET, EXIT_USAGE = 0, 1, 2
 
 
-def _jsonable(value):
-    """Stats as strict JSON: non-finite floats become `null`, tensors lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "tolist"):
-        return _jsonable(value.tolist())
-    return value
-
-
 def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(data), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json_atomically(path, jsonable(data))
 
 
 def _fail(message: str, code: int) -> int:

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from .seven_to_three import DIGITS_7TO3_PRETRAINED, SEVEN_TARGETS, load_7to3
+from .utils import jsonable, write_json_atomically, write_text_atomically
 
 GENERATORS = ("gan", "ddpm")
 # Every trained generator kind: the demo's two, and the class-conditional DCGAN (proposal of the D_f benchmark).
@@ -294,23 +295,6 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _jsonable(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The demo
 
@@ -441,6 +425,6 @@ def run_demo(
         "wall_seconds": time.perf_counter() - start,
         "paths": {"grid": paths["grid.png"], "markdown": paths["report.md"], "json": paths["report.json"]},
     }
-    _write_text(paths["report.md"], report_markdown(report))
-    _write_text(paths["report.json"], json.dumps(_jsonable(report), indent=2) + "\n")
+    write_text_atomically(paths["report.md"], report_markdown(report))
+    write_json_atomically(paths["report.json"], jsonable(report))
     return report

@@ -31,6 +31,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .utils import write_text_atomically
+
 __all__ = [
     "SHIM_HEADER",
     "shim_module_name",
@@ -78,13 +80,6 @@ def _read_shim(path: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2)) if match else None
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_remote_code_layout(folder: str | os.PathLike, pipeline_module: str, pipeline_class: str) -> dict:
     """Rewrite a folder saved by `DiffusionPipeline.save_pretrained` into the layout that loads with
     ``trust_remote_code=True`` and from the Hub.
@@ -102,7 +97,7 @@ def write_remote_code_layout(folder: str | os.PathLike, pipeline_module: str, pi
     with open(index_path, encoding="utf-8") as f:
         config = json.load(f)
     config["_class_name"] = [PIPELINE_FILE, pipeline_class]
-    _write_text(os.path.join(folder, f"{PIPELINE_FILE}.py"), _shim_source(pipeline_module, pipeline_class))
+    write_text_atomically(os.path.join(folder, f"{PIPELINE_FILE}.py"), _shim_source(pipeline_module, pipeline_class))
     for name, value in list(config.items()):
         if name.startswith("_") or not _is_component_entry(value):
             continue
@@ -113,9 +108,9 @@ def write_remote_code_layout(folder: str | os.PathLike, pipeline_module: str, pi
         if not os.path.isdir(component_folder):
             continue  # not saved (diffusers then records [null, null] itself)
         shim = shim_module_name(library)
-        _write_text(os.path.join(component_folder, f"{shim}.py"), _shim_source(library, class_name))
+        write_text_atomically(os.path.join(component_folder, f"{shim}.py"), _shim_source(library, class_name))
         config[name] = [shim, class_name]
-    _write_text(index_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomically(index_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
 
 
@@ -359,7 +354,7 @@ def upload_folder(
     )
     revision = getattr(commit, "oid", None)
     readme = os.path.join(folder, "README.md")
-    _write_text(readme, card(repo_id, revision))
+    write_text_atomically(readme, card(repo_id, revision))
     pr_revision = getattr(commit, "pr_revision", None) if create_pr else None
     api.upload_file(
         path_or_fileobj=readme,

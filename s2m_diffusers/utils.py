@@ -3,21 +3,39 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 
-__all__ = ["save_pretrained_atomically", "write_json_atomically"]
+__all__ = ["jsonable", "save_pretrained_atomically", "write_json_atomically", "write_text_atomically"]
 
 
-def write_json_atomically(path: str | os.PathLike, data) -> None:
-    """Write `data` as indented JSON to a temporary file beside `path`, then rename it over `path`."""
+def jsonable(value):
+    """`value` as strict JSON: non-finite floats become `None`, tuples lists, tensors and arrays lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return jsonable(value.tolist())
+    return value
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: never a half-written file."""
     path = os.fspath(path)
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json_atomically(path: str | os.PathLike, data) -> None:
+    """`data` as indented JSON (and a final newline), written with `write_text_atomically`."""
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_pretrained_atomically(obj, output_dir: str | os.PathLike) -> None:
