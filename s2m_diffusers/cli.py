@@ -101,6 +101,12 @@ def _sample_parser(subparsers) -> argparse.ArgumentParser:
         help="keep the models on the CPU and move each to the accelerator only while it runs (large generators)",
     )
     p.add_argument("--negation-margin", type=float, default=None, help="lambda of negated literals (default: heads')")
+    p.add_argument(
+        "--presence-margin",
+        type=float,
+        default=None,
+        help="kappa in [0, 1]: a required attribute counts only within kappa of the strongest (default: 0)",
+    )
     p.add_argument("--num-inference-steps", type=int, default=None, help="steps of a diffusion proposal")
     p.add_argument(
         "--class-label",
@@ -176,6 +182,7 @@ def sample(args: argparse.Namespace) -> int:
             num_chains=args.num_chains,
             fit_size=args.fit_size,
             negation_margin=args.negation_margin,
+            presence_margin=args.presence_margin,
             class_label=class_label,
             num_inference_steps=args.num_inference_steps,
             allow_partial=args.allow_partial,

@@ -96,6 +96,12 @@ def test_errors_exit_with_a_message(saved, tmp_path, capsys):
         build_parser().parse_args(["sample", "--pipeline", saved, "--output", "o", "--refit", "maybe"])
 
 
+def test_sample_presence_margin_reaches_the_pipeline(saved, tmp_path, capsys):
+    assert main(sample_args(saved, tmp_path / "a", "--seed", "0", "--presence-margin", "0.3")) == 0
+    assert main(sample_args(saved, tmp_path / "b", "--presence-margin", "2")) == 2
+    assert "presence_margin must lie in [0, 1]" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(shutil.which("s2m") is None, reason="the console script is not installed")
 def test_console_script_is_installed():
     result = subprocess.run(["s2m", "sample", "--help"], capture_output=True, text=True, timeout=120)
