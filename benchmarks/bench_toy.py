@@ -24,20 +24,11 @@ import torch
 
 from s2m_diffusers.refit import StandardNormal
 from s2m_diffusers.sampling import sample_official, sample_s2m
+from s2m_diffusers.seven_to_three import SEVEN_TARGETS
 from s2m_diffusers.toy import ToyProblem, energy_distance, mean_distance
 
-TARGETS = [
-    "A & ~B & ~C",
-    "A & B & ~C",
-    "B & ~A & ~C",
-    "B & C & ~A",
-    "C & ~A & ~B",
-    "A & C & ~B",
-    "A & B & C",
-    "A | B",
-    "~A",
-    "A & (B | C)",
-]
+# The 7 conjunctions of three attributes (as in 7to3), then a disjunction, a pure negation and a nested formula.
+TARGETS = [*SEVEN_TARGETS, "A | B", "~A", "A & (B | C)"]
 
 
 def iid_floor(
