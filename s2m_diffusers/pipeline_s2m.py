@@ -728,8 +728,7 @@ class S2MPipeline(DiffusionPipeline):
             presence_margin (`float`, *optional*): ``kappa`` in [0, 1]: a required attribute counts only where its
                 ratio comes within ``kappa`` of the image's strongest (`~s2m_diffusers.targets.log_r`). Exact heads
                 are unchanged by it; soft heads stop counting faint attributes, which makes conjunctions such as
-                ``"a & b & c"`` hold only where all three are clear. Defaults to the heads' config
-                ``presence_margin``, else 0 (the paper's formula).
+                ``"a & b & c"`` hold only where all three are clear. Defaults to 0 (the paper's formula).
             dr_temperature (`float` or `"auto"`, *optional*): read ``D_r`` tempered, ``softmax(log D_r / T)``
                 (`~s2m_diffusers.targets.temper_dr`; exact heads are unchanged by it, soft heads are sharpened by
                 ``T < 1``). ``None`` (default) uses the calibrated heads as they are; ``"auto"`` sharpens pure
@@ -836,9 +835,7 @@ class S2MPipeline(DiffusionPipeline):
             raise ValueError(f"priors has {len(priors)} entries, but the heads know {len(names)} attributes {names}.")
         log_priors = None if priors is None else torch.tensor(priors, dtype=torch.float64).log()
         margin = float(negation_margin if negation_margin is not None else getattr(hc, "negation_margin", 1.0))
-        if presence_margin is None:
-            presence_margin = getattr(hc, "presence_margin", None) or 0.0
-        presence = float(presence_margin)
+        presence = 0.0 if presence_margin is None else float(presence_margin)
         if not 0.0 <= presence <= 1.0:
             raise ValueError(f"presence_margin must lie in [0, 1] (0 is the paper's formula), got {presence}.")
         if dr_temperature is None:
