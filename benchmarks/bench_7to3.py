@@ -33,9 +33,10 @@ Methods:
 - `oracle`: proposals accepted by the evaluator itself until `N` are on target (an upper bound on accuracy that no
   sampler without the evaluator can reach, and the cost of plain rejection with a perfect selector).
 
-The models come from `PRETRAINED_ROOTS`: Digits' are shipped in the package, Fashion's are trained by the example
-scripts into `benchmarks/pretrained/fashion7to3/` (see `benchmarks/RESULTS.md` for the commands). A dataset or a model
-that is missing is reported and skipped.
+The models come from `PRETRAINED_ROOTS` (`benchmarks/pretrained_roots.py`): Digits' are shipped in the package,
+Fashion's are trained by the example scripts into `benchmarks/pretrained/fashion7to3/` (see `benchmarks/RESULTS.md` for
+the commands). Fashion-MNIST itself is read from `$S2M_FASHION_MNIST` or the Debian package `dataset-fashion-mnist`.
+A dataset or a model that is missing is reported and skipped.
 
 Usage:
 
@@ -55,13 +56,26 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from pretrained_roots import PRETRAINED_ROOTS  # noqa: E402  (the same folder)
 
-from s2m_diffusers.demo import DEMO_SETTINGS, formula_accuracy, load_demo_pipeline, load_evaluator  # noqa: E402
-from s2m_diffusers.evaluation import evaluator_class_probs, evaluator_features, frechet_distance  # noqa: E402
-from s2m_diffusers.refit import StandardNormal  # noqa: E402
+from s2m_diffusers.demo import (  # noqa: E402
+    DATASETS,
+    DEMO_SETTINGS,
+    SEVEN_TARGETS,
+    load_7to3,
+    load_demo_pipeline,
+    load_evaluator,
+)
+from s2m_diffusers.densities import StandardNormal  # noqa: E402
+from s2m_diffusers.evaluation import (  # noqa: E402
+    evaluator_class_probs,
+    evaluator_features,
+    formula_accuracy,
+    frechet_distance,
+)
+from s2m_diffusers.maths import log_p_data, log_weight  # noqa: E402
 from s2m_diffusers.sampling import sample_official  # noqa: E402
-from s2m_diffusers.seven_to_three import DATASETS, PRETRAINED_ROOTS, SEVEN_TARGETS, load_7to3  # noqa: E402
-from s2m_diffusers.targets import Target, log_r, log_w, parse_target, temper_dr  # noqa: E402
+from s2m_diffusers.targets import Target, parse_target  # noqa: E402
 from s2m_diffusers.utils import write_json_atomically  # noqa: E402
 
 METHODS = ("raw", "official", "ours", "ours_conditional", "oracle")
@@ -75,7 +89,7 @@ OURS_SETTINGS: dict[str, dict] = {
         "refit": "sequential",
         "steps_after_entry": 3,
         "fit_size": 128,
-        "sampler_kwargs": {"covariance_scale": 1.0},
+        "covariance_scale": 1.0,
     },
     "ddpm": {
         "negation_margin": 30.0,
@@ -89,11 +103,6 @@ OURS_SETTINGS: dict[str, dict] = {
 OFFICIAL_TEMPERATURES = {1: 1.2, 2: 1.0, 3: 0.2}
 OFFICIAL_GAMMA_PRESENT, OFFICIAL_GAMMA_ABSENT = 0.1, 1.0
 OFFICIAL_STEPS = 200
-
-
-def _log_p_data(heads) -> torch.Tensor:
-    counts = torch.tensor(heads.config.label_counts, dtype=torch.float64)
-    return (counts / counts.sum()).log()
 
 
 def official_evaluate(heads, proposal, target: Target, micro_batch_size: int = 256, many: float | None = None):
@@ -115,8 +124,8 @@ def official_evaluate(heads, proposal, target: Target, micro_batch_size: int = 2
     gammas = torch.tensor(
         [OFFICIAL_GAMMA_PRESENT if n in present else OFFICIAL_GAMMA_ABSENT for n in names], dtype=torch.float64
     )
-    log_p_data = _log_p_data(heads)
-    log_priors = gammas.log() + log_p_data
+    log_data = log_p_data(heads.config.label_counts, len(names))
+    log_priors = gammas.log() + log_data
     temperature = OFFICIAL_TEMPERATURES.get(len(present), many)
     if temperature is None:
         raise ValueError(f"The official recipe has temperatures for 1-3 present attributes; {target} has {present}.")
@@ -127,10 +136,18 @@ def official_evaluate(heads, proposal, target: Target, micro_batch_size: int = 2
         for chunk in z.split(micro_batch_size):
             x = proposal.generate(chunk)
             out = heads(x)
-            dr = temper_dr(out.dr_log_probs.double(), temperature)
-            lr = log_r(target, dr, log_p_data, log_priors, negation_margin=1.0)
             images.append(x)
-            weights.append(log_w(lr, out.dv_logit.double()))
+            weights.append(
+                log_weight(
+                    target,
+                    out.dr_log_probs,
+                    out.dv_logit,
+                    log_data,
+                    log_priors,
+                    negation_margin=1.0,
+                    dr_temperature=temperature,
+                )
+            )
         return torch.cat(images), torch.cat(weights)
 
     return evaluate

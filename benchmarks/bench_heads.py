@@ -58,10 +58,9 @@ import time
 import torch
 
 from s2m_diffusers.data import SinglePositiveDataset
+from s2m_diffusers.demo import DIGITS_7TO3_PRETRAINED
 from s2m_diffusers.models.heads import S2MHeads
 from s2m_diffusers.training import expected_calibration_error, nll, train_heads
-
-PRETRAINED = os.path.join(os.path.dirname(__file__), "..", "s2m_diffusers", "pretrained", "digits7to3")
 
 
 def gan_proposal(generator_model: torch.nn.Module) -> callable:
@@ -163,8 +162,12 @@ GOALS = {
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="Quality of the S2M heads on Digits-7to3 with the shipped DCGAN.")
-    parser.add_argument("--generator", default=os.path.join(PRETRAINED, "gan"), help="a saved DCGANGenerator")
-    parser.add_argument("--evaluator", default=os.path.join(PRETRAINED, "evaluator"), help="a saved evaluator")
+    parser.add_argument(
+        "--generator", default=os.path.join(DIGITS_7TO3_PRETRAINED, "gan"), help="a saved DCGANGenerator"
+    )
+    parser.add_argument(
+        "--evaluator", default=os.path.join(DIGITS_7TO3_PRETRAINED, "evaluator"), help="a saved evaluator"
+    )
     parser.add_argument("--num_steps", type=int, default=None, help="override the default number of steps")
     parser.add_argument(
         "--train_kwargs",
@@ -180,9 +183,9 @@ def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 
+    from s2m_diffusers.demo import load_digits_7to3
     from s2m_diffusers.evaluation import AttributeEvaluator, evaluator_attributes
     from s2m_diffusers.models.gan import DCGANGenerator
-    from s2m_diffusers.seven_to_three import load_digits_7to3
 
     data = load_digits_7to3()
     train, heldout = data.train(), data.heldout()

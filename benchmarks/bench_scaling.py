@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """S2M sampling as the number of attributes grows: Shapes, k = 1 to 6 required attributes.
 
-The dataset is [`s2m_diffusers.shapes`]: a constructed generator whose image shows attribute ``s_i`` (a bright patch)
-exactly when latent coordinate ``z_i`` exceeds a threshold, each with prior probability 0.3, so the target
-``s0 & s1 & ... & s{k-1}`` (the other attributes free) holds for a share ``0.3^k`` of the proposals (7.3e-4 at
-k = 6). Attributes are read from the pixels, so **accuracy is exact**: no evaluator. Single-positive training data
+The dataset is [`s2m_diffusers.testing.shapes`]: a constructed generator whose image shows attribute ``s_i`` (a
+bright patch) exactly when latent coordinate ``z_i`` exceeds a threshold, each with prior probability 0.3, so the
+target ``s0 & s1 & ... & s{k-1}`` (the other attributes free) holds for a share ``0.3^k`` of the proposals (7.3e-4
+at k = 6). Attributes are read from the pixels, so **accuracy is exact**: no evaluator. Single-positive training data
 follows spec §1 (label ``c`` uniform, image from ``p(x | y_c = 1)``); the heads are trained on it once with
 ``train_heads`` and cached in ``--heads-dir``.
 
@@ -63,14 +63,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from bench_7to3 import OFFICIAL_STEPS, official_evaluate  # noqa: E402  (the same folder)
 
+from s2m_diffusers.densities import StandardNormal  # noqa: E402
 from s2m_diffusers.evaluation import frechet_distance  # noqa: E402
+from s2m_diffusers.maths import log_p_data, log_weight  # noqa: E402
 from s2m_diffusers.models.heads import S2MHeads  # noqa: E402
 from s2m_diffusers.pipeline_s2m import S2MPipeline  # noqa: E402
 from s2m_diffusers.proposals import GeneratorProposal  # noqa: E402
-from s2m_diffusers.refit import StandardNormal  # noqa: E402
 from s2m_diffusers.sampling import sample_official  # noqa: E402
-from s2m_diffusers.shapes import ShapesGenerator, shapes_single_positive  # noqa: E402
-from s2m_diffusers.targets import log_r, log_w, parse_target  # noqa: E402
+from s2m_diffusers.targets import parse_target  # noqa: E402
+from s2m_diffusers.testing.shapes import ShapesGenerator, shapes_single_positive  # noqa: E402
 from s2m_diffusers.training import save_heads, train_heads  # noqa: E402
 from s2m_diffusers.utils import write_json_atomically  # noqa: E402
 
@@ -143,13 +144,12 @@ def heads_ceiling(
     outs = [heads(generator(chunk)) for chunk in z.split(4096)]
     dr = torch.cat([o.dr_log_probs for o in outs]).double()
     dv = torch.cat([o.dv_logit for o in outs]).double()
-    counts = torch.tensor(heads.config.label_counts, dtype=torch.float64)
-    log_p_data = (counts / counts.sum()).log()
+    log_data = log_p_data(heads.config.label_counts, len(heads.attribute_names))
     log_priors = None if heads.priors is None else torch.tensor(heads.priors, dtype=torch.float64).log()
     out = {}
     for k in ks:
         target = parse_target(" & ".join(heads.attribute_names[:k]), heads.attribute_names)
-        lw = log_w(log_r(target, dr, log_p_data, log_priors, heads.negation_margin, presence_margin), dv)
+        lw = log_weight(target, dr, dv, log_data, log_priors, heads.negation_margin, presence_margin)
         p = torch.softmax(lw, 0)
         out[k] = float(p[holds[:, :k].all(1)].sum())
     return out
@@ -189,12 +189,10 @@ def run_method(
             presence_margin=settings["presence_margin"],
             max_proposals=settings["max_proposals"],
             micro_batch_size=256,
-            sampler_kwargs={
-                "mixing_tolerance": None if settings["steps"] else settings["mixing_tolerance"],
-                "max_steps_after_entry": settings["max_steps"],
-                "n_components": settings["n_components"],
-                "covariance_scale": settings["covariance_scale"],
-            },
+            mixing_tolerance=None if settings["steps"] else settings["mixing_tolerance"],
+            max_steps_after_entry=settings["max_steps"],
+            n_components=settings["n_components"],
+            covariance_scale=settings["covariance_scale"],
         )
         seconds = time.perf_counter() - t0
         extra = {

@@ -1,4 +1,4 @@
-"""S2M sampling on the analytic problem (s2m_diffusers.toy): cost and exactness of three samplers, side by side.
+"""The analytic problem (s2m_diffusers.testing.toy): cost and exactness of three S2M samplers, side by side.
 
 For each target: its share ``rho`` under the prior proposal, and for
   (a) ``official``: the official recipe, 64 chains x 200 IMH steps from the prior, final states returned;
@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from s2m_diffusers.refit import StandardNormal
+from s2m_diffusers.demo import SEVEN_TARGETS
+from s2m_diffusers.densities import StandardNormal
 from s2m_diffusers.sampling import sample_official, sample_s2m
-from s2m_diffusers.seven_to_three import SEVEN_TARGETS
-from s2m_diffusers.toy import ToyProblem, energy_distance, mean_distance
+from s2m_diffusers.testing.toy import ToyProblem, energy_distance, mean_distance
 
 # The 7 conjunctions of three attributes (as in 7to3), then a disjunction, a pure negation and a nested formula.
 TARGETS = [*SEVEN_TARGETS, "A | B", "~A", "A & (B | C)"]

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Train a small DDPM (`diffusers.UNet2DModel`) on Digits-7to3 and save it as a `DDPMPipeline` folder.
 
-As shipped in `s2m_diffusers/pretrained/digits7to3/ddpm`:
+As shipped in `s2m_diffusers/demo/pretrained/digits7to3/ddpm`:
 
-    python examples/train_ddpm.py --output_dir s2m_diffusers/pretrained/digits7to3/ddpm
+    python examples/train_ddpm.py --output_dir s2m_diffusers/demo/pretrained/digits7to3/ddpm
 
 Follows diffusers' `examples/unconditional_image_generation/train_unconditional.py`: epsilon prediction, MSE loss,
 AdamW with warmup and cosine decay, gradient clipping, an EMA of the weights (saved instead of the raw weights).
@@ -20,6 +20,7 @@ DDIM (eta = 0, `--num_inference_steps`) and prints the share of each attribute c
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -32,10 +33,14 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from s2m_diffusers.demo import DATASETS, SEVEN_TARGETS, load_7to3
 from s2m_diffusers.evaluation import AttributeEvaluator, combination_shares, evaluator_features, frechet_distance
 from s2m_diffusers.proposals import DDIMProposal
-from s2m_diffusers.seven_to_three import DATASETS, PRETRAINED_ROOTS, SEVEN_TARGETS, load_7to3
 from s2m_diffusers.utils import save_pretrained_atomically
+
+# The trained models by dataset (Fashion's live in this checkout's benchmarks/pretrained/, not in the package).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from pretrained_roots import PRETRAINED_ROOTS  # noqa: E402
 
 
 def parse_args():

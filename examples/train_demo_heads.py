@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Train the S2M heads of the shipped Digits-7to3 generators, as used by `s2m demo`.
 
-For the shipped DCGAN (`pretrained/digits7to3/gan`) the proposal is the generator itself; for the shipped DDPM
-(`pretrained/digits7to3/ddpm`) it is the UNet run as deterministic DDIM with `--ddim_steps` steps. As a DDIM sample
-costs that many UNet calls, the DDPM heads are trained on a bank of `--bank_size` DDIM samples drawn once (an
-`ImageBankProposal`, of which `train_heads` keeps a share apart for calibration). The real data is the train split of
-Digits-7to3 with its single-positive labels. The work is done by `s2m_diffusers.demo.train_demo_heads`, which
-`s2m demo --retrain` calls too.
+The shipped weights are in `s2m_diffusers/demo/pretrained/digits7to3/`. For the shipped DCGAN (`gan/`) the proposal
+is the generator itself; for the shipped DDPM (`ddpm/`) it is the UNet run as deterministic DDIM with `--ddim_steps`
+steps. As a DDIM sample costs that many UNet calls, the DDPM heads are trained on a bank of `--bank_size` DDIM
+samples drawn once (an `ImageBank`, of which `train_heads` keeps a share apart for calibration). The real
+data is the train split of Digits-7to3 with its single-positive labels. The work is done by
+`s2m_diffusers.demo.train_demo_heads`, which `s2m demo --retrain` calls too.
 
-    python examples/train_demo_heads.py                      # both, into s2m_diffusers/pretrained/digits7to3/
+    python examples/train_demo_heads.py                      # both, into s2m_diffusers/demo/pretrained/digits7to3/
     python examples/train_demo_heads.py --generators gan --num_steps 500 --output_root /tmp/heads
     python examples/train_demo_heads.py --generators gan_conditional       # heads with D_f, for bench_7to3
     python examples/train_demo_heads.py --dataset fashion --generators gan gan_conditional ddpm
@@ -19,12 +19,22 @@ The heads are written with `save_pretrained` to `OUTPUT_ROOT/heads_gan` and `OUT
 
 import argparse
 import os
+import sys
 import time
 
 import torch
 
-from s2m_diffusers.demo import DDIM_STEPS, GENERATOR_KINDS, GENERATORS, train_demo_heads
-from s2m_diffusers.seven_to_three import DATASETS, PRETRAINED_ROOTS
+from s2m_diffusers.demo import (
+    DATASETS,
+    DDIM_STEPS,
+    GENERATOR_KINDS,
+    GENERATORS,
+    train_demo_heads,
+)
+
+# The trained models by dataset (Fashion's live in this checkout's benchmarks/pretrained/, not in the package).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from pretrained_roots import PRETRAINED_ROOTS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

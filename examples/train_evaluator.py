@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Train the Digits-7to3 evaluator: the classifier that scores S2M's returned images.
 
-As shipped in `s2m_diffusers/pretrained/digits7to3/evaluator`:
+As shipped in `s2m_diffusers/demo/pretrained/digits7to3/evaluator`:
 
-    python examples/train_evaluator.py --output_dir s2m_diffusers/pretrained/digits7to3/evaluator
+    python examples/train_evaluator.py --output_dir s2m_diffusers/demo/pretrained/digits7to3/evaluator
 
 The evaluator is an `AttributeEvaluator` trained on the **heldout** split of Digits-7to3 (never seen by the
 generators or the heads) with each image's full attribute set, i.e. its combination: 7 classes, one per source class.
@@ -24,8 +24,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from s2m_diffusers.evaluation import AttributeEvaluator, evaluator_class_probs, random_shift, target_accuracy
-from s2m_diffusers.seven_to_three import (
+from s2m_diffusers.demo import (
+    ATTRIBUTE_NAMES,
     DATASETS,
     SEVEN_TARGET_LITERALS,
     SEVEN_TARGETS,
@@ -33,6 +33,7 @@ from s2m_diffusers.seven_to_three import (
     load_7to3,
     load_without_attributes,
 )
+from s2m_diffusers.evaluation import AttributeEvaluator, evaluator_class_probs, random_shift, target_accuracy
 from s2m_diffusers.utils import save_pretrained_atomically
 
 
@@ -70,7 +71,7 @@ def main(args) -> None:
         classes = torch.cat([classes, torch.full((len(none_train),), len(class_attributes))])
         class_attributes.append(())
 
-    model = AttributeEvaluator(class_attributes=class_attributes, base_channels=args.base_channels)
+    model = AttributeEvaluator(ATTRIBUTE_NAMES, class_attributes, base_channels=args.base_channels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.learning_rate, total_steps=args.num_steps)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)

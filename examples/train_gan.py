@@ -2,14 +2,14 @@
 """Train the reference DCGANs on Digits-7to3 and save them with `save_pretrained` (safetensors).
 
 Unconditional (all train images of the 7 source classes, no labels), as shipped in
-`s2m_diffusers/pretrained/digits7to3/gan`:
+`s2m_diffusers/demo/pretrained/digits7to3/gan`:
 
-    python examples/train_gan.py --output_dir s2m_diffusers/pretrained/digits7to3/gan
+    python examples/train_gan.py --output_dir s2m_diffusers/demo/pretrained/digits7to3/gan
 
 Class-conditional on the single-positive labels A, B, C (it models p(x | y_c = 1), the class-conditional proposal
-of D_f), as shipped in `s2m_diffusers/pretrained/digits7to3/gan_conditional`:
+of D_f), as shipped in `s2m_diffusers/demo/pretrained/digits7to3/gan_conditional`:
 
-    python examples/train_gan.py --conditional --output_dir s2m_diffusers/pretrained/digits7to3/gan_conditional
+    python examples/train_gan.py --conditional --output_dir s2m_diffusers/demo/pretrained/digits7to3/gan_conditional
 
 Training: non-saturating GAN loss, spectrally normalised discriminator, differentiable shift augmentation of real
 and generated images (DiffAugment; the train split holds only 885 images), an exponential moving average of the
@@ -21,6 +21,7 @@ then samples `--num_eval_samples` images and prints the share of each attribute 
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -31,6 +32,7 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from s2m_diffusers.demo import DATASETS, SEVEN_TARGETS, load_7to3
 from s2m_diffusers.evaluation import (
     AttributeEvaluator,
     combination_shares,
@@ -40,8 +42,11 @@ from s2m_diffusers.evaluation import (
     random_shift,
 )
 from s2m_diffusers.models.gan import DCGANDiscriminator, DCGANGenerator
-from s2m_diffusers.seven_to_three import DATASETS, PRETRAINED_ROOTS, SEVEN_TARGETS, load_7to3
 from s2m_diffusers.utils import save_pretrained_atomically
+
+# The trained models by dataset (Fashion's live in this checkout's benchmarks/pretrained/, not in the package).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from pretrained_roots import PRETRAINED_ROOTS  # noqa: E402
 
 
 def parse_args():

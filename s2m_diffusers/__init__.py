@@ -1,29 +1,33 @@
 """S2M sampling for Hugging Face diffusers: multi-label samples from single-positive labels.
 
-The maths lives in pure functions (``targets``, ``sampling``, ``refit``); models and pipelines build on them.
+The maths is pure functions in ``maths`` (spec §3-6); ``targets`` parses targets, ``densities`` holds the latent
+prior ``p_z`` and the refitted densities ``q``, ``sampling`` the samplers over callables, ``proposals`` the generator
+adapters, and ``S2MPipeline`` composes them. ``demo`` and ``testing`` hold the demo's and the tests' worlds; the
+library never imports them.
 """
 
 # Every component module is imported here: diffusers 0.42.1 resolves a custom component only from a module
 # that is already in sys.modules.
 from . import distributed, hub
-from .data import ImageBankProposal, SinglePositiveDataset, prepare_images
+from .data import ImageBank, ImageBankProposal, SinglePositiveDataset, prepare_images
+from .densities import LowRankGaussianMixture, StandardNormal
 from .evaluation import AttributeEvaluator
+from .maths import auto_dr_temperature, log_r, log_w, log_weight, temper_dr
 from .models.gan import DCGANDiscriminator, DCGANGenerator
 from .models.heads import S2MHeads, S2MHeadsOutput
 from .pipeline_s2m import S2MPipeline, S2MPipelineOutput
 from .priors import estimate_priors
 from .proposals import DDIMProposal, GeneratorProposal, PipelineProposal, ProposalSample, execution_device
-from .refit import LowRankGaussianMixture, StandardNormal
 from .sampling import (
     BudgetExhaustedError,
+    S2MSamplingConfig,
     SampleResult,
     SamplerStats,
     sample_imh,
     sample_official,
     sample_s2m,
 )
-from .shapes import ShapesGenerator, shapes_attributes, shapes_single_positive
-from .targets import Target, TargetError, auto_dr_temperature, log_r, log_w, parse_target, temper_dr
+from .targets import Target, TargetError, parse_target
 from .training import train_heads
 
 __version__ = "0.1.0.dev0"
@@ -35,35 +39,35 @@ __all__ = [
     "DCGANGenerator",
     "DDIMProposal",
     "GeneratorProposal",
+    "ImageBank",
+    "ImageBankProposal",
+    "LowRankGaussianMixture",
     "PipelineProposal",
     "ProposalSample",
     "S2MHeads",
     "S2MHeadsOutput",
     "S2MPipeline",
     "S2MPipelineOutput",
-    "ImageBankProposal",
-    "SinglePositiveDataset",
-    "estimate_priors",
-    "distributed",
-    "execution_device",
-    "hub",
-    "prepare_images",
-    "train_heads",
-    "LowRankGaussianMixture",
+    "S2MSamplingConfig",
     "SampleResult",
     "SamplerStats",
+    "SinglePositiveDataset",
     "StandardNormal",
-    "ShapesGenerator",
     "Target",
     "TargetError",
     "auto_dr_temperature",
+    "distributed",
+    "estimate_priors",
+    "execution_device",
+    "hub",
     "log_r",
     "log_w",
+    "log_weight",
     "parse_target",
+    "prepare_images",
     "sample_imh",
     "sample_official",
     "sample_s2m",
-    "shapes_attributes",
-    "shapes_single_positive",
     "temper_dr",
+    "train_heads",
 ]

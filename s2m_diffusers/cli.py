@@ -13,11 +13,12 @@ Each subcommand is one parser function (``_<name>_parser``) and one function tha
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 
+from .hub import generator_image_shape, load_generator_folder
+from .maths import DEFAULT_NEGATION_MARGIN
 from .utils import jsonable, write_json_atomically
 
 __all__ = ["main", "build_parser"]
@@ -38,6 +39,25 @@ def _fail(message: str, code: int) -> int:
 # s2m sample
 
 
+_SAMPLE_EPILOG = (
+    "examples:\n"
+    '  s2m sample --pipeline my-s2m --target "black_hair & male & ~smiling" --num-images 16 \\\n'
+    "      --output samples/ --seed 0\n"
+    '  s2m sample --pipeline user/s2m-digits --revision 3f2c1ab --target "A | B" --num-images 4 \\\n'
+    "      --output out/ --refit off --max-proposals 20000\n"
+    "  accelerate launch --num_processes 4 -m s2m_diffusers.cli sample --pipeline my-s2m \\\n"
+    "      --target 'a & b' --num-images 64 --output samples/ --seed 0\n"
+    "\n"
+    "several processes: under `accelerate launch` (or `torchrun`) the images are split over the processes,\n"
+    "each on its own device, and the main process writes them all (stats summed over the processes). On a\n"
+    "machine without GPUs use `accelerate launch --multi_gpu --num_processes N` (CPU processes). The same\n"
+    "--seed gives the same images for the same number of processes.\n"
+    "\n"
+    "targets: attribute names with & (and), | (or), ~ (not) and parentheses, e.g. 'a & (b | c) & ~d',\n"
+    "or the paper's form 'a+b-c'. Exit status: 0 done, 1 budget exhausted, 2 invalid input."
+)
+
+
 def _sample_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "sample",
@@ -48,23 +68,7 @@ def _sample_parser(subparsers) -> argparse.ArgumentParser:
             "image, seconds in the generator, the heads and the sampler) and latents.safetensors (the latent "
             "each image came from)."
         ),
-        epilog=(
-            "examples:\n"
-            '  s2m sample --pipeline my-s2m --target "black_hair & male & ~smiling" --num-images 16 \\\n'
-            "      --output samples/ --seed 0\n"
-            '  s2m sample --pipeline user/s2m-digits --revision 3f2c1ab --target "A | B" --num-images 4 \\\n'
-            "      --output out/ --refit off --max-proposals 20000\n"
-            "  accelerate launch --num_processes 4 -m s2m_diffusers.cli sample --pipeline my-s2m \\\n"
-            "      --target 'a & b' --num-images 64 --output samples/ --seed 0\n"
-            "\n"
-            "several processes: under `accelerate launch` (or `torchrun`) the images are split over the processes,\n"
-            "each on its own device, and the main process writes them all (stats summed over the processes). On a\n"
-            "machine without GPUs use `accelerate launch --multi_gpu --num_processes N` (CPU processes). The same\n"
-            "--seed gives the same images for the same number of processes.\n"
-            "\n"
-            "targets: attribute names with & (and), | (or), ~ (not) and parentheses, e.g. 'a & (b | c) & ~d',\n"
-            "or the paper's form 'a+b-c'. Exit status: 0 done, 1 budget exhausted, 2 invalid input."
-        ),
+        epilog=_SAMPLE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -122,7 +126,6 @@ def _sample_parser(subparsers) -> argparse.ArgumentParser:
 def sample(args: argparse.Namespace) -> int:
     """Run `s2m sample`."""
     import torch
-    from safetensors.torch import save_file
 
     from .distributed import get_state, launched_processes
     from .pipeline_s2m import S2MPipeline
@@ -133,43 +136,15 @@ def sample(args: argparse.Namespace) -> int:
     state = get_state() if launched_processes() > 1 else None
     main_process = state is None or state.is_main_process
 
-    def fail(message: str, code: int) -> int:
-        return _fail(message, code) if main_process else code
-
-    if args.num_images < 1:
-        return fail(f"--num-images must be at least 1, got {args.num_images}.", EXIT_USAGE)
-    if args.num_chains is not None and args.num_chains < 1:
-        return fail(f"--num-chains must be at least 1, got {args.num_chains}.", EXIT_USAGE)
-    if not os.path.isdir(args.pipeline) and (args.pipeline.count("/") != 1 or os.path.exists(args.pipeline)):
-        return fail(
-            f"--pipeline {args.pipeline!r} is neither a folder nor a Hub repo id ('user/name'). Save one with "
-            "S2MPipeline.save_pretrained(DIR).",
-            EXIT_USAGE,
-        )
+    problem = _check_sample_arguments(args)
+    if problem is not None:
+        return _fail_on(main_process, problem, EXIT_USAGE)
     try:
         pipe = S2MPipeline.from_pretrained(args.pipeline, revision=args.revision)
     except (OSError, ValueError) as err:
-        return fail(f"could not load the pipeline {args.pipeline!r}: {err}", EXIT_USAGE)
-    if state is not None:
-        device = args.device or state.device  # each process its own device
-    else:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    pipe.set_progress_bar_config(disable=args.quiet)
-    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
-    if state is not None and args.seed is None:  # one random seed for all processes: the main process's
-        from accelerate.utils import broadcast
-
-        seed = int(broadcast(torch.tensor([seed], device=state.device), from_process=0).item())
-    class_label: str | int | None = args.class_label
-    if class_label == "none":
-        class_label = None
-    elif isinstance(class_label, str) and class_label.isdigit():
-        class_label = int(class_label)
-
+        return _fail_on(main_process, f"could not load the pipeline {args.pipeline!r}: {err}", EXIT_USAGE)
+    _place_pipeline(pipe, args, state)
+    seed = _sample_seed(args.seed, state)
     try:
         out = pipe(
             args.target,
@@ -183,19 +158,83 @@ def sample(args: argparse.Namespace) -> int:
             fit_size=args.fit_size,
             negation_margin=args.negation_margin,
             presence_margin=args.presence_margin,
-            class_label=class_label,
+            class_label=_class_label(args.class_label),
             num_inference_steps=args.num_inference_steps,
             allow_partial=args.allow_partial,
             distributed=state is not None,
         )
     except BudgetExhaustedError as err:
-        return fail(str(err), EXIT_BUDGET)
+        return _fail_on(main_process, str(err), EXIT_BUDGET)
     except (TargetError, ValueError) as err:
-        return fail(str(err), EXIT_USAGE)
+        return _fail_on(main_process, str(err), EXIT_USAGE)
+
+    if not main_process:  # the main process holds the same, gathered output and writes it
+        return EXIT_BUDGET if out.stats["budget_exhausted"] else EXIT_OK
+    return _write_samples(args, out, seed)
+
+
+def _fail_on(main_process: bool, message: str, code: int) -> int:
+    """`_fail` on the main process; the other processes of a launched run return the code silently."""
+    return _fail(message, code) if main_process else code
+
+
+def _check_sample_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments of `s2m sample` before anything is loaded, or `None`."""
+    if args.num_images < 1:
+        return f"--num-images must be at least 1, got {args.num_images}."
+    if args.num_chains is not None and args.num_chains < 1:
+        return f"--num-chains must be at least 1, got {args.num_chains}."
+    if not os.path.isdir(args.pipeline) and (args.pipeline.count("/") != 1 or os.path.exists(args.pipeline)):
+        return (
+            f"--pipeline {args.pipeline!r} is neither a folder nor a Hub repo id ('user/name'). Save one with "
+            "S2MPipeline.save_pretrained(DIR)."
+        )
+    return None
+
+
+def _place_pipeline(pipe, args: argparse.Namespace, state) -> None:
+    """Put the pipeline on this process's device (or CPU-offload it) and set its progress bar by `--quiet`."""
+    import torch
+
+    if state is not None:
+        device = args.device or state.device  # each process its own device
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=args.quiet)
+
+
+def _sample_seed(seed: int | None, state) -> int:
+    """`--seed`, or a random seed (the main process's, under `accelerate launch`), recorded in stats.json."""
+    import torch
+
+    if seed is not None:
+        return seed
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    if state is not None:  # one random seed for all processes: the main process's
+        from accelerate.utils import broadcast
+
+        seed = int(broadcast(torch.tensor([seed], device=state.device), from_process=0).item())
+    return seed
+
+
+def _class_label(value: str) -> str | int | None:
+    """`--class-label`: `"none"` -> `None`, digits -> a class index, anything else (`"auto"`, a name) as it is."""
+    if value == "none":
+        return None
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return value
+
+
+def _write_samples(args: argparse.Namespace, out, seed: int) -> int:
+    """Write the PNGs, latents.safetensors and stats.json of `s2m sample`, and say what was written."""
+    from safetensors.torch import save_file
 
     stats = out.stats
-    if not main_process:  # the main process holds the same, gathered output and writes it
-        return EXIT_BUDGET if stats["budget_exhausted"] else EXIT_OK
     os.makedirs(args.output, exist_ok=True)
     names = []
     for i, image in enumerate(out.images):
@@ -210,7 +249,7 @@ def sample(args: argparse.Namespace) -> int:
         "images": names,
         "on_target": out.on_target.tolist(),
         "class_labels": None if out.class_labels is None else out.class_labels.tolist(),
-        **out.stats,
+        **stats,
     }
     _write_json(os.path.join(args.output, "stats.json"), record)
     print(
@@ -228,88 +267,21 @@ def sample(args: argparse.Namespace) -> int:
 # s2m train-heads
 
 
-def _resolve_class(name: str):
-    """A `ModelMixin` class named in a config's `_class_name`: from s2m_diffusers first, then diffusers."""
-    import importlib
-
-    for module in ("s2m_diffusers.models.gan", "s2m_diffusers.models", "s2m_diffusers", "diffusers"):
-        cls = getattr(importlib.import_module(module), name, None)
-        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
-            return cls
-    return None
-
-
-def load_generator_folder(path: str) -> tuple[str, dict]:
-    """Load a generator saved with `save_pretrained` as `S2MPipeline` components.
-
-    Args:
-        path (`str`): a diffusers pipeline folder with `model_index.json` naming a `unet` and a `scheduler` (e.g. a
-            `DDPMPipeline`; sampled as DDIM), or a model folder with `config.json` whose `_class_name` is a GAN
-            generator class of s2m_diffusers or diffusers (e.g. `DCGANGenerator`).
-
-    Returns:
-        `tuple[str, dict]`: the kind (`"ddim"` or `"gan"`) and the components (`unet`, `scheduler` or `gan`).
-
-    Raises:
-        ValueError: the folder is neither, or names a class that cannot be found.
-    """
-    import diffusers
-
-    if not os.path.isdir(path):
-        raise ValueError(f"--generator {path!r} is not a folder. Save a generator there with `save_pretrained`.")
-    index_file, config_file = os.path.join(path, "model_index.json"), os.path.join(path, "config.json")
-    if os.path.isfile(index_file):
-        with open(index_file, encoding="utf-8") as f:
-            index = json.load(f)
-        if not (isinstance(index.get("unet"), list) and isinstance(index.get("scheduler"), list)):
-            raise ValueError(
-                f"The pipeline in {path!r} ({index.get('_class_name')}) has no `unet` and `scheduler` components; "
-                "only unconditional pixel-space diffusion pipelines (e.g. DDPMPipeline, DDIMPipeline) or GAN "
-                "generator folders are supported by `s2m train-heads`."
-            )
-        components = {}
-        for key in ("unet", "scheduler"):
-            library, class_name = index[key][:2]
-            cls = getattr(diffusers, class_name, None) if library == "diffusers" else None
-            if cls is None:
-                raise ValueError(f"Cannot load the {key} class {library}.{class_name} named in {index_file!r}.")
-            components[key] = cls.from_pretrained(path, subfolder=key)
-        components["unet"].eval()
-        return "ddim", components
-    if os.path.isfile(config_file):
-        with open(config_file, encoding="utf-8") as f:
-            class_name = json.load(f).get("_class_name")
-        cls = _resolve_class(class_name) if class_name else None
-        if cls is None:
-            raise ValueError(
-                f"The config in {path!r} names the class {class_name!r}, which is neither in s2m_diffusers nor in "
-                "diffusers. Save the generator from a ModelMixin class (e.g. s2m_diffusers.models.gan.DCGANGenerator)."
-            )
-        return "gan", {"gan": cls.from_pretrained(path).eval()}
-    raise ValueError(
-        f"--generator {path!r} holds neither model_index.json (a diffusers pipeline such as DDPMPipeline) nor "
-        "config.json (a generator model such as DCGANGenerator). Save one with `save_pretrained(PATH)`."
-    )
-
-
-def _generator_image_shape(kind: str, components: dict) -> tuple[int, int]:
-    """(sample_size, channels) of a generator's images."""
-    if kind == "ddim":
-        config = components["unet"].config
-        size, channels = config.sample_size, config.in_channels
-    else:
-        config = getattr(components["gan"], "config", None)
-        size, channels = getattr(config, "sample_size", None), getattr(config, "out_channels", None)
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise ValueError(f"The generator makes {size[0]}x{size[1]} images; the heads need square images.")
-        size = size[0]
-    if size is None or channels is None:
-        raise ValueError(
-            "Cannot tell the generator's image size: its config needs `sample_size` and `out_channels` (GAN) or "
-            "`sample_size` and `in_channels` (UNet)."
-        )
-    return int(size), int(channels)
+_TRAIN_HEADS_EPILOG = (
+    "examples:\n"
+    "  s2m train-heads --generator my-ddpm/ --data-dir data/ --output my-s2m\n"
+    "  s2m train-heads --generator my-gan/ --data-dir data/ --output my-s2m --num-steps 500 --seed 1\n"
+    "  accelerate launch --num_processes 2 -m s2m_diffusers.cli train-heads --generator my-ddpm/ \\\n"
+    "      --data-dir data/ --output my-s2m     # data parallel; the main process writes\n"
+    "\n"
+    "data layout: data/smiling/*.png, data/male/*.png, ... (the sub-folder name is the attribute; names\n"
+    "[A-Za-z0-9_.]+). Images are resized and converted to the generator's size and channels (or to\n"
+    "--sample-size: the heads then see downscaled copies of the generator's images, in training and\n"
+    "sampling).\n"
+    "generator: a folder saved with save_pretrained: a diffusers pipeline with a unet and a scheduler (e.g.\n"
+    "DDPMPipeline; sampled as deterministic DDIM), or a GAN generator model (e.g. DCGANGenerator).\n"
+    "Exit status: 0 done, 2 invalid input."
+)
 
 
 def _train_heads_parser(subparsers) -> argparse.ArgumentParser:
@@ -321,21 +293,7 @@ def _train_heads_parser(subparsers) -> argparse.ArgumentParser:
             "single-positive data (a folder with one sub-folder of images per attribute), and write a complete S2M "
             "pipeline folder (generator + heads) that `s2m sample --pipeline OUT` loads."
         ),
-        epilog=(
-            "examples:\n"
-            "  s2m train-heads --generator my-ddpm/ --data-dir data/ --output my-s2m\n"
-            "  s2m train-heads --generator my-gan/ --data-dir data/ --output my-s2m --num-steps 500 --seed 1\n"
-            "  accelerate launch --num_processes 2 -m s2m_diffusers.cli train-heads --generator my-ddpm/ \\\n"
-            "      --data-dir data/ --output my-s2m     # data parallel; the main process writes\n"
-            "\n"
-            "data layout: data/smiling/*.png, data/male/*.png, ... (the sub-folder name is the attribute; names\n"
-            "[A-Za-z0-9_.]+). Images are resized and converted to the generator's size and channels (or to\n"
-            "--sample-size: the heads then see downscaled copies of the generator's images, in training and\n"
-            "sampling).\n"
-            "generator: a folder saved with save_pretrained: a diffusers pipeline with a unet and a scheduler (e.g.\n"
-            "DDPMPipeline; sampled as deterministic DDIM), or a GAN generator model (e.g. DCGANGenerator).\n"
-            "Exit status: 0 done, 2 invalid input."
-        ),
+        epilog=_TRAIN_HEADS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--generator", required=True, metavar="PATH", help="generator folder saved with save_pretrained")
@@ -389,8 +347,8 @@ def _train_heads_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--negation-margin",
         type=float,
-        default=10.0,
-        help="lambda of negated literals stored in the heads (default 10)",
+        default=DEFAULT_NEGATION_MARGIN,
+        help=f"lambda of negated literals stored in the heads (default {DEFAULT_NEGATION_MARGIN:g})",
     )
     p.add_argument("--default-target", default=None, help="target `s2m sample` uses when given none")
     p.add_argument(
@@ -404,62 +362,35 @@ def train_heads_command(args: argparse.Namespace) -> int:
     """Run `s2m train-heads`."""
     import torch
 
-    from .data import ImageBankProposal, SinglePositiveDataset, prepare_images
+    from .data import SinglePositiveDataset
     from .distributed import get_state, launched_processes
     from .pipeline_s2m import S2MPipeline
-    from .proposals import DDIMProposal, GeneratorProposal
     from .training import train_heads
 
     # Under `accelerate launch` every process trains (data parallel); the main process writes and reports.
     main_process = launched_processes() == 1 or get_state().is_main_process
 
-    for name in ("num_steps", "batch_size", "num_inference_steps", "num_heldout_samples"):
-        if getattr(args, name) < 1:
-            return _fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.", EXIT_USAGE)
+    problem = _check_train_heads_arguments(args)
+    if problem is not None:
+        return _fail(problem, EXIT_USAGE)
     if args.num_threads is not None:
-        if args.num_threads < 1:
-            return _fail(f"--num-threads must be at least 1, got {args.num_threads}.", EXIT_USAGE)
         torch.set_num_threads(args.num_threads)
-    if args.bank_size is not None and args.bank_size < 0:
-        return _fail(f"--bank-size must be 0 or more, got {args.bank_size}.", EXIT_USAGE)
-    if args.priors in ("estimate", "none"):
-        priors = None if args.priors == "none" else "estimate"
-    else:
-        try:
-            priors = [float(p) for p in args.priors.split(",")]
-        except ValueError:
-            return _fail(
-                f"--priors must be 'estimate', 'none' or comma-separated floats like '0.3,0.5'; got {args.priors!r}.",
-                EXIT_USAGE,
-            )
+    try:
+        priors = _parse_priors(args.priors)
+    except ValueError as err:
+        return _fail(str(err), EXIT_USAGE)
     try:
         kind, components = load_generator_folder(args.generator)
-        size, channels = _generator_image_shape(kind, components)
-        if args.sample_size is not None:
-            if not 1 <= args.sample_size <= size:
-                raise ValueError(
-                    f"--sample-size must be between 1 and the generator's image size {size}, got {args.sample_size}."
-                )
-            size = args.sample_size
+        size, channels = _heads_image_shape(args.sample_size, kind, components)
         data = SinglePositiveDataset.from_folder(args.data_dir, size, channels)
         if priors is not None and priors != "estimate" and len(priors) != len(data.attribute_names):
             raise ValueError(
                 f"--priors gives {len(priors)} values but the data has {len(data.attribute_names)} attributes "
                 f"{list(data.attribute_names)}."
             )
-        if kind == "ddim":
-            proposal = DDIMProposal(components["unet"], components["scheduler"], args.num_inference_steps)
-            bank_size = 4096 if args.bank_size is None else args.bank_size
-        else:
-            proposal = GeneratorProposal(components["gan"])
-            bank_size = args.bank_size or 0
-        if bank_size:
-            with torch.no_grad():
-                bank = proposal(bank_size, torch.Generator().manual_seed(args.seed + 12345))
-            proposal = ImageBankProposal(prepare_images(bank, size, channels) if bank.shape[-1] != size else bank)
         heads, metrics = train_heads(
             data,
-            proposal,
+            _training_proposal(args, kind, components, size, channels),
             num_steps=args.num_steps,
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
@@ -480,6 +411,65 @@ def train_heads_command(args: argparse.Namespace) -> int:
         )
     except (OSError, ValueError) as err:
         return _fail(str(err), EXIT_USAGE)
+    _write_training_metrics(args, kind, data, metrics)
+    return EXIT_OK
+
+
+def _check_train_heads_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the numeric arguments of `s2m train-heads`, or `None`."""
+    for name in ("num_steps", "batch_size", "num_inference_steps", "num_heldout_samples"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}."
+    if args.num_threads is not None and args.num_threads < 1:
+        return f"--num-threads must be at least 1, got {args.num_threads}."
+    if args.bank_size is not None and args.bank_size < 0:
+        return f"--bank-size must be 0 or more, got {args.bank_size}."
+    return None
+
+
+def _parse_priors(text: str) -> list[float] | str | None:
+    """`--priors`: `"estimate"`, `"none"` -> `None`, or comma-separated floats."""
+    if text in ("estimate", "none"):
+        return None if text == "none" else "estimate"
+    try:
+        return [float(p) for p in text.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--priors must be 'estimate', 'none' or comma-separated floats like '0.3,0.5'; got {text!r}."
+        ) from None
+
+
+def _heads_image_shape(sample_size: int | None, kind: str, components: dict) -> tuple[int, int]:
+    """`(size, channels)` of the images the heads see: the generator's, or downscaled to `--sample-size`."""
+    size, channels = generator_image_shape(kind, components)
+    if sample_size is not None:
+        if not 1 <= sample_size <= size:
+            raise ValueError(
+                f"--sample-size must be between 1 and the generator's image size {size}, got {sample_size}."
+            )
+        size = sample_size
+    return size, channels
+
+
+def _training_proposal(args: argparse.Namespace, kind: str, components: dict, size: int, channels: int):
+    """The proposal the heads train on: the generator, or a bank of `--bank-size` samples drawn from it once
+    (by default 4096 for a diffusion generator, whose samples are expensive; none for a GAN)."""
+    from .proposals import DDIMProposal, GeneratorProposal
+    from .training import sample_bank
+
+    if kind == "ddim":
+        proposal = DDIMProposal(components["unet"], components["scheduler"], args.num_inference_steps)
+        bank_size = 4096 if args.bank_size is None else args.bank_size
+    else:
+        proposal = GeneratorProposal(components["gan"])
+        bank_size = args.bank_size or 0
+    if not bank_size:
+        return proposal
+    return sample_bank(proposal, bank_size, args.seed, size, channels)
+
+
+def _write_training_metrics(args: argparse.Namespace, kind: str, data, metrics: dict) -> None:
+    """Write the metrics (with the generator and the data) into the pipeline folder, and say what was written."""
     metrics.update(generator=os.path.abspath(args.generator), generator_kind=kind, data_dir=args.data_dir)
     metrics["attribute_names"] = list(data.attribute_names)
     metrics["label_counts"] = list(data.label_counts)
@@ -488,7 +478,6 @@ def train_heads_command(args: argparse.Namespace) -> int:
         f"{h} accuracy {metrics[f'{h}_accuracy']:.3f}" for h in ("dv", "dr", "df") if f"{h}_accuracy" in metrics
     )
     print(f"wrote the S2M pipeline to {args.output} ({summary}; attributes {list(data.attribute_names)})")
-    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -508,7 +497,7 @@ def _evaluate_parser(subparsers) -> argparse.ArgumentParser:
         epilog=(
             "examples:\n"
             '  s2m evaluate --images samples/ --target "A & B & ~C" \\\n'
-            "      --evaluator s2m_diffusers/pretrained/digits7to3/evaluator\n"
+            "      --evaluator s2m_diffusers/demo/pretrained/digits7to3/evaluator\n"
             '  s2m evaluate --images samples/ --target "A & ~B" --evaluator my-evaluator --reference real/ab/\n'
             "Exit status: 0 done, 2 invalid input."
         ),
@@ -530,13 +519,12 @@ def _evaluate_parser(subparsers) -> argparse.ArgumentParser:
 def evaluate(args: argparse.Namespace) -> int:
     """Run `s2m evaluate`."""
     from .data import load_image_folder
-    from .demo import formula_accuracy
-    from .evaluation import AttributeEvaluator, evaluator_features, frechet_distance
+    from .evaluation import AttributeEvaluator, evaluator_features, formula_accuracy, frechet_distance
 
     if not os.path.isfile(os.path.join(args.evaluator, "config.json")):
         return _fail(
             f"--evaluator {args.evaluator!r} is not an evaluator folder (no config.json); save an AttributeEvaluator "
-            "there with save_pretrained, e.g. s2m_diffusers/pretrained/digits7to3/evaluator.",
+            "there with save_pretrained, e.g. s2m_diffusers/demo/pretrained/digits7to3/evaluator.",
             EXIT_USAGE,
         )
     try:

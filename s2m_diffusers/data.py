@@ -17,7 +17,7 @@ and value range:
 3. value range: mapped linearly from the source range (`[0, 255]` for PIL and integer arrays, the given
    `value_range` for float tensors) to [-1, 1], the diffusers convention for model inputs.
 
-A folder of pre-generated proposal samples serves as a proposal for training ``D_v`` through [`ImageBankProposal`].
+A folder of pre-generated proposal samples serves as a proposal for training ``D_v`` through [`ImageBank`].
 """
 
 from __future__ import annotations
@@ -380,8 +380,9 @@ class SinglePositiveDataset(torch.utils.data.Dataset):
         return cls(images, labels, list(names))
 
 
-class ImageBankProposal:
-    """A proposal made of pre-generated samples: `proposal(n, generator)` draws `n` of them with replacement.
+class ImageBank:
+    """Pre-generated samples of a proposal, for training the heads: `bank(n, generator)` draws `n` of them with
+    replacement, as a proposal callable does (it is not a generator adapter: it has no latents).
 
     Args:
         images (`torch.Tensor`): `(N, C, S, S)` in [-1, 1], samples of the proposal.
@@ -396,14 +397,14 @@ class ImageBankProposal:
         self.class_labels = class_labels
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, sample_size: int, in_channels: int) -> ImageBankProposal:
+    def from_folder(cls, folder: str | os.PathLike, sample_size: int, in_channels: int) -> ImageBank:
         """The images of a flat folder of pre-generated samples, in the proposal's format."""
         return cls(load_image_folder(folder, sample_size, in_channels))
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def split(self, heldout_fraction: float, seed: int = 0) -> tuple[ImageBankProposal, ImageBankProposal]:
+    def split(self, heldout_fraction: float, seed: int = 0) -> tuple[ImageBank, ImageBank]:
         """Two disjoint banks `(train, heldout)`, so that calibration never sees the training samples."""
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         k = max(1, round(heldout_fraction * len(self)))
@@ -413,10 +414,14 @@ class ImageBankProposal:
             )
         parts = order[k:], order[:k]
         labels = self.class_labels
-        return tuple(ImageBankProposal(self.images[p], None if labels is None else labels[p]) for p in parts)
+        return tuple(ImageBank(self.images[p], None if labels is None else labels[p]) for p in parts)
 
     def __call__(self, n: int, generator: torch.Generator | None = None):
         index = torch.randint(len(self), (n,), generator=generator)
         if self.class_labels is None:
             return self.images[index]
         return self.images[index], self.class_labels[index]
+
+
+# Deprecated alias: the bank is not a generator adapter; use `ImageBank`.
+ImageBankProposal = ImageBank

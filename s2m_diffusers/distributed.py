@@ -23,13 +23,27 @@ What a seed reproduces across process counts (see [`process_generator`] and `S2M
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather, gather_object, parse_flag_from_env
 
-__all__ = ["get_state", "launched_processes", "image_share", "process_generator", "gather_rows", "gather_objects"]
+if TYPE_CHECKING:
+    from .sampling import SampleResult
+
+__all__ = [
+    "get_state",
+    "launched_processes",
+    "image_share",
+    "process_generator",
+    "generator_list",
+    "RunPlan",
+    "gather_rows",
+    "gather_objects",
+]
 
 _MAX_DIMS = 8  # trailing dimensions a gathered tensor may have
 
@@ -137,3 +151,63 @@ def gather_objects(value, state: PartialState) -> list:
     if state.num_processes == 1:
         return [value]
     return list(gather_object([value]))
+
+
+def generator_list(generator, num_images: int) -> list[torch.Generator | None]:
+    if isinstance(generator, list | tuple):
+        if len(generator) != num_images:
+            raise ValueError(
+                f"You passed a list of {len(generator)} generators but requested {num_images} images. Pass one "
+                "generator per image (image i is then a function of generator[i] alone), or a single generator."
+            )
+        if not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError("Every entry of the generator list must be a torch.Generator.")
+        return list(generator)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}.")
+    return [generator]
+
+
+@dataclass
+class RunPlan:
+    """This process's share of a call: one sampler run per generator (one for all its images, or one per image with a
+    list of generators), its images and its part of the budget."""
+
+    generators: list
+    size: int  # images per run
+    share: range  # this process's image indices
+    budget: int
+    dist_state: object = None
+    results: list[SampleResult] = field(default_factory=list)
+
+    @classmethod
+    def plan(cls, generator, num_images, distributed, max_proposals, config, num_fit_stages) -> RunPlan:
+        generators = generator_list(generator, num_images)
+        dist_state, share = None, range(num_images)
+        if distributed:
+            dist_state = get_state()
+            share = image_share(num_images, dist_state)
+        if max_proposals is not None and (not isinstance(max_proposals, int) or max_proposals < 1):
+            raise ValueError(f"max_proposals must be a positive integer, got {max_proposals!r}.")
+        if max_proposals is None:
+            budget = max(10_000, 1_000 * len(share) + 20 * config.fit_size * num_fit_stages)
+        elif dist_state is None:
+            budget = max_proposals
+        else:  # this process's part of the budget, in proportion to its images
+            budget = (max_proposals * share.stop) // num_images - (max_proposals * share.start) // num_images
+        if isinstance(generator, list | tuple):
+            return cls([generators[i] for i in share], 1, share, budget, dist_state)
+        gen = generators[0] if dist_state is None else process_generator(generators[0], dist_state)
+        return cls([gen] if len(share) else [], len(share), share, budget, dist_state)
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - sum(r.stats.proposals for r in self.results)
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.dist_state is None or self.dist_state.is_main_process
+
+    @property
+    def num_processes(self) -> int:
+        return 1 if self.dist_state is None else self.dist_state.num_processes

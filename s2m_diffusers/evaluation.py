@@ -7,13 +7,14 @@ any conjunction is a sum of its class probabilities. Its penultimate layer gives
 distance (fidelity and diversity of the returned images against real images of the same combination).
 
 The model class is the only stateful part; everything else here is a pure function of an evaluator and a tensor.
+Nothing here knows a particular dataset: the attributes and combinations are the evaluator's config.
 
 Examples:
 
 ```py
 >>> import os
 >>> from s2m_diffusers.evaluation import AttributeEvaluator, target_accuracy
->>> from s2m_diffusers.seven_to_three import DIGITS_7TO3_PRETRAINED, load_digits_7to3
+>>> from s2m_diffusers.demo import DIGITS_7TO3_PRETRAINED, load_digits_7to3
 >>> evaluator = AttributeEvaluator.from_pretrained(os.path.join(DIGITS_7TO3_PRETRAINED, "evaluator"))
 >>> data = load_digits_7to3().train()  # real images the evaluator never saw
 >>> ones = data.images[data.source_classes == 1]  # the combination A & B & ~C
@@ -32,7 +33,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .seven_to_three import ATTRIBUTE_NAMES, SOURCE_CLASS_ATTRIBUTES, satisfies
+from .targets import parse_target
 
 
 class AttributeEvaluator(ModelMixin, ConfigMixin):
@@ -40,9 +41,9 @@ class AttributeEvaluator(ModelMixin, ConfigMixin):
     A small CNN that classifies an image into one attribute combination.
 
     Args:
-        attribute_names (`Sequence[str]`, defaults to `("A", "B", "C")`): the attributes.
-        class_attributes (`Sequence[Sequence[str]]`, defaults to the 7to3 table): the attribute set of each output
-            class; an empty set is a "no attribute" class.
+        attribute_names (`Sequence[str]`): the attributes, e.g. `("A", "B", "C")`.
+        class_attributes (`Sequence[Sequence[str]]`): the attribute set of each output class, e.g. the 7to3 table
+            `s2m_diffusers.demo.SOURCE_CLASS_ATTRIBUTES`; an empty set is a "no attribute" class.
         sample_size (`int`, defaults to 16): side of the input images.
         in_channels (`int`, defaults to 1): image channels.
         base_channels (`int`, defaults to 32): channels of the first stage; doubled at each of the two halvings.
@@ -52,8 +53,8 @@ class AttributeEvaluator(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
-        attribute_names: Sequence[str] = ATTRIBUTE_NAMES,
-        class_attributes: Sequence[Sequence[str]] = SOURCE_CLASS_ATTRIBUTES,
+        attribute_names: Sequence[str],
+        class_attributes: Sequence[Sequence[str]],
         sample_size: int = 16,
         in_channels: int = 1,
         base_channels: int = 32,
@@ -150,6 +151,37 @@ def evaluator_attributes(evaluator: AttributeEvaluator, images: torch.Tensor) ->
     return evaluator.class_table.cpu()[evaluator_class_probs(evaluator, images).argmax(dim=1)]
 
 
+def satisfies(
+    attributes: torch.Tensor, present: Sequence[str], absent: Sequence[str] = (), *, attribute_names: Sequence[str]
+) -> torch.Tensor:
+    """Whether each attribute set satisfies the conjunction `present[0] & ... & ~absent[0] & ...`.
+
+    Args:
+        attributes (`torch.Tensor`): bool, `(B, n)` or `(n,)`: which of `attribute_names` each image holds.
+        present (`Sequence[str]`): names that must be present.
+        absent (`Sequence[str]`, defaults to `()`): names that must be absent.
+        attribute_names (`Sequence[str]`): the names of the columns of `attributes`.
+
+    Returns:
+        `torch.Tensor`: bool, `(B,)` (or a 0-d tensor for a single row).
+    """
+    names = list(attribute_names)
+    for name in [*present, *absent]:
+        if name not in names:
+            raise ValueError(f"Unknown attribute {name!r}; the attributes are {names}.")
+    if attributes.shape[-1] != len(names):
+        raise ValueError(
+            f"`attributes` has {attributes.shape[-1]} columns but there are {len(names)} attribute names {names}."
+        )
+    attributes = attributes.bool()
+    result = torch.ones(attributes.shape[:-1], dtype=torch.bool, device=attributes.device)
+    for name in present:
+        result &= attributes[..., names.index(name)]
+    for name in absent:
+        result &= ~attributes[..., names.index(name)]
+    return result
+
+
 def target_probabilities(
     evaluator: AttributeEvaluator, images: torch.Tensor, present: Sequence[str], absent: Sequence[str] = ()
 ) -> torch.Tensor:
@@ -165,7 +197,7 @@ def target_probabilities(
         `torch.Tensor`: float `(B,)`: the summed probability of the combinations that satisfy the conjunction.
     """
     names = evaluator.config.attribute_names
-    in_target = satisfies(evaluator.class_table.cpu(), present, absent, names)  # (K,)
+    in_target = satisfies(evaluator.class_table.cpu(), present, absent, attribute_names=names)  # (K,)
     return evaluator_class_probs(evaluator, images)[:, in_target].sum(dim=1)
 
 
@@ -191,6 +223,31 @@ def target_accuracy(
     if len(images) == 0:
         raise ValueError("`images` is empty; target accuracy needs at least one image.")
     return (target_probabilities(evaluator, images, present, absent) > threshold).float().mean().item()
+
+
+def formula_accuracy(
+    evaluator: AttributeEvaluator, images: torch.Tensor, target: str, threshold: float = 0.5
+) -> float:
+    """Share of images that the evaluator judges to satisfy `target`, any formula over its attributes.
+
+    The probability of the target is the summed probability of the evaluator's combinations that satisfy it (for a
+    conjunction, [`target_accuracy`] gives the same).
+
+    Args:
+        evaluator ([`AttributeEvaluator`]): the evaluator.
+        images (`torch.Tensor`): `(B, C, H, W)` in [-1, 1].
+        target (`str`): a formula over `evaluator.config.attribute_names`, e.g. `"A & (B | ~C)"`.
+        threshold (`float`, defaults to 0.5): probability above which an image counts as on target.
+
+    Returns:
+        `float`: the accuracy in [0, 1].
+    """
+    if len(images) == 0:
+        raise ValueError("`images` is empty; target accuracy needs at least one image.")
+    parsed = parse_target(target, list(evaluator.config.attribute_names))
+    in_target = parsed.holds_batch(evaluator.class_table.cpu())  # (K,)
+    probs = evaluator_class_probs(evaluator, images)[:, in_target].sum(dim=1)
+    return (probs > threshold).float().mean().item()
 
 
 def combination_shares(

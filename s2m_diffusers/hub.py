@@ -21,17 +21,25 @@ them) and names the installed modules again.
 [`model_card`] writes the repo's README: the attributes, a summary of the training data, and loading snippets with
 a pinned ``revision=``. [`upload_folder`] uploads a saved folder with any object that has `HfApi`'s
 ``create_repo``/``upload_folder``/``upload_file`` methods, so that the upload can be tested offline.
+
+`S2MPipeline`'s loaders are thin: [`resolve_local_config`] (``load_config``), [`snapshot_path`] (``from_pretrained``),
+[`save_pipeline`] (``save_pretrained``) and [`push_pipeline`] (``push_to_hub``) hold what they do.
+[`load_generator_folder`] loads the pretrained generator (a diffusers pipeline folder or a GAN model folder) that an
+S2M pipeline is built around.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import os
 import re
+import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .utils import write_text_atomically
+from .utils import save_folder_atomically, write_text_atomically
 
 __all__ = [
     "SHIM_HEADER",
@@ -41,6 +49,12 @@ __all__ = [
     "custom_component_files",
     "model_card",
     "upload_folder",
+    "resolve_local_config",
+    "snapshot_path",
+    "save_pipeline",
+    "push_pipeline",
+    "load_generator_folder",
+    "generator_image_shape",
 ]
 
 SHIM_HEADER = "# s2m-diffusers shim: imports the class from the installed package; it holds no model code.\n"
@@ -162,6 +176,261 @@ def custom_component_files(folder: str | os.PathLike) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Saving and loading an S2M pipeline (the bodies of `S2MPipeline`'s `load_config`, `from_pretrained`,
+# `save_pretrained` and `push_to_hub`)
+
+
+def resolve_local_config(config_out, pretrained_model_name_or_path: str | os.PathLike):
+    """Post-process what `ConfigMixin.load_config` returned for a local pipeline folder: read the shims of the
+    remote-code layout back to the installed modules (parsed, never executed, see [`resolve_remote_code_layout`])
+    and import those of s2m_diffusers, so that `S2MPipeline.from_pretrained` needs no ``trust_remote_code``.
+
+    Args:
+        config_out (`dict` or `tuple`): the return value of `load_config` (the config, or a tuple starting with it).
+        pretrained_model_name_or_path (`str`): the folder (or a file in it) the config was read from.
+
+    Returns:
+        `config_out` with the config resolved; unchanged when there is no `model_index.json` beside it.
+    """
+    path = os.fspath(pretrained_model_name_or_path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        return config_out
+    config = resolve_remote_code_layout(config_out[0] if isinstance(config_out, tuple) else config_out, folder)
+    for value in config.values():
+        # diffusers resolves a component's module from `sys.modules` only; ours may be imported here.
+        if _is_component_entry(value) and str(value[0]).startswith("s2m_diffusers."):
+            importlib.import_module(value[0])
+    return (config, *config_out[1:]) if isinstance(config_out, tuple) else config
+
+
+def snapshot_path(pretrained_model_name_or_path: str | os.PathLike, kwargs: dict) -> str:
+    """The local folder of a saved pipeline: the path itself when it is a folder, else the Hub repo fetched with
+    `huggingface_hub.snapshot_download`.
+
+    Args:
+        pretrained_model_name_or_path (`str`): a folder or a Hub repo id.
+        kwargs (`dict`): the keyword arguments of `from_pretrained`. For a download, ``revision`` is taken out of
+            it (popped) and ``cache_dir``, ``token``, ``local_files_only`` and ``proxies`` are read; the rest is left
+            for `DiffusionPipeline.from_pretrained`.
+
+    Returns:
+        `str`: the folder.
+    """
+    path = os.fspath(pretrained_model_name_or_path)
+    if not os.path.isdir(path):
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            path,
+            revision=kwargs.pop("revision", None),
+            cache_dir=kwargs.get("cache_dir"),
+            token=kwargs.get("token"),
+            local_files_only=kwargs.get("local_files_only", False),
+            proxies=kwargs.get("proxies"),
+        )
+    return path
+
+
+def save_pipeline(
+    pipeline,
+    save_directory: str | os.PathLike,
+    *,
+    safe_serialization: bool = True,
+    variant: str | None = None,
+    max_shard_size: int | str | None = None,
+    training_data: Mapping[str, Any] | str | None = None,
+) -> str:
+    """Save an S2M pipeline in the layout that loads with `S2MPipeline.from_pretrained`, with
+    `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`, with `diffusers-cli run` and from the Hub, with
+    a model card (README.md). Weights are safetensors.
+
+    The folder is written next to its destination and moved into place entry by entry, `model_index.json` last
+    ([`~s2m_diffusers.utils.save_folder_atomically`]), so that an interrupted save never leaves an index that points
+    at missing files; entries of an existing folder that the pipeline does not write are kept.
+
+    Args:
+        pipeline ([`~s2m_diffusers.pipeline_s2m.S2MPipeline`]): the pipeline.
+        save_directory (`str`): the folder.
+        safe_serialization (`bool`, defaults to `True`): must be `True` (weights are saved as safetensors only).
+        variant (`str`, *optional*), max_shard_size (*optional*): as in `DiffusionPipeline.save_pretrained`.
+        training_data (`dict` or `str`, *optional*): a description of the heads' training data for the card.
+
+    Returns:
+        `str`: the folder, as an absolute path.
+    """
+    if not safe_serialization:
+        raise ValueError("S2M pipelines are saved as safetensors only (no pickle): keep safe_serialization=True.")
+    write = functools.partial(
+        _write_pipeline_folder, pipeline, variant=variant, max_shard_size=max_shard_size, training_data=training_data
+    )
+    return save_folder_atomically(write, save_directory)
+
+
+def _write_pipeline_folder(
+    pipeline,
+    folder: str,
+    variant: str | None,
+    max_shard_size: int | str | None,
+    training_data: Mapping[str, Any] | str | None,
+) -> None:
+    """`DiffusionPipeline.save_pretrained` into `folder`, then the remote-code layout and the model card."""
+    from diffusers import DiffusionPipeline
+
+    DiffusionPipeline.save_pretrained(
+        pipeline, folder, safe_serialization=True, variant=variant, max_shard_size=max_shard_size
+    )
+    write_remote_code_layout(folder, type(pipeline).__module__, type(pipeline).__name__)
+    write_text_atomically(os.path.join(folder, "README.md"), model_card(pipeline, training_data=training_data))
+
+
+def push_pipeline(
+    pipeline,
+    repo_id: str,
+    *,
+    folder: str | os.PathLike | None = None,
+    training_data: Mapping[str, Any] | str | None = None,
+    safe_serialization: bool = True,
+    variant: str | None = None,
+    api=None,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+):
+    """Upload an S2M pipeline in the layout of [`save_pipeline`], with a model card whose loading snippets pin
+    ``revision=`` to the uploaded commit (see [`upload_folder`]).
+
+    Args:
+        pipeline ([`~s2m_diffusers.pipeline_s2m.S2MPipeline`]): the pipeline.
+        repo_id (`str`): ``"user/name"``.
+        folder (`str`, *optional*): a folder the pipeline was just saved into (`save_pretrained(...,
+            push_to_hub=True)`), uploaded as it is; by default the pipeline is saved into a temporary folder with
+            ``pipeline.save_pretrained(tmp, safe_serialization=..., variant=...)`` first.
+        training_data (`dict` or `str`, *optional*): a description of the heads' training data for the card.
+        safe_serialization (`bool`, defaults to `True`), variant (`str`, *optional*): as in [`save_pipeline`].
+        api, token, private, commit_message, create_pr: as in [`upload_folder`].
+
+    Returns:
+        `CommitInfo` of the commit holding the code and weights; its ``oid`` is the revision the card pins.
+    """
+    card = functools.partial(_pinned_card, pipeline, training_data)
+    upload = functools.partial(
+        upload_folder,
+        repo_id=repo_id,
+        card=card,
+        api=api,
+        token=token,
+        private=private,
+        commit_message=commit_message,
+        create_pr=create_pr,
+    )
+    if folder is not None:
+        return upload(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = os.path.join(tmp, "pipeline")
+        pipeline.save_pretrained(saved, safe_serialization=safe_serialization, variant=variant)
+        return upload(saved)
+
+
+def _pinned_card(pipeline, training_data, repo_id: str, revision: str | None) -> str:
+    """`card(repo_id, revision)` for [`upload_folder`]."""
+    return model_card(pipeline, repo_id, revision, training_data)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Generator folders: the pretrained generator a pipeline is built around
+
+
+def _resolve_class(name: str):
+    """A `ModelMixin` class named in a config's `_class_name`: from s2m_diffusers first, then diffusers."""
+    for module in ("s2m_diffusers.models.gan", "s2m_diffusers.models", "s2m_diffusers", "diffusers"):
+        cls = getattr(importlib.import_module(module), name, None)
+        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+            return cls
+    return None
+
+
+def load_generator_folder(path: str) -> tuple[str, dict]:
+    """Load a generator saved with `save_pretrained` as `S2MPipeline` components.
+
+    Args:
+        path (`str`): a diffusers pipeline folder with `model_index.json` naming a `unet` and a `scheduler` (e.g. a
+            `DDPMPipeline`; sampled as DDIM), or a model folder with `config.json` whose `_class_name` is a GAN
+            generator class of s2m_diffusers or diffusers (e.g. `DCGANGenerator`).
+
+    Returns:
+        `tuple[str, dict]`: the kind (`"ddim"` or `"gan"`) and the components (`unet`, `scheduler` or `gan`), in
+        eval mode.
+
+    Raises:
+        ValueError: the folder is neither, or names a class that cannot be found.
+    """
+    if not os.path.isdir(path):
+        raise ValueError(f"--generator {path!r} is not a folder. Save a generator there with `save_pretrained`.")
+    index_file, config_file = os.path.join(path, "model_index.json"), os.path.join(path, "config.json")
+    if os.path.isfile(index_file):
+        return "ddim", _load_unet_and_scheduler(path, index_file)
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            class_name = json.load(f).get("_class_name")
+        cls = _resolve_class(class_name) if class_name else None
+        if cls is None:
+            raise ValueError(
+                f"The config in {path!r} names the class {class_name!r}, which is neither in s2m_diffusers nor in "
+                "diffusers. Save the generator from a ModelMixin class (e.g. s2m_diffusers.models.gan.DCGANGenerator)."
+            )
+        return "gan", {"gan": cls.from_pretrained(path).eval()}
+    raise ValueError(
+        f"--generator {path!r} holds neither model_index.json (a diffusers pipeline such as DDPMPipeline) nor "
+        "config.json (a generator model such as DCGANGenerator). Save one with `save_pretrained(PATH)`."
+    )
+
+
+def _load_unet_and_scheduler(path: str, index_file: str) -> dict:
+    """The `unet` (in eval mode) and `scheduler` of a saved unconditional diffusers pipeline."""
+    import diffusers
+
+    with open(index_file, encoding="utf-8") as f:
+        index = json.load(f)
+    if not (isinstance(index.get("unet"), list) and isinstance(index.get("scheduler"), list)):
+        raise ValueError(
+            f"The pipeline in {path!r} ({index.get('_class_name')}) has no `unet` and `scheduler` components; "
+            "only unconditional pixel-space diffusion pipelines (e.g. DDPMPipeline, DDIMPipeline) or GAN "
+            "generator folders are supported by `s2m train-heads`."
+        )
+    components = {}
+    for key in ("unet", "scheduler"):
+        library, class_name = index[key][:2]
+        cls = getattr(diffusers, class_name, None) if library == "diffusers" else None
+        if cls is None:
+            raise ValueError(f"Cannot load the {key} class {library}.{class_name} named in {index_file!r}.")
+        components[key] = cls.from_pretrained(path, subfolder=key)
+    components["unet"].eval()
+    return components
+
+
+def generator_image_shape(kind: str, components: dict) -> tuple[int, int]:
+    """`(sample_size, channels)` of the images of a generator loaded by [`load_generator_folder`]."""
+    if kind == "ddim":
+        config = components["unet"].config
+        size, channels = config.sample_size, config.in_channels
+    else:
+        config = getattr(components["gan"], "config", None)
+        size, channels = getattr(config, "sample_size", None), getattr(config, "out_channels", None)
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ValueError(f"The generator makes {size[0]}x{size[1]} images; the heads need square images.")
+        size = size[0]
+    if size is None or channels is None:
+        raise ValueError(
+            "Cannot tell the generator's image size: its config needs `sample_size` and `out_channels` (GAN) or "
+            "`sample_size` and `in_channels` (UNet)."
+        )
+    return int(size), int(channels)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Model card
 
 
@@ -188,18 +457,24 @@ def model_card(
     Returns:
         `str`: the model card, YAML metadata included.
     """
-    from huggingface_hub import ModelCardData
-
-    import s2m_diffusers
-
     heads = pipeline.heads
-    hc = heads.config
-    names = list(hc.attribute_names)
-    counts = list(hc.label_counts) if getattr(hc, "label_counts", None) else None
-    priors = list(hc.priors) if getattr(hc, "priors", None) else None
-    total = sum(counts) if counts else None
+    names = list(heads.config.attribute_names)
+    counts = list(heads.config.label_counts) if getattr(heads.config, "label_counts", None) else None
     proposal = pipeline.proposal_description()
-    base_model = proposal.get("base_model")
+    example = pipeline.config.default_target or (f"{names[0]} & ~{names[1]}" if len(names) > 1 else names[0])
+    lines = [
+        *_card_header(proposal.get("base_model"), names, example),
+        *_card_attributes(heads, names, counts),
+        *_card_training_data(names, counts, training_data),
+        *_card_proposal(proposal),
+        *_card_usage(repo_id or "path/to/this/folder", revision, example),
+    ]
+    return "\n".join(lines)
+
+
+def _card_header(base_model: str | None, names: list[str], example: str) -> list[str]:
+    """The YAML metadata, the title and what the sampler does."""
+    from huggingface_hub import ModelCardData
 
     data = ModelCardData(
         library_name="diffusers",
@@ -208,18 +483,7 @@ def model_card(
         pipeline_tag="unconditional-image-generation",
         base_model=base_model,
     )
-    repo = repo_id or "path/to/this/folder"
-    pin = (
-        f'\n    revision="{revision}",  # pinned commit: trust_remote_code runs this repo\'s pipeline.py'
-        if revision
-        else ""
-    )
-    pin_cli = f" --revision {revision}" if revision else ""
-    pin_plain = f', revision="{revision}"' if revision else ""
-    example = pipeline.config.default_target or (f"{names[0]} & ~{names[1]}" if len(names) > 1 else names[0])
-    version = s2m_diffusers.__version__
-
-    lines = [
+    return [
         "---",
         data.to_yaml(),
         "---",
@@ -231,6 +495,15 @@ def model_card(
         "generator as the proposal and classifier heads trained on single-positive labels, which together draw "
         "images that hold any combination of the attributes, e.g. `" + example + "`.",
         "",
+    ]
+
+
+def _card_attributes(heads, names: list[str], counts: list[int] | None) -> list[str]:
+    """One table row per attribute (labels, ``p_data(c)``, prior), then the heads' settings and temperatures."""
+    hc = heads.config
+    priors = list(hc.priors) if getattr(hc, "priors", None) else None
+    total = sum(counts) if counts else None
+    lines = [
         "## Attributes",
         "",
         "| attribute | single-positive labels | p_data(c) | prior pi_c |",
@@ -251,10 +524,17 @@ def model_card(
     if callable(temperatures):
         temps = ", ".join(f"{k}: {_format_float(v)}" for k, v in temperatures().items())
         lines.append(f"Calibration temperatures: {temps}.")
-    lines += ["", "## Training data", ""]
+    return lines
+
+
+def _card_training_data(
+    names: list[str], counts: list[int] | None, training_data: Mapping[str, Any] | str | None
+) -> list[str]:
+    """The label counts the heads were trained on, and the caller's description of the data."""
+    lines = ["", "## Training data", ""]
     if counts:
         lines.append(
-            f"The heads were trained on {total} single-positive labelled images "
+            f"The heads were trained on {sum(counts)} single-positive labelled images "
             f"({', '.join(f'{n}: {c}' for n, c in zip(names, counts))}) and on samples of the proposal below."
         )
     else:
@@ -264,9 +544,27 @@ def model_card(
     elif training_data:
         lines.append("")
         lines += [f"- {key}: {value}" for key, value in training_data.items()]
-    lines += ["", "## Proposal", ""]
-    lines += [f"- {key}: {value}" for key, value in proposal.items()]
-    lines += [
+    return lines
+
+
+def _card_proposal(proposal: Mapping[str, Any]) -> list[str]:
+    """The generator the samples come from, as `S2MPipeline.proposal_description` gives it."""
+    return ["", "## Proposal", "", *(f"- {key}: {value}" for key, value in proposal.items())]
+
+
+def _card_usage(repo: str, revision: str | None, example: str) -> list[str]:
+    """Loading snippets (diffusers with remote code, the installed package, a shell), pinned to `revision`."""
+    import s2m_diffusers
+
+    pin = (
+        f'\n    revision="{revision}",  # pinned commit: trust_remote_code runs this repo\'s pipeline.py'
+        if revision
+        else ""
+    )
+    pin_cli = f" --revision {revision}" if revision else ""
+    pin_plain = f', revision="{revision}"' if revision else ""
+    version = s2m_diffusers.__version__
+    return [
         "",
         "## Usage",
         "",
@@ -305,7 +603,6 @@ def model_card(
         "that import the classes from the installed packages; they hold no model code.",
         "",
     ]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,26 +1,27 @@
 """`S2MPipeline`: any diffusers diffusion model or GAN as the proposal, the S2M heads, and the sampler (spec §4-6).
 
-The pipeline is the one place where a proposal, the heads and the sampler meet. Data flows one way:
+The pipeline only composes; each step is one hop away:
 
-    latents z --(proposal adapter)--> images x in [-1, 1] --(heads)--> D_v, D_r, D_f
-        --(targets.log_r, targets.log_w)--> log w --(sampling.sample_s2m)--> accepted latents and images
+    check inputs   target text -> `targets.parse_target` -> `Target`; settings -> `sampling.S2MSamplingConfig`
+    proposal       the generator's adapter (`proposals`), and the class plan of a class-conditional one
+    weights        `_Weigher`: latents z --(adapter)--> images x in [-1, 1] --(heads)--> D_v, D_r, D_f
+                   --(`maths.log_weight`)--> log w, one callable per refitting stage (`Target.stages`)
+    sample         `sampling.sample_s2m` (refitting stages, then independent MH with `maths.imh_accept`)
+    postprocess    images as PIL / numpy / torch, statistics
 
-The sampler sees only ``evaluate(z) -> (x, log_w)`` functions (one per refitting stage) and a latent density; it
-never sees a model.
+The sampler sees only ``evaluate(z) -> (x, log_w)`` callables and a latent density; it never sees a model.
+Saving, loading and sharing are in `hub`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import math
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import PIL.Image
@@ -30,41 +31,35 @@ from diffusers.utils import BaseOutput, replace_example_docstring
 
 from . import hub
 from .data import prepare_images
+from .densities import StandardNormal
+from .distributed import RunPlan
 from .models.heads import S2MHeads
 from .proposals import (
-    DDIMProposal,
-    GeneratorProposal,
+    ClassPlan,
     PipelineProposal,
     ProposalAdapter,
+    check_components,
+    describe_proposal,
     eval_mode,
-    execution_device,
-    standard_normal_cdf,
+    make_proposal,
 )
-from .refit import StandardNormal
-from .sampling import BudgetExhaustedError, SampleResult, SamplerStats, sample_s2m
-from .targets import And, Attr, Target, TargetError, auto_dr_temperature, log_r, log_w, parse_target, temper_dr
+from .sampling import (
+    BudgetExhaustedError,
+    S2MSamplingConfig,
+    SampleResult,
+    SamplerStats,
+    budget_error,
+    sample_s2m,
+)
+from .targets import Target, TargetError, parse_target
+from .weights import Weigher
 
 __all__ = ["S2MPipeline", "S2MPipelineOutput"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-_SAMPLER_DEFAULTS = {k: p.default for k, p in inspect.signature(sample_s2m).parameters.items()}
-REFIT_MODES = ("off", "once", "sequential")
 # Chains run side by side when a call does not set `num_chains`: at most this many, so that the images kept for the
-# chains' states stay bounded however many images are asked for (see "Memory" in `S2MPipeline.__call__`).
+# chains' states stay bounded however many images are asked for ("Memory" in `S2MPipeline.__call__`).
 DEFAULT_MAX_CHAINS = 256
-# Statistics that add up over the processes of a distributed call.
-_SUMMED_STATS = (
-    "proposals",
-    "accepted",
-    "chains_started",
-    "chains_entered",
-    "rounds",
-    "max_proposals",
-    "seconds_generator",
-    "seconds_heads",
-    "seconds_sampler",
-    "seconds_total",
-)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -110,73 +105,6 @@ class S2MPipelineOutput(BaseOutput):
     on_target: torch.Tensor
     stats: dict
     class_labels: torch.Tensor | None = None
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Class-conditional proposals
-
-
-@dataclass
-class _ClassPlan:
-    """How a class-conditional proposal's class is chosen (see `S2MPipeline.__call__`, ``class_label``).
-
-    ``mode``: ``"none"`` (unconditional proposal), ``"fixed"`` (every sample is generated with class ``index``;
-    ``log w`` gets the ``D_f`` correction ``- log D_f(c|x) + log p_G(c)``) or ``"marginal"`` (the class is drawn from
-    ``p_G(c)`` by one extra standard-normal latent coordinate ``u``: ``c = F^-1(Phi(u))``; the proposal is then the
-    generator's marginal ``p_G(x)``, which ``D_v`` was trained against, and needs no ``D_f``).
-    """
-
-    mode: str = "none"
-    index: int | None = None
-    log_probs: torch.Tensor | None = None  # log p_G(c), (n,)
-    names: tuple[str, ...] = ()
-
-    def latent_shape(self, generator_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return (math.prod(generator_shape) + 1,) if self.mode == "marginal" else generator_shape
-
-    def split(self, z: torch.Tensor, generator_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Sampler latents -> (generator latents, class labels or None)."""
-        if self.mode == "none":
-            return z, None
-        if self.mode == "fixed":
-            return z, torch.full((z.shape[0],), self.index, dtype=torch.long)
-        flat = z.reshape(z.shape[0], -1)
-        cdf = self.log_probs.exp().cumsum(0)[:-1].to(flat.device, torch.float64)  # (n - 1,)
-        labels = torch.searchsorted(cdf, standard_normal_cdf(flat[:, -1].double()), right=True)
-        return flat[:, :-1].reshape(z.shape[0], *generator_shape), labels.cpu()
-
-    def describe(self) -> str | None:
-        if self.mode == "fixed":
-            return self.names[self.index]
-        return "drawn from p_G(c)" if self.mode == "marginal" else None
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Bookkeeping of one call
-
-
-@dataclass
-class _CallState:
-    seconds_generator: float = 0.0
-    seconds_heads: float = 0.0
-    round: int = 0
-    phase: int = 0
-    checked_shape: bool = False
-    num_fit_stages: int = 0  # refitting stages before the final sampling (their images are not kept)
-    keep_all_images: bool = False  # a callback asked for every round's images
-    stages: list[dict] = field(default_factory=list)
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued kernels so that wall-clock times land on the part that ran them."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    for p in module.parameters():
-        return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
 
 
 class S2MPipeline(DiffusionPipeline):
@@ -235,7 +163,7 @@ class S2MPipeline(DiffusionPipeline):
         default_target: str | None = None,
     ):
         super().__init__()
-        _check_components(heads, gan, unet, scheduler, proposal_pipeline)
+        check_components(heads, gan, unet, scheduler, proposal_pipeline)
         self.register_modules(
             heads=heads, gan=gan, unet=unet, scheduler=scheduler, proposal_pipeline=proposal_pipeline
         )
@@ -258,62 +186,18 @@ class S2MPipeline(DiffusionPipeline):
         return "pipeline"
 
     def get_proposal(self, micro_batch_size: int = 64, num_inference_steps: int | None = None) -> ProposalAdapter:
-        """The proposal adapter of this pipeline's generator (see `s2m_diffusers.proposals`).
-
-        Its ``proposal(n, generator)`` is also the callable that training ``D_v`` needs
-        (`s2m_diffusers.training.train_heads`).
+        """The proposal adapter of this pipeline's generator (`s2m_diffusers.proposals.make_proposal`). Its
+        ``proposal(n, generator)`` is also the callable that training ``D_v`` needs (`training.train_heads`).
 
         Args:
             micro_batch_size (`int`, defaults to 64): latents per generator call.
             num_inference_steps (`int`, *optional*): overrides ``config.num_inference_steps``.
         """
-        _check_components(self.heads, self.gan, self.unet, self.scheduler, self.proposal_pipeline, need_heads=False)
-        heads_config = getattr(self.heads, "config", None)
-        class_probs = getattr(heads_config, "proposal_class_probs", None)
-        latent_shape = self.config.latent_shape
-        if self.gan is not None:
-            num_classes = getattr(self.gan.config, "num_classes", None) if hasattr(self.gan, "config") else None
-            if class_probs is not None and num_classes is not None and len(class_probs) != num_classes:
-                class_probs = None  # checked with a teaching error in _class_plan
-            return GeneratorProposal(self.gan, latent_shape, micro_batch_size, class_probs=class_probs)
-        steps = num_inference_steps or self.config.num_inference_steps
-        if self.unet is not None:
-            num_classes = getattr(self.unet.config, "num_class_embeds", None)
-            if class_probs is not None and num_classes is not None and len(class_probs) != num_classes:
-                class_probs = None
-            return DDIMProposal(self.unet, self.scheduler, steps, micro_batch_size, class_probs=class_probs)
-        kwargs = dict(self.config.proposal_kwargs or {})
-        takes_steps = "num_inference_steps" in inspect.signature(self.proposal_pipeline.__call__).parameters
-        if num_inference_steps is not None or (takes_steps and "num_inference_steps" not in kwargs):
-            kwargs["num_inference_steps"] = steps
-        return PipelineProposal(self.proposal_pipeline, latent_shape, kwargs, micro_batch_size=micro_batch_size)
+        return make_proposal(self.components, self.config, micro_batch_size, num_inference_steps)
 
     def proposal_description(self) -> dict:
         """A summary of the proposal for the model card and the statistics."""
-        if self.gan is not None:
-            out = {"kind": "GAN generator", "class": type(self.gan).__name__}
-            config = getattr(self.gan, "config", None)
-            for key in ("latent_dim", "sample_size", "out_channels", "num_classes"):
-                if getattr(config, key, None) is not None:
-                    out[key] = getattr(config, key)
-        elif self.unet is not None:
-            out = {
-                "kind": "diffusion UNet run as DDIM (eta = 0) from its initial noise",
-                "class": type(self.unet).__name__,
-                "scheduler": type(self.scheduler).__name__,
-                "num_inference_steps": self.config.num_inference_steps,
-            }
-        else:
-            pipe = self.proposal_pipeline
-            out = {"kind": "diffusers pipeline called with latents=", "class": type(pipe).__name__}
-            if self.config.proposal_kwargs:
-                out["proposal_kwargs"] = dict(self.config.proposal_kwargs)
-            name = getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", None)
-            if isinstance(name, str) and name.count("/") == 1 and not os.path.exists(name):
-                out["base_model"] = name
-        if self.config.latent_shape:
-            out["latent_shape"] = list(self.config.latent_shape)
-        return out
+        return describe_proposal(self.components, self.config)
 
     # ----- diffusers plumbing -------------------------------------------------------------------------------------
     def to(self, *args, **kwargs):
@@ -338,21 +222,13 @@ class S2MPipeline(DiffusionPipeline):
         if inner is not None and getattr(inner, "model_cpu_offload_seq", None):
             inner.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
 
+    # ----- saving, loading, sharing: `hub` ------------------------------------------------------------------------
     @classmethod
     def load_config(cls, pretrained_model_name_or_path, *args, **kwargs):
         """As `ConfigMixin.load_config`, reading the shims of the remote-code layout back to the installed modules
         (parsed, never executed), so that `S2MPipeline.from_pretrained` needs no ``trust_remote_code``."""
         out = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
-        path = os.fspath(pretrained_model_name_or_path)
-        folder = path if os.path.isdir(path) else os.path.dirname(path)
-        if not os.path.isfile(os.path.join(folder, "model_index.json")):
-            return out
-        config = hub.resolve_remote_code_layout(out[0] if isinstance(out, tuple) else out, folder)
-        for value in config.values():
-            # diffusers resolves a component's module from `sys.modules` only; ours may be imported here.
-            if hub._is_component_entry(value) and str(value[0]).startswith("s2m_diffusers."):
-                importlib.import_module(value[0])
-        return (config, *out[1:]) if isinstance(out, tuple) else config
+        return hub.resolve_local_config(out, pretrained_model_name_or_path)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> S2MPipeline:
@@ -362,19 +238,7 @@ class S2MPipeline(DiffusionPipeline):
         ``local_files_only`` and ``proxies`` are passed on); the classes come from the installed `s2m_diffusers`.
         Other arguments are those of `DiffusionPipeline.from_pretrained`.
         """
-        path = os.fspath(pretrained_model_name_or_path)
-        if not os.path.isdir(path):
-            from huggingface_hub import snapshot_download
-
-            path = snapshot_download(
-                path,
-                revision=kwargs.pop("revision", None),
-                cache_dir=kwargs.get("cache_dir"),
-                token=kwargs.get("token"),
-                local_files_only=kwargs.get("local_files_only", False),
-                proxies=kwargs.get("proxies"),
-            )
-        return super().from_pretrained(path, **kwargs)
+        return super().from_pretrained(hub.snapshot_path(pretrained_model_name_or_path, kwargs), **kwargs)
 
     @classmethod
     def from_pipe(cls, pipeline, heads: S2MHeads | None = None, **kwargs) -> S2MPipeline:
@@ -394,13 +258,11 @@ class S2MPipeline(DiffusionPipeline):
         """
         if isinstance(pipeline, S2MPipeline):
             components = dict(pipeline.components)
-            parameters = dict(pipeline.parameters)
             if heads is not None:
                 components["heads"] = heads
-            for key in list(kwargs):
-                if key in components:
-                    components[key] = kwargs.pop(key)
-            return cls(**components, **{**parameters, **kwargs})
+            for key in [k for k in kwargs if k in components]:
+                components[key] = kwargs.pop(key)
+            return cls(**components, **{**pipeline.parameters, **kwargs})
         if not isinstance(pipeline, DiffusionPipeline):
             raise ValueError(
                 f"from_pipe wraps a loaded diffusers pipeline; got {type(pipeline).__name__}. For a GAN generator use "
@@ -424,11 +286,8 @@ class S2MPipeline(DiffusionPipeline):
         **kwargs,
     ) -> None:
         """Save in the layout that loads with `S2MPipeline.from_pretrained`, with
-        `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`, with `diffusers-cli run` and from the Hub
-        (see `s2m_diffusers.hub`), with a model card (README.md). Weights are safetensors.
-
-        The folder is written next to its destination and moved into place entry by entry, `model_index.json` last,
-        so that an interrupted save never leaves an index that points at missing files.
+        `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`, with `diffusers-cli run` and from the Hub,
+        with a model card (README.md); weights are safetensors. See `s2m_diffusers.hub.save_pipeline`.
 
         Args:
             save_directory (`str`): the folder.
@@ -439,72 +298,37 @@ class S2MPipeline(DiffusionPipeline):
             training_data (`dict` or `str`, *optional*): a description of the heads' training data for the card.
             kwargs: ``repo_id``, ``token``, ``private``, ``commit_message``, ``create_pr``, ``api`` for the upload.
         """
-        if not safe_serialization:
-            raise ValueError("S2M pipelines are saved as safetensors only (no pickle): keep safe_serialization=True.")
-        save_directory = os.path.abspath(os.fspath(save_directory))
-        parent = os.path.dirname(save_directory)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(save_directory)}.tmp-", dir=parent)
-        try:
-            super().save_pretrained(tmp, safe_serialization=True, variant=variant, max_shard_size=max_shard_size)
-            hub.write_remote_code_layout(tmp, type(self).__module__, type(self).__name__)
-            card = hub.model_card(self, training_data=training_data)
-            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-                f.write(card)
-            _move_into_place(tmp, save_directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        folder = hub.save_pipeline(
+            self,
+            save_directory,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            training_data=training_data,
+        )
         if push_to_hub:
-            repo_id = kwargs.pop("repo_id", os.path.basename(save_directory))
-            hub.upload_folder(
-                save_directory,
-                repo_id,
-                card=lambda repo, revision: hub.model_card(self, repo, revision, training_data),
-                **kwargs,
-            )
+            repo_id = kwargs.pop("repo_id", os.path.basename(folder))
+            hub.push_pipeline(self, repo_id, folder=folder, training_data=training_data, **kwargs)
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        create_pr: bool = False,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        training_data: dict | str | None = None,
-        api=None,
-    ):
+    def push_to_hub(self, repo_id: str, training_data: dict | str | None = None, **kwargs):
         """Upload the pipeline in the layout of [`save_pretrained`], with a model card whose loading snippets pin
-        ``revision=`` to the uploaded commit (see `s2m_diffusers.hub.upload_folder`).
+        ``revision=`` to the uploaded commit (see `s2m_diffusers.hub.push_pipeline`).
 
         Args:
             repo_id (`str`): ``"user/name"``.
-            commit_message, private, token, create_pr: as in `huggingface_hub.HfApi.upload_folder`.
-            safe_serialization (`bool`, defaults to `True`), variant (`str`, *optional*): as in [`save_pretrained`].
             training_data (`dict` or `str`, *optional*): a description of the heads' training data for the card.
-            api (*optional*): an `huggingface_hub.HfApi` (or a stand-in with its ``create_repo``, ``upload_folder``,
-                ``upload_file``); ``HfApi(token=token)`` by default.
+            kwargs: ``commit_message``, ``private``, ``token``, ``create_pr`` (as in `huggingface_hub.HfApi`),
+                ``safe_serialization``, ``variant`` (as in [`save_pretrained`]) and ``api`` (an `HfApi` or a
+                stand-in).
 
         Returns:
             `CommitInfo` of the commit holding the code and weights; its ``oid`` is the revision the card pins.
         """
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = os.path.join(tmp, "pipeline")
-            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-            return hub.upload_folder(
-                folder,
-                repo_id,
-                card=lambda repo, revision: hub.model_card(self, repo, revision, training_data),
-                api=api,
-                token=token,
-                private=private,
-                commit_message=commit_message,
-                create_pr=create_pr,
-            )
+        return hub.push_pipeline(self, repo_id, training_data=training_data, **kwargs)
 
-    # ----- the parts of a call ------------------------------------------------------------------------------------
-    def _parse_target(self, target: str | Target | None) -> Target:
+    # ----- checking inputs ----------------------------------------------------------------------------------------
+    def parse_target(self, target: str | Target | None) -> Target:
+        """``target`` (or ``config.default_target``) parsed against the heads' attributes."""
         names = list(self.heads.config.attribute_names)
         if target is None:
             target = self.config.default_target
@@ -529,7 +353,20 @@ class S2MPipeline(DiffusionPipeline):
                 "train heads on single-positive data that includes it."
             ) from err
 
-    def _check_image_shape(self, shape: tuple[int, ...], proposal: ProposalAdapter) -> None:
+    def check_inputs(self, num_images, output_type, tensor_inputs) -> None:
+        check_components(self.heads, self.gan, self.unet, self.scheduler, self.proposal_pipeline)
+        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
+            raise ValueError(f"num_images must be a positive integer, got {num_images!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}.")
+        unknown = sorted(set(tensor_inputs) - set(self._callback_tensor_inputs))
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from "
+                f"{self._callback_tensor_inputs}."
+            )
+
+    def check_image_shape(self, shape: tuple[int, ...], proposal: ProposalAdapter) -> None:
         """The heads take the proposal's images as they are, or a downscaled copy when the images are larger."""
         hc = self.heads.config
         expected = (int(hc.in_channels), int(hc.sample_size), int(hc.sample_size))
@@ -548,124 +385,21 @@ class S2MPipeline(DiffusionPipeline):
     def heads_view(self, images: torch.Tensor) -> torch.Tensor:
         """What the heads see of the proposal's images `(B, C, H, W)` in [-1, 1]: the images themselves at the heads'
         ``sample_size``, else a copy downscaled as real data is (`s2m_diffusers.data.prepare_images`: the shorter side
-        resized with antialiased bilinear filtering, then a centre crop). `train_heads` downscales the proposal's
-        images in the same way, so heads trained on small copies of a large generator's images can judge them."""
+        resized with antialiased bilinear filtering, then a centre crop), as `train_heads` does."""
         hc = self.heads.config
         size, channels = int(hc.sample_size), int(hc.in_channels)
         if tuple(images.shape[1:]) == (channels, size, size):
             return images
         return prepare_images(images, size, channels)
 
-    def _class_plan(self, target: Target, proposal: ProposalAdapter, class_label: int | str | None) -> _ClassPlan:
-        names = tuple(self.heads.config.attribute_names)
-        if not proposal.is_conditional:
-            if class_label not in (None, "auto"):
-                raise ValueError(
-                    f"class_label={class_label!r} was given, but the proposal "
-                    f"({self.proposal_description()['class']}) is unconditional. "
-                    "Leave class_label='auto', or use a class-conditional generator."
-                )
-            return _ClassPlan()
-        if proposal.num_classes != len(names):
-            raise ValueError(
-                f"The class-conditional proposal has {proposal.num_classes} classes, but the heads know "
-                f"{len(names)} attributes {list(names)}. S2M's classes are the attributes: train the generator with "
-                "one class per attribute (class i = attribute i), or use an unconditional proposal."
-            )
-        hc = self.heads.config
-        probs = getattr(hc, "proposal_class_probs", None) or [1.0] * len(names)
-        probs = torch.tensor(probs, dtype=torch.float64)
-        log_probs = (probs / probs.sum()).log()
-        has_df = bool(getattr(hc, "conditional", False))
-        if class_label is None:
-            return _ClassPlan("marginal", None, log_probs, names)
-        if class_label == "auto":
-            index = _first_present_attribute(target)
-            if index is None or not has_df:
-                return _ClassPlan("marginal", None, log_probs, names)
-            return _ClassPlan("fixed", index, log_probs, names)
-        if isinstance(class_label, str):
-            if class_label not in names:
-                raise ValueError(f"class_label={class_label!r} is not one of the attributes {list(names)}.")
-            index = names.index(class_label)
-        elif isinstance(class_label, int) and 0 <= class_label < len(names):
-            index = int(class_label)
-        else:
-            raise ValueError(
-                f"class_label must be 'auto', None, an attribute name or 0..{len(names) - 1}; got {class_label!r}."
-            )
-        if not has_df:
-            raise ValueError(
-                f"Generating every sample with class {names[index]!r} needs the D_f head to correct for it (spec §4), "
-                "and these heads have none (conditional=False). Train heads with a class-conditional proposal "
-                "(they then get D_f), or pass class_label=None to draw the class from p_G(c) with the latent."
-            )
-        return _ClassPlan("fixed", index, log_probs, names)
-
-    def _evaluate_fn(
-        self,
-        target: Target,
-        proposal: ProposalAdapter,
-        plan: _ClassPlan,
-        log_p_data: torch.Tensor,
-        log_priors: torch.Tensor | None,
-        negation_margin: float,
-        presence_margin: float,
-        dr_temperature: float,
-        micro_batch_size: int,
-        state: _CallState,
-        on_round: Callable,
-    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """``evaluate(z) -> (x, log_w)`` for one target (a refitting stage or the full target).
-
-        Generator and heads run ``micro_batch_size`` latents at a time. Each micro-batch's images leave the execution
-        device once the heads have seen them (to the CPU), so that it holds one micro-batch of generated images at a
-        time; the images of the refitting stages, which only their latents and weights serve, are not kept at all
-        (``x`` is then `None`) unless a callback asks for them.
-        """
-        heads = self.heads
-        heads_device, heads_dtype = execution_device(heads), _module_device_dtype(heads)[1]
-
-        def evaluate(z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-            images, weights = [], []
-            keep = state.keep_all_images or state.phase >= state.num_fit_stages
-            for chunk in z.split(micro_batch_size):
-                latents, labels = plan.split(chunk, proposal.latent_shape)
-                t0 = time.perf_counter()
-                x = proposal.generate(latents, labels)  # (b, C, H, W) in [-1, 1]
-                _sync(x.device)
-                t1 = time.perf_counter()
-                state.seconds_generator += t1 - t0
-                if not state.checked_shape:
-                    self._check_image_shape(tuple(x.shape[1:]), proposal)
-                    state.checked_shape = True
-                out = heads(self.heads_view(x.to(heads_device)).to(dtype=heads_dtype))
-                _sync(heads_device)
-                state.seconds_heads += time.perf_counter() - t1
-                dr = temper_dr(out.dr_log_probs.double(), dr_temperature)
-                lr = log_r(target, dr, log_p_data, log_priors, negation_margin, presence_margin)
-                if plan.mode == "fixed":
-                    df = out.df_log_probs[:, plan.index].double()
-                    lw = log_w(lr, out.dv_logit.double(), df, float(plan.log_probs[plan.index]))
-                else:
-                    lw = log_w(lr, out.dv_logit.double())
-                if keep:
-                    images.append(x.cpu())
-                weights.append(lw)
-            x, lw = (torch.cat(images) if keep else None), torch.cat(weights)
-            on_round(z, x, lw)
-            return x, lw
-
-        return evaluate
-
-    def _postprocess(self, images: torch.Tensor, latents: torch.Tensor, output_type: str):
-        if output_type == "latent":
-            return latents
-        images = (images.float().cpu() / 2 + 0.5).clamp(0, 1)  # (N, C, H, W) in [0, 1]
-        if output_type == "pt":
-            return images
-        array = images.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
-        return array if output_type == "np" else self.numpy_to_pil(array)
+    def _prepare_proposal(self, micro_batch_size: int, num_inference_steps: int | None) -> ProposalAdapter:
+        proposal = self.get_proposal(micro_batch_size, num_inference_steps)
+        if proposal.image_shape is not None:
+            self.check_image_shape(proposal.image_shape, proposal)
+        if isinstance(proposal, PipelineProposal) and id(self.proposal_pipeline) not in self._deterministic_checked:
+            proposal.check_deterministic()
+            self._deterministic_checked.add(id(self.proposal_pipeline))
+        return proposal
 
     # ----- __call__ -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -677,23 +411,15 @@ class S2MPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        refit: str = "sequential",
-        max_proposals: int | None = None,
-        micro_batch_size: int = 64,
-        num_chains: int | None = None,
-        steps_after_entry: int | None = None,
-        fit_size: int | None = None,
-        negation_margin: float | None = None,
-        presence_margin: float | None = None,
-        dr_temperature: float | str | None = None,
-        priors: Sequence[float] | None = None,
-        class_label: int | str | None = "auto",
         num_inference_steps: int | None = None,
+        max_proposals: int | None = None,
         allow_partial: bool = False,
-        sampler_kwargs: dict | None = None,
+        micro_batch_size: int = 64,
+        distributed: bool = False,
+        sampling: S2MSamplingConfig | dict | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
-        distributed: bool = False,
+        **sampling_kwargs,
     ) -> S2MPipelineOutput | tuple:
         r"""Draw ``num_images`` images that satisfy ``target``.
 
@@ -704,47 +430,31 @@ class S2MPipeline(DiffusionPipeline):
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): the source of all randomness; the
                 same seed gives the same images. A list of ``num_images`` generators makes image ``i`` a function of
                 ``generator[i]`` alone, as in diffusers pipelines: each image is drawn by its own sampler run
-                (refitting included) seeded by its generator, so ``pipe(t, 2, generator=[g0, g1]).images[1]`` equals
-                ``pipe(t, 1, generator=[g1]).images[0]``. Each run refits on its own, so a list costs about
-                ``num_images`` times the refitting proposals of one generator.
+                (refitting included), which costs about ``num_images`` times the refitting proposals of one generator.
             output_type (`str`, defaults to `"pil"`): ``"pil"``, ``"np"`` (`(N, H, W, C)` in [0, 1]), ``"pt"``
                 (`(N, C, H, W)` in [0, 1]) or ``"latent"`` (the latents).
             return_dict (`bool`, defaults to `True`): return an [`S2MPipelineOutput`]; otherwise the tuple
                 ``(images, latents, on_target, stats)``.
-            refit (`str`, defaults to `"sequential"`): latent refitting (spec §6). ``"sequential"`` fits the latent
-                proposal to the target one literal at a time (``a``, then ``a & b``, ...); ``"once"`` fits it on the
-                full target; ``"off"`` proposes from the prior ``N(0, I)``.
+            num_inference_steps (`int`, *optional*): steps of a diffusion proposal; defaults to the config's.
             max_proposals (`int`, *optional*): the proposal budget (generator calls, refitting included). Defaults to
                 ``max(10000, 1000 * num_images + 20 * fit_size * stages)``. When it runs out first, a
                 `BudgetExhaustedError` says how far the sampler got and what to try.
-            micro_batch_size (`int`, defaults to 64): latents per generator call and images per heads call; the
-                memory setting (the results do not depend on it).
-            num_chains (`int`, *optional*): chains run side by side in the final stage (defaults to
-                ``min(num_images, 256)``).
-            steps_after_entry (`int`, *optional*): MH steps each chain takes after it first reaches the target;
-                defaults to `sample_s2m`'s.
-            fit_size (`int`, *optional*): on-target latents per refitting stage; defaults to `sample_s2m`'s.
-            negation_margin (`float`, *optional*): lambda of negated literals; defaults to the heads' config.
-            presence_margin (`float`, *optional*): ``kappa`` in [0, 1]: a required attribute counts only where its
-                ratio comes within ``kappa`` of the image's strongest (`~s2m_diffusers.targets.log_r`). Exact heads
-                are unchanged by it; soft heads stop counting faint attributes, which makes conjunctions such as
-                ``"a & b & c"`` hold only where all three are clear. Defaults to 0 (the paper's formula).
-            dr_temperature (`float` or `"auto"`, *optional*): read ``D_r`` tempered, ``softmax(log D_r / T)``
-                (`~s2m_diffusers.targets.temper_dr`; exact heads are unchanged by it, soft heads are sharpened by
-                ``T < 1``). ``None`` (default) uses the calibrated heads as they are; ``"auto"`` sharpens pure
-                conjunctions of two or more attributes (``T = 0.2``) and leaves other targets at 1
-                (`~s2m_diffusers.targets.auto_dr_temperature`). Every refitting stage uses the full target's value.
-            priors (`Sequence[float]`, *optional*): attribute priors ``pi_c``; default the heads' (or ``p_data``).
-            class_label (`int`, `str` or `None`, defaults to `"auto"`): for a class-conditional proposal, the class
-                every sample is generated with (with the ``D_f`` correction). ``"auto"``: the first attribute the
-                target requires at its top level (``"b & ~a"`` -> ``b``) when the heads have ``D_f``; otherwise (no
-                required attribute, e.g. ``"a | b"`` or ``"~a"``, or no ``D_f``) the class is drawn from ``p_G(c)``
-                by one extra latent coordinate, which needs no ``D_f``. ``None`` always draws the class.
-            num_inference_steps (`int`, *optional*): steps of a diffusion proposal; defaults to the config's.
             allow_partial (`bool`, defaults to `False`): when the budget runs out, return the images found (with
                 ``stats["budget_exhausted"] = True``) instead of raising.
-            sampler_kwargs (`dict`, *optional*): more arguments of `s2m_diffusers.sampling.sample_s2m`, e.g. (``rank``,
-                ``n_components``, ``defensive``, ``fit_batch``).
+            micro_batch_size (`int`, defaults to 64): latents per generator call and images per heads call; the
+                memory setting (the results do not depend on it).
+            distributed (`bool`, defaults to `False`): spread the images over the processes started by
+                ``accelerate launch`` (`s2m_diffusers.distributed`). Every process makes the same call, samples its
+                contiguous block of images (refitting included) and **returns the whole output** in image order;
+                ``stats`` sums counts and seconds over the processes (``seconds_wall``: the longest process's), and
+                ``max_proposals`` is split in proportion to each process's images. With a list of generators the
+                images are the same for any number of processes; with one, each process derives its own from it
+                (`s2m_diffusers.distributed.process_generator`).
+            sampling ([`~s2m_diffusers.sampling.S2MSamplingConfig`] or `dict`, *optional*): how the target is read
+                from the heads (margins, ``D_r`` temperature, priors, the class of a conditional proposal) and the
+                sampler's settings (refitting, steps, chains, fit sizes); every field and default is documented there.
+            sampling_kwargs: single fields of [`~s2m_diffusers.sampling.S2MSamplingConfig`] by name, e.g.
+                ``refit="off"``, ``negation_margin=30.0``, ``fit_size=128``; they override ``sampling``.
             callback_on_step_end (`Callable`, *optional*): called once per sampler round (one batch of proposals
                 through generator and heads) as ``callback_on_step_end(pipeline, round, phase, callback_kwargs)``:
                 ``phase`` is ``k`` during the ``k``-th refitting stage (from 0) and the number of refitting stages
@@ -754,38 +464,21 @@ class S2MPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): any of ``"latents"``, ``"images"``,
                 ``"log_w"``; defaults to ``["latents"]``. ``"images"`` (on the CPU) makes the refitting stages keep
                 their images, which they otherwise drop.
-            distributed (`bool`, defaults to `False`): spread the images over the processes started by
-                ``accelerate launch`` (or ``torchrun``; see `s2m_diffusers.distributed`). Every process must make
-                the same call. The images are split in contiguous blocks (`split_between_processes` on the image
-                indices); each process samples its block with its own sampler run(s), refitting included, on its own
-                device, and the results are gathered in image order: **every process returns the whole output**
-                (write files from the main process only). ``stats`` then sums counts and seconds over the processes
-                (``proposals`` is the total over all of them; ``seconds_wall`` is the longest process's time;
-                ``num_processes``), and ``max_proposals`` is split in proportion to each process's images. Seeds: with
-                a list of generators image ``i`` depends on ``generator[i]`` alone, so the images are the same for
-                any number of processes; with one generator each process derives its own from it and its index
-                (`s2m_diffusers.distributed.process_generator`), so the images are reproducible for a given number of
-                processes but change with it (one process: the plain call's images). When one process exhausts its
-                budget the others finish theirs, and then every process raises `BudgetExhaustedError` (or, with
-                ``allow_partial``, returns what all found).
 
         Memory: the generator and the heads run ``micro_batch_size`` latents at a time, and each micro-batch's images
-        leave the execution device for the CPU once the heads have seen them, so that device memory holds one
-        micro-batch of generated images. The CPU holds the images of the chains in flight (at most ``num_chains``,
-        by default ``min(num_images, 256)``) and those returned; refitting stages keep no images. Heads trained on
-        smaller images than the proposal makes (same channels) see a downscaled copy (`S2MPipeline.heads_view`: the
-        antialiased resize and centre crop of `s2m_diffusers.data.prepare_images`, as `train_heads` applies to the
-        proposal's images). For a large proposal, `enable_model_cpu_offload()` keeps only the model that runs on the
+        leave the execution device for the CPU once the heads have seen them. The CPU holds the images of the chains
+        in flight (at most ``num_chains``, by default ``min(num_images, 256)``) and those returned; refitting stages
+        keep no images. Heads trained on smaller images than the proposal makes see a downscaled copy
+        ([`heads_view`]). For a large proposal, `enable_model_cpu_offload()` keeps only the running model on the
         accelerator.
 
         Returns:
             [`S2MPipelineOutput`] or `tuple`. ``stats`` holds: ``target``, ``refit``, ``num_images`` (returned),
-            ``proposals`` (generator calls), ``accepted``, ``acceptance_rate``, ``proposals_per_image``
-            (``proposals / num_images``), ``on_target_images``, ``unique_images``, ``chains_started``,
-            ``chains_entered``, ``rounds``, ``stages`` (per refitting stage: proposals, on-target share, ESS),
-            ``budget_exhausted``, ``max_proposals``, ``class_label``, ``proposal``, and ``seconds_generator``,
-            ``seconds_heads``, ``seconds_sampler`` (the rest: sampling, refitting, bookkeeping), ``seconds_total``
-            (their sum), ``num_processes`` and ``seconds_wall`` (see ``distributed``).
+            ``proposals`` (generator calls), ``accepted``, ``acceptance_rate``, ``proposals_per_image``,
+            ``on_target_images``, ``unique_images``, ``chains_started``, ``chains_entered``, ``rounds``, ``stages``
+            (per refitting stage: proposals, on-target share, ESS), ``budget_exhausted``, ``max_proposals``,
+            ``class_label``, ``proposal``, ``seconds_generator``, ``seconds_heads``, ``seconds_sampler`` (the rest),
+            ``seconds_total`` (their sum), ``num_processes`` and ``seconds_wall``.
 
         Raises:
             TargetError: the target names an attribute the heads do not know, or is malformed.
@@ -796,438 +489,186 @@ class S2MPipeline(DiffusionPipeline):
 
         Examples:
         """
-        _check_components(self.heads, self.gan, self.unet, self.scheduler, self.proposal_pipeline)
-        target = self._parse_target(target)
-        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
-            raise ValueError(f"num_images must be a positive integer, got {num_images!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}.")
-        if refit not in REFIT_MODES:
-            raise ValueError(
-                f"refit must be one of {list(REFIT_MODES)}, got {refit!r}: 'sequential' refits one literal of the "
-                "target at a time (the default), 'once' on the full target, 'off' samples from the prior."
-            )
-        generators = _generator_list(generator, num_images)
-        per_image_generators = isinstance(generator, (list, tuple))
-        dist_state, share = None, range(num_images)
-        if distributed:
-            from . import distributed as dist
-
-            dist_state = dist.get_state()
-            share = dist.image_share(num_images, dist_state)
         tensor_inputs = list(
             callback_on_step_end_tensor_inputs or getattr(callback_on_step_end, "tensor_inputs", None) or ["latents"]
         )
-        unknown = sorted(set(tensor_inputs) - set(self._callback_tensor_inputs))
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from "
-                f"{self._callback_tensor_inputs}."
-            )
-
-        hc = self.heads.config
-        names = list(hc.attribute_names)
-        counts = getattr(hc, "label_counts", None) or [1] * len(names)
-        counts = torch.tensor(counts, dtype=torch.float64)
-        log_p_data = (counts / counts.sum()).log()
-        priors = priors if priors is not None else getattr(hc, "priors", None)
-        if priors is not None and len(priors) != len(names):
-            raise ValueError(f"priors has {len(priors)} entries, but the heads know {len(names)} attributes {names}.")
-        log_priors = None if priors is None else torch.tensor(priors, dtype=torch.float64).log()
-        margin = float(negation_margin if negation_margin is not None else getattr(hc, "negation_margin", 1.0))
-        presence = 0.0 if presence_margin is None else float(presence_margin)
-        if not 0.0 <= presence <= 1.0:
-            raise ValueError(f"presence_margin must lie in [0, 1] (0 is the paper's formula), got {presence}.")
-        if dr_temperature is None:
-            temperature = 1.0
-        elif dr_temperature == "auto":
-            temperature = auto_dr_temperature(target)
-        elif isinstance(dr_temperature, int | float) and not isinstance(dr_temperature, bool) and dr_temperature > 0:
-            temperature = float(dr_temperature)
-        else:
-            raise ValueError(
-                f"dr_temperature must be None, 'auto' or a positive number, got {dr_temperature!r}; 1.0 (or None) "
-                "reads the calibrated heads as they are."
-            )
-
-        proposal = self.get_proposal(micro_batch_size, num_inference_steps)
-        if proposal.image_shape is not None:
-            self._check_image_shape(proposal.image_shape, proposal)
-        if isinstance(proposal, PipelineProposal) and id(self.proposal_pipeline) not in self._deterministic_checked:
-            proposal.check_deterministic()
-            self._deterministic_checked.add(id(self.proposal_pipeline))
-        plan = self._class_plan(target, proposal, class_label)
+        self.check_inputs(num_images, output_type, tensor_inputs)
+        target = self.parse_target(target)
+        config = S2MSamplingConfig.resolve(sampling, **sampling_kwargs)
         stages = target.stages()
-        n_fit = {"off": 0, "once": 1, "sequential": len(stages)}[refit]
-        settings = {"steps_after_entry": steps_after_entry, "fit_size": fit_size, **(sampler_kwargs or {})}
-        settings = {k: v for k, v in settings.items() if v is not None}
-        fit_size = settings.get("fit_size", _SAMPLER_DEFAULTS["fit_size"])
-        if max_proposals is not None and (not isinstance(max_proposals, int) or max_proposals < 1):
-            raise ValueError(f"max_proposals must be a positive integer, got {max_proposals!r}.")
-        if max_proposals is None:
-            budget = max(10_000, 1_000 * len(share) + 20 * fit_size * n_fit)
-        elif dist_state is None:
-            budget = max_proposals
-        else:  # this process's part of the budget, in proportion to its images
-            budget = (max_proposals * share.stop) // num_images - (max_proposals * share.start) // num_images
+        num_fit_stages = config.num_fit_stages(len(stages))
+        runs = RunPlan.plan(generator, num_images, distributed, max_proposals, config, num_fit_stages)
+        if config.num_chains is None and runs.size:
+            config = config.replace(num_chains=min(runs.size, DEFAULT_MAX_CHAINS))
 
-        # One sampler run per generator: one run for all of this process's images, or one per image.
-        if per_image_generators:
-            run_generators, run_size = [generators[i] for i in share], 1
-        else:
-            gen = generators[0] if dist_state is None else dist.process_generator(generators[0], dist_state)
-            run_generators, run_size = ([gen] if len(share) else []), len(share)
-        if num_chains is None:
-            num_chains = min(run_size, DEFAULT_MAX_CHAINS) if run_size else None
-        # Several processes must not raise while others wait for them: each keeps what it found, and the gathered
-        # result is checked against the budget below.
-        keep_partial = allow_partial or dist_state is not None
-
-        state = _CallState(num_fit_stages=n_fit, keep_all_images="images" in tensor_inputs)
-        prior = StandardNormal(plan.latent_shape(proposal.latent_shape))
-
-        def on_round(z: torch.Tensor, x: torch.Tensor | None, lw: torch.Tensor) -> None:
-            if callback_on_step_end is not None:
-                tensors = {"latents": z, "images": x, "log_w": lw}
-                kwargs = {k: tensors[k] for k in tensor_inputs}
-                kwargs["num_on_target"] = int(torch.isfinite(lw).sum())
-                callback_on_step_end(self, state.round, state.phase, kwargs)
-            state.round += 1
-
-        evaluates = [
-            self._evaluate_fn(
-                stage,
-                proposal,
-                plan,
-                log_p_data,
-                log_priors,
-                margin,
-                presence,
-                temperature,
-                micro_batch_size,
-                state,
-                on_round,
-            )
-            for stage in stages
-        ]
-        results: list[SampleResult] = []
-        show_bar = dist_state is None or dist_state.is_main_process
-        bar_context = self.progress_bar(total=len(share)) if show_bar else _SilentBar(len(share))
+        proposal = self._prepare_proposal(micro_batch_size, num_inference_steps)
+        name = self.proposal_description()["class"]
+        plan = ClassPlan.choose(target, proposal, self.heads.config, config.class_label, name)
+        weigher = Weigher(
+            self, target, proposal, plan, config, micro_batch_size, num_fit_stages, callback_on_step_end, tensor_inputs
+        )
         start = time.perf_counter()
-        with bar_context as bar, eval_mode(self.heads):
-            for i, gen in enumerate(run_generators):
-                state.phase = 0
+        with eval_mode(self.heads):
+            self._sample(runs, [weigher.for_stage(s) for s in stages], weigher, target, config, allow_partial, plan)
+        result = SampleResult.concat(runs.results)
+        if not result.num_samples:
+            result = self._empty_result(proposal, plan, result.stats)
+        timings = weigher.timings(time.perf_counter() - start, runs.budget)
+        result, stats = self._gather(result, timings, runs, target, config, plan)
+        if result.stats.budget_exhausted and not allow_partial:
+            raise self._budget_error(result, target, config, num_images, stats["max_proposals"], plan)
+        z = result.z
+        labels = plan.split(z, proposal.latent_shape)[1] if plan.mode != "none" and z.shape[0] else None
+        images = self._postprocess(result.x, z, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, z, result.on_target, stats
+        return S2MPipelineOutput(
+            images=images, latents=z, on_target=result.on_target, stats=stats, class_labels=labels
+        )
 
-                def sampler_callback(round_: int, info: dict, offset: int = i) -> None:
-                    if "stage" in info:
-                        state.phase += 1
-                        bar.set_postfix(
-                            stage=f"{info['stage'] + 1}/{n_fit}", on_target=f"{info['on_target_share']:.3g}"
-                        )
-                    else:
-                        bar.n = offset + info["done"]
-                        bar.refresh()
+    # ----- the steps of a call ------------------------------------------------------------------------------------
+    def _sample(self, runs, evaluates, weigher, target, config, allow_partial, plan) -> None:
+        """The sampler runs of this process (`sampling.sample_s2m`), into ``runs.results``, under a progress bar.
 
-                remaining = budget - sum(r.stats.proposals for r in results)
-                if remaining < 1:  # an earlier image's run spent the budget
+        Several processes must not raise while others wait for them: each keeps what it found, and the gathered
+        result is checked against the budget afterwards."""
+        keep_partial = allow_partial or runs.dist_state is not None
+        p_z = StandardNormal(plan.latent_shape(weigher.proposal.latent_shape))
+        bar_context = self.progress_bar(total=len(runs.share)) if runs.is_main_process else _SilentBar()
+        with bar_context as bar:
+            for i, gen in enumerate(runs.generators):
+                weigher.phase = 0
+                if runs.remaining < 1:  # an earlier image's run spent the budget
                     if not keep_partial:
-                        raise self._budget_error(target, refit, num_images, budget, results, plan)
-                    if results:
-                        results[-1].stats.budget_exhausted = True
-                    else:
-                        results.append(_empty_result(prior))
+                        partial = SampleResult.concat(runs.results)
+                        raise self._budget_error(partial, target, config, len(runs.share), runs.budget, plan)
+                    runs.results.append(SampleResult.empty(SamplerStats(budget_exhausted=True)))
                     break
                 try:
                     result = sample_s2m(
                         evaluates,
-                        prior,
-                        run_size,
-                        refit=refit,
-                        num_chains=num_chains,
-                        max_proposals=remaining,
+                        p_z,
+                        runs.size,
+                        config,
+                        max_proposals=runs.remaining,
                         generator=gen,
                         allow_partial=keep_partial,
-                        callback=sampler_callback,
-                        **settings,
+                        callback=_ProgressCallback(bar, weigher, i * runs.size, weigher.num_fit_stages),
                     )
                 except BudgetExhaustedError as err:
-                    results.append(err.result)
-                    raise self._budget_error(target, refit, num_images, budget, results, plan) from err
-                results.append(result)
+                    runs.results.append(err.result)
+                    partial = SampleResult.concat(runs.results)
+                    raise self._budget_error(partial, target, config, len(runs.share), runs.budget, plan) from err
+                runs.results.append(result)
                 if result.stats.budget_exhausted:
                     break
-        seconds_total = time.perf_counter() - start
 
-        z, x, log_weights, on_target = self._gather(results, proposal, plan)
-        stats = self._stats(target, refit, budget, results, on_target, z, state, seconds_total, plan)
-        if dist_state is not None and dist_state.num_processes > 1:
-            z, x = dist.gather_rows(z, dist_state), dist.gather_rows(x, dist_state)
-            log_weights, on_target = dist.gather_rows(log_weights, dist_state), dist.gather_rows(on_target, dist_state)
-            stats = _merge_process_stats(dist.gather_objects(stats, dist_state), z, on_target)
-        if stats["budget_exhausted"] and not allow_partial:
-            s = SamplerStats(
-                proposals=stats["proposals"],
-                accepted=stats["accepted"],
-                chains_started=stats["chains_started"],
-                chains_entered=stats["chains_entered"],
-                stages=stats["stages"],
-                budget_exhausted=True,
-            )
-            partial = SampleResult(z, x, log_weights, on_target, s)
-            raise self._budget_error_from(target, refit, num_images, stats["max_proposals"], s, partial, plan)
-        labels = None if plan.mode == "none" else plan.split(z, proposal.latent_shape)[1] if z.shape[0] else None
-        images = self._postprocess(x, z, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return images, z, on_target, stats
-        return S2MPipelineOutput(images=images, latents=z, on_target=on_target, stats=stats, class_labels=labels)
+    def _empty_result(self, proposal: ProposalAdapter, plan: ClassPlan, stats: SamplerStats) -> SampleResult:
+        """No image: empty tensors of the right shapes (so that several processes' results can be gathered)."""
+        hc = self.heads.config
+        image_shape = proposal.image_shape or (int(hc.in_channels), int(hc.sample_size), int(hc.sample_size))
+        z = torch.zeros((0, *plan.latent_shape(proposal.latent_shape)))
+        empty = SampleResult.empty(stats)
+        empty.z, empty.x = z, torch.zeros((0, *image_shape))
+        return empty
 
-    # ----- results ------------------------------------------------------------------------------------------------
-    def _gather(
-        self, results: list[SampleResult], proposal: ProposalAdapter, plan: _ClassPlan
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The runs' latents, images, log weights and on-target flags, concatenated on the CPU."""
-        found = [r for r in results if r.x is not None and r.z.shape[0]]
-        if not found:
-            hc = self.heads.config
-            shape = plan.latent_shape(proposal.latent_shape)
-            image_shape = proposal.image_shape or (int(hc.in_channels), int(hc.sample_size), int(hc.sample_size))
-            return (
-                torch.zeros((0, *shape)),
-                torch.zeros((0, *image_shape)),
-                torch.zeros(0, dtype=torch.float64),
-                torch.zeros(0, dtype=torch.bool),
-            )
-        return (
-            torch.cat([r.z.cpu() for r in found]),
-            torch.cat([r.x.cpu() for r in found]),
-            torch.cat([r.log_w.cpu() for r in found]),
-            torch.cat([r.on_target.cpu() for r in found]),
-        )
+    def _gather(self, result, timings, runs, target, config, plan) -> tuple[SampleResult, dict]:
+        """The result of every process, in image order, and the call's statistics."""
+        stats = result.stats
+        if runs.num_processes > 1:
+            from . import distributed as dist
 
-    def _stats(
-        self,
-        target: Target,
-        refit: str,
-        budget: int,
-        results: list[SampleResult],
-        on_target: torch.Tensor,
-        z: torch.Tensor,
-        state: _CallState,
-        seconds_total: float,
-        plan: _ClassPlan,
-    ) -> dict:
-        s = SamplerStats()
-        stages = []
-        for run, r in enumerate(results):
-            s.add(r.stats)
-            s.chains_started += r.stats.chains_started
-            s.chains_entered += r.stats.chains_entered
-            s.budget_exhausted |= r.stats.budget_exhausted
-            stages += [{**stage, "run": run} if len(results) > 1 else dict(stage) for stage in r.stats.stages]
-        n = int(z.shape[0])
-        seconds_sampler = max(0.0, seconds_total - state.seconds_generator - state.seconds_heads)
-        return {
+            state = runs.dist_state
+            gathered = [dist.gather_rows(getattr(result, k), state) for k in ("z", "x", "log_w", "on_target")]
+            per_process = dist.gather_objects((stats, timings), state)
+            stats = SamplerStats.merge([s for s, _ in per_process], label="process")
+            timings = {k: sum(t[k] for _, t in per_process) for k in timings}
+            timings["seconds_wall"] = max(t["seconds_wall"] for _, t in per_process)
+            result = SampleResult(*gathered, stats, result.q)
+        z, n = result.z, result.num_samples
+        return result, {
             "target": str(target),
-            "refit": refit,
+            "refit": config.refit,
             "num_images": n,
-            "proposals": s.proposals,
-            "accepted": s.accepted,
-            "acceptance_rate": s.acceptance_rate,
-            "proposals_per_image": s.proposals / n if n else math.inf,
-            "on_target_images": int(on_target.sum()),
+            "proposals": stats.proposals,
+            "accepted": stats.accepted,
+            "acceptance_rate": stats.acceptance_rate,
+            "proposals_per_image": stats.proposals / n if n else math.inf,
+            "on_target_images": int(result.on_target.sum()),
             "unique_images": int(torch.unique(z.reshape(n, -1), dim=0).shape[0]) if n else 0,
-            "chains_started": s.chains_started,
-            "chains_entered": s.chains_entered,
-            "rounds": state.round,  # every batch of proposals, refitting stages included
-            "stages": stages,
-            "budget_exhausted": s.budget_exhausted,
-            "max_proposals": budget,
+            "chains_started": stats.chains_started,
+            "chains_entered": stats.chains_entered,
+            "rounds": timings["rounds"],
+            "stages": stats.stages,
+            "budget_exhausted": stats.budget_exhausted,
+            "max_proposals": timings["max_proposals"],
             "class_label": plan.describe(),
             "proposal": self.proposal_kind,
-            "seconds_generator": state.seconds_generator,
-            "seconds_heads": state.seconds_heads,
-            "seconds_sampler": seconds_sampler,
-            "seconds_total": state.seconds_generator + state.seconds_heads + seconds_sampler,
-            "num_processes": 1,
-            "seconds_wall": seconds_total,
+            "seconds_generator": timings["seconds_generator"],
+            "seconds_heads": timings["seconds_heads"],
+            "seconds_sampler": timings["seconds_sampler"],
+            "seconds_total": timings["seconds_generator"] + timings["seconds_heads"] + timings["seconds_sampler"],
+            "num_processes": runs.num_processes,
+            "seconds_wall": timings["seconds_wall"],
         }
 
-    def _budget_error(
-        self,
-        target: Target,
-        refit: str,
-        num_images: int,
-        budget: int,
-        results: list[SampleResult],
-        plan: _ClassPlan,
-    ) -> BudgetExhaustedError:
-        s = SamplerStats()
-        for r in results:
-            s.add(r.stats)
-            s.chains_started += r.stats.chains_started
-            s.chains_entered += r.stats.chains_entered
-            s.stages += r.stats.stages
-        found = [r for r in results if r.x is not None and r.z.shape[0]]
-        if found:  # every image found so far, over all runs
-            partial = SampleResult(
-                torch.cat([r.z.cpu() for r in found]),
-                torch.cat([r.x.cpu() for r in found]),
-                torch.cat([r.log_w.cpu() for r in found]),
-                torch.cat([r.on_target.cpu() for r in found]),
-                s,
-                found[-1].proposal,
-            )
-        else:
-            partial = SampleResult(torch.zeros(0), None, torch.zeros(0), torch.zeros(0, dtype=torch.bool), s)
-        return self._budget_error_from(target, refit, num_images, budget, s, partial, plan)
-
-    def _budget_error_from(
-        self,
-        target: Target,
-        refit: str,
-        num_images: int,
-        budget: int,
-        s: SamplerStats,
-        partial: SampleResult,
-        plan: _ClassPlan,
-    ) -> BudgetExhaustedError:
-        n_found = int(partial.z.shape[0]) if partial.x is not None else 0
-        s.num_returned = n_found
-        shares = [f"{st.get('on_target', 0)} of {st.get('proposals', 0)}" for st in s.stages]
+    def _budget_error(self, partial, target, config, num_images, budget, plan) -> BudgetExhaustedError:
+        """`sampling.budget_error` with what to try in this pipeline's words."""
         tries = []
-        if refit != "sequential":
-            tries.append(f"refit='sequential' (this call used refit={refit!r}): each stage then adds one literal")
+        if config.refit != "sequential":
+            tries.append(
+                f"refit='sequential' (this call used refit={config.refit!r}): each stage then adds one literal"
+            )
         tries.append(f"a larger budget, e.g. max_proposals={4 * budget}")
         if plan.mode != "fixed":
             tries.append(
                 "a class-conditional proposal (a generator conditioned on one of the target's attributes, with heads "
                 "trained with D_f)"
             )
-        tries.append(f"allow_partial=True to keep the {n_found} image(s) found")
-        stage_text = f"; on-target proposals per refitting stage: {', '.join(shares)}" if shares else ""
-        message = (
-            f"The proposal budget of {budget} ran out after {s.proposals} proposals with {n_found} of {num_images} "
-            f"on-target images for target {str(target)!r} (acceptance rate {s.acceptance_rate:.3g}; "
-            f"{s.chains_entered} of {s.chains_started} chains reached the target{stage_text}). Try "
-            + "; ".join(tries)
-            + ". If no proposal ever reaches the target, check that the generator can produce this combination and "
-            "that the heads recognise it."
-        )
-        return BudgetExhaustedError(message, partial)
+        tries.append(f"allow_partial=True to keep the {partial.num_samples} image(s) found")
+        return budget_error(partial, num_images, budget, target=str(target), tries=tries, unit="images")
+
+    def _postprocess(self, images: torch.Tensor, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        images = (images.float().cpu() / 2 + 0.5).clamp(0, 1)  # (N, C, H, W) in [0, 1]
+        if output_type == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+        return array if output_type == "np" else self.numpy_to_pil(array)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Helpers
 
 
-def _empty_result(prior: StandardNormal) -> SampleResult:
-    """No image and no proposal: a process whose part of the budget was empty."""
-    stats = SamplerStats(budget_exhausted=True)
-    return SampleResult(prior.sample(0), None, torch.zeros(0), torch.zeros(0, dtype=torch.bool), stats)
+class _ProgressCallback:
+    """The sampler's callback: a refitting stage advances ``weigher.phase`` and shows its on-target share; a
+    sampling round moves the bar to the images finished."""
+
+    def __init__(self, bar, weigher: Weigher, offset: int, num_fit_stages: int):
+        self.bar, self.weigher, self.offset, self.num_fit_stages = bar, weigher, offset, num_fit_stages
+
+    def __call__(self, round_: int, info: dict) -> None:
+        if "stage" in info:
+            self.weigher.phase += 1
+            stage = f"{info['stage'] + 1}/{self.num_fit_stages}"
+            self.bar.set_postfix(stage=stage, on_target=f"{info['on_target_share']:.3g}")
+        else:
+            self.bar.n = self.offset + info["done"]
+            self.bar.refresh()
 
 
 class _SilentBar(contextlib.nullcontext):
     """A progress bar that shows nothing (processes other than the main one)."""
 
-    def __init__(self, total: int):
+    def __init__(self):
         super().__init__(self)
-        self.total, self.n = total, 0
+        self.n = 0
 
     def set_postfix(self, *args, **kwargs) -> None:
         pass
 
     def refresh(self) -> None:
         pass
-
-
-def _merge_process_stats(per_process: list[dict], z: torch.Tensor, on_target: torch.Tensor) -> dict:
-    """The statistics of a distributed call: counts and seconds summed over the processes, rates recomputed,
-    ``seconds_wall`` the longest process's time, ``stages`` every process's refitting stages (with ``"process"``)."""
-    out = dict(per_process[0])
-    for key in _SUMMED_STATS:
-        out[key] = sum(p[key] for p in per_process)
-    n = int(z.shape[0])
-    out.update(
-        num_images=n,
-        acceptance_rate=out["accepted"] / out["proposals"] if out["proposals"] else 0.0,
-        proposals_per_image=out["proposals"] / n if n else math.inf,
-        on_target_images=int(on_target.sum()),
-        unique_images=int(torch.unique(z.reshape(n, -1), dim=0).shape[0]) if n else 0,
-        budget_exhausted=any(p["budget_exhausted"] for p in per_process),
-        stages=[{**stage, "process": i} for i, p in enumerate(per_process) for stage in p["stages"]],
-        num_processes=len(per_process),
-        seconds_wall=max(p["seconds_wall"] for p in per_process),
-    )
-    return out
-
-
-def _check_components(heads, gan, unet, scheduler, proposal_pipeline, need_heads: bool = True) -> None:
-    if need_heads and heads is None:
-        raise ValueError(
-            "S2MPipeline needs `heads`: S2MHeads trained for this proposal. Load them with "
-            "`S2MHeads.from_pretrained(DIR)` and pass `heads=...`, or train them with "
-            "`s2m_diffusers.training.train_heads` (`s2m train-heads` on the command line)."
-        )
-    given = [
-        name for name, c in (("gan", gan), ("unet", unet), ("proposal_pipeline", proposal_pipeline)) if c is not None
-    ]
-    if not given:
-        raise ValueError(
-            "S2MPipeline needs a proposal: `gan=` (a GAN generator such as DCGANGenerator), `unet=` with "
-            "`scheduler=` (a diffusion model, run as DDIM), or `proposal_pipeline=` (any diffusers pipeline that "
-            "accepts `latents=`). To wrap a loaded pipeline: `S2MPipeline.from_pipe(pipe, heads=heads)`."
-        )
-    if len(given) > 1:
-        raise ValueError(f"S2MPipeline takes exactly one proposal, got {given}. Keep one of them.")
-    if unet is not None and scheduler is None:
-        raise ValueError("`unet=` needs the `scheduler=` it was trained with (any diffusers noise scheduler).")
-    if scheduler is not None and unet is None:
-        raise ValueError("`scheduler=` belongs to a `unet=` proposal; a `gan` or `proposal_pipeline` takes none.")
-
-
-def _first_present_attribute(target: Target) -> int | None:
-    """The first attribute the target requires at its top level, in the order written (`target.stages()[0]`)."""
-    expression = target.expression
-    children = expression.children if isinstance(expression, And) else (expression,)
-    for child in children:
-        if isinstance(child, Attr):
-            return child.index
-    return None
-
-
-def _generator_list(generator, num_images: int) -> list[torch.Generator | None]:
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != num_images:
-            raise ValueError(
-                f"You passed a list of {len(generator)} generators but requested {num_images} images. Pass one "
-                "generator per image (image i is then a function of generator[i] alone), or a single generator."
-            )
-        if not all(isinstance(g, torch.Generator) for g in generator):
-            raise ValueError("Every entry of the generator list must be a torch.Generator.")
-        return list(generator)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}.")
-    return [generator]
-
-
-def _move_into_place(source: str, destination: str) -> None:
-    """Move a freshly written folder to ``destination``: by one rename when it is new or empty, else entry by entry
-    (replacing entries of the same name, leaving others), with `model_index.json` last."""
-    if not os.path.exists(destination) or (os.path.isdir(destination) and not os.listdir(destination)):
-        if os.path.isdir(destination):
-            os.rmdir(destination)
-        os.replace(source, destination)
-        return
-    if not os.path.isdir(destination):
-        raise ValueError(f"save_directory {destination!r} exists and is not a folder.")
-    entries = sorted(os.listdir(source), key=lambda name: name == "model_index.json")
-    for name in entries:
-        src, dst = os.path.join(source, name), os.path.join(destination, name)
-        if os.path.isdir(dst) and not os.path.islink(dst):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=destination)
-            os.replace(dst, os.path.join(old, name))
-            os.replace(src, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(src, dst)

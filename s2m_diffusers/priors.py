@@ -43,19 +43,7 @@ def estimate_log_gamma(dr_log_probs: torch.Tensor, min_prob: float = 0.15) -> tu
                 row[b], row[a] = 1.0, -1.0
                 rows.append(row.expand(count, n))
                 targets.append(log_p[both, a] - log_p[both, b])  # = log gamma_b - log gamma_a
-    # Connected groups of attributes: each group's level is free, fix it by a zero mean.
-    group = list(range(n))
-
-    def root(i: int) -> int:
-        while group[i] != i:
-            i = group[i]
-        return i
-
-    for a in range(n):
-        for b in range(a + 1, n):
-            if pair_counts[a, b] > 0:
-                group[root(a)] = root(b)
-    roots = [root(i) for i in range(n)]
+    roots = _connected_roots(pair_counts)  # each connected group's level is free: fixed below by a zero mean
     identified = [bool((pair_counts[i] > 0).any()) for i in range(n)]
     log_gamma = torch.zeros(n, dtype=torch.float64)
     residual_rms = float("nan")
@@ -78,6 +66,23 @@ def estimate_log_gamma(dr_log_probs: torch.Tensor, min_prob: float = 0.15) -> tu
         "min_prob": min_prob,
     }
     return log_gamma.float(), report
+
+
+def _connected_roots(pair_counts: torch.Tensor) -> list[int]:
+    """For each attribute, a representative of its connected group (attributes linked by shared images)."""
+    n = len(pair_counts)
+    group = list(range(n))
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for a in range(n):
+        for b in range(a + 1, n):
+            if pair_counts[a, b] > 0:
+                group[root(a)] = root(b)
+    return [root(i) for i in range(n)]
 
 
 def priors_from_log_gamma(log_gamma: torch.Tensor, label_counts: Sequence[int]) -> list[float]:

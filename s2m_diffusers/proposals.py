@@ -12,8 +12,8 @@ an image, and ``z`` is *all* the randomness of one sample. Each adapter wraps on
 
 Every adapter offers the same methods:
 
-- ``latent_shape``: the shape of one latent; ``prior()``: the latent prior ``p_z = N(0, I)`` as a
-  [`~s2m_diffusers.refit.StandardNormal`]; ``log_prob(z)``: ``log p_z(z)``, the latent log-density.
+- ``latent_shape``: the shape of one latent; ``p_z()``: the latent prior ``p_z = N(0, I)`` as a
+  [`~s2m_diffusers.densities.StandardNormal`]; ``log_prob(z)``: ``log p_z(z)``, the latent log-density.
 - ``generate(latents, class_labels=None, output_device=None)``: the deterministic map, run in micro-batches of
   ``micro_batch_size`` latents (the memory setting: peak memory grows with it, the result does not depend on it);
   ``output_device="cpu"`` moves each micro-batch's images off the accelerator as soon as they are made.
@@ -34,17 +34,23 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .refit import StandardNormal
+from .densities import StandardNormal
+from .utils import module_device_dtype
 
 __all__ = [
     "ProposalSample",
     "ProposalAdapter",
+    "ClassPlan",
+    "check_components",
+    "make_proposal",
+    "describe_proposal",
     "DDIMProposal",
     "PipelineProposal",
     "GeneratorProposal",
@@ -94,12 +100,6 @@ def _check_micro_batch_size(value: int) -> int:
     return value
 
 
-def _module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for p in module.parameters():
-        return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
-
-
 def execution_device(module: nn.Module) -> torch.device:
     """The device a module computes on: its offloading hook's execution device when it is CPU-offloaded (diffusers'
     `enable_model_cpu_offload` keeps the weights on the CPU and moves them there for each call), else the device of
@@ -108,7 +108,7 @@ def execution_device(module: nn.Module) -> torch.device:
         device = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
         if device is not None:
             return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
-    return _module_device_dtype(module)[0]
+    return module_device_dtype(module)[0]
 
 
 class ProposalAdapter:
@@ -159,13 +159,13 @@ class ProposalAdapter:
     def is_conditional(self) -> bool:
         return self.num_classes is not None
 
-    def prior(self) -> StandardNormal:
+    def p_z(self) -> StandardNormal:
         """The latent prior ``p_z = N(0, I)`` over ``latent_shape``."""
         return StandardNormal(self.latent_shape)
 
     def log_prob(self, latents: torch.Tensor) -> torch.Tensor:
         """``log p_z(z)`` `(n,)`: the latents' log-density under the standard normal prior."""
-        return self.prior().log_prob(latents)
+        return self.p_z().log_prob(latents)
 
     def _check_labels(self, class_labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
         if self.num_classes is None:
@@ -250,7 +250,7 @@ class ProposalAdapter:
         class_labels: torch.Tensor | None = None,
         output_device: torch.device | str | None = None,
     ) -> ProposalSample:
-        latents = self.prior().sample(n, generator=generator)
+        latents = self.p_z().sample(n, generator=generator)
         if class_labels is None:
             class_labels = self.draw_class_labels(n, generator)
         images = self.generate(latents, class_labels, output_device=output_device)
@@ -347,7 +347,7 @@ class DDIMProposal(ProposalAdapter):
         return [self.unet]
 
     def _generate(self, latents: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        device, dtype = execution_device(self.unet), _module_device_dtype(self.unet)[1]
+        device, dtype = execution_device(self.unet), module_device_dtype(self.unet)[1]
         x = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma  # (B, C, H, W)
         labels = None if class_labels is None else class_labels.to(device)
         channels = x.shape[1]
@@ -499,7 +499,7 @@ class PipelineProposal(ProposalAdapter):
         Raises:
             ValueError: naming the scheduler and the fix.
         """
-        z = self.prior().sample(1, generator=torch.Generator().manual_seed(0))
+        z = self.p_z().sample(1, generator=torch.Generator().manual_seed(0))
         a, b = self.generate(z), self.generate(z)
         if not torch.allclose(a, b, atol=atol):
             scheduler = type(getattr(self.pipeline, "scheduler", None)).__name__
@@ -591,7 +591,7 @@ class GeneratorProposal(ProposalAdapter):
         return [self.model]
 
     def _generate(self, latents: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        device, dtype = execution_device(self.model), _module_device_dtype(self.model)[1]
+        device, dtype = execution_device(self.model), module_device_dtype(self.model)[1]
         z = latents.to(device=device, dtype=dtype)
         if class_labels is None:
             out = self.model(z)
@@ -603,6 +603,191 @@ class GeneratorProposal(ProposalAdapter):
         return images.float()
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# The class of a class-conditional proposal
+
+
+@dataclass
+class ClassPlan:
+    """How a class-conditional proposal's class is chosen for one call (`S2MSamplingConfig.class_label`, spec §4).
+
+    ``mode``: ``"none"`` (unconditional proposal), ``"fixed"`` (every sample is generated with class ``index``;
+    ``log w`` gets the ``D_f`` correction ``- log D_f(c|x) + log p_G(c)``) or ``"marginal"`` (the class is drawn from
+    ``p_G(c)`` by one extra standard-normal latent coordinate ``u``: ``c = F^-1(Phi(u))``; the proposal is then the
+    generator's marginal ``p_G(x)``, which ``D_v`` was trained against, and needs no ``D_f``).
+    """
+
+    mode: str = "none"
+    index: int | None = None
+    log_probs: torch.Tensor | None = None  # log p_G(c), (n,)
+    names: tuple[str, ...] = ()
+
+    @classmethod
+    def choose(cls, target, proposal: ProposalAdapter, heads_config, class_label, proposal_name: str) -> ClassPlan:
+        """The plan for ``target`` (a `Target`) with this proposal and heads.
+
+        Args:
+            class_label (`int`, `str` or `None`): ``"auto"`` (``target.first_present`` when the heads have ``D_f``,
+                else drawn), `None` (drawn), or an attribute name or index (fixed; needs ``D_f``).
+            proposal_name (`str`): the generator's class name, for error messages.
+        """
+        names = tuple(heads_config.attribute_names)
+        if not proposal.is_conditional:
+            if class_label not in (None, "auto"):
+                raise ValueError(
+                    f"class_label={class_label!r} was given, but the proposal ({proposal_name}) is unconditional. "
+                    "Leave class_label='auto', or use a class-conditional generator."
+                )
+            return cls()
+        if proposal.num_classes != len(names):
+            raise ValueError(
+                f"The class-conditional proposal has {proposal.num_classes} classes, but the heads know "
+                f"{len(names)} attributes {list(names)}. S2M's classes are the attributes: train the generator with "
+                "one class per attribute (class i = attribute i), or use an unconditional proposal."
+            )
+        probs = getattr(heads_config, "proposal_class_probs", None) or [1.0] * len(names)
+        probs = torch.tensor(probs, dtype=torch.float64)
+        log_probs = (probs / probs.sum()).log()
+        has_df = bool(getattr(heads_config, "conditional", False))
+        if class_label is None or (class_label == "auto" and (target.first_present is None or not has_df)):
+            return cls("marginal", None, log_probs, names)
+        index = target.first_present if class_label == "auto" else _class_index(class_label, names)
+        if not has_df:
+            raise ValueError(
+                f"Generating every sample with class {names[index]!r} needs the D_f head to correct for it (spec §4), "
+                "and these heads have none (conditional=False). Train heads with a class-conditional proposal "
+                "(they then get D_f), or pass class_label=None to draw the class from p_G(c) with the latent."
+            )
+        return cls("fixed", index, log_probs, names)
+
+    def latent_shape(self, generator_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The sampler's latent shape: the generator's, plus one coordinate when the class is drawn."""
+        return (math.prod(generator_shape) + 1,) if self.mode == "marginal" else generator_shape
+
+    def split(self, z: torch.Tensor, generator_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sampler latents -> (generator latents, class labels or None)."""
+        if self.mode == "none":
+            return z, None
+        if self.mode == "fixed":
+            return z, torch.full((z.shape[0],), self.index, dtype=torch.long)
+        flat = z.reshape(z.shape[0], -1)
+        cdf = self.log_probs.exp().cumsum(0)[:-1].to(flat.device, torch.float64)  # (n - 1,)
+        labels = torch.searchsorted(cdf, standard_normal_cdf(flat[:, -1].double()), right=True)
+        return flat[:, :-1].reshape(z.shape[0], *generator_shape), labels.cpu()
+
+    @property
+    def log_pg_class(self) -> float | None:
+        """``log p_G(c)`` of the fixed class (the ``D_f`` correction), else `None`."""
+        return float(self.log_probs[self.index]) if self.mode == "fixed" else None
+
+    def describe(self) -> str | None:
+        if self.mode == "fixed":
+            return self.names[self.index]
+        return "drawn from p_G(c)" if self.mode == "marginal" else None
+
+
+def _class_index(class_label: int | str, names: tuple[str, ...]) -> int:
+    if isinstance(class_label, str):
+        if class_label not in names:
+            raise ValueError(f"class_label={class_label!r} is not one of the attributes {list(names)}.")
+        return names.index(class_label)
+    if isinstance(class_label, int) and not isinstance(class_label, bool) and 0 <= class_label < len(names):
+        return int(class_label)
+    raise ValueError(
+        f"class_label must be 'auto', None, an attribute name or 0..{len(names) - 1}; got {class_label!r}."
+    )
+
+
 def standard_normal_cdf(u: torch.Tensor) -> torch.Tensor:
     """``Phi(u)``, the standard normal CDF (used to turn one latent coordinate into a class draw)."""
     return 0.5 * (1.0 + torch.erf(u / math.sqrt(2.0)))
+
+
+def check_components(heads, gan, unet, scheduler, proposal_pipeline, need_heads: bool = True) -> None:
+    if need_heads and heads is None:
+        raise ValueError(
+            "S2MPipeline needs `heads`: S2MHeads trained for this proposal. Load them with "
+            "`S2MHeads.from_pretrained(DIR)` and pass `heads=...`, or train them with "
+            "`s2m_diffusers.training.train_heads` (`s2m train-heads` on the command line)."
+        )
+    given = [
+        name for name, c in (("gan", gan), ("unet", unet), ("proposal_pipeline", proposal_pipeline)) if c is not None
+    ]
+    if not given:
+        raise ValueError(
+            "S2MPipeline needs a proposal: `gan=` (a GAN generator such as DCGANGenerator), `unet=` with "
+            "`scheduler=` (a diffusion model, run as DDIM), or `proposal_pipeline=` (any diffusers pipeline that "
+            "accepts `latents=`). To wrap a loaded pipeline: `S2MPipeline.from_pipe(pipe, heads=heads)`."
+        )
+    if len(given) > 1:
+        raise ValueError(f"S2MPipeline takes exactly one proposal, got {given}. Keep one of them.")
+    if unet is not None and scheduler is None:
+        raise ValueError("`unet=` needs the `scheduler=` it was trained with (any diffusers noise scheduler).")
+    if scheduler is not None and unet is None:
+        raise ValueError("`scheduler=` belongs to a `unet=` proposal; a `gan` or `proposal_pipeline` takes none.")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The adapter of an S2M pipeline's components
+
+_COMPONENTS = ("heads", "gan", "unet", "scheduler", "proposal_pipeline")
+
+
+def make_proposal(
+    components: dict, config, micro_batch_size: int = 64, num_inference_steps: int | None = None
+) -> ProposalAdapter:
+    """The adapter of an S2M pipeline's generator: ``components`` (``heads``, ``gan``, ``unet``, ``scheduler``,
+    ``proposal_pipeline``) and its config (``latent_shape``, ``num_inference_steps``, ``proposal_kwargs``).
+
+    Args:
+        micro_batch_size (`int`, defaults to 64): latents per generator call.
+        num_inference_steps (`int`, *optional*): overrides ``config.num_inference_steps``.
+    """
+    heads, gan, unet, scheduler, pipeline = (components.get(k) for k in _COMPONENTS)
+    check_components(heads, gan, unet, scheduler, pipeline, need_heads=False)
+    class_probs = getattr(getattr(heads, "config", None), "proposal_class_probs", None)
+    latent_shape = config.latent_shape
+    if gan is not None:
+        num_classes = getattr(gan.config, "num_classes", None) if hasattr(gan, "config") else None
+        if class_probs is not None and num_classes is not None and len(class_probs) != num_classes:
+            class_probs = None  # checked with a teaching error in ClassPlan.choose
+        return GeneratorProposal(gan, latent_shape, micro_batch_size, class_probs=class_probs)
+    steps = num_inference_steps or config.num_inference_steps
+    if unet is not None:
+        num_classes = getattr(unet.config, "num_class_embeds", None)
+        if class_probs is not None and num_classes is not None and len(class_probs) != num_classes:
+            class_probs = None
+        return DDIMProposal(unet, scheduler, steps, micro_batch_size, class_probs=class_probs)
+    kwargs = dict(config.proposal_kwargs or {})
+    takes_steps = "num_inference_steps" in inspect.signature(pipeline.__call__).parameters
+    if num_inference_steps is not None or (takes_steps and "num_inference_steps" not in kwargs):
+        kwargs["num_inference_steps"] = steps
+    return PipelineProposal(pipeline, latent_shape, kwargs, micro_batch_size=micro_batch_size)
+
+
+def describe_proposal(components: dict, config) -> dict:
+    """A summary of an S2M pipeline's proposal for the model card and the statistics (see [`make_proposal`])."""
+    _, gan, unet, scheduler, pipe = (components.get(k) for k in _COMPONENTS)
+    if gan is not None:
+        out = {"kind": "GAN generator", "class": type(gan).__name__}
+        gan_config = getattr(gan, "config", None)
+        for key in ("latent_dim", "sample_size", "out_channels", "num_classes"):
+            if getattr(gan_config, key, None) is not None:
+                out[key] = getattr(gan_config, key)
+    elif unet is not None:
+        out = {
+            "kind": "diffusion UNet run as DDIM (eta = 0) from its initial noise",
+            "class": type(unet).__name__,
+            "scheduler": type(scheduler).__name__,
+            "num_inference_steps": config.num_inference_steps,
+        }
+    else:
+        out = {"kind": "diffusers pipeline called with latents=", "class": type(pipe).__name__}
+        if config.proposal_kwargs:
+            out["proposal_kwargs"] = dict(config.proposal_kwargs)
+        name = getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", None)
+        if isinstance(name, str) and name.count("/") == 1 and not os.path.exists(name):
+            out["base_model"] = name
+    if config.latent_shape:
+        out["latent_shape"] = list(config.latent_shape)
+    return out

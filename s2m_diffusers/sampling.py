@@ -5,8 +5,9 @@ The sampler never sees a model. It is given
 - ``evaluate(z) -> (x, log_w)``: runs the generator on latents ``z`` (B, ...) and returns the samples ``x``
   (a tensor with batch dimension first) and their log weights ``log w(x) = log p_T(x) / p_G(x)`` up to a
   constant (B,), ``-inf`` off target;
-- a latent density ``q`` (``refit.StandardNormal`` or ``refit.LowRankGaussianMixture``) with ``sample(n,
-  generator)`` and ``log_prior_ratio(z) = log p_z(z) - log q(z)``.
+- a latent density ``q`` (``densities.StandardNormal``, i.e. ``p_z`` itself, or a refitted
+  ``densities.LowRankGaussianMixture``) with ``sample(n, generator)`` and
+  ``log_prior_ratio(z) = log p_z(z) - log q(z)``.
 
 The chain state is ``(z, x, log_w)``. The chain targets ``pi(z) ∝ p_z(z) w(G(z))``, whose push-forward
 through the generator is exactly ``p_T`` (spec §4), and accepts a proposal ``z'`` drawn from ``q`` against
@@ -26,11 +27,14 @@ Three entry points:
   IMH steps started from ``q`` restricted to the target, whatever the entry time, so chains can finish at
   different rounds without bias. A pool of at most ``num_chains`` chains runs side by side.
 - [`sample_s2m`]: ours with latent refitting: fit ``q`` to on-target latents, stage by stage (one more
-  literal of the target each stage), then [`sample_imh`] with the last fit.
+  literal of the target each stage; [`fit_stage`]), then [`sample_imh`] with the last fit.
+
+Its settings are one dataclass, [`S2MSamplingConfig`]; the acceptance itself is `s2m_diffusers.maths.imh_accept`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -39,22 +43,152 @@ from typing import Any
 
 import torch
 
-from .refit import LowRankGaussianMixture, StandardNormal
+from .densities import LowRankGaussianMixture, StandardNormal
+from .maths import fit_exponent, imh_accept, importance_resample
 
 __all__ = [
+    "REFIT_MODES",
+    "S2MSamplingConfig",
     "ChainState",
     "SamplerStats",
     "SampleResult",
     "BudgetExhaustedError",
-    "imh_accept",
-    "importance_resample",
+    "budget_error",
     "sample_official",
     "sample_imh",
+    "fit_stage",
     "sample_s2m",
 ]
 
 Evaluate = Callable[[torch.Tensor], tuple[Any, torch.Tensor]]
 Callback = Callable[[int, dict], None]
+
+REFIT_MODES = ("off", "once", "sequential")
+# Refitting resamples its fit data with tempered importance ratios that keep this share of the on-target latents as
+# effective sample size (`fit_exponent`): untempered, real heads' heavy-tailed ratios collapsed fits onto 2-3 latents.
+FIT_MIN_ESS = 0.25
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class S2MSamplingConfig:
+    """Every setting of an S2M sampling call, each default in one place (spec §3-6).
+
+    Pass one to `S2MPipeline.__call__` (``sampling=``) or to [`sample_s2m`] (``config=``), or name single fields as
+    keyword arguments there (``pipe("a & ~b", refit="off")``); `replace` gives a changed copy.
+
+    How the target is read from the heads (spec §3):
+
+    - ``negation_margin`` (`float`, *optional*): ``lambda >= 1``; a forbidden attribute must stay below ``1/lambda``
+      of the image's strongest. `None`: the heads' own (``S2MHeads.config.negation_margin``, by default
+      `s2m_diffusers.maths.DEFAULT_NEGATION_MARGIN`). 1 is the paper's formula.
+    - ``presence_margin`` (`float`, defaults to 0.0): ``kappa`` in [0, 1]; a required attribute counts only where
+      it comes within ``kappa`` of the strongest. Exact heads are unchanged by it; 0 is the paper's formula.
+    - ``dr_temperature`` (`float`, `"auto"` or `None`): read ``D_r`` as ``softmax(log D_r / T)``
+      (`s2m_diffusers.maths.temper_dr`; exact heads are unchanged). `None` = 1; ``"auto"`` sharpens pure
+      conjunctions of two or more attributes (`s2m_diffusers.maths.auto_dr_temperature`). Every refitting stage
+      uses the full target's value.
+    - ``priors`` (`tuple[float, ...]`, *optional*): the attribute priors ``pi_c``; `None`: the heads' (or
+      ``p_data``).
+    - ``class_label`` (`int`, `str` or `None`, defaults to `"auto"`): for a class-conditional proposal, the class
+      every sample is generated with (with the ``D_f`` correction). ``"auto"``: the first attribute the target
+      requires at its top level when the heads have ``D_f``, else the class is drawn from ``p_G(c)`` by one extra
+      latent coordinate (no ``D_f`` needed); `None` always draws it.
+
+    The sampler (spec §5-6):
+
+    - ``refit`` (`str`, defaults to `"sequential"`): latent refitting; ``"sequential"`` fits ``q`` one literal of
+      the target at a time (``a``, then ``a & b``, ...), ``"once"`` on the full target, ``"off"`` proposes from
+      ``p_z``.
+    - ``steps_after_entry`` (`int`, defaults to 5): MH steps each chain takes after it first reaches the target.
+    - ``mixing_tolerance`` (`float`, *optional*): also take enough steps that the bound ``(1 - 1/W)^T`` falls below
+      it (see [`sample_imh`]).
+    - ``max_steps_after_entry`` (`int`, defaults to 200): cap on those steps (the official recipe's 200).
+    - ``num_chains`` (`int`, *optional*): chains side by side; the pipeline's default is ``min(images, 256)``.
+    - ``fit_size`` (`int`, defaults to 256): on-target latents per refitting stage.
+    - ``fit_batch`` (`int`, *optional*): proposals per round while collecting them (defaults to ``fit_size``).
+    - ``rank`` (`int`, defaults to 32), ``n_components`` (defaults to ``(1, 2, 4, 8)``), ``defensive`` (defaults to
+      0.1), ``covariance_scale`` (defaults to 2.0): the refitted density, see
+      `s2m_diffusers.densities.LowRankGaussianMixture.fit`. ``covariance_scale=2.0`` (a proposal wider than the fit)
+      was chosen on the analytic problem: with 1.0 the fit sometimes missed part of the target.
+    """
+
+    negation_margin: float | None = None
+    presence_margin: float = 0.0
+    dr_temperature: float | str | None = None
+    priors: tuple[float, ...] | None = None
+    class_label: int | str | None = "auto"
+    refit: str = "sequential"
+    steps_after_entry: int = 5
+    mixing_tolerance: float | None = None
+    max_steps_after_entry: int = 200
+    num_chains: int | None = None
+    fit_size: int = 256
+    fit_batch: int | None = None
+    rank: int = 32
+    n_components: int | tuple[int, ...] = (1, 2, 4, 8)
+    defensive: float = 0.1
+    covariance_scale: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.refit not in REFIT_MODES:
+            raise ValueError(
+                f"refit must be one of {list(REFIT_MODES)}, got {self.refit!r}: 'sequential' refits one literal of "
+                "the target at a time (the default), 'once' on the full target, 'off' samples from the prior."
+            )
+        if not isinstance(self.steps_after_entry, int) or self.steps_after_entry < 0:
+            raise ValueError(f"steps_after_entry must be a non-negative integer, got {self.steps_after_entry!r}.")
+        if self.mixing_tolerance is not None and not 0 < self.mixing_tolerance < 1:
+            raise ValueError(f"mixing_tolerance must be in (0, 1) or None, got {self.mixing_tolerance!r}.")
+        for name in ("fit_size", "max_steps_after_entry", "num_chains", "fit_batch"):
+            _check_positive(name, getattr(self, name), allow_none=name in ("num_chains", "fit_batch"))
+        if self.negation_margin is not None and not self.negation_margin >= 1.0:
+            raise ValueError(f"negation_margin must be >= 1 (1 is the paper's formula), got {self.negation_margin}.")
+        if not 0.0 <= self.presence_margin <= 1.0:
+            raise ValueError(
+                f"presence_margin must lie in [0, 1] (0 is the paper's formula), got {self.presence_margin}."
+            )
+        t = self.dr_temperature
+        if not (t is None or t == "auto" or (isinstance(t, int | float) and not isinstance(t, bool) and t > 0)):
+            raise ValueError(
+                f"dr_temperature must be None, 'auto' or a positive number, got {t!r}; 1.0 (or None) reads the "
+                "calibrated heads as they are."
+            )
+        if self.priors is not None:
+            object.__setattr__(self, "priors", tuple(float(p) for p in self.priors))
+
+    def replace(self, **overrides: Any) -> S2MSamplingConfig:
+        """A copy with some fields changed; an unknown name is an error that lists the fields."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"Unknown sampling setting(s) {unknown}; S2MSamplingConfig has {sorted(names)}.")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items()})
+
+    @classmethod
+    def resolve(cls, config: S2MSamplingConfig | dict | None = None, **overrides: Any) -> S2MSamplingConfig:
+        """``config`` (an instance, a dict of fields, or `None` for the defaults) with ``overrides`` applied.
+
+        An override of `None` keeps the config's value (so that callers can pass optional settings through), except
+        for ``class_label``, where `None` means "draw the class"."""
+        if isinstance(config, dict):
+            config = cls().replace(**config)
+        elif config is None:
+            config = cls()
+        elif not isinstance(config, cls):
+            raise TypeError(f"sampling must be an S2MSamplingConfig or a dict of its fields, got {type(config)}.")
+        return config.replace(**{k: v for k, v in overrides.items() if v is not None or k == "class_label"})
+
+    def num_fit_stages(self, num_target_stages: int) -> int:
+        """Refitting stages before the final sampling, for a target of ``num_target_stages`` stages."""
+        return {"off": 0, "once": 1, "sequential": num_target_stages}[self.refit]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results and statistics
 
 
 @dataclass
@@ -82,34 +216,26 @@ class SamplerStats:
     def proposals_per_sample(self) -> float:
         return self.proposals / self.num_returned if self.num_returned else math.inf
 
-    @property
-    def entered_share(self) -> float:
-        """Share of started chains that ever reached the target."""
-        return self.chains_entered / self.chains_started if self.chains_started else 0.0
-
-    @property
-    def seconds_bookkeeping(self) -> float:
-        return max(0.0, self.seconds_total - self.seconds_evaluate)
-
-    def add(self, other: SamplerStats) -> None:
-        """Accumulate another call's counts and times (for multi-stage runs)."""
-        for name in ("proposals", "accepted", "rounds", "seconds_evaluate", "seconds_total"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-    def to_dict(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items()}
-        out.update(
-            acceptance_rate=self.acceptance_rate,
-            proposals_per_sample=self.proposals_per_sample,
-            entered_share=self.entered_share,
-            seconds_bookkeeping=self.seconds_bookkeeping,
-        )
+    @classmethod
+    def merge(cls, parts: Sequence[SamplerStats], label: str | None = None) -> SamplerStats:
+        """The statistics of several runs (refitting stages and final sampling, one run per generator, one per
+        process) as one: counts and seconds summed, stages concatenated (tagged ``{label: i}`` when given and
+        there is more than one part), ``budget_exhausted`` if any part ran out."""
+        out = cls()
+        for name in (f.name for f in dataclasses.fields(cls)):
+            if name == "stages":
+                tag = label is not None and len(parts) > 1
+                out.stages = [{**s, label: i} if tag else dict(s) for i, p in enumerate(parts) for s in p.stages]
+            elif name == "budget_exhausted":
+                out.budget_exhausted = any(p.budget_exhausted for p in parts)
+            else:
+                setattr(out, name, sum(getattr(p, name) for p in parts))
         return out
 
 
 @dataclass
 class ChainState:
-    """A batch of chain states. ``log_ratio = log w + log p_z - log q`` under the proposal in use."""
+    """A batch of chain states. ``log_ratio = log w + log p_z - log q`` under the density ``q`` in use."""
 
     z: torch.Tensor  # (B, *latent_shape)
     x: Any  # (B, ...) samples
@@ -126,7 +252,30 @@ class SampleResult:
     log_w: torch.Tensor
     on_target: torch.Tensor  # (N,) bool
     stats: SamplerStats
-    proposal: Any = None  # the latent density used in the final stage
+    q: Any = None  # the latent density of the final stage
+
+    @classmethod
+    def empty(cls, stats: SamplerStats | None = None) -> SampleResult:
+        """No sample (a budget spent before any chain finished); ``x`` is `None`."""
+        stats = stats if stats is not None else SamplerStats()
+        return cls(torch.zeros(0), None, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool), stats)
+
+    @property
+    def num_samples(self) -> int:
+        return 0 if self.x is None else int(self.z.shape[0])
+
+    @classmethod
+    def concat(cls, results: Sequence[SampleResult], label: str | None = "run") -> SampleResult:
+        """Several runs' samples in order, on the CPU, with merged statistics ([`SamplerStats.merge`])."""
+        stats = SamplerStats.merge([r.stats for r in results], label)
+        found = [r for r in results if r.num_samples]
+        if not found:
+            return cls.empty(stats)
+        return cls(
+            *(torch.cat([getattr(r, name).cpu() for r in found]) for name in ("z", "x", "log_w", "on_target")),
+            stats,
+            found[-1].q,
+        )
 
 
 class BudgetExhaustedError(RuntimeError):
@@ -140,28 +289,50 @@ class BudgetExhaustedError(RuntimeError):
         self.result = result
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Pure pieces
+def budget_error(
+    result: SampleResult,
+    num_requested: int,
+    budget: int | None,
+    target: str | None = None,
+    tries: Sequence[str] | None = None,
+    unit: str = "samples",
+) -> BudgetExhaustedError:
+    """The one budget-exhausted error: how far the sampler got (proposals, samples found, acceptance, chains that
+    reached the target, each refitting stage's on-target proposals) and what to try.
 
-
-def imh_accept(
-    log_ratio_current: torch.Tensor, log_ratio_proposed: torch.Tensor, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Per-chain independent-MH acceptance: one uniform per chain, in log space.
-
-    ``log alpha = log_ratio_proposed - log_ratio_current``. A chain at weight 0 (``-inf``) accepts any proposal
-    of finite weight; a proposal of weight 0 is never accepted.
-
-    Returns:
-        `torch.Tensor` of shape `(B,)`, bool.
+    Args:
+        result ([`SampleResult`]): what was found, with its statistics.
+        num_requested (`int`): samples asked for.
+        budget (`int`, *optional*): the proposal budget.
+        target (`str`, *optional*): the target, named in the message.
+        tries (`Sequence[str]`, *optional*): what to try, in the words of the interface the user called; by default
+            the sampler's own arguments.
     """
-    device = generator.device if generator is not None else log_ratio_current.device
-    u = torch.rand(log_ratio_current.shape, generator=generator, device=device).to(log_ratio_current.device)
-    finite_new = torch.isfinite(log_ratio_proposed)
-    empty = ~torch.isfinite(log_ratio_current)
-    log_alpha = torch.where(empty, torch.zeros_like(log_ratio_proposed), log_ratio_proposed - log_ratio_current)
-    log_alpha = torch.where(finite_new, log_alpha, torch.full_like(log_alpha, -math.inf))
-    return torch.log(u) < log_alpha
+    s = result.stats
+    n_found = result.num_samples
+    if tries is None:
+        tries = ["refitting the latent density (refit='sequential')", "a larger max_proposals"]
+        tries.append(f"allow_partial=True to keep the {n_found} {unit} found")
+    fits = [st for st in s.stages if "on_target" in st]
+    progress = [f"acceptance rate {s.acceptance_rate:.3g}"]
+    if s.chains_started:
+        progress.append(f"{s.chains_entered} of {s.chains_started} chains reached the target")
+    if fits:
+        shares = ", ".join(f"{st['on_target']} of {st['proposals']}" for st in fits)
+        progress.append(f"on-target proposals per refitting stage: {shares}")
+    if not s.chains_started and fits:
+        progress.append("the refitting stages spent the whole budget before sampling began")
+    for_target = f" for target {target!r}" if target else ""
+    message = (
+        f"The proposal budget of {budget} ran out after {s.proposals} proposals with {n_found} of {num_requested} "
+        f"on-target {unit}{for_target} ({'; '.join(progress)}). Try " + "; ".join(tries) + ". If no proposal ever "
+        "reaches the target, check that the generator can produce this combination and that the heads recognise it."
+    )
+    return BudgetExhaustedError(message, result)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces
 
 
 def _select(mask: torch.Tensor, new: Any, old: Any) -> Any:
@@ -170,90 +341,37 @@ def _select(mask: torch.Tensor, new: Any, old: Any) -> Any:
     return torch.where(m, new, old)
 
 
-def importance_resample(
-    log_weights: torch.Tensor, n: int, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, float]:
-    """Multinomial resampling proportional to ``exp(log_weights)``.
-
-    Returns:
-        indices `(n,)` and the effective sample size ``(sum w)^2 / sum w^2`` of the weights.
-    """
-    finite = torch.isfinite(log_weights)
-    if not finite.any():
-        raise ValueError("No finite weight to resample from: no proposal reached the target.")
-    lw = torch.where(finite, log_weights, torch.full_like(log_weights, -math.inf)).double()
-    p = torch.softmax(lw, 0)
-    ess = float(1.0 / p.pow(2).sum())
-    gen_device = generator.device if generator is not None else "cpu"
-    idx = torch.multinomial(p.to(gen_device), n, replacement=True, generator=generator)
-    return idx.to(log_weights.device), ess
-
-
-def fit_exponent(log_weights: torch.Tensor, min_ess: float, iterations: int = 40) -> float:
-    """The largest ``beta`` in [0, 1] whose tempered weights ``w^beta`` keep an effective sample size of ``min_ess``.
-
-    Refitting resamples the on-target latents in proportion to their importance ratios. When those ratios are
-    heavy-tailed (real ``D_v`` heads), a handful of latents take all the mass and the fit collapses onto them
-    (an effective sample size of 2-3 out of 128 was seen on Digits-7to3, and the refitted proposal then left the
-    target). Tempering the ratios, as adaptive sequential Monte Carlo does, keeps the fit broad; the fit only shapes
-    the proposal, and the final independent Metropolis-Hastings stage corrects for it exactly whatever ``beta`` is.
-
-    Args:
-        log_weights (`torch.Tensor` of shape `(n,)`): log importance ratios, ``-inf`` off target.
-        min_ess (`float`): the effective sample size to keep (at most the number of finite weights).
-        iterations (`int`, defaults to 40): bisection steps.
-
-    Returns:
-        `float`: ``beta``; 1.0 when the untempered weights already keep ``min_ess``.
-    """
-    lw = log_weights[torch.isfinite(log_weights)].double()
-    if len(lw) == 0:
-        raise ValueError("No finite weight: no proposal reached the target.")
-    min_ess = min(float(min_ess), float(len(lw)))
-
-    def ess(beta: float) -> float:
-        return float(1.0 / torch.softmax(beta * lw, 0).pow(2).sum())
-
-    if ess(1.0) >= min_ess:
-        return 1.0
-    lo, hi = 0.0, 1.0  # ess(lo) >= min_ess > ess(hi)
-    for _ in range(iterations):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if ess(mid) >= min_ess else (lo, mid)
-    return lo
-
-
-def _propose(evaluate: Evaluate, proposal, n: int, generator, stats: SamplerStats) -> ChainState:
-    z = proposal.sample(n, generator=generator)
+def _propose(evaluate: Evaluate, q, n: int, generator, stats: SamplerStats) -> ChainState:
+    """Draw ``n`` latents from ``q``, run ``evaluate`` on them, and give their chain states."""
+    z = q.sample(n, generator=generator)
     t0 = time.perf_counter()
     x, log_w = evaluate(z)
     stats.seconds_evaluate += time.perf_counter() - t0
     stats.proposals += n
     log_w = log_w.to(torch.float64)
-    log_ratio = log_w + proposal.log_prior_ratio(z).to(log_w.device, torch.float64)
+    log_ratio = log_w + q.log_prior_ratio(z).to(log_w.device, torch.float64)
     return ChainState(z, x, log_w, log_ratio)
-
-
-def _unique_count(z: torch.Tensor) -> int:
-    if z.shape[0] == 0:
-        return 0
-    return int(torch.unique(z.reshape(z.shape[0], -1), dim=0).shape[0])
 
 
 def _finish(result: SampleResult, start: float) -> SampleResult:
     s = result.stats
     s.seconds_total += time.perf_counter() - start
-    s.num_returned = int(result.z.shape[0])
+    s.num_returned = result.num_samples
     s.on_target_returned = int(result.on_target.sum())
-    s.unique_returned = _unique_count(result.z)
+    z = result.z
+    s.unique_returned = int(torch.unique(z.reshape(z.shape[0], -1), dim=0).shape[0]) if s.num_returned else 0
     return result
 
 
 def _check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if not isinstance(value, int) or value < 1:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _gen_device(generator: torch.Generator | None) -> torch.device | str:
+    return generator.device if generator is not None else "cpu"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -262,7 +380,7 @@ def _check_positive(name: str, value: int | None, allow_none: bool = False) -> N
 
 def sample_official(
     evaluate: Evaluate,
-    prior: StandardNormal,
+    p_z: StandardNormal,
     num_chains: int = 64,
     num_steps: int = 200,
     generator: torch.Generator | None = None,
@@ -275,7 +393,7 @@ def sample_official(
 
     Args:
         evaluate (`Callable`): ``z -> (x, log_w)``.
-        prior ([`StandardNormal`]): the latent prior, also the proposal.
+        p_z ([`StandardNormal`]): the latent prior, also the proposal density.
         num_chains (`int`, defaults to 64), num_steps (`int`, defaults to 200): as in the official code.
         generator (`torch.Generator`, *optional*): the source of all randomness.
         callback (`Callable`, *optional*): ``callback(round, info)`` after every step.
@@ -284,10 +402,10 @@ def sample_official(
     _check_positive("num_steps", num_steps)
     start = time.perf_counter()
     stats = SamplerStats(chains_started=num_chains)
-    state = _propose(evaluate, prior, num_chains, generator, stats)
+    state = _propose(evaluate, p_z, num_chains, generator, stats)
     ever = torch.isfinite(state.log_w)
     for step in range(num_steps):
-        new = _propose(evaluate, prior, num_chains, generator, stats)
+        new = _propose(evaluate, p_z, num_chains, generator, stats)
         accept = imh_accept(state.log_ratio, new.log_ratio, generator)
         state = ChainState(*(_select(accept, a, b) for a, b in zip(vars(new).values(), vars(state).values())))
         ever |= torch.isfinite(state.log_w)
@@ -296,13 +414,95 @@ def sample_official(
         if callback is not None:
             callback(step, {"accepted": int(accept.sum()), "on_target": int(torch.isfinite(state.log_w).sum())})
     stats.chains_entered = int(ever.sum())
-    result = SampleResult(state.z, state.x, state.log_w, torch.isfinite(state.log_w), stats, prior)
+    result = SampleResult(state.z, state.x, state.log_w, torch.isfinite(state.log_w), stats, p_z)
     return _finish(result, start)
+
+
+class _MixingBound:
+    """Steps after entry so that the independent sampler's bound ``(1 - 1/W)^T`` (spec §5) falls below a tolerance.
+
+    ``W = sup pi / q`` is estimated as the largest importance ratio among all proposals drawn so far over their mean
+    (one global figure, so that no chain's own path decides its length); ``T`` stays in
+    ``[steps_after_entry, max_steps_after_entry]``.
+    """
+
+    def __init__(self, tolerance: float | None, min_steps: int, max_steps: int):
+        self.tolerance, self.min_steps, self.max_steps = tolerance, min_steps, max_steps
+        self.steps = min_steps
+        self.log_sum, self.log_max, self.seen = -math.inf, -math.inf, 0  # running log-sum-exp and max of pi / q
+
+    def update(self, log_ratio: torch.Tensor) -> int:
+        if self.tolerance is None:
+            return self.steps
+        finite = log_ratio[torch.isfinite(log_ratio)]
+        self.seen += log_ratio.numel()
+        if finite.numel():
+            self.log_sum = float(torch.logsumexp(torch.cat([finite, finite.new_tensor([self.log_sum])]), 0))
+            self.log_max = max(self.log_max, float(finite.max()))
+            w_bound = math.exp(self.log_max - (self.log_sum - math.log(self.seen)))
+            wanted = math.ceil(math.log(self.tolerance) / math.log1p(-1 / w_bound)) if w_bound > 1 else 1
+            self.steps = max(self.min_steps, min(wanted, self.max_steps))
+        return self.steps
+
+
+class _ChainPool:
+    """At most ``size`` chains of [`sample_imh`] side by side: their states, their steps since entry (-1: not yet
+    entered) and which slots hold a running chain. Empty slots and unentered chains have ``log_w = -inf``."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.state: ChainState | None = None
+        self.steps = torch.zeros(size, dtype=torch.long)
+        self.alive = torch.zeros(size, dtype=torch.bool)
+
+    def start_chains(self, wanted: int) -> int:
+        """Give free slots to new (empty) chains, at most ``wanted``; returns how many started."""
+        free = (~self.alive).nonzero().flatten()[: max(0, wanted)]
+        self.alive[free] = True
+        self.steps[free] = -1
+        return free.numel()
+
+    def lay_out(self, new: ChainState) -> None:
+        """Allocate the pool's storage from the first proposals' shapes."""
+        if self.state is None:
+            self.state = ChainState(
+                torch.zeros((self.size, *new.z.shape[1:]), dtype=new.z.dtype, device=new.z.device),
+                torch.zeros((self.size, *new.x.shape[1:]), dtype=new.x.dtype, device=new.x.device),
+                torch.full((self.size,), -math.inf, dtype=torch.float64, device=new.log_w.device),
+                torch.full((self.size,), -math.inf, dtype=torch.float64, device=new.log_w.device),
+            )
+
+    def step(self, active: torch.Tensor, new: ChainState, generator) -> tuple[int, int]:
+        """One MH step of the ``active`` chains against ``new``; returns (accepted, entered now)."""
+        state, steps = self.state, self.steps
+        cur_ratio = torch.where(steps[active] >= 0, state.log_ratio[active].cpu(), -math.inf).to(new.log_ratio)
+        accept = imh_accept(cur_ratio, new.log_ratio, generator).cpu()
+        entered_now = accept & (steps[active] < 0)
+        idx = active[accept]
+        for name in ("z", "x", "log_w", "log_ratio"):
+            mine, theirs = getattr(state, name), getattr(new, name)
+            mine[idx.to(mine.device)] = theirs[accept.to(theirs.device)]
+        # A chain that entered this round has taken 0 steps after entry; others advance by one.
+        was_in = steps[active] >= 0
+        steps[active] = torch.where(was_in, steps[active] + 1, torch.where(entered_now, 0, -1))
+        return int(accept.sum()), int(entered_now.sum())
+
+    def pop_finished(self, active: torch.Tensor, target_steps: int, limit: int) -> ChainState | None:
+        """Take out (at most ``limit``) chains ``target_steps`` steps past their entry, freeing their slots."""
+        finished = active[(self.steps[active] >= target_steps) & (self.steps[active] >= 0)][:limit]
+        if not finished.numel():
+            return None
+        s, f = self.state, finished.to(self.state.z.device)
+        out = ChainState(s.z[f].clone(), s.x[f].clone(), s.log_w[f].clone(), s.log_ratio[f])
+        self.alive[finished] = False
+        s.log_w[f] = -math.inf
+        s.log_ratio[f] = -math.inf
+        return out
 
 
 def sample_imh(
     evaluate: Evaluate,
-    proposal,
+    q,
     num_samples: int,
     steps_after_entry: int = 5,
     mixing_tolerance: float | None = None,
@@ -313,7 +513,7 @@ def sample_imh(
     allow_partial: bool = False,
     callback: Callback | None = None,
 ) -> SampleResult:
-    """Ours: a pool of independent-MH chains that each return one on-target sample.
+    """Ours: a pool of independent-MH chains that each return one on-target sample (spec §5).
 
     A chain starts empty (weight 0), so its first proposal of finite weight is accepted: the chain has
     *entered* the target with a draw of ``q`` restricted to it. It then takes ``steps_after_entry`` MH steps
@@ -322,24 +522,21 @@ def sample_imh(
 
     Args:
         evaluate (`Callable`): ``z -> (x, log_w)`` with ``log_w`` of shape `(B,)`, ``-inf`` off target.
-        proposal: a latent density (``StandardNormal`` or a refitted ``LowRankGaussianMixture``).
+        q: the latent proposal density (``StandardNormal`` or a refitted ``LowRankGaussianMixture``).
         num_samples (`int`): samples to return.
         steps_after_entry (`int`, defaults to 5): MH steps each chain takes after entering the target. The law of
             the returned state approaches the target geometrically in it, at rate ``1 - 1/W`` where ``W`` bounds
-            ``pi / q`` (spec §5): with a good refitted ``q``, a few steps suffice.
-        mixing_tolerance (`float`, *optional*): also take enough steps that the independent
-            sampler's convergence bound ``(1 - 1/W)^T`` (spec §5) falls below this, with ``W`` estimated as the
-            largest importance ratio ``pi / q`` among all proposals drawn so far in this call (one global figure,
-            so no chain's own path decides its length). With real heads every image has some weight, chains
-            enter at once, and a fixed few steps return chains that never left their first, unselected state
-            (seen on Digits-7to3: `A & B & C` got 0.23 accuracy with 5 steps). `None`: exactly
-            ``steps_after_entry``.
+            ``pi / q`` (spec §5).
+        mixing_tolerance (`float`, *optional*): also take enough steps that ``(1 - 1/W)^T`` falls below this, with
+            ``W`` estimated from all proposals drawn so far in this call (`_MixingBound`). With real heads every
+            image has some weight, chains enter at once, and a fixed few steps return chains that never left their
+            first, unselected state. `None`: exactly ``steps_after_entry``.
         max_steps_after_entry (`int`, defaults to 200): cap on those steps (the official recipe's 200).
-        num_chains (`int`, *optional*): chains side by side (the batch size of ``evaluate``). Defaults to
+        num_chains (`int`, *optional*): chains side by side (the batch size of ``evaluate``); defaults to
             ``num_samples``.
-        max_proposals (`int`, *optional*): the proposal budget. When it runs out first, a
-            [`BudgetExhaustedError`] carrying the partial result is raised, or, with ``allow_partial=True``, the
-            finished samples are returned with ``stats.budget_exhausted = True``.
+        max_proposals (`int`, *optional*): the proposal budget. When it runs out first, a [`BudgetExhaustedError`]
+            carrying the partial result is raised, or, with ``allow_partial=True``, the finished samples are
+            returned with ``stats.budget_exhausted = True``.
         generator (`torch.Generator`, *optional*): the source of all randomness; same seed, same samples.
         allow_partial (`bool`, defaults to `False`): see ``max_proposals``.
         callback (`Callable`, *optional*): ``callback(round, info)`` after every round.
@@ -354,269 +551,171 @@ def sample_imh(
         raise ValueError(f"steps_after_entry must be a non-negative integer, got {steps_after_entry!r}.")
     if mixing_tolerance is not None and not 0 < mixing_tolerance < 1:
         raise ValueError(f"mixing_tolerance must be in (0, 1) or None, got {mixing_tolerance!r}.")
-    log_sum, log_max, seen = -math.inf, -math.inf, 0  # running log-sum-exp and max of pi / q over proposals
-    target_steps = steps_after_entry
     start = time.perf_counter()
-    pool = min(num_chains or num_samples, num_samples)
-    stats = SamplerStats()
-
-    state: ChainState | None = None  # the pool's chain states; empty slots have log_w = -inf
-    steps = torch.zeros(pool, dtype=torch.long)  # MH steps since entry; -1 = not entered
-    alive = torch.zeros(pool, dtype=torch.bool)  # slot holds a running chain
-    done: list[ChainState] = []
-    n_done = 0
-    round_ = 0
+    bound = _MixingBound(mixing_tolerance, steps_after_entry, max_steps_after_entry)
+    pool = _ChainPool(min(num_chains or num_samples, num_samples))
+    stats, done, n_done = SamplerStats(), [], 0
     while n_done < num_samples:
-        # Fill free slots with new (empty) chains while chains are still needed.
-        free = (~alive).nonzero().flatten()
-        room = num_samples - n_done - int(alive.sum())
-        for i in free[: max(0, room)].tolist():
-            alive[i] = True
-            steps[i] = -1
-            stats.chains_started += 1
-        active = alive.nonzero().flatten()
+        stats.chains_started += pool.start_chains(num_samples - n_done - int(pool.alive.sum()))
+        active = pool.alive.nonzero().flatten()
         if max_proposals is not None:
             active = active[: max(0, max_proposals - stats.proposals)]
         if active.numel() == 0:
             stats.budget_exhausted = True
             break
-        new = _propose(evaluate, proposal, active.numel(), generator, stats)
-        if state is None:  # lay out the pool's storage from the first proposal
-            state = ChainState(
-                torch.zeros((pool, *new.z.shape[1:]), dtype=new.z.dtype, device=new.z.device),
-                torch.zeros((pool, *new.x.shape[1:]), dtype=new.x.dtype, device=new.x.device),
-                torch.full((pool,), -math.inf, dtype=torch.float64, device=new.log_w.device),
-                torch.full((pool,), -math.inf, dtype=torch.float64, device=new.log_w.device),
-            )
-        cur_ratio = torch.where(steps[active] >= 0, state.log_ratio[active].cpu(), -math.inf).to(new.log_ratio)
-        accept = imh_accept(cur_ratio, new.log_ratio, generator).cpu()
-        entered_now = accept & (steps[active] < 0)
-        stats.chains_entered += int(entered_now.sum())
-        stats.accepted += int(accept.sum())
-        idx = active[accept]
-        state.z[idx.to(state.z.device)] = new.z[accept.to(new.z.device)]
-        state.x[idx.to(state.x.device)] = new.x[accept.to(new.x.device)]
-        state.log_w[idx.to(state.log_w.device)] = new.log_w[accept.to(new.log_w.device)]
-        state.log_ratio[idx.to(state.log_ratio.device)] = new.log_ratio[accept.to(new.log_ratio.device)]
-        # A chain that entered this round has taken 0 steps after entry; others advance by one.
-        was_in = steps[active] >= 0
-        steps[active] = torch.where(was_in, steps[active] + 1, torch.where(entered_now, 0, -1))
-        if mixing_tolerance is not None:
-            finite = new.log_ratio[torch.isfinite(new.log_ratio)]
-            seen += new.log_ratio.numel()
-            if finite.numel():
-                log_sum = float(torch.logsumexp(torch.cat([finite, finite.new_tensor([log_sum])]), 0))
-                log_max = max(log_max, float(finite.max()))
-                w_bound = math.exp(log_max - (log_sum - math.log(seen)))  # W = sup (pi / q), estimated
-                wanted = math.ceil(math.log(mixing_tolerance) / math.log1p(-1 / w_bound)) if w_bound > 1 else 1
-                target_steps = max(steps_after_entry, min(wanted, max_steps_after_entry))
-        finished = active[(steps[active] >= target_steps) & (steps[active] >= 0)]
-        finished = finished[: num_samples - n_done]
-        if finished.numel():
-            f = finished.to(state.z.device)
-            done.append(ChainState(state.z[f].clone(), state.x[f].clone(), state.log_w[f].clone(), state.log_ratio[f]))
-            n_done += finished.numel()
-            alive[finished] = False
-            state.log_w[f] = -math.inf
-            state.log_ratio[f] = -math.inf
+        new = _propose(evaluate, q, active.numel(), generator, stats)
+        pool.lay_out(new)
+        accepted, entered = pool.step(active, new, generator)
+        stats.accepted += accepted
+        stats.chains_entered += entered
+        finished = pool.pop_finished(active, bound.update(new.log_ratio), num_samples - n_done)
+        if finished is not None:
+            done.append(finished)
+            n_done += finished.z.shape[0]
         stats.rounds += 1
-        round_ += 1
         if callback is not None:
-            callback(round_, {"done": n_done, "active": int(alive.sum()), "accepted": int(accept.sum())})
+            callback(stats.rounds, {"done": n_done, "active": int(pool.alive.sum()), "accepted": accepted})
 
     if done:
-        z = torch.cat([d.z for d in done])
-        x = torch.cat([d.x for d in done])
-        lw = torch.cat([d.log_w for d in done])
-    else:
-        ref = state if state is not None else None
-        z = ref.z[:0] if ref is not None else torch.zeros(0)
-        x = ref.x[:0] if ref is not None else torch.zeros(0)
-        lw = torch.zeros(0, dtype=torch.float64)
-    result = _finish(SampleResult(z, x, lw, torch.isfinite(lw), stats, proposal), start)
+        result = SampleResult(*(torch.cat([getattr(d, k) for d in done]) for k in ("z", "x", "log_w")), None, stats, q)
+        result.on_target = torch.isfinite(result.log_w)
+    else:  # nothing finished: empty tensors shaped like the pool's (when a proposal was ever drawn)
+        result = SampleResult.empty(stats)
+        if pool.state is not None:
+            result.z, result.x = pool.state.z[:0], pool.state.x[:0]
+        result.q = q
+    result = _finish(result, start)
     if stats.budget_exhausted and not allow_partial:
-        raise BudgetExhaustedError(
-            f"The proposal budget of {max_proposals} ran out with {n_done} of {num_samples} samples on target "
-            f"({stats.chains_entered} of {stats.chains_started} chains reached the target; acceptance rate "
-            f"{stats.acceptance_rate:.3g}). Try refitting the proposal (refit='sequential'), a larger "
-            f"max_proposals, or a class-conditional proposal; or pass allow_partial=True to keep what was found.",
-            result,
-        )
+        raise budget_error(result, num_samples, max_proposals)
     return result
+
+
+def fit_stage(
+    evaluate: Evaluate,
+    q,
+    config: S2MSamplingConfig,
+    max_proposals: int | None,
+    generator: torch.Generator | None,
+) -> tuple[LowRankGaussianMixture | None, SamplerStats]:
+    """One refitting stage (spec §6): draw from ``q`` until ``fit_size`` proposals satisfy the stage's target,
+    resample them in proportion to their (tempered, [`fit_exponent`]) importance ratios ``w p_z / q``, and fit a
+    [`LowRankGaussianMixture`] to the result.
+
+    Returns:
+        The fitted density (`None` when fewer than 2 proposals reached the stage's target within ``max_proposals``)
+        and the stage's statistics, whose ``stages`` holds one record: proposals, on-target share, ESS, ...
+    """
+    stats, start = SamplerStats(), time.perf_counter()
+    fit_batch = config.fit_batch or config.fit_size
+    zs, ratios, n_on = [], [], 0
+    while n_on < config.fit_size:
+        n = fit_batch if max_proposals is None else min(fit_batch, max_proposals - stats.proposals)
+        if n <= 0:
+            break
+        new = _propose(evaluate, q, n, generator, stats)
+        zs.append(new.z)
+        ratios.append(new.log_ratio)
+        n_on += int(torch.isfinite(new.log_ratio).sum())
+    stats.seconds_total = time.perf_counter() - start
+    record = {"proposals": stats.proposals, "on_target": n_on}
+    stats.stages.append(record)
+    if n_on < 2:
+        stats.budget_exhausted = True
+        return None, stats
+    z, log_ratio = torch.cat(zs), torch.cat(ratios)
+    beta = fit_exponent(log_ratio, FIT_MIN_ESS * n_on)
+    idx, ess = importance_resample(beta * log_ratio, min(config.fit_size, n_on), generator)
+    density = LowRankGaussianMixture.fit(
+        z[idx.to(z.device)].cpu(),
+        rank=config.rank,
+        n_components=config.n_components,
+        defensive=config.defensive,
+        covariance_scale=config.covariance_scale,
+        seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=_gen_device(generator))),
+    )
+    record.update(
+        on_target_share=n_on / stats.proposals,
+        ess=ess,
+        fit_exponent=beta,
+        n_components=density.n_components,
+        rank=density.rank,
+    )
+    return density, stats
 
 
 def sample_s2m(
     stage_evaluates: Sequence[Evaluate],
-    prior: StandardNormal,
+    p_z: StandardNormal,
     num_samples: int,
-    refit: str = "sequential",
-    steps_after_entry: int = 5,
-    mixing_tolerance: float | None = None,
-    max_steps_after_entry: int = 200,
-    fit_size: int = 256,
-    fit_batch: int | None = None,
-    rank: int = 32,
-    n_components: int | Sequence[int] = (1, 2, 4, 8),
-    defensive: float = 0.1,
-    covariance_scale: float = 2.0,
-    fit_weighting: str = "resample",
-    fit_min_ess: float | None = 0.25,
-    num_chains: int | None = None,
+    config: S2MSamplingConfig | dict | None = None,
+    *,
     max_proposals: int | None = None,
     generator: torch.Generator | None = None,
     allow_partial: bool = False,
     callback: Callback | None = None,
+    **overrides: Any,
 ) -> SampleResult:
     """Ours, with latent refitting (spec §6).
 
-    With ``refit="sequential"``, stage ``s`` draws proposals from the current density until ``fit_size`` of them
-    satisfy the stage's target (``stage_evaluates[s]``: the first ``s + 1`` literals), resamples them in
-    proportion to their importance ratio ``w_s p_z / q`` and fits a [`LowRankGaussianMixture`] to the result;
-    the next stage proposes from that fit. ``refit="once"`` fits in one stage on the full target;
-    ``refit="off"`` samples from the prior. The final stage is [`sample_imh`] on the full target
-    (``stage_evaluates[-1]``) with the last fit: exact in the latent view whatever the fit (spec §4), since the
-    correction ``log p_z - log q`` enters every acceptance.
+    With ``refit="sequential"``, stage ``s`` fits a density to the latents that satisfy the stage's target
+    (``stage_evaluates[s]``: the first ``s + 1`` literals) drawn from the previous stage's fit ([`fit_stage`]);
+    ``refit="once"`` fits in one stage on the full target; ``refit="off"`` samples from ``p_z``. The final stage is
+    [`sample_imh`] on the full target (``stage_evaluates[-1]``) with the last fit: exact in the latent view whatever
+    the fit (spec §4), since the correction ``log p_z - log q`` enters every acceptance.
 
     Args:
         stage_evaluates (`Sequence[Callable]`): ``z -> (x, log_w)`` per stage; the last one is the full target.
-        prior ([`StandardNormal`]): the latent prior.
+        p_z ([`StandardNormal`]): the latent prior.
         num_samples (`int`): samples to return.
-        refit (`str`, defaults to `"sequential"`): `"off"`, `"once"` or `"sequential"`.
-        steps_after_entry (`int`, defaults to 5), mixing_tolerance (`float`, *optional*), max_steps_after_entry
-            (`int`, defaults to 200): see [`sample_imh`].
-        fit_size (`int`, defaults to 256): on-target latents per fit.
-        fit_batch (`int`, *optional*): proposals per round while collecting fit data (defaults to
-            ``fit_size``).
-        rank, n_components, defensive, covariance_scale: see [`LowRankGaussianMixture.fit`]. The default
-            ``covariance_scale=2.0`` (a proposal wider than the fit) was chosen on the analytic problem: with 1.0
-            the fit sometimes misses part of the target and the chains need many more steps to fill it in.
-        fit_weighting (`str`, defaults to `"resample"`): `"resample"` fits to on-target proposals resampled in
-            proportion to ``w_s p_z / q``; `"none"` fits to them unweighted (measured far worse: the fit inherits
-            the previous proposal's shape).
-        fit_min_ess (`float`, *optional*, defaults to 0.25): with `"resample"`, the share of the on-target latents
-            that the resampling weights must keep as effective sample size; heavier-tailed ratios are tempered,
-            ``(w_s p_z / q)^beta`` with the largest ``beta <= 1`` that keeps it ([`fit_exponent`]). `None`: never
-            temper (with real heads the fit then collapsed onto 2-3 latents).
-        num_chains, max_proposals, generator, allow_partial, callback: see [`sample_imh`]; the budget covers
-            the fitting stages too.
+        config ([`S2MSamplingConfig`] or `dict`, *optional*): the sampler's settings (``refit``,
+            ``steps_after_entry``, ``fit_size``, ...); ``overrides`` names single fields.
+        max_proposals (`int`, *optional*): the proposal budget, refitting stages included; see [`sample_imh`].
+        generator, allow_partial, callback: see [`sample_imh`]; ``callback(-1, {"stage": s, ...})`` after each
+            refitting stage.
 
     Returns:
         [`SampleResult`]; ``stats.stages`` lists each fitting stage's proposals, on-target share and ESS.
     """
-    if fit_weighting not in ("resample", "none"):
-        raise ValueError(f"fit_weighting must be 'resample' or 'none', got {fit_weighting!r}.")
-    if refit not in ("off", "once", "sequential"):
-        raise ValueError(f"refit must be 'off', 'once' or 'sequential', got {refit!r}.")
+    config = S2MSamplingConfig.resolve(config, **overrides)
     if not stage_evaluates:
         raise ValueError("stage_evaluates is empty: pass at least the full target's evaluate function.")
     start = time.perf_counter()
-    stages = {"off": [], "once": [stage_evaluates[-1]], "sequential": list(stage_evaluates)}[refit]
-    fit_batch = fit_batch or fit_size
-    total = SamplerStats()
-    density = prior
-    for s, evaluate in enumerate(stages):
-        stage = SamplerStats()
-        t_stage = time.perf_counter()
-        zs, ratios = [], []
-        n_on = 0
-        while n_on < fit_size:
-            n = fit_batch
-            if max_proposals is not None:
-                n = min(n, max_proposals - total.proposals - stage.proposals)
-            if n <= 0:
-                break
-            new = _propose(evaluate, density, n, generator, stage)
-            zs.append(new.z)
-            ratios.append(new.log_ratio)
-            n_on += int(torch.isfinite(new.log_ratio).sum())
-        stage.seconds_total = time.perf_counter() - t_stage
-        total.add(stage)
-        if n_on < 2:
-            total.budget_exhausted = True
-            result = SampleResult(prior.sample(0), None, torch.zeros(0), torch.zeros(0, dtype=torch.bool), total)
-            total.stages.append({"stage": s, "proposals": stage.proposals, "on_target": n_on})
-            if allow_partial:
-                return _finish(result, start)
-            raise BudgetExhaustedError(
-                f"Refitting stage {s + 1} of {len(stages)} found {n_on} on-target proposals in "
-                f"{stage.proposals} (budget {max_proposals}). Try a larger max_proposals, or check that the "
-                f"generator can produce this combination at all.",
-                result,
-            )
-        z = torch.cat(zs)
-        log_ratio = torch.cat(ratios)
-        beta = 1.0
-        if fit_weighting == "resample":
-            if fit_min_ess is not None:
-                beta = fit_exponent(log_ratio, fit_min_ess * n_on)
-            idx, ess = importance_resample(beta * log_ratio, min(fit_size, n_on), generator)
-        else:
-            idx, ess = torch.isfinite(log_ratio).nonzero().flatten(), float("nan")
-        density = LowRankGaussianMixture.fit(
-            z[idx.to(z.device)].cpu(),
-            rank=rank,
-            n_components=n_components,
-            defensive=defensive,
-            covariance_scale=covariance_scale,
-            seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=_gen_device(generator))),
-        )
-        total.stages.append(
-            {
-                "stage": s,
-                "proposals": stage.proposals,
-                "on_target": n_on,
-                "on_target_share": n_on / stage.proposals,
-                "ess": ess,
-                "fit_exponent": beta,
-                "n_components": density.n_components,
-                "rank": density.rank,
-            }
-        )
+    fits = list(stage_evaluates)[len(stage_evaluates) - config.num_fit_stages(len(stage_evaluates)) :]
+    parts, q = [], p_z
+    for s, evaluate in enumerate(fits):
+        left = None if max_proposals is None else max_proposals - sum(p.proposals for p in parts)
+        density, stage = fit_stage(evaluate, q, config, left, generator)
+        stage.stages[0] = {"stage": s, **stage.stages[0]}
+        parts.append(stage)
+        if density is None:
+            break
+        q = density
         if callback is not None:
-            callback(-1, {"stage": s, "on_target_share": n_on / stage.proposals})
-
-    remaining = None if max_proposals is None else max_proposals - total.proposals
-    if remaining is not None and remaining <= 0:  # the fits spent the whole budget: nothing left to sample with
-        total.budget_exhausted = True
-        result = SampleResult(prior.sample(0), None, torch.zeros(0), torch.zeros(0, dtype=torch.bool), total)
+            callback(-1, {"stage": s, "on_target_share": stage.stages[0]["on_target_share"]})
+    remaining = None if max_proposals is None else max_proposals - sum(p.proposals for p in parts)
+    if parts and (parts[-1].budget_exhausted or (remaining is not None and remaining <= 0)):
+        result = _finish(SampleResult.empty(SamplerStats.merge(parts)), start)
+        result.stats.budget_exhausted = True
         if allow_partial:
-            return _finish(result, start)
-        raise BudgetExhaustedError(
-            f"The refitting stages spent the whole budget of {max_proposals} proposals before sampling began "
-            f"(on-target shares per stage: {[round(st['on_target_share'], 4) for st in total.stages]}). Try a "
-            "larger max_proposals, or check that the generator can produce this combination at all.",
-            result,
-        )
+            return result
+        raise budget_error(result, num_samples, max_proposals)
     try:
         result = sample_imh(
             stage_evaluates[-1],
-            density,
+            q,
             num_samples,
-            steps_after_entry=steps_after_entry,
-            mixing_tolerance=mixing_tolerance,
-            max_steps_after_entry=max_steps_after_entry,
-            num_chains=num_chains,
+            steps_after_entry=config.steps_after_entry,
+            mixing_tolerance=config.mixing_tolerance,
+            max_steps_after_entry=config.max_steps_after_entry,
+            num_chains=config.num_chains,
             max_proposals=remaining,
             generator=generator,
             allow_partial=allow_partial,
             callback=callback,
         )
     except BudgetExhaustedError as err:
-        _merge(err.result.stats, total)
-        raise
-    _merge(result.stats, total)
+        err.result.stats = SamplerStats.merge([*parts, err.result.stats])
+        raise budget_error(err.result, num_samples, max_proposals) from None
+    result.stats = SamplerStats.merge([*parts, result.stats])
     result.stats.seconds_total = time.perf_counter() - start
     return result
-
-
-def _merge(stats: SamplerStats, fit: SamplerStats) -> None:
-    stats.proposals += fit.proposals
-    stats.accepted += fit.accepted
-    stats.seconds_evaluate += fit.seconds_evaluate
-    stats.rounds += fit.rounds
-    stats.stages = fit.stages
-    stats.budget_exhausted |= fit.budget_exhausted
-
-
-def _gen_device(generator: torch.Generator | None) -> torch.device | str:
-    return generator.device if generator is not None else "cpu"

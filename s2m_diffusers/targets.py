@@ -1,48 +1,26 @@
-"""Targets: boolean formulas over attributes, and the log density ratio ``log r_T`` (spec §3).
+"""Targets: boolean formulas over attributes (spec §3), parsed into a [`Target`].
 
 A target is written against the attribute names of the heads, e.g. ``"black_hair & male & ~smiling"``,
 ``"a & (b | c) & ~d"``, or in the paper's form ``"a+b-c"`` (``+`` is AND, a binary ``-`` is AND NOT).
 Operators: ``&`` AND, ``|`` OR, ``~`` or ``!`` NOT, parentheses. Precedence, from tightest: NOT, AND
 (``&``, ``+``, binary ``-``), OR.
 
-With exact heads, ``g_c(x) = gamma_c * D_r(c|x) = h(x) * 1[c in S(x)]`` where ``gamma_c = pi_c / p_data(c)``
-and ``h(x) = p(x) / p_data(x)``. A formula then has an exact ratio to ``p_data``:
-
-- an attribute ``c`` is ``g_c``;
-- AND is ``min``; OR is ``max``;
-- NOT ``phi`` is ``(h - lambda * g_phi)^+`` with ``h = max_c g_c``;
-- an AND with present children ``P`` and negated children ``N`` is the paper's
-  ``(min_P g - lambda * max_N g)^+`` (with ``h`` in place of ``min_P`` when ``P`` is empty).
-
-``lambda >= 1`` is the negation margin: 1 is the paper's formula, larger values keep regions that hold a
-forbidden attribute out when the heads are imperfect (spec §3). Everything here is computed in log space.
+A [`Target`] knows what it says about attribute sets (``holds``, ``holds_batch``), its refitting stages
+(``stages``) and the attribute a class-conditional proposal is given (``first_present``). Its density ratio to
+``p_data``, ``log r_T``, is [`s2m_diffusers.maths.log_r`].
 """
 
 from __future__ import annotations
 
 import difflib
 import itertools
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = [
-    "Attr",
-    "And",
-    "Or",
-    "Not",
-    "Target",
-    "TargetError",
-    "parse_target",
-    "log_g",
-    "log_r",
-    "log_w",
-    "auto_dr_temperature",
-    "temper_dr",
-]
+__all__ = ["Attr", "And", "Or", "Not", "Target", "TargetError", "parse_target"]
 
 _MAX_SATISFIABILITY_CHECK = 16  # attributes up to which "can this target ever hold" is checked exhaustively
 
@@ -150,6 +128,13 @@ class Target:
         except TargetError:
             return False
         return True
+
+    @property
+    def first_present(self) -> int | None:
+        """Index of the first attribute the target requires at its top level, in the order written (the attribute
+        of ``stages()[0]``), or `None` (``"a | b"``, ``"~a"``): the class a class-conditional proposal is given."""
+        children = self.expression.children if isinstance(self.expression, And) else (self.expression,)
+        return next((c.index for c in children if isinstance(c, Attr)), None)
 
     @property
     def present(self) -> list[str]:
@@ -376,180 +361,3 @@ def parse_target(text: str, attribute_names: Sequence[str]) -> Target:
                 f"(every image in the data holds at least one attribute, spec §1)."
             )
     return target
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Log density ratio
-
-
-# Relative differences below this count as zero: ``g_a - g_b`` for two attributes an image holds both of is
-# exactly 0 in theory and a rounding error in floating point, which must not put the image on target.
-_RELATIVE_TOLERANCE = 1e-6
-
-
-def _log_sub(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """``log((a - b)^+)`` from ``log a`` and ``log b``: ``-inf`` where ``b >= a (1 - 1e-6)``, stable, warning-free."""
-    diff = log_b - log_a  # <= 0 where a > b
-    positive = diff < math.log1p(-_RELATIVE_TOLERANCE)
-    safe = torch.where(positive, diff, torch.full_like(diff, -1.0))
-    # log(1 - e^d): log(-expm1(d)) near 0, log1p(-exp(d)) far below (Maechler's log1mexp).
-    log1mexp = torch.where(safe > -math.log(2), torch.log(-torch.expm1(safe)), torch.log1p(-torch.exp(safe)))
-    out = log_a + log1mexp
-    neg_inf = torch.full_like(out, -math.inf)
-    return torch.where(positive & torch.isfinite(log_a), out, neg_inf)
-
-
-def log_g(
-    dr_log_probs: torch.Tensor,
-    log_p_data: torch.Tensor,
-    log_priors: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``log g_c(x) = log pi_c - log p_data(c) + log D_r(c|x)`` (spec §3).
-
-    Args:
-        dr_log_probs (`torch.Tensor` of shape `(B, n)`): ``log D_r(c|x)``.
-        log_p_data (`torch.Tensor` of shape `(n,)`): log share of single-positive labels per attribute.
-        log_priors (`torch.Tensor` of shape `(n,)`, *optional*): ``log pi_c``. ``None`` uses ``log p_data``
-            (all ``gamma_c = 1``), which is exact for conjunction targets (spec §3).
-    """
-    if log_priors is None:
-        return dr_log_probs
-    return dr_log_probs + (log_priors - log_p_data).to(dr_log_probs)
-
-
-def _eval(
-    node: Node, lg: torch.Tensor, log_h: torch.Tensor, log_margin: float, log_presence: float, positive: bool = True
-) -> torch.Tensor:
-    if isinstance(node, Attr):
-        value = lg[:, node.index]
-        if positive and log_presence > -math.inf:  # a required attribute must come within kappa of the strongest
-            value = torch.where(value >= log_h + log_presence, value, torch.full_like(value, -math.inf))
-        return value
-    if isinstance(node, Or):
-        return torch.stack([_eval(c, lg, log_h, log_margin, log_presence, positive) for c in node.children]).amax(0)
-    if isinstance(node, Not):
-        return _log_sub(log_h, _eval(node.child, lg, log_h, log_margin, log_presence, not positive) + log_margin)
-    positive_children = [c for c in node.children if not isinstance(c, Not)]
-    negative = [c.child for c in node.children if isinstance(c, Not)]
-    if positive_children:
-        log_min = torch.stack([_eval(c, lg, log_h, log_margin, log_presence, positive) for c in positive_children])
-        log_min = log_min.amin(0)
-    else:
-        log_min = log_h
-    if not negative:
-        return log_min
-    log_max = torch.stack([_eval(c, lg, log_h, log_margin, log_presence, not positive) for c in negative]).amax(0)
-    return _log_sub(log_min, log_max + log_margin)
-
-
-def log_r(
-    target: Target,
-    dr_log_probs: torch.Tensor,
-    log_p_data: torch.Tensor,
-    log_priors: torch.Tensor | None = None,
-    negation_margin: float = 1.0,
-    presence_margin: float = 0.0,
-) -> torch.Tensor:
-    """``log r_T(x)``: the log ratio of the target density to ``p_data``, up to the constant ``pi_T`` (spec §3).
-
-    Args:
-        target ([`Target`]): from [`parse_target`].
-        dr_log_probs (`torch.Tensor` of shape `(B, n)`): ``log D_r(c|x)`` over the target's attributes.
-        log_p_data (`torch.Tensor` of shape `(n,)`): log share of single-positive labels per attribute.
-        log_priors (`torch.Tensor` of shape `(n,)`, *optional*): log attribute priors ``pi_c`` (any scale).
-        negation_margin (`float`, defaults to 1.0): ``lambda >= 1``; how much a forbidden attribute's ratio
-            is scaled before it is subtracted. 1 is the paper's formula.
-        presence_margin (`float`, defaults to 0.0): ``kappa`` in [0, 1]; a required attribute counts only where
-            ``g_c >= kappa * h`` (``h = max_c g_c``), elsewhere it is 0. With exact heads ``g_c`` is ``h`` or 0, so
-            any ``kappa <= 1`` leaves the target unchanged (0 is the paper's formula); with soft heads it keeps out
-            images that hold a required attribute only faintly, the counterpart of the negation margin for present
-            attributes. On Digits-7to3 (shipped GAN and heads), ``a & b & c`` held 55% of the heads' target mass on
-            images missing an attribute at ``kappa = 0`` and 12% at ``kappa = 0.5``.
-
-    Returns:
-        `torch.Tensor` of shape `(B,)`: ``log r_T``, ``-inf`` where ``r_T = 0``.
-    """
-    if dr_log_probs.ndim != 2 or dr_log_probs.shape[1] != len(target.attribute_names):
-        raise ValueError(
-            f"dr_log_probs must have shape (batch, {len(target.attribute_names)}) for attributes "
-            f"{list(target.attribute_names)}, got {tuple(dr_log_probs.shape)}."
-        )
-    if not negation_margin >= 1.0:
-        raise ValueError(f"negation_margin must be >= 1 (1 is the paper's formula), got {negation_margin}.")
-    if not 0.0 <= presence_margin <= 1.0:
-        raise ValueError(f"presence_margin must lie in [0, 1] (0 is the paper's formula), got {presence_margin}.")
-    lg = log_g(dr_log_probs, log_p_data.to(dr_log_probs), None if log_priors is None else log_priors.to(dr_log_probs))
-    log_h = lg.amax(1)
-    log_presence = math.log(presence_margin) if presence_margin > 0 else -math.inf
-    return _eval(target.expression, lg, log_h, math.log(negation_margin), log_presence)
-
-
-def log_w(
-    log_r_t: torch.Tensor,
-    dv_logit: torch.Tensor,
-    df_log_prob: torch.Tensor | None = None,
-    log_pg_class: torch.Tensor | float | None = None,
-) -> torch.Tensor:
-    """The log importance weight ``log w = log p_T / p_G`` up to a constant (spec §4).
-
-    ``log w = log r_T + logit D_v`` for an unconditional proposal; for a proposal conditioned on class ``c``,
-    ``- log D_f(c|x) + log p_G(c)`` is added (the proposal's density is ``p_G(x|c)``, not ``p_G(x)``).
-
-    Args:
-        log_r_t (`torch.Tensor` of shape `(B,)`): from [`log_r`].
-        dv_logit (`torch.Tensor` of shape `(B,)`): ``logit D_v(x) = log p_data(x) / p_G(x)``.
-        df_log_prob (`torch.Tensor` of shape `(B,)`, *optional*): ``log D_f(c|x)`` for each sample's class.
-        log_pg_class (`torch.Tensor` or `float`, *optional*): ``log p_G(c)`` for each sample's class.
-    """
-    out = log_r_t + dv_logit
-    if df_log_prob is not None:
-        if log_pg_class is None:
-            raise ValueError("A class-conditional proposal needs log_pg_class (log p_G(c)) beside df_log_prob.")
-        out = out - df_log_prob + log_pg_class
-    return out
-
-
-def temper_dr(dr_log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``log softmax(log D_r / T)``: ``D_r`` sharpened (``T < 1``) or flattened (``T > 1``).
-
-    With exact heads and labels drawn uniformly among an image's attributes, ``D_r(.|x)`` is uniform on the image's
-    attribute set ``S(x)`` and zero elsewhere, and tempering leaves it unchanged: the target ``p_T`` is the same
-    for every ``T``. With soft heads it is not: ``T < 1`` pushes the small probabilities of absent attributes
-    towards zero (a conjunction ``a & b & c`` is then held only by images whose ``D_r`` is close to uniform over
-    all three), while ``T > 1`` lifts them (a negation ``~c`` is then stricter). The official S2M scripts temper
-    by the number of present attributes (1.2 for one, 1.0 for two, 0.2 for three); see `auto_dr_temperature`.
-
-    Args:
-        dr_log_probs (`torch.Tensor` of shape `(B, n)`): ``log D_r(c|x)``.
-        temperature (`float`): ``T > 0``; 1 returns the input.
-
-    Returns:
-        `torch.Tensor` of shape `(B, n)`: the tempered log probabilities.
-    """
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(f"The D_r temperature must be a positive number, got {temperature}; 1.0 leaves D_r as is.")
-    if temperature == 1.0:
-        return dr_log_probs
-    return torch.log_softmax(dr_log_probs / temperature, dim=-1)
-
-
-def auto_dr_temperature(target: Target, sharp: float = 0.2) -> float:
-    """The ``D_r`` temperature of ``dr_temperature="auto"``: ``sharp`` for a conjunction of two or more attributes
-    with no negation (``a & b & c``), 1.0 otherwise.
-
-    Tempering is exact for exact heads (`temper_dr`), so this only changes how soft heads are read: a pure
-    conjunction asks that ``D_r`` spread its mass evenly over the required attributes, and soft heads leave too much
-    on images that hold only some of them (on Digits-7to3, ``a & b & c`` drew 45% images missing an attribute at
-    ``T = 1`` and 12% at ``T = 0.2``, the official scripts' value for three attributes). A target with a negation
-    keeps ``T = 1``: sharpening hides the minor attribute that the negation must see.
-
-    Args:
-        target ([`Target`]): a parsed target.
-        sharp (`float`, defaults to 0.2): the temperature of pure conjunctions.
-
-    Returns:
-        `float`: the temperature.
-    """
-    if target.is_conjunction and not target.absent and len(target.present) >= 2:
-        return float(sharp)
-    return 1.0

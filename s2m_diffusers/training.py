@@ -33,6 +33,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,10 +44,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import ImageBankProposal, SinglePositiveDataset, prepare_images
+from .data import ImageBank, SinglePositiveDataset, prepare_images
 from .distributed import get_state
+from .maths import DEFAULT_NEGATION_MARGIN
 from .models.heads import S2MHeads
 from .priors import estimate_priors
+from .utils import move_into_place, save_folder_atomically, write_text_atomically
 
 logger = get_logger(__name__)
 
@@ -282,24 +285,35 @@ def _branch_state(heads: S2MHeads, prefixes: list[str]) -> dict[str, torch.Tenso
     }
 
 
+@dataclass
+class _HeldOut:
+    """The held-out data of early stopping and calibration: real images and fixed proposal samples."""
+
+    real: SinglePositiveDataset
+    fake: torch.Tensor  # (M, C, S, S)
+    fake_labels: torch.Tensor | None  # (M,): the classes of a class-conditional proposal's samples
+
+
 @torch.no_grad()
 def _heldout_logits(heads: S2MHeads, real: SinglePositiveDataset, fake: torch.Tensor, batch_size: int = 512) -> dict:
     """Raw logits of every head on the held-out real images and proposal samples (eval mode)."""
     was_training = heads.training
     heads.eval()
-    device = next(heads.parameters()).device
-
-    def run(images: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-        parts = [
-            heads.raw_logits(images[i : i + batch_size].to(device), heads=names)
-            for i in range(0, len(images), batch_size)
-        ]
-        return {h: torch.cat([p[h] for p in parts]).float().cpu() for h in names}
-
-    out_real = run(real.images, ["dv", "dr"])
-    out_fake = run(fake, ["dv", "df"] if heads.conditional else ["dv"])
+    out_real = _batched_raw_logits(heads, real.images, ["dv", "dr"], batch_size)
+    out_fake = _batched_raw_logits(heads, fake, ["dv", "df"] if heads.conditional else ["dv"], batch_size)
     heads.train(was_training)
     return {"dv_real": out_real["dv"], "dr": out_real["dr"], "dv_fake": out_fake["dv"], "df": out_fake.get("df")}
+
+
+def _batched_raw_logits(
+    heads: S2MHeads, images: torch.Tensor, names: list[str], batch_size: int
+) -> dict[str, torch.Tensor]:
+    """`heads.raw_logits` of the heads `names`, `batch_size` images at a time, gathered on the CPU."""
+    device = next(heads.parameters()).device
+    parts = [
+        heads.raw_logits(images[i : i + batch_size].to(device), heads=names) for i in range(0, len(images), batch_size)
+    ]
+    return {h: torch.cat([p[h] for p in parts]).float().cpu() for h in names}
 
 
 def _calibration_sets(logits: dict, real_labels: torch.Tensor, fake_labels: torch.Tensor | None) -> dict:
@@ -325,15 +339,57 @@ def _calibrated_nll(sets: dict) -> dict[str, float]:
     return out
 
 
-def _latest_checkpoint(output_dir: str) -> str | None:
+def _checkpoint_folders(output_dir: str) -> list[str]:
+    """The names of the `checkpoint-STEP` folders in `output_dir`, oldest first."""
     if not os.path.isdir(output_dir):
-        return None
-    steps = [
-        int(d.split("-")[1])
-        for d in os.listdir(output_dir)
-        if d.startswith("checkpoint-") and d.split("-")[1].isdigit()
-    ]
+        return []
+    names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
+    return sorted(names, key=lambda d: int(d.split("-")[1]))
+
+
+def _latest_checkpoint(output_dir: str) -> str | None:
+    steps = [int(d.split("-")[1]) for d in _checkpoint_folders(output_dir)]
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+# ----- training: what the steps of `train_heads` share ----------------------------------------------------------
+@dataclass
+class _TrainingState:
+    """The state that the steps of [`train_heads`] read and update (and that a checkpoint saves)."""
+
+    accelerator: Accelerator
+    model: nn.Module  # the training forward pass around `heads`, prepared by accelerate (e.g. wrapped in DDP)
+    optimizer: torch.optim.Optimizer
+    heads: S2MHeads  # the weights the optimizer trains
+    averaged: S2MHeads  # the weights evaluated, early-stopped and returned: an EMA of `heads`, or `heads` itself
+    heldout: _HeldOut
+    branches: dict[str, list[str]]  # the state-dict prefixes of each early-stopped branch
+    best: dict[str, dict]  # per branch: the lowest calibrated held-out NLL ("nll"), its "step" and weights ("state")
+    fake_class_counts: torch.Tensor  # (n,): classes drawn from a conditional proposal by this process
+    step: int = 0  # optimizer steps done
+
+    @property
+    def ema(self) -> bool:
+        return self.averaged is not self.heads
+
+
+@dataclass(frozen=True)
+class _LoopConfig:
+    """The settings of the training loop (arguments of [`train_heads`])."""
+
+    num_steps: int
+    micro_batch: int  # real images (and as many proposal samples) per process and accumulation micro-step
+    gradient_accumulation_steps: int
+    dv_augment: tuple[str, ...]
+    dr_augment: tuple[str, ...]
+    ema_decay: float | None
+    eval_steps: int
+    seed: int
+    progress: bool
+    report_to: str | None
+    output_dir: str | os.PathLike | None
+    checkpointing_steps: int | None
+    checkpoints_total_limit: int | None
 
 
 def train_heads(
@@ -359,7 +415,7 @@ def train_heads(
     checkpoints_total_limit: int | None = None,
     resume_from_checkpoint: str | os.PathLike | None = None,
     priors: Sequence[float] | str | None = "estimate",
-    negation_margin: float = 10.0,
+    negation_margin: float = DEFAULT_NEGATION_MARGIN,
     report_to: str | None = None,
     progress: bool = True,
     **heads_kwargs,
@@ -371,7 +427,7 @@ def train_heads(
             single-positive labels.
         proposal (`Callable` or path): `proposal(n, generator)` returning images `(n, C, S, S)` in [-1, 1], or
             `(images, class_labels)` for a class-conditional proposal (then ``D_f`` is trained too); or a folder of
-            pre-generated samples (or an [`~s2m_diffusers.data.ImageBankProposal`]), of which `heldout_fraction` is
+            pre-generated samples (or an [`~s2m_diffusers.data.ImageBank`]), of which `heldout_fraction` is
             kept apart for calibration.
         heads ([`~s2m_diffusers.models.heads.S2MHeads`], *optional*): heads to train; by default new ones are
             built from the data's attribute names, size and channels and `heads_kwargs`.
@@ -406,7 +462,8 @@ def train_heads(
             `output_dir`; training continues from its step.
         priors (`Sequence[float]`, `"estimate"` or `None`, defaults to `"estimate"`): attribute priors ``pi_c``
             to store; `"estimate"` estimates them from the calibrated ``D_r`` on the real data (spec §3).
-        negation_margin (`float`, defaults to 10.0): the margin of negated literals stored in the heads.
+        negation_margin (`float`, defaults to `DEFAULT_NEGATION_MARGIN`, 10.0): the margin of negated literals
+            stored in the heads.
         report_to (`str`, *optional*): an accelerate tracker (`"tensorboard"`, `"wandb"`, ...) for the metrics.
         progress (`bool`, defaults to `True`): show a progress bar on the main process.
         heads_kwargs: config of new [`S2MHeads`] (e.g. `cnn_channels`, `transformers_config`, `shared_backbone`).
@@ -436,6 +493,64 @@ def train_heads(
         raise ValueError("`resume_from_checkpoint='latest'` needs `output_dir`, where the checkpoints are.")
     if checkpointing_steps is not None and output_dir is None:
         raise ValueError("`checkpointing_steps` needs `output_dir` to save checkpoints into.")
+    accelerator, micro_batch = _make_accelerator(
+        batch_size, mixed_precision, gradient_accumulation_steps, report_to, output_dir
+    )
+
+    # Data: a stratified held-out split of the real images and a fixed held-out set of proposal samples.
+    train, proposal, heldout = _prepare_data(data, proposal, heldout_fraction, num_heldout_samples, seed)
+    heads = _build_heads(heads, data, heldout.fake_labels is not None, seed, negation_margin, heads_kwargs)
+
+    # Model and optimizer, prepared by accelerate; the state the steps share; a checkpoint to resume from.
+    optimizer = torch.optim.AdamW(
+        [p for p in heads.parameters() if p.requires_grad], lr=learning_rate, weight_decay=weight_decay
+    )
+    model, optimizer = accelerator.prepare(_TrainingForward(heads), optimizer)
+    if report_to is not None:
+        accelerator.init_trackers("s2m_heads")
+    state = _start_state(accelerator, model, optimizer, heads, heldout, ema_decay)
+    if resume_from_checkpoint is not None:
+        _resume(state, resume_from_checkpoint, output_dir)
+
+    # Training, with held-out evaluation (early stopping) every `eval_steps` and checkpoints.
+    config = _LoopConfig(
+        num_steps=num_steps,
+        micro_batch=micro_batch,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        dv_augment=tuple(augment),
+        dr_augment=tuple(augment if dr_augment is None else dr_augment),
+        ema_decay=ema_decay,
+        eval_steps=eval_steps,
+        seed=seed,
+        progress=progress,
+        report_to=report_to,
+        output_dir=output_dir,
+        checkpointing_steps=checkpointing_steps,
+        checkpoints_total_limit=checkpoints_total_limit,
+    )
+    _train_loop(state, train, proposal, config)
+    if state.step == 0 or state.best[next(iter(state.best))]["nll"] == math.inf:
+        _evaluate(state)
+
+    # Early stopping and calibration; then what the sampler needs besides the weights: p_G(c) and the priors.
+    heads, metrics = _calibrate(state)
+    if heads.conditional:
+        _store_proposal_class_probs(state, heads)
+    metrics.update(_store_priors(heads, data, priors))
+    metrics["train_time_s"] = time.perf_counter() - start_time
+    _report_and_save(state, heads, metrics, output_dir, report_to)
+    return heads, metrics
+
+
+# ----- the steps of `train_heads` -------------------------------------------------------------------------------
+def _make_accelerator(
+    batch_size: int,
+    mixed_precision: str,
+    gradient_accumulation_steps: int,
+    report_to: str | None,
+    output_dir: str | os.PathLike | None,
+) -> tuple[Accelerator, int]:
+    """The `Accelerator`, and the micro-batch of one process and accumulation step."""
     get_state()  # several CPU processes where there is no accelerator (a plain Accelerator() would see one)
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
@@ -449,18 +564,39 @@ def train_heads(
             f"batch_size={batch_size} is smaller than processes x accumulation steps "
             f"({accelerator.num_processes} x {gradient_accumulation_steps})."
         )
+    return accelerator, micro_batch
 
-    # Data: a stratified held-out split of the real images and a fixed held-out set of proposal samples.
+
+def _prepare_data(
+    data: SinglePositiveDataset,
+    proposal: Callable | str | os.PathLike,
+    heldout_fraction: float,
+    num_heldout_samples: int,
+    seed: int,
+) -> tuple[SinglePositiveDataset, Callable, _HeldOut]:
+    """`(train, proposal, heldout)`: the real training split, the proposal to train on (a bank of pre-generated
+    samples less its held-out share) and the held-out data."""
     train, heldout = data.split(heldout_fraction, seed=seed)
     if isinstance(proposal, (str, os.PathLike)):
-        proposal = ImageBankProposal.from_folder(proposal, data.sample_size, data.in_channels)
-    if isinstance(proposal, ImageBankProposal):
+        proposal = ImageBank.from_folder(proposal, data.sample_size, data.in_channels)
+    if isinstance(proposal, ImageBank):
         proposal, heldout_proposal = proposal.split(heldout_fraction, seed=seed)
     else:
         heldout_proposal = proposal
-    heldout_fake, heldout_fake_labels = _draw(heldout_proposal, num_heldout_samples, _step_generator(seed, 1), data)
-    conditional = heldout_fake_labels is not None
+    fake, fake_labels = _draw(heldout_proposal, num_heldout_samples, _step_generator(seed, 1), data)
+    return train, proposal, _HeldOut(real=heldout, fake=fake, fake_labels=fake_labels)
 
+
+def _build_heads(
+    heads: S2MHeads | None,
+    data: SinglePositiveDataset,
+    conditional: bool,
+    seed: int,
+    negation_margin: float,
+    heads_kwargs: dict,
+) -> S2MHeads:
+    """New heads for the data (initial weights from `seed`), or the given ones checked against the data; with the
+    data's label counts and the negation margin in their config."""
     if heads is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the initial weights too depend on `seed` alone
@@ -488,206 +624,277 @@ def train_heads(
             f"{'class-conditional' if conditional else 'unconditional'}; build heads with conditional={conditional}."
         )
     heads.register_to_config(label_counts=data.label_counts, negation_margin=float(negation_margin))
+    return heads
 
-    wrapper = _TrainingForward(heads)
-    optimizer = torch.optim.AdamW(
-        [p for p in heads.parameters() if p.requires_grad], lr=learning_rate, weight_decay=weight_decay
-    )
-    wrapper, optimizer = accelerator.prepare(wrapper, optimizer)
-    if report_to is not None:
-        accelerator.init_trackers("s2m_heads")
 
+def _start_state(
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    heads: S2MHeads,
+    heldout: _HeldOut,
+    ema_decay: float | None,
+) -> _TrainingState:
+    """The state at step 0: the averaged copy (with `ema_decay`) and, per branch, its initial weights as the best."""
     branches = _branches(heads)
-    # The weights that are evaluated, early-stopped and returned: an exponential moving average, or the raw ones.
     averaged = copy.deepcopy(heads).requires_grad_(False) if ema_decay is not None else heads
     best = {
         name: {"nll": math.inf, "step": 0, "state": _branch_state(averaged, prefixes)}
         for name, prefixes in branches.items()
     }
-    fake_class_counts = torch.zeros(heads.num_attributes, dtype=torch.long)
-    step = 0
+    return _TrainingState(
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        heads=heads,
+        averaged=averaged,
+        heldout=heldout,
+        branches=branches,
+        best=best,
+        fake_class_counts=torch.zeros(heads.num_attributes, dtype=torch.long),
+    )
 
-    if resume_from_checkpoint is not None:
-        path = (
-            _latest_checkpoint(os.fspath(output_dir))
-            if resume_from_checkpoint == "latest"
-            else os.fspath(resume_from_checkpoint)
+
+def _resume(state: _TrainingState, resume_from_checkpoint: str | os.PathLike, output_dir) -> None:
+    """Load a checkpoint written by [`_save_checkpoint`] into `state` (and the accelerator's objects)."""
+    path = (
+        _latest_checkpoint(os.fspath(output_dir))
+        if resume_from_checkpoint == "latest"
+        else os.fspath(resume_from_checkpoint)
+    )
+    if path is None or not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"No checkpoint to resume from at {resume_from_checkpoint!r} (output_dir={output_dir})."
         )
-        if path is None or not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"No checkpoint to resume from at {resume_from_checkpoint!r} (output_dir={output_dir})."
-            )
-        accelerator.load_state(path)
-        with open(os.path.join(path, STATE_FILE)) as f:
-            state = json.load(f)
-        step = state["step"]
-        # the saved counts are summed over the processes: the main process takes them up, the others start at 0
-        fake_class_counts = torch.tensor(state["fake_class_counts"]) * int(accelerator.is_main_process)
-        if ema_decay is not None:
-            averaged.load_state_dict(load_file(os.path.join(path, EMA_FILE)))
-        tensors = load_file(os.path.join(path, BEST_FILE))
-        for name in best:
-            best[name]["nll"], best[name]["step"] = state["best"][name]["nll"], state["best"][name]["step"]
-            prefix = f"{name}/"
-            best[name]["state"] = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    state.accelerator.load_state(path)
+    with open(os.path.join(path, STATE_FILE)) as f:
+        saved = json.load(f)
+    state.step = saved["step"]
+    # the saved counts are summed over the processes: the main process takes them up, the others start at 0
+    state.fake_class_counts = torch.tensor(saved["fake_class_counts"]) * int(state.accelerator.is_main_process)
+    if state.ema:
+        state.averaged.load_state_dict(load_file(os.path.join(path, EMA_FILE)))
+    tensors = load_file(os.path.join(path, BEST_FILE))
+    for name, best in state.best.items():
+        best["nll"], best["step"] = saved["best"][name]["nll"], saved["best"][name]["step"]
+        prefix = f"{name}/"
+        best["state"] = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    def evaluate(at_step: int) -> dict[str, float]:
-        logits = _heldout_logits(averaged, heldout, heldout_fake)
-        scores = _calibrated_nll(_calibration_sets(logits, heldout.labels, heldout_fake_labels))
-        for name, prefixes in branches.items():
-            score = sum(scores.values()) if name == "all" else scores[name]
-            if score < best[name]["nll"]:
-                best[name].update(nll=score, step=at_step, state=_branch_state(averaged, prefixes))
-        return scores
 
-    def total_class_counts() -> torch.Tensor:
-        """The conditional proposal's class counts, summed over the processes (every process calls this)."""
-        if accelerator.num_processes == 1:
-            return fake_class_counts
-        return accelerator.reduce(fake_class_counts.to(accelerator.device), reduction="sum").cpu()
-
-    def save_checkpoint(at_step: int) -> None:
-        final = os.path.join(os.fspath(output_dir), f"checkpoint-{at_step}")
-        tmp = final + ".tmp"
-        counts = total_class_counts()
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(tmp)  # every process writes its random state into tmp
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            save_file(
-                {f"{n}/{k}": v.contiguous() for n, b in best.items() for k, v in b["state"].items()},
-                os.path.join(tmp, BEST_FILE),
-            )
-            if ema_decay is not None:
-                save_file({k: v.contiguous() for k, v in averaged.state_dict().items()}, os.path.join(tmp, EMA_FILE))
-            state = {
-                "step": at_step,
-                "fake_class_counts": counts.tolist(),
-                "best": {n: {"nll": b["nll"], "step": b["step"]} for n, b in best.items()},
-            }
-            with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump(state, f)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            if checkpoints_total_limit is not None:
-                old = sorted(
-                    (d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()),
-                    key=lambda d: int(d.split("-")[1]),
-                )
-                for d in old[: max(0, len(old) - checkpoints_total_limit)]:
-                    shutil.rmtree(os.path.join(output_dir, d))
-        accelerator.wait_for_everyone()
-
-    dv_augment, dr_augment = tuple(augment), tuple(augment if dr_augment is None else dr_augment)
+def _train_loop(state: _TrainingState, train: SinglePositiveDataset, proposal: Callable, config: _LoopConfig) -> None:
+    """Optimizer steps from `state.step` to `config.num_steps`: losses logged (averaged over the processes), the
+    held-out evaluation every `eval_steps` (and at the end), a checkpoint every `checkpointing_steps`."""
+    accelerator = state.accelerator
     bar = tqdm(
-        total=num_steps, initial=step, disable=not (progress and accelerator.is_local_main_process), desc="heads"
+        total=config.num_steps,
+        initial=state.step,
+        disable=not (config.progress and accelerator.is_local_main_process),
+        desc="heads",
     )
     # Each step seeds the global RNG (dropout) from `(seed, step)`; the caller's RNG state is restored after.
     with torch.random.fork_rng(devices=[]):
-        wrapper.train()
-        while step < num_steps:
-            for micro in range(gradient_accumulation_steps):
-                g = _step_generator(seed, 0, step, micro, accelerator.process_index)
-                torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))  # dropout and other global draws
-                index = torch.randint(len(train), (micro_batch,), generator=g)
-                real, labels = train.images[index], train.labels[index]
-                fake, fake_labels = _draw(proposal, micro_batch, g, data)
-                real_v, fake = augment_images(real, dv_augment, g), augment_images(fake, dv_augment, g)
-                real_r = real_v if dr_augment == dv_augment else augment_images(real, dr_augment, g)
-                device = accelerator.device
-                with accelerator.accumulate(wrapper), accelerator.autocast():
-                    out = wrapper(real_v.to(device), real_r.to(device), fake.to(device))
-                    dv_target = torch.cat([torch.ones(micro_batch), torch.zeros(micro_batch)]).to(device)
-                    losses = {
-                        "dv": F.binary_cross_entropy_with_logits(out["dv"].float(), dv_target),
-                        "dr": F.cross_entropy(out["dr"].float(), labels.to(device)),
-                    }
-                    if "dv_aux" in out:
-                        losses["dv_aux"] = F.cross_entropy(out["dv_aux"].float(), labels.to(device))
-                    if conditional:
-                        losses["df"] = F.cross_entropy(out["df"].float(), fake_labels.to(device))
-                        fake_class_counts += torch.bincount(fake_labels, minlength=heads.num_attributes)
-                    loss = sum(losses.values())
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                if ema_decay is not None and accelerator.sync_gradients:
-                    with torch.no_grad():
-                        for average, current in zip(averaged.parameters(), heads.parameters()):
-                            average.lerp_(current.detach(), 1.0 - ema_decay)
-                        for average, current in zip(averaged.buffers(), heads.buffers()):
-                            average.copy_(current)  # e.g. normalisation statistics of a transformers backbone
-            step += 1
+        state.model.train()
+        while state.step < config.num_steps:
+            for micro in range(config.gradient_accumulation_steps):
+                losses = _micro_step(state, train, proposal, config, micro)
+                if config.ema_decay is not None and accelerator.sync_gradients:
+                    _update_ema(state.averaged, state.heads, config.ema_decay)
+            state.step += 1
             bar.update(1)
             mean_losses = torch.stack([v.detach().float() for v in losses.values()])
             if accelerator.num_processes > 1:
                 mean_losses = accelerator.reduce(mean_losses, reduction="mean")  # over the processes
             logs = {f"loss_{h}": float(v) for h, v in zip(losses, mean_losses)}
-            if step % eval_steps == 0 or step == num_steps:
-                logs.update({f"heldout_nll_{h}": v for h, v in evaluate(step).items()})
+            if state.step % config.eval_steps == 0 or state.step == config.num_steps:
+                logs.update({f"heldout_nll_{h}": v for h, v in _evaluate(state).items()})
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
-            if report_to is not None:
-                accelerator.log(logs, step=step)
-            if checkpointing_steps is not None and step % checkpointing_steps == 0:
-                save_checkpoint(step)
+            if config.report_to is not None:
+                accelerator.log(logs, step=state.step)
+            if config.checkpointing_steps is not None and state.step % config.checkpointing_steps == 0:
+                _save_checkpoint(state, config.output_dir, config.checkpoints_total_limit)
     bar.close()
-    if step == 0 or best[next(iter(best))]["nll"] == math.inf:
-        evaluate(step)
 
-    # Early stopping: the best weights of each head; then calibration on the held-out data.
-    heads = averaged.cpu()
-    for b in best.values():
+
+def _micro_step(
+    state: _TrainingState, train: SinglePositiveDataset, proposal: Callable, config: _LoopConfig, micro: int
+) -> dict[str, torch.Tensor]:
+    """One forward and backward pass on fresh real images and proposal samples (the optimizer steps once the
+    accumulation is complete); every draw comes from a generator seeded by `(seed, step, micro, process)`."""
+    accelerator, n = state.accelerator, config.micro_batch
+    g = _step_generator(config.seed, 0, state.step, micro, accelerator.process_index)
+    torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))  # dropout and other global draws
+    index = torch.randint(len(train), (n,), generator=g)
+    real, labels = train.images[index], train.labels[index]
+    fake, fake_labels = _draw(proposal, n, g, train)
+    real_v, fake = augment_images(real, config.dv_augment, g), augment_images(fake, config.dv_augment, g)
+    real_r = real_v if config.dr_augment == config.dv_augment else augment_images(real, config.dr_augment, g)
+    device = accelerator.device
+    with accelerator.accumulate(state.model), accelerator.autocast():
+        out = state.model(real_v.to(device), real_r.to(device), fake.to(device))  # raw logits per head
+        dv_target = torch.cat([torch.ones(n), torch.zeros(n)]).to(device)
+        losses = {
+            "dv": F.binary_cross_entropy_with_logits(out["dv"].float(), dv_target),
+            "dr": F.cross_entropy(out["dr"].float(), labels.to(device)),
+        }
+        if "dv_aux" in out:
+            losses["dv_aux"] = F.cross_entropy(out["dv_aux"].float(), labels.to(device))
+        if state.heads.conditional:
+            losses["df"] = F.cross_entropy(out["df"].float(), fake_labels.to(device))
+            state.fake_class_counts += torch.bincount(fake_labels, minlength=state.heads.num_attributes)
+        loss = sum(losses.values())
+        accelerator.backward(loss)
+        state.optimizer.step()
+        state.optimizer.zero_grad()
+    return losses
+
+
+@torch.no_grad()
+def _update_ema(averaged: S2MHeads, heads: S2MHeads, decay: float) -> None:
+    """`averaged <- decay * averaged + (1 - decay) * heads` for the parameters; buffers are copied."""
+    for average, current in zip(averaged.parameters(), heads.parameters()):
+        average.lerp_(current.detach(), 1.0 - decay)
+    for average, current in zip(averaged.buffers(), heads.buffers()):
+        average.copy_(current)  # e.g. normalisation statistics of a transformers backbone
+
+
+def _evaluate(state: _TrainingState) -> dict[str, float]:
+    """The calibrated held-out NLL of each head at `state.step`; keeps the weights of each branch that improved."""
+    heldout = state.heldout
+    logits = _heldout_logits(state.averaged, heldout.real, heldout.fake)
+    scores = _calibrated_nll(_calibration_sets(logits, heldout.real.labels, heldout.fake_labels))
+    for name, prefixes in state.branches.items():
+        score = sum(scores.values()) if name == "all" else scores[name]
+        if score < state.best[name]["nll"]:
+            state.best[name].update(nll=score, step=state.step, state=_branch_state(state.averaged, prefixes))
+    return scores
+
+
+def _total_class_counts(state: _TrainingState) -> torch.Tensor:
+    """The conditional proposal's class counts, summed over the processes (every process calls this)."""
+    accelerator = state.accelerator
+    if accelerator.num_processes == 1:
+        return state.fake_class_counts
+    return accelerator.reduce(state.fake_class_counts.to(accelerator.device), reduction="sum").cpu()
+
+
+def _save_checkpoint(state: _TrainingState, output_dir, checkpoints_total_limit: int | None) -> None:
+    """`output_dir/checkpoint-STEP`: the accelerator's state (every process's), the best and averaged weights and
+    `STATE_FILE`; written into `checkpoint-STEP.tmp`, then renamed. Keeps the newest `checkpoints_total_limit`."""
+    accelerator = state.accelerator
+    final = os.path.join(os.fspath(output_dir), f"checkpoint-{state.step}")
+    tmp = final + ".tmp"
+    counts = _total_class_counts(state)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)  # every process writes its random state into tmp
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_file(
+            {f"{n}/{k}": v.contiguous() for n, b in state.best.items() for k, v in b["state"].items()},
+            os.path.join(tmp, BEST_FILE),
+        )
+        if state.ema:
+            save_file({k: v.contiguous() for k, v in state.averaged.state_dict().items()}, os.path.join(tmp, EMA_FILE))
+        saved = {
+            "step": state.step,
+            "fake_class_counts": counts.tolist(),
+            "best": {n: {"nll": b["nll"], "step": b["step"]} for n, b in state.best.items()},
+        }
+        write_text_atomically(os.path.join(tmp, STATE_FILE), json.dumps(saved))
+        move_into_place(tmp, final, replace=True)
+        if checkpoints_total_limit is not None:
+            old = _checkpoint_folders(os.fspath(output_dir))
+            for d in old[: max(0, len(old) - checkpoints_total_limit)]:
+                shutil.rmtree(os.path.join(output_dir, d))
+    accelerator.wait_for_everyone()
+
+
+def _calibrate(state: _TrainingState) -> tuple[S2MHeads, dict]:
+    """Early stopping (the best weights of each branch), then one temperature per head fitted on the held-out data.
+
+    Returns the heads (on the CPU, trainable, in eval mode) and the metrics `steps` and, per head `h`, those of
+    [`head_metrics`] and `h_best_step`."""
+    heads = state.averaged.cpu()
+    for b in state.best.values():
         heads.load_state_dict(b["state"], strict=False)
-    logits = _heldout_logits(heads, heldout, heldout_fake)
-    sets = _calibration_sets(logits, heldout.labels, heldout_fake_labels)
-    metrics: dict = {"steps": step}
+    heldout = state.heldout
+    logits = _heldout_logits(heads, heldout.real, heldout.fake)
+    sets = _calibration_sets(logits, heldout.real.labels, heldout.fake_labels)
+    metrics: dict = {"steps": state.step}
     temperatures = {}
     for h, (z, y, w) in sets.items():
         temperatures[h] = fit_temperature(z, y, w)
         metrics.update({f"{h}_{k}": v for k, v in head_metrics(z, y, temperatures[h], w).items()})
-        metrics[f"{h}_best_step"] = best["all" if "all" in best else h]["step"]
+        metrics[f"{h}_best_step"] = state.best["all" if "all" in state.best else h]["step"]
     heads.set_temperatures(**temperatures)
     heads.requires_grad_(True)  # the averaged copy was frozen; hand back trainable heads
     if heads.config.freeze_backbone:
         heads.backbones.requires_grad_(False)
     heads.eval()
+    return heads, metrics
 
-    if conditional:
-        counts = total_class_counts().double() + torch.bincount(heldout_fake_labels, minlength=heads.num_attributes)
-        heads.register_to_config(proposal_class_probs=(counts / counts.sum()).tolist())
+
+def _store_proposal_class_probs(state: _TrainingState, heads: S2MHeads) -> None:
+    """``p_G(c)`` of a conditional proposal: its class shares over training and held-out draws, in the config."""
+    counts = _total_class_counts(state).double()
+    counts = counts + torch.bincount(state.heldout.fake_labels, minlength=heads.num_attributes)
+    heads.register_to_config(proposal_class_probs=(counts / counts.sum()).tolist())
+
+
+def _store_priors(heads: S2MHeads, data: SinglePositiveDataset, priors: Sequence[float] | str | None) -> dict:
+    """Store the priors in the heads' config, estimated from the calibrated ``D_r`` on the real data (spec §3) when
+    `priors == "estimate"`; returns the metrics `priors_report` (when estimated) and `priors`."""
+    metrics = {}
     if isinstance(priors, str):
         if priors != "estimate":
             raise ValueError(f"`priors` must be a list of floats, 'estimate' or None; got {priors!r}.")
         with torch.no_grad():
             dr_log_probs = torch.cat([heads(data.images[i : i + 512]).dr_log_probs for i in range(0, len(data), 512)])
-        estimate, report = estimate_priors(dr_log_probs, data.label_counts)
-        metrics["priors_report"] = report
-        priors = estimate
+        priors, metrics["priors_report"] = estimate_priors(dr_log_probs, data.label_counts)
     heads.register_to_config(priors=None if priors is None else [float(p) for p in priors])
     metrics["priors"] = heads.priors
-    metrics["train_time_s"] = time.perf_counter() - start_time
-    summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-    logger.info(f"Trained S2M heads for {step} steps: {summary}", main_process_only=True)
-    if report_to is not None:
-        accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-        accelerator.end_training()
+    return metrics
 
+
+def _report_and_save(state: _TrainingState, heads: S2MHeads, metrics: dict, output_dir, report_to: str | None) -> None:
+    """Log the metrics (and end the trackers); the main process writes the heads and `metrics.json`."""
+    accelerator = state.accelerator
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    logger.info(f"Trained S2M heads for {state.step} steps: {summary}", main_process_only=True)
+    if report_to is not None:
+        accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=state.step)
+        accelerator.end_training()
     if output_dir is not None and accelerator.is_main_process:
         save_heads(heads, os.fspath(output_dir))
-        with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_text_atomically(os.path.join(output_dir, "metrics.json"), json.dumps(metrics, indent=2))
     accelerator.wait_for_everyone()
-    return heads, metrics
+
+
+def sample_bank(
+    proposal: Callable, size: int, seed: int = 0, sample_size: int | None = None, in_channels: int | None = None
+) -> ImageBank:
+    """``size`` samples of a generator, drawn once: the image bank ``D_v`` trains against when every sample is
+    expensive (a diffusion model: one sample costs a whole denoising run), instead of fresh samples every step.
+
+    Args:
+        proposal (`Callable`): ``proposal(n, generator) -> images`` in [-1, 1], e.g. a `DDIMProposal`.
+        size (`int`): samples in the bank.
+        seed (`int`, defaults to 0): the bank is drawn with ``torch.Generator().manual_seed(seed + 12345)``.
+        sample_size (`int`, *optional*), in_channels (`int`, *optional*): bring the samples to the heads' format
+            (`prepare_images`) when they are larger.
+
+    Returns:
+        [`~s2m_diffusers.data.ImageBank`].
+    """
+    with torch.no_grad():
+        images = proposal(size, torch.Generator().manual_seed(seed + 12345))
+    if sample_size is not None and images.shape[-1] != sample_size:
+        images = prepare_images(images, sample_size, in_channels)
+    return ImageBank(images)
 
 
 def save_heads(heads: S2MHeads, output_dir: str) -> None:
-    """`heads.save_pretrained(output_dir)` atomically: written to a temporary folder, then moved file by file."""
-    os.makedirs(output_dir, exist_ok=True)
-    tmp = os.path.join(output_dir, ".heads.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    heads.save_pretrained(tmp)
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-    os.rmdir(tmp)
+    """`heads.save_pretrained(output_dir)` atomically: written to a temporary folder beside it, then moved into place
+    file by file (other files of `output_dir`, such as checkpoints, are kept)."""
+    save_folder_atomically(heads.save_pretrained, output_dir)

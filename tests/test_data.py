@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from s2m_diffusers.data import ImageBankProposal, SinglePositiveDataset, load_image_folder, prepare_images
+from s2m_diffusers.data import ImageBank, ImageBankProposal, SinglePositiveDataset, load_image_folder, prepare_images
 
 
 def _write(path, size=(12, 10), mode="RGB", value=128):
@@ -138,10 +138,11 @@ def test_split_is_stratified_and_seeded():
     assert torch.equal(again.labels, heldout.labels)
 
 
-def test_image_bank_proposal(tmp_path):
+def test_image_bank(tmp_path):
+    assert ImageBankProposal is ImageBank  # the deprecated name still works
     for i in range(5):
         _write(tmp_path / f"{i}.png", size=(8, 8), mode="L", value=50 * i)
-    bank = ImageBankProposal.from_folder(tmp_path, 8, 1)
+    bank = ImageBank.from_folder(tmp_path, 8, 1)
     assert len(bank) == 5 and load_image_folder(tmp_path, 8, 1).shape == (5, 1, 8, 8)
     draws = bank(7, torch.Generator().manual_seed(0))
     assert draws.shape == (7, 1, 8, 8)

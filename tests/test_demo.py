@@ -1,5 +1,6 @@
 """`s2m demo` plumbing: `run_demo` on tiny stand-ins of the shipped weights writes the grid and both reports with one
-row per generator and target; the shipped weights load into pipelines."""
+row per generator and target, and saves pipeline folders that reload and sample; the shipped weights load into
+pipelines."""
 
 import json
 import os
@@ -11,11 +12,19 @@ from PIL import Image
 from test_pipeline import dcgan, spread_heads, tiny_unet
 
 from s2m_diffusers.cli import main
-from s2m_diffusers.demo import DEMO_SETTINGS, formula_accuracy, load_demo_pipeline, make_grid, run_demo
-from s2m_diffusers.evaluation import AttributeEvaluator
+from s2m_diffusers.demo import (
+    ATTRIBUTE_NAMES,
+    DEMO_SETTINGS,
+    DIGITS_7TO3_PRETRAINED,
+    SOURCE_CLASS_ATTRIBUTES,
+    load_demo_pipeline,
+    make_grid,
+    run_demo,
+)
+from s2m_diffusers.evaluation import AttributeEvaluator, formula_accuracy
 from s2m_diffusers.models.heads import S2MHeads
+from s2m_diffusers.pipeline_s2m import S2MPipeline
 from s2m_diffusers.proposals import DDIMProposal, GeneratorProposal
-from s2m_diffusers.seven_to_three import DIGITS_7TO3_PRETRAINED
 
 torch.set_num_threads(1)
 TARGETS = ["A", "B & ~C"]
@@ -45,19 +54,29 @@ def tiny_root(tmp_path_factory):
         samples = DDIMProposal(unet, scheduler, 2)(128, torch.Generator().manual_seed(0))
     tiny_heads(samples).save_pretrained(root / "heads_ddpm")
     torch.manual_seed(0)
-    AttributeEvaluator(sample_size=8, base_channels=4).save_pretrained(root / "evaluator")
+    AttributeEvaluator(ATTRIBUTE_NAMES, SOURCE_CLASS_ATTRIBUTES, sample_size=8, base_channels=4).save_pretrained(
+        root / "evaluator"
+    )
     return str(root)
 
 
-def test_run_demo_writes_grid_and_reports(tiny_root, tmp_path):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_run(tiny_root, tmp_path_factory):
+    """`run_demo` on the tiny stand-ins, run once: (its output folder, its report)."""
+    out = tmp_path_factory.mktemp("demo")
     report = run_demo(
         out, num_images=2, seed=0, targets=TARGETS, root=tiny_root, settings=TINY_SETTINGS, progress=False
     )
+    return out, report
+
+
+def test_run_demo_writes_grid_and_reports(demo_run):
+    out, report = demo_run
     assert report["paths"] == {
         "grid": str(out / "grid.png"),
         "markdown": str(out / "report.md"),
         "json": str(out / "report.json"),
+        "pipelines": {"gan": str(out / "pipelines" / "gan"), "ddpm": str(out / "pipelines" / "ddpm")},
     }
     saved = json.loads((out / "report.json").read_text())
     rows = saved["rows"]
@@ -75,9 +94,26 @@ def test_run_demo_writes_grid_and_reports(tiny_root, tmp_path):
 
     markdown = (out / "report.md").read_text()
     assert markdown.count("| gan | `") == 2 and markdown.count("| ddpm | `") == 2 and "`B & ~C`" in markdown
+    assert "`pipelines/gan`, `pipelines/ddpm`" in markdown
     with Image.open(out / "grid.png") as grid:
         width, height = grid.size
     assert height > 2 * 48 and width > 120 + 4 * 48  # two rows; two images in each of two blocks
+
+
+@pytest.mark.parametrize("kind", ["gan", "ddpm"])
+def test_saved_pipelines_reload_and_sample_as_the_demo_did(demo_run, tiny_root, kind):
+    out, report = demo_run
+    folder = report["paths"]["pipelines"][kind]
+    assert os.path.isfile(os.path.join(folder, "model_index.json"))
+    reloaded = S2MPipeline.from_pretrained(folder)
+    assert reloaded.heads.attribute_names == ["A", "B", "C"]
+    kwargs = {"num_images": 1, "output_type": "pt", "refit": "off", **TINY_SETTINGS[kind]}
+    images = reloaded("A", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert images.shape == (1, 1, 8, 8)
+    original = load_demo_pipeline(kind, tiny_root)(
+        "A", generator=torch.Generator().manual_seed(0), **kwargs
+    ).images  # the pipeline the demo assembled, loaded afresh
+    assert torch.equal(images, original)
 
 
 def test_make_grid_layout_and_formula_accuracy(tiny_root):
@@ -113,6 +149,7 @@ def test_demo_command_prints_the_paths(tiny_root, tmp_path, capsys, monkeypatch)
     printed = capsys.readouterr().out
     assert calls["num_images"] == 1 and calls["seed"] == 3 and not calls["retrain"]
     assert str(out / "grid.png") in printed and str(out / "report.json") in printed and "wall time" in printed
+    assert str(out / "pipelines" / "gan") in printed
 
 
 @pytest.mark.skipif(

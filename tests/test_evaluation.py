@@ -4,6 +4,15 @@ import numpy as np
 import pytest
 import torch
 
+from s2m_diffusers.demo import (
+    ATTRIBUTE_NAMES,
+    ATTRIBUTE_TABLE,
+    DIGITS_7TO3_PRETRAINED,
+    SEVEN_TARGET_LITERALS,
+    SOURCE_CLASS_ATTRIBUTES,
+    load_digits_7to3,
+    load_digits_without_attributes,
+)
 from s2m_diffusers.evaluation import (
     AttributeEvaluator,
     combination_shares,
@@ -15,14 +24,6 @@ from s2m_diffusers.evaluation import (
     random_shift,
     target_accuracy,
     target_probabilities,
-)
-from s2m_diffusers.seven_to_three import (
-    ATTRIBUTE_TABLE,
-    DIGITS_7TO3_PRETRAINED,
-    SEVEN_TARGET_LITERALS,
-    SOURCE_CLASS_ATTRIBUTES,
-    load_digits_7to3,
-    load_digits_without_attributes,
 )
 
 
@@ -68,7 +69,7 @@ def test_random_shift():
 def test_evaluator_outputs_and_round_trip(tmp_path):
     torch.manual_seed(0)
     class_attributes = [*SOURCE_CLASS_ATTRIBUTES, ()]
-    evaluator = AttributeEvaluator(class_attributes=class_attributes, base_channels=4).eval()
+    evaluator = AttributeEvaluator(ATTRIBUTE_NAMES, class_attributes, base_channels=4).eval()
     images = torch.rand(5, 1, 16, 16) * 2 - 1
     assert evaluator(images).shape == (5, 8) and evaluator_features(evaluator, images).shape == (5, 16)
     probs = evaluator_class_probs(evaluator, images)
@@ -86,7 +87,7 @@ def test_evaluator_outputs_and_round_trip(tmp_path):
     torch.testing.assert_close(loaded(images), evaluator(images), rtol=0, atol=0)
     assert [tuple(c) for c in loaded.config.class_attributes] == [tuple(c) for c in class_attributes]
     with pytest.raises(ValueError, match="not in"):
-        AttributeEvaluator(class_attributes=[("A",), ("D",)])
+        AttributeEvaluator(ATTRIBUTE_NAMES, class_attributes=[("A",), ("D",)])
 
 
 @pytest.fixture(scope="module")
@@ -118,5 +119,8 @@ def test_shipped_evaluator_flags_images_outside_the_universe(shipped):
     assert shares[:7].sum() <= 0.5  # pure noise is mostly no combination
 
 
-def test_attribute_table_is_the_default_class_table():
-    assert torch.equal(AttributeEvaluator(base_channels=2).class_table, ATTRIBUTE_TABLE)
+def test_class_table_of_the_7to3_combinations_is_the_attribute_table():
+    evaluator = AttributeEvaluator(ATTRIBUTE_NAMES, SOURCE_CLASS_ATTRIBUTES, base_channels=2)
+    assert torch.equal(evaluator.class_table, ATTRIBUTE_TABLE)
+    with pytest.raises(TypeError):  # the library knows no dataset: the attributes and combinations are required
+        AttributeEvaluator(base_channels=2)

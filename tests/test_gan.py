@@ -3,9 +3,9 @@ import os
 import pytest
 import torch
 
+from s2m_diffusers.demo import DIGITS_7TO3_PRETRAINED
 from s2m_diffusers.evaluation import AttributeEvaluator, combination_shares
 from s2m_diffusers.models.gan import DCGANDiscriminator, DCGANGenerator
-from s2m_diffusers.seven_to_three import DIGITS_7TO3_PRETRAINED
 
 
 def _latents(n, dim=8, seed=0):

@@ -155,6 +155,36 @@ def test_saving_into_an_existing_folder_keeps_other_files(tmp_path):
     S2MPipeline.from_pretrained(target)
 
 
+def test_hub_functions_save_and_load_a_pipeline(tmp_path):
+    """The module-level functions that `S2MPipeline`'s loaders delegate to, called directly."""
+    pipe = gan_pipeline()
+    with pytest.raises(ValueError, match="safetensors only"):
+        hub.save_pipeline(pipe, tmp_path / "s2m", safe_serialization=False)
+    folder = hub.save_pipeline(pipe, tmp_path / "s2m", training_data="Digits, 7to3 split.")
+    assert folder == str(tmp_path / "s2m")
+    assert {"model_index.json", "pipeline.py", "README.md"} <= set(os.listdir(folder))
+    assert "Digits, 7to3 split." in (tmp_path / "s2m" / "README.md").read_text()
+    kwargs = {"revision": "main", "torch_dtype": torch.float32}
+    assert hub.snapshot_path(tmp_path / "s2m", kwargs) == folder and "revision" in kwargs  # a folder: no download
+    config = hub.resolve_local_config(DiffusionPipeline.load_config(folder), folder)
+    assert config["_class_name"] == "S2MPipeline" and config["heads"] == ["s2m_diffusers.models.heads", "S2MHeads"]
+    api = StandInHub(tmp_path / "cache")
+    commit = hub.push_pipeline(pipe, "user/s2m-tiny", folder=folder, api=api)
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder", "upload_file"]
+    assert f'revision="{commit.oid}"' in api.calls[-1][3]
+
+
+def test_load_generator_folder(tmp_path):
+    from s2m_diffusers.models.gan import DCGANGenerator
+
+    DCGANGenerator(latent_dim=4, sample_size=16, out_channels=1, base_channels=4).save_pretrained(tmp_path / "gan")
+    kind, components = hub.load_generator_folder(str(tmp_path / "gan"))
+    assert kind == "gan" and isinstance(components["gan"], DCGANGenerator) and not components["gan"].training
+    assert hub.generator_image_shape(kind, components) == (16, 1)
+    with pytest.raises(ValueError, match="neither model_index.json"):
+        hub.load_generator_folder(str(tmp_path))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Model card
 

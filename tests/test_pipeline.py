@@ -50,7 +50,7 @@ def gan_pipeline(conditional=False, **config) -> S2MPipeline:
     )
     proposal = GeneratorProposal(gan)
     labels = torch.arange(256) % 3 if conditional else None
-    spread_heads(heads, proposal.generate(proposal.prior().sample(256, torch.Generator().manual_seed(1)), labels))
+    spread_heads(heads, proposal.generate(proposal.p_z().sample(256, torch.Generator().manual_seed(1)), labels))
     pipe = S2MPipeline(heads=heads, gan=gan, **config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -180,7 +180,7 @@ def test_ddim_unet_end_to_end():
     pipe = S2MPipeline(heads=heads, unet=unet, scheduler=scheduler, num_inference_steps=3)
     pipe.set_progress_bar_config(disable=True)
     proposal = pipe.get_proposal()
-    spread_heads(heads, proposal.generate(proposal.prior().sample(128, seeded(1))))
+    spread_heads(heads, proposal.generate(proposal.p_z().sample(128, seeded(1))))
     out = pipe("A & ~C", num_images=3, generator=seeded(), negation_margin=1.0, output_type="np", **FAST)
     assert out.images.shape == (3, 8, 8, 1) and out.latents.shape == (3, 1, 8, 8) and out.on_target.all()
     assert out.stats["proposal"] == "ddim"
@@ -620,3 +620,26 @@ def test_presence_margin_keeps_exact_heads_on_target_and_is_checked():
     assert (present[:, 0] & present[:, 1]).all()
     with pytest.raises(ValueError, match="presence_margin"):
         pipe("A & B", num_images=1, generator=seeded(), presence_margin=2.0, **FAST)
+
+
+def test_sampling_settings_as_one_config_or_as_keywords():
+    from s2m_diffusers import S2MSamplingConfig
+
+    pipe = gan_pipeline()
+    config = S2MSamplingConfig(refit="once", fit_size=16, steps_after_entry=2)
+    a = pipe("A & ~B", num_images=3, generator=seeded(), output_type="pt", sampling=config)
+    b = pipe(
+        "A & ~B", num_images=3, generator=seeded(), output_type="pt", refit="once", fit_size=16, steps_after_entry=2
+    )
+    c = pipe(
+        "A & ~B",
+        num_images=3,
+        generator=seeded(),
+        output_type="pt",
+        sampling={"refit": "once"},
+        fit_size=16,
+        steps_after_entry=2,
+    )
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.latents, c.latents) and a.stats["refit"] == "once"
+    with pytest.raises(TypeError, match=r"Unknown sampling setting\(s\) \['fitsize'\]"):
+        pipe("A", num_images=1, fitsize=3)

@@ -1,4 +1,4 @@
-"""The sampler against a problem whose target is known exactly (s2m_diffusers.toy).
+"""The sampler against a problem whose target is known exactly (s2m_diffusers.testing.toy).
 
 Goodness of fit: Pearson's chi-square over a 4 x 4 grid of the exact target's quantiles, against cell
 probabilities from 200,000 exact draws. The returned samples come from independent chains, so the counts
@@ -13,11 +13,12 @@ import math
 import pytest
 import torch
 
+import s2m_diffusers.maths as maths
 import s2m_diffusers.sampling as sampling
-import s2m_diffusers.targets as targets
-from s2m_diffusers.refit import StandardNormal
-from s2m_diffusers.sampling import BudgetExhaustedError, imh_accept, sample_imh, sample_official, sample_s2m
-from s2m_diffusers.toy import ToyProblem, chi_square_cells
+from s2m_diffusers.densities import StandardNormal
+from s2m_diffusers.maths import imh_accept
+from s2m_diffusers.sampling import BudgetExhaustedError, S2MSamplingConfig, sample_imh, sample_official, sample_s2m
+from s2m_diffusers.testing.toy import ToyProblem, chi_square_cells
 
 TOY = ToyProblem()
 PRIOR = StandardNormal((2,))
@@ -78,7 +79,8 @@ def test_statistics_add_up_and_seed_reproduces():
 
 def test_budget_exhausted_is_clear_or_partial():
     ev = TOY.evaluate_fn("A & B & C")
-    with pytest.raises(BudgetExhaustedError, match="ran out with .* of 100 samples on target") as err:
+    message = "ran out after 500 proposals with .* of 100 on-target samples"
+    with pytest.raises(BudgetExhaustedError, match=message) as err:
         sample_imh(ev, PRIOR, 100, max_proposals=500, generator=gen(0))
     assert err.value.result.stats.proposals == 500
     assert "refit" in str(err.value)
@@ -90,7 +92,7 @@ def test_budget_exhausted_is_clear_or_partial():
 def test_fits_that_spend_the_whole_budget_raise_the_budget_error_not_a_value_error():
     ev = TOY.evaluate_fn("A")  # half the prior holds A: the one fit finds ~150 latents in its 300 proposals
     kwargs = dict(refit="once", fit_size=256, fit_batch=300, max_proposals=300, generator=gen(0))
-    with pytest.raises(BudgetExhaustedError, match="spent the whole budget of 300"):
+    with pytest.raises(BudgetExhaustedError, match="budget of 300 ran out.*refitting stages spent the whole budget"):
         sample_s2m([ev], PRIOR, 10, **kwargs)
     part = sample_s2m([ev], PRIOR, 10, allow_partial=True, **kwargs)
     assert part.stats.budget_exhausted and part.z.shape[0] == 0 and part.stats.proposals == 300
@@ -185,14 +187,14 @@ def test_broken_per_batch_acceptance_is_rejected(monkeypatch):
 
 
 def test_broken_negation_sign_is_rejected(monkeypatch):
-    monkeypatch.setattr(targets, "_log_sub", _log_add)
+    monkeypatch.setattr(maths, "_log_sub", _log_add)
     res = sample_imh(TOY.evaluate_fn("A & ~B"), PRIOR, N, steps_after_entry=30, generator=gen(0))
     with pytest.raises(AssertionError, match="off target"):
         p_value("A & ~B", res.x)
 
 
 def test_broken_missing_proposal_correction_is_rejected(monkeypatch):
-    from s2m_diffusers.refit import LowRankGaussianMixture
+    from s2m_diffusers.densities import LowRankGaussianMixture
 
     monkeypatch.setattr(LowRankGaussianMixture, "log_prior_ratio", lambda self, z: torch.zeros(z.shape[0]))
     res = sample_s2m(TOY.stage_evaluates("B & ~A & ~C"), PRIOR, N, steps_after_entry=10, generator=gen(3))
@@ -225,7 +227,7 @@ def test_adaptive_steps_from_the_estimated_bound_reach_the_target():
 
 
 def test_fit_exponent_keeps_the_asked_effective_sample_size():
-    from s2m_diffusers.sampling import fit_exponent
+    from s2m_diffusers.maths import fit_exponent
 
     gen = torch.Generator().manual_seed(0)
     heavy = torch.randn(400, generator=gen, dtype=torch.float64) * 6.0  # log-normal ratios, very heavy-tailed
@@ -243,3 +245,38 @@ def test_fit_exponent_keeps_the_asked_effective_sample_size():
     assert fit_exponent(torch.zeros(50, dtype=torch.float64), 25) == 1.0  # flat weights need no tempering
     with pytest.raises(ValueError, match="No finite weight"):
         fit_exponent(torch.full((3,), -math.inf), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Settings
+
+
+def test_sampling_config_has_one_default_per_setting_and_names_unknown_ones():
+    config = S2MSamplingConfig()
+    assert (config.refit, config.steps_after_entry, config.fit_size, config.presence_margin) == (
+        "sequential",
+        5,
+        256,
+        0,
+    )
+    assert config.negation_margin is None and config.class_label == "auto"  # None: the heads' own margin
+    # None overrides keep the value (optional settings pass through), except class_label, where None draws the class
+    resolved = S2MSamplingConfig.resolve({"fit_size": 64}, fit_size=None, refit="off", class_label=None)
+    assert (resolved.fit_size, resolved.refit, resolved.class_label) == (64, "off", None)
+    assert (
+        resolved.num_fit_stages(3) == 0
+        and config.num_fit_stages(3) == 3
+        and config.replace(refit="once").num_fit_stages(3) == 1
+    )
+    with pytest.raises(TypeError, match=r"Unknown sampling setting\(s\) \['fit_sise'\].*'fit_size'"):
+        config.replace(fit_sise=3)
+    for bad in ({"refit": "always"}, {"presence_margin": 2.0}, {"negation_margin": 0.5}, {"dr_temperature": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            S2MSamplingConfig(**bad)
+
+
+def test_sample_s2m_takes_a_config_or_its_fields():
+    evaluates = TOY.stage_evaluates("A & ~B")
+    a = sample_s2m(evaluates, PRIOR, 20, S2MSamplingConfig(fit_size=64, steps_after_entry=2), generator=gen(3))
+    b = sample_s2m(evaluates, PRIOR, 20, fit_size=64, steps_after_entry=2, generator=gen(3))
+    assert torch.equal(a.z, b.z) and a.stats.proposals == b.stats.proposals

@@ -1,21 +1,24 @@
 import os
+import subprocess
 
 import pytest
 import torch
 
-from s2m_diffusers.seven_to_three import (
+import s2m_diffusers.demo.seven_to_three as seven_to_three
+from s2m_diffusers.demo.seven_to_three import (
     ATTRIBUTE_NAMES,
     ATTRIBUTE_TABLE,
-    FASHION_MNIST_ROOT,
+    FASHION_MNIST_ENV,
     SEVEN_TARGET_LITERALS,
     SEVEN_TARGETS,
     SOURCE_CLASS_ATTRIBUTES,
     combination_index,
+    fashion_mnist_root,
     load_digits_7to3,
     load_digits_without_attributes,
     load_fashion_7to3,
-    satisfies,
 )
+from s2m_diffusers.evaluation import satisfies
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +71,15 @@ def test_seven_targets_select_exactly_their_class():
     assert len(SEVEN_TARGETS) == 7 and len(SOURCE_CLASS_ATTRIBUTES) == 7
     for k, (present, absent) in enumerate(SEVEN_TARGET_LITERALS):
         assert sorted(present + absent) == list(ATTRIBUTE_NAMES)
-        hits = satisfies(ATTRIBUTE_TABLE, present, absent)
+        hits = satisfies(ATTRIBUTE_TABLE, present, absent, attribute_names=ATTRIBUTE_NAMES)
         assert hits.tolist() == [j == k for j in range(7)]
         # The string form names the same literals.
         literals = [s.strip() for s in SEVEN_TARGETS[k].split("&")]
         assert sorted(literals) == sorted(list(present) + [f"~{name}" for name in absent])
-    assert satisfies(torch.tensor([True, False, True]), ["A"], ["B"]).item()
-    assert satisfies(ATTRIBUTE_TABLE, ["A"]).sum() == 4  # A is in 4 of the 7 combinations
+    assert satisfies(torch.tensor([True, False, True]), ["A"], ["B"], attribute_names=ATTRIBUTE_NAMES).item()
+    assert satisfies(ATTRIBUTE_TABLE, ["A"], attribute_names=ATTRIBUTE_NAMES).sum() == 4  # A: 4 of the 7 combinations
     with pytest.raises(ValueError, match="Unknown attribute 'D'"):
-        satisfies(ATTRIBUTE_TABLE, ["D"])
+        satisfies(ATTRIBUTE_TABLE, ["D"], attribute_names=ATTRIBUTE_NAMES)
 
 
 def test_combination_index():
@@ -94,7 +97,47 @@ def test_fashion_missing_files_error_names_the_package(tmp_path):
         load_fashion_7to3(root=str(tmp_path))
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_ROOT), reason="apt-get install dataset-fashion-mnist")
+def test_fashion_root_from_argument_environment_or_debian_package(tmp_path, monkeypatch):
+    monkeypatch.setenv(FASHION_MNIST_ENV, str(tmp_path / "env"))
+    monkeypatch.setattr(seven_to_three, "_dpkg_fashion_mnist_root", lambda: "/from/dpkg")
+    assert fashion_mnist_root(tmp_path) == str(tmp_path)  # an argument wins
+    assert fashion_mnist_root() == str(tmp_path / "env")  # then the environment variable
+    monkeypatch.delenv(FASHION_MNIST_ENV)
+    assert fashion_mnist_root() == "/from/dpkg"  # then the Debian package's folder
+    monkeypatch.setattr(seven_to_three, "_dpkg_fashion_mnist_root", lambda: None)
+    with pytest.raises(FileNotFoundError, match=f"{FASHION_MNIST_ENV}.*apt-get install dataset-fashion-mnist"):
+        load_fashion_7to3()  # neither: the error names both ways
+
+
+def test_fashion_root_of_the_debian_package_is_the_folder_dpkg_lists(monkeypatch):
+    listing = "/.\n/usr/share/datasets/fashion-mnist\n/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz\n"
+    listing += "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz\n/usr/share/doc/dataset-fashion-mnist\n"
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout=listing, stderr="")
+
+    monkeypatch.setattr(seven_to_three.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(seven_to_three.subprocess, "run", fake_run)
+    assert seven_to_three._dpkg_fashion_mnist_root() == "/usr/share/datasets/fashion-mnist"
+    assert calls == [["/usr/bin/dpkg", "-L", "dataset-fashion-mnist"]]
+    monkeypatch.setattr(
+        seven_to_three.subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 1, "", "")
+    )
+    assert seven_to_three._dpkg_fashion_mnist_root() is None  # not installed
+
+
+def _fashion_mnist_installed() -> bool:
+    try:
+        return os.path.isdir(fashion_mnist_root())
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(
+    not _fashion_mnist_installed(), reason=f"set {FASHION_MNIST_ENV} or apt-get install dataset-fashion-mnist"
+)
 def test_fashion_7to3():
     data = load_fashion_7to3(max_per_class=20)
     assert data.images.shape == (280, 1, 16, 16) and len(data.train()) == 140 and len(data.heldout()) == 140

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from s2m_diffusers.proposals import GeneratorProposal
-from s2m_diffusers.shapes import ShapesGenerator, shapes_attributes, shapes_single_positive
+from s2m_diffusers.testing.shapes import ShapesGenerator, shapes_attributes, shapes_single_positive
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@ import warnings
 import pytest
 import torch
 
-from s2m_diffusers.targets import TargetError, log_r, log_w, parse_target
-from s2m_diffusers.toy import ToyProblem
+from s2m_diffusers.maths import log_r, log_w
+from s2m_diffusers.targets import TargetError, parse_target
+from s2m_diffusers.testing.toy import ToyProblem
 
 NAMES = ["black_hair", "male", "smiling"]
 
@@ -126,7 +127,7 @@ def test_log_w_conditional_needs_class_prior():
 
 
 def test_tempering_leaves_exact_heads_unchanged_and_sharpens_soft_ones():
-    from s2m_diffusers.targets import temper_dr
+    from s2m_diffusers.maths import temper_dr
 
     # Exact heads: D_r uniform on the image's attribute set.
     exact = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64).log()
@@ -140,7 +141,7 @@ def test_tempering_leaves_exact_heads_unchanged_and_sharpens_soft_ones():
 
 
 def test_auto_temperature_sharpens_pure_conjunctions_only():
-    from s2m_diffusers.targets import auto_dr_temperature
+    from s2m_diffusers.maths import auto_dr_temperature
 
     names = ["a", "b", "c"]
     assert auto_dr_temperature(parse_target("a & b & c", names)) == 0.2
@@ -169,3 +170,22 @@ def test_presence_margin_leaves_exact_heads_unchanged_and_drops_faint_attributes
     assert torch.isinf(not_b[2])
     with pytest.raises(ValueError, match="presence_margin"):
         log_r(parse_target("a", names), soft, log_p_data, presence_margin=1.5)
+
+
+def test_log_weight_is_temper_then_log_r_then_log_w():
+    from s2m_diffusers.maths import log_p_data, log_priors, log_weight, temper_dr
+
+    names = ["A", "B", "C"]
+    g = torch.Generator().manual_seed(0)
+    dr = torch.log_softmax(torch.randn(50, 3, generator=g), 1)
+    dv, df = torch.randn(50, generator=g), torch.log_softmax(torch.randn(50, 3, generator=g), 1)[:, 1]
+    lp, lpi = log_p_data([10, 20, 30], 3), log_priors([0.5, 0.3, 0.4], 3)
+    target = parse_target("A & ~C", names)
+    manual = log_r(target, temper_dr(dr.double(), 0.5), lp, lpi, 3.0, 0.2)
+    assert torch.equal(log_weight(target, dr, dv, lp, lpi, 3.0, 0.2, 0.5), log_w(manual, dv.double()))
+    conditional = log_weight(target, dr, dv, lp, lpi, 3.0, 0.2, 0.5, df_log_prob=df, log_pg_class=-1.2)
+    assert torch.equal(conditional, log_w(manual, dv.double(), df.double(), -1.2))
+    assert torch.allclose(log_p_data(None, 4).exp(), torch.full((4,), 0.25, dtype=torch.float64))
+    assert log_priors(None, 3) is None
+    with pytest.raises(ValueError, match="priors has 2 entries"):
+        log_priors([0.5, 0.5], 3)

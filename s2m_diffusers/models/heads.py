@@ -20,6 +20,7 @@ image size, channel count and normalisation).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -32,6 +33,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from torch import nn
+
+from ..maths import DEFAULT_NEGATION_MARGIN, log_p_data, log_priors
 
 HEAD_NAMES = ("dv", "dr", "df")
 _ATTRIBUTE_NAME = re.compile(r"[A-Za-z0-9_.]+")
@@ -120,6 +123,16 @@ def _transformers_model(config_dict: dict) -> nn.Module:
     return AutoModel.from_config(config)
 
 
+def _copied_backbone(model: nn.Module) -> TransformersBackbone:
+    """A backbone around a copy of a loaded `transformers` model (one per head, unless shared)."""
+    return TransformersBackbone(copy.deepcopy(model))
+
+
+def _configured_backbone(config_dict: dict) -> TransformersBackbone:
+    """A backbone around a new `transformers` model built from a config dict."""
+    return TransformersBackbone(_transformers_model(config_dict))
+
+
 def _checkpoint_model(path: str) -> tuple[nn.Module, dict, list[float] | None, list[float] | None]:
     """Load a `transformers` vision model from a local folder, with its config dict and image mean/std if known."""
     from transformers import AutoModel
@@ -171,7 +184,8 @@ class S2MHeads(ModelMixin, ConfigMixin):
         label_counts (`list[int]`, *optional*): number of single-positive labels per attribute, giving
             ``p_data(c)``. Set by training.
         priors (`list[float]`, *optional*): attribute priors ``pi_c`` (any common scale). `None`: use ``p_data``.
-        negation_margin (`float`, defaults to 10.0): the margin lambda of negated literals (spec §3).
+        negation_margin (`float`, defaults to `DEFAULT_NEGATION_MARGIN`, 10.0): the margin lambda of negated literals
+            (spec §3).
         proposal_class_probs (`list[float]`, *optional*): ``p_G(c)``, the class share of a class-conditional
             proposal. Set by training.
 
@@ -205,7 +219,7 @@ class S2MHeads(ModelMixin, ConfigMixin):
         dv_auxiliary_classifier: bool = True,
         label_counts: Sequence[int] | None = None,
         priors: Sequence[float] | None = None,
-        negation_margin: float = 10.0,
+        negation_margin: float = DEFAULT_NEGATION_MARGIN,
         proposal_class_probs: Sequence[float] | None = None,
     ):
         super().__init__()
@@ -233,17 +247,11 @@ class S2MHeads(ModelMixin, ConfigMixin):
                 backbone_image_mean=backbone_image_mean,
                 backbone_image_std=backbone_image_std,
             )
-
-            def make_backbone() -> nn.Module:
-                return TransformersBackbone(copy.deepcopy(model))
+            make_backbone = functools.partial(_copied_backbone, model)
         elif transformers_config is not None:
-
-            def make_backbone() -> nn.Module:
-                return TransformersBackbone(_transformers_model(dict(transformers_config)))
+            make_backbone = functools.partial(_configured_backbone, dict(transformers_config))
         else:
-
-            def make_backbone() -> nn.Module:
-                return SmallCNN(in_channels, cnn_channels, dropout)
+            make_backbone = functools.partial(SmallCNN, in_channels, cnn_channels, dropout)
 
         mean = None if backbone_image_mean is None else torch.tensor(backbone_image_mean).view(1, -1, 1, 1)
         std = None if backbone_image_std is None else torch.tensor(backbone_image_std).view(1, -1, 1, 1)
@@ -295,15 +303,12 @@ class S2MHeads(ModelMixin, ConfigMixin):
 
     def log_p_data(self) -> torch.Tensor:
         """``log p_data(c)``, `(n,)`: log share of single-positive labels per attribute (uniform if unknown)."""
-        counts = self.config.label_counts or [1] * self.num_attributes
-        counts = torch.tensor(counts, dtype=torch.float64)
-        return (counts / counts.sum()).log().float()
+        return log_p_data(self.config.label_counts, self.num_attributes).float()
 
     def log_priors(self) -> torch.Tensor | None:
         """``log pi_c``, `(n,)`, or `None` when no priors are set (then ``pi = p_data``)."""
-        return (
-            None if self.config.priors is None else torch.tensor(self.config.priors, dtype=torch.float64).log().float()
-        )
+        priors = log_priors(self.config.priors, self.num_attributes)
+        return None if priors is None else priors.float()
 
     def log_proposal_class_probs(self) -> torch.Tensor | None:
         """``log p_G(c)``, `(n,)`, for a class-conditional proposal (uniform if unknown); `None` otherwise."""

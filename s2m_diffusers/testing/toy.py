@@ -22,7 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .targets import Target, log_r, log_w, parse_target
+from ..maths import log_weight
+from ..targets import Target, parse_target
 
 __all__ = ["ToyProblem", "energy_distance", "mean_distance", "chi_square_cells"]
 
@@ -144,11 +145,19 @@ class ToyProblem:
         def evaluate(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             labels = None if class_label is None else torch.full((z.shape[0],), class_label, dtype=torch.long)
             x = self.generate(z, labels)
-            lr = log_r(target, self.dr_log_probs(x), torch.log(self.p_data), log_priors, negation_margin)
+            dr, log_p_data = self.dr_log_probs(x), torch.log(self.p_data)
             if class_label is None:
-                return x, log_w(lr, self.dv_logit(x))
-            df = self.df_log_probs(x)[:, class_label]
-            return x, log_w(lr, self.dv_logit(x, conditional=True), df, math.log(self.class_probs[class_label]))
+                return x, log_weight(target, dr, self.dv_logit(x), log_p_data, log_priors, negation_margin)
+            return x, log_weight(
+                target,
+                dr,
+                self.dv_logit(x, conditional=True),
+                log_p_data,
+                log_priors,
+                negation_margin,
+                df_log_prob=self.df_log_probs(x)[:, class_label],
+                log_pg_class=math.log(self.class_probs[class_label]),
+            )
 
         return evaluate
 

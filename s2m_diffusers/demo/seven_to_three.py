@@ -11,15 +11,16 @@ uniformly among those attributes (a single-positive pair), and its full attribut
 Two sources of real images work offline:
 
 - `load_digits_7to3`: scikit-learn's bundled digits (8x8, 1797 images), classes 0..6, upsampled to 16x16.
-- `load_fashion_7to3`: Fashion-MNIST classes 0..6 from the Debian package `dataset-fashion-mnist`, 28x28 downsampled
-  to 16x16.
+- `load_fashion_7to3`: Fashion-MNIST classes 0..6, 28x28 downsampled to 16x16, from the folder that
+  `fashion_mnist_root` finds: the environment variable `S2M_FASHION_MNIST`, else the Debian package
+  `dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`; located with `dpkg -L`).
 
 Images are float tensors (N, 1, H, W) in [-1, 1], the diffusers convention for model inputs.
 
 Examples:
 
 ```py
->>> from s2m_diffusers.seven_to_three import SEVEN_TARGETS, load_digits_7to3
+>>> from s2m_diffusers.demo.seven_to_three import SEVEN_TARGETS, load_digits_7to3
 >>> data = load_digits_7to3()
 >>> train, heldout = data.train(), data.heldout()
 >>> train.images.shape[1:], data.attribute_names, SEVEN_TARGETS[1]
@@ -31,7 +32,8 @@ from __future__ import annotations
 
 import gzip
 import os
-from collections.abc import Sequence
+import shutil
+import subprocess
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,54 +75,16 @@ SEVEN_TARGET_LITERALS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = tup
     for attributes in SOURCE_CLASS_ATTRIBUTES
 )
 
-FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
-
-# Shipped Digits-7to3 models: `gan/`, `gan_conditional/`, `ddpm/` (a DDPMPipeline folder) and `evaluator/`.
+# Shipped Digits-7to3 models (installed with the package): `gan/`, `gan_conditional/`, `ddpm/` (a DDPMPipeline
+# folder), `evaluator/` and the heads `heads_gan/`, `heads_ddpm/`, `heads_gan_conditional/`.
 DIGITS_7TO3_PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", "digits7to3")
 
-# Fashion-7to3 models trained by the example scripts for the benchmarks (`gan/`, `gan_conditional/`, `ddpm/`,
-# `evaluator/`, `heads_*`). They live in the source checkout, not in the installed package.
-FASHION_7TO3_PRETRAINED = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "pretrained", "fashion7to3"
-)
-
-# The two real-image sources of 7to3, by name (`load_7to3`), and where their trained models are.
+# The two real-image sources of 7to3, by name (`load_7to3`).
 DATASETS: tuple[str, ...] = ("digits", "fashion")
-PRETRAINED_ROOTS: dict[str, str] = {"digits": DIGITS_7TO3_PRETRAINED, "fashion": FASHION_7TO3_PRETRAINED}
 
-
-def satisfies(
-    attributes: torch.Tensor,
-    present: Sequence[str],
-    absent: Sequence[str] = (),
-    attribute_names: Sequence[str] = ATTRIBUTE_NAMES,
-) -> torch.Tensor:
-    """Whether each attribute set satisfies the conjunction `present[0] & ... & ~absent[0] & ...`.
-
-    Args:
-        attributes (`torch.Tensor`): bool, `(B, n)` or `(n,)`: which of `attribute_names` each image holds.
-        present (`Sequence[str]`): names that must be present.
-        absent (`Sequence[str]`, defaults to `()`): names that must be absent.
-        attribute_names (`Sequence[str]`, defaults to `("A", "B", "C")`): the names of the columns of `attributes`.
-
-    Returns:
-        `torch.Tensor`: bool, `(B,)` (or a 0-d tensor for a single row).
-    """
-    names = list(attribute_names)
-    for name in [*present, *absent]:
-        if name not in names:
-            raise ValueError(f"Unknown attribute {name!r}; the attributes are {names}.")
-    if attributes.shape[-1] != len(names):
-        raise ValueError(
-            f"`attributes` has {attributes.shape[-1]} columns but there are {len(names)} attribute names {names}."
-        )
-    attributes = attributes.bool()
-    result = torch.ones(attributes.shape[:-1], dtype=torch.bool, device=attributes.device)
-    for name in present:
-        result &= attributes[..., names.index(name)]
-    for name in absent:
-        result &= ~attributes[..., names.index(name)]
-    return result
+# The environment variable that names the Fashion-MNIST folder, and the Debian package that installs it.
+FASHION_MNIST_ENV = "S2M_FASHION_MNIST"
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 
 
 def combination_index(attributes: torch.Tensor) -> torch.Tensor:
@@ -282,6 +246,53 @@ def load_digits_without_attributes(size: int = 16) -> torch.Tensor:
     return (_resize(images01, size).clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()
 
 
+def _dpkg_fashion_mnist_root() -> str | None:
+    """The folder of `train-images-idx3-ubyte.gz` among the files `dpkg -L dataset-fashion-mnist` lists, or None."""
+    dpkg = shutil.which("dpkg")
+    if dpkg is None:
+        return None
+    try:
+        listing = subprocess.run(
+            [dpkg, "-L", FASHION_MNIST_PACKAGE], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if listing.returncode != 0:  # the package is not installed
+        return None
+    for path in listing.stdout.splitlines():
+        if os.path.basename(path).startswith("train-images-idx3-ubyte"):
+            return os.path.dirname(path)
+    return None
+
+
+def fashion_mnist_root(root: str | os.PathLike | None = None) -> str:
+    """The folder of the Fashion-MNIST IDX files: `root`, else `$S2M_FASHION_MNIST`, else the Debian package's.
+
+    Args:
+        root (`str`, *optional*): a folder to use as is.
+
+    Returns:
+        `str`: the folder (its files are checked when they are read).
+
+    Raises:
+        `FileNotFoundError`: when `root` is `None`, the environment variable is unset and the Debian package
+            `dataset-fashion-mnist` is not installed; the message names both ways to provide the data.
+    """
+    if root is not None:
+        return os.fspath(root)
+    if os.environ.get(FASHION_MNIST_ENV):
+        return os.environ[FASHION_MNIST_ENV]
+    found = _dpkg_fashion_mnist_root()
+    if found is None:
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found. Either set the environment variable {FASHION_MNIST_ENV} to a folder that "
+            "holds `train-images-idx3-ubyte.gz`, `train-labels-idx1-ubyte.gz`, `t10k-images-idx3-ubyte.gz` and "
+            f"`t10k-labels-idx1-ubyte.gz` (gzipped or not), or install the Debian package with `apt-get install "
+            f"{FASHION_MNIST_PACKAGE}` (found with `dpkg -L {FASHION_MNIST_PACKAGE}`); or pass `root=`."
+        )
+    return found
+
+
 def _read_idx(path: str) -> np.ndarray:
     """Read an IDX file (optionally gzipped) of unsigned bytes into a numpy array."""
     opener = gzip.open if path.endswith(".gz") else open
@@ -297,7 +308,7 @@ def _read_idx(path: str) -> np.ndarray:
 
 def load_fashion_7to3(
     size: int = 16,
-    root: str = FASHION_MNIST_ROOT,
+    root: str | os.PathLike | None = None,
     max_per_class: int | None = None,
     seed: int = 0,
 ) -> SevenToThree:
@@ -307,9 +318,9 @@ def load_fashion_7to3(
 
     Args:
         size (`int`, defaults to 16): side of the returned images (antialiased bilinear resize of 28x28).
-        root (`str`, defaults to `"/usr/share/datasets/fashion-mnist"`): folder holding
-            `train-images-idx3-ubyte.gz`, `train-labels-idx1-ubyte.gz`, `t10k-images-idx3-ubyte.gz`,
-            `t10k-labels-idx1-ubyte.gz` (gzipped or not).
+        root (`str`, *optional*): folder holding `train-images-idx3-ubyte.gz`, `train-labels-idx1-ubyte.gz`,
+            `t10k-images-idx3-ubyte.gz`, `t10k-labels-idx1-ubyte.gz` (gzipped or not). Defaults to
+            [`fashion_mnist_root`]: `$S2M_FASHION_MNIST`, else the Debian package `dataset-fashion-mnist`.
         max_per_class (`int`, *optional*): keep at most this many images per source class in each split (the
             first ones in file order).
         seed (`int`, defaults to 0): seed of the single-positive labels.
@@ -317,6 +328,7 @@ def load_fashion_7to3(
     Returns:
         [`SevenToThree`]: images `(N, 1, size, size)` in [-1, 1].
     """
+    root = fashion_mnist_root(root)
     images, classes, heldout = [], [], []
     for prefix, is_heldout in (("train", False), ("t10k", True)):
         paths = _fashion_files(root, prefix)
@@ -342,26 +354,26 @@ def _fashion_files(root: str, prefix: str) -> tuple[str, str]:
         if not found:
             raise FileNotFoundError(
                 f"Fashion-MNIST file {candidates[0]} not found. Install it with "
-                "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass `root=` to a folder that "
-                "holds the four IDX files."
+                f"`apt-get install {FASHION_MNIST_PACKAGE}` (Debian/Ubuntu), or set {FASHION_MNIST_ENV} or pass "
+                "`root=` to a folder that holds the four IDX files."
             )
         paths.append(found[0])
     return paths[0], paths[1]
 
 
-def load_fashion_without_attributes(size: int = 16, root: str = FASHION_MNIST_ROOT) -> torch.Tensor:
+def load_fashion_without_attributes(size: int = 16, root: str | os.PathLike | None = None) -> torch.Tensor:
     """Fashion-MNIST test images of classes 7, 8, 9 (sneaker, bag, ankle boot): real images outside the 7to3 universe.
 
     They train and test the evaluator's "no attribute" class, like `load_digits_without_attributes` for Digits.
 
     Args:
         size (`int`, defaults to 16): side of the returned images (antialiased bilinear resize of 28x28).
-        root (`str`, defaults to `"/usr/share/datasets/fashion-mnist"`): folder of the IDX files.
+        root (`str`, *optional*): folder of the IDX files; defaults to [`fashion_mnist_root`].
 
     Returns:
         `torch.Tensor`: images `(3000, 1, size, size)` in [-1, 1].
     """
-    image_path, label_path = _fashion_files(root, "t10k")
+    image_path, label_path = _fashion_files(fashion_mnist_root(root), "t10k")
     images, labels = _read_idx(image_path), _read_idx(label_path).astype(np.int64)
     images01 = torch.from_numpy(images[labels >= len(SOURCE_CLASS_ATTRIBUTES)].astype(np.float32) / 255.0)[:, None]
     return (_resize(images01, size).clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()

@@ -24,7 +24,7 @@ Examples:
 
 ```py
 >>> import torch
->>> from s2m_diffusers.shapes import ShapesGenerator
+>>> from s2m_diffusers.testing.shapes import ShapesGenerator
 >>> gen = ShapesGenerator()
 >>> z = gen.sample_latents(4, torch.Generator().manual_seed(0), present=[0, 1])
 >>> images = gen(z)
@@ -43,7 +43,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from .data import SinglePositiveDataset
+from ..data import SinglePositiveDataset
 
 __all__ = ["ShapesGenerator", "shapes_attributes", "shapes_single_positive"]
 

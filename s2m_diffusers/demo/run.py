@@ -1,9 +1,10 @@
 """`s2m demo`: S2M sampling of all seven Digits-7to3 combinations with the shipped DCGAN and DDPM, offline.
 
-The shipped weights live in `s2m_diffusers/pretrained/digits7to3/`: the generators (`gan/`, `ddpm/`), their heads
-(`heads_gan/`, `heads_ddpm/`, trained by `examples/train_demo_heads.py`, i.e. [`train_demo_heads`]) and the
-evaluator (`evaluator/`) that scores the samples. [`run_demo`] samples every combination of `SEVEN_TARGETS` with each
-generator and writes a labelled image grid (`grid.png`: one row per combination, one column block per generator),
+The shipped weights live in `s2m_diffusers/demo/pretrained/digits7to3/`: the generators (`gan/`, `ddpm/`), their
+heads (`heads_gan/`, `heads_ddpm/`, trained by `examples/train_demo_heads.py`, i.e. [`train_demo_heads`]) and the
+evaluator (`evaluator/`) that scores the samples. [`run_demo`] assembles an `S2MPipeline` per generator and saves it
+as a complete pipeline folder (`pipelines/gan/`, `pipelines/ddpm/`), samples every combination of `SEVEN_TARGETS`
+with each, and writes a labelled image grid (`grid.png`: one row per combination, one column block per generator),
 `report.md` and `report.json` (one row per generator and combination: evaluator accuracy, proposals per image,
 acceptance rate, seconds).
 
@@ -27,8 +28,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..evaluation import AttributeEvaluator, formula_accuracy
+from ..utils import jsonable, save_pretrained_atomically, write_json_atomically, write_text_atomically
 from .seven_to_three import DIGITS_7TO3_PRETRAINED, SEVEN_TARGETS, load_7to3
-from .utils import jsonable, write_json_atomically, write_text_atomically
 
 GENERATORS = ("gan", "ddpm")
 # Every trained generator kind: the demo's two, and the class-conditional DCGAN (proposal of the D_f benchmark).
@@ -48,7 +50,7 @@ DEMO_SETTINGS: dict[str, dict] = {
         "presence_margin": 0.5,
         "steps_after_entry": 3,
         "fit_size": 128,
-        "sampler_kwargs": {"covariance_scale": 1.0},
+        "covariance_scale": 1.0,
         "micro_batch_size": 256,
         "max_proposals": 100000,
     },
@@ -77,24 +79,19 @@ def load_generator(kind: str, root: str = DIGITS_7TO3_PRETRAINED) -> dict:
         root (`str`): the folder of the shipped weights.
 
     Returns:
-        `dict`: `{"gan": DCGANGenerator}` or `{"unet": UNet2DModel, "scheduler": DDPMScheduler}`, in eval mode.
+        `dict`: `{"gan": DCGANGenerator}` or `{"unet": UNet2DModel, "scheduler": DDPMScheduler}`, in eval mode
+        (`s2m_diffusers.hub.load_generator_folder`).
     """
-    if kind in ("gan", "gan_conditional"):
-        from .models.gan import DCGANGenerator
+    from ..hub import load_generator_folder
 
-        return {"gan": DCGANGenerator.from_pretrained(os.path.join(root, kind)).eval()}
-    if kind == "ddpm":
-        from diffusers import DDPMScheduler, UNet2DModel
-
-        folder = os.path.join(root, "ddpm")
-        unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
-        return {"unet": unet, "scheduler": DDPMScheduler.from_pretrained(folder, subfolder="scheduler")}
-    raise ValueError(f"Unknown generator {kind!r}; choose one of {list(GENERATOR_KINDS)}.")
+    if kind not in GENERATOR_KINDS:
+        raise ValueError(f"Unknown generator {kind!r}; choose one of {list(GENERATOR_KINDS)}.")
+    return load_generator_folder(os.path.join(root, kind))[1]
 
 
 def digits_train_data(sample_size: int = 16, dataset: str = "digits"):
     """The 7to3 train split (Digits by default) as a `SinglePositiveDataset` (the held-out split is for scoring)."""
-    from .data import SinglePositiveDataset
+    from ..data import SinglePositiveDataset
 
     train = load_7to3(dataset, size=sample_size).train()
     return SinglePositiveDataset.from_tensors(train.images, train.single_labels, list(train.attribute_names))
@@ -103,18 +100,16 @@ def digits_train_data(sample_size: int = 16, dataset: str = "digits"):
 def training_proposal(kind: str, components: dict, ddim_steps: int = DDIM_STEPS, bank_size: int = 3000, seed: int = 0):
     """The proposal `proposal(n, generator)` the heads of a shipped generator are trained on.
 
-    The GAN itself; for the DDPM a bank of `bank_size` DDIM samples drawn once (an `ImageBankProposal`: a DDIM
-    sample costs `ddim_steps` UNet calls, too many to draw afresh at every training step on a CPU).
+    The GAN itself; for the DDPM a bank of `bank_size` DDIM samples drawn once (`s2m_diffusers.training.sample_bank`:
+    a DDIM sample costs `ddim_steps` UNet calls, too many to draw afresh at every training step on a CPU).
     """
-    from .data import ImageBankProposal
-    from .proposals import DDIMProposal, GeneratorProposal
+    from ..proposals import DDIMProposal, GeneratorProposal
+    from ..training import sample_bank
 
     if kind in ("gan", "gan_conditional"):
         return GeneratorProposal(components["gan"])
     proposal = DDIMProposal(components["unet"], components["scheduler"], ddim_steps, micro_batch_size=256)
-    with torch.no_grad():
-        images = proposal(bank_size, torch.Generator().manual_seed(seed + 12345))
-    return ImageBankProposal(images)
+    return sample_bank(proposal, bank_size, seed)
 
 
 def train_demo_heads(
@@ -147,7 +142,7 @@ def train_demo_heads(
         `tuple[S2MHeads, dict]`: the heads and `train_heads`' metrics, plus `generator` (and `ddim_steps`,
         `bank_size` for the DDPM).
     """
-    from .training import train_heads
+    from ..training import train_heads
 
     components = load_generator(kind, generator_root)
     proposal = training_proposal(kind, components, ddim_steps, bank_size, seed)
@@ -171,8 +166,8 @@ def train_demo_heads(
 
 def load_demo_pipeline(kind: str, root: str = DIGITS_7TO3_PRETRAINED, heads_root: str | None = None):
     """`S2MPipeline` of a shipped generator with its heads (`heads_root/heads_KIND`, default `root`)."""
-    from .models.heads import S2MHeads
-    from .pipeline_s2m import S2MPipeline
+    from ..models.heads import S2MHeads
+    from ..pipeline_s2m import S2MPipeline
 
     heads_dir = os.path.join(heads_root or root, f"heads_{kind}")
     if not os.path.isfile(os.path.join(heads_dir, "config.json")):
@@ -187,29 +182,11 @@ def load_demo_pipeline(kind: str, root: str = DIGITS_7TO3_PRETRAINED, heads_root
 
 def load_evaluator(root: str = DIGITS_7TO3_PRETRAINED):
     """The shipped `AttributeEvaluator` of Digits-7to3."""
-    from .evaluation import AttributeEvaluator
-
     return AttributeEvaluator.from_pretrained(os.path.join(root, "evaluator")).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scoring and writing
-
-
-def formula_accuracy(evaluator, images: torch.Tensor, target: str, threshold: float = 0.5) -> float:
-    """Share of images `(B, C, H, W)` in [-1, 1] that the evaluator judges to satisfy `target` (any formula).
-
-    The probability of the target is the summed probability of the evaluator's combinations that satisfy it.
-    """
-    from .evaluation import evaluator_class_probs
-    from .targets import parse_target
-
-    if len(images) == 0:
-        raise ValueError("`images` is empty; target accuracy needs at least one image.")
-    parsed = parse_target(target, list(evaluator.config.attribute_names))
-    in_target = parsed.holds_batch(evaluator.class_table.cpu())  # (K,)
-    probs = evaluator_class_probs(evaluator, images)[:, in_target].sum(dim=1)
-    return (probs > threshold).float().mean().item()
 
 
 def _to_pil(images01: torch.Tensor):
@@ -291,12 +268,18 @@ def report_markdown(report: dict) -> str:
         lines.append(
             f"| {g} | {_fmt(s['mean_accuracy'])} | {_fmt(s['mean_proposals_per_image'])} | {_fmt(s['seconds'])} |"
         )
-    lines += ["", "Sampler settings: " + json.dumps(report["settings"]), "", "![grid](grid.png)", ""]
+    lines += ["", "Sampler settings: " + json.dumps(report["settings"])]
+    folders = ", ".join(f"`pipelines/{g}`" for g in report["paths"]["pipelines"])
+    lines += ["", f"Pipelines (load with `S2MPipeline.from_pretrained`): {folders}"]
+    lines += ["", "![grid](grid.png)", ""]
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The demo
+
+# The files `run_demo` writes into its output folder, by their key in the report's `paths`.
+_REPORT_FILES = {"grid": "grid.png", "markdown": "report.md", "json": "report.json"}
 
 
 def run_demo(
@@ -311,11 +294,12 @@ def run_demo(
     settings: dict[str, dict] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Sample every target with each shipped generator, score the images and write the grid and reports.
+    """Sample every target with each shipped generator, score the images and write the grid, reports and pipelines.
 
     Args:
-        output_dir (`str`, defaults to `"s2m-demo"`): where `grid.png`, `report.md`, `report.json` (and, with
-            `retrain`, the retrained heads `heads_gan/`, `heads_ddpm/`) go.
+        output_dir (`str`, defaults to `"s2m-demo"`): where `grid.png`, `report.md`, `report.json`, the pipeline
+            folders `pipelines/gan/`, `pipelines/ddpm/` (and, with `retrain`, the retrained heads `heads_gan/`,
+            `heads_ddpm/`) go.
         num_images (`int`, defaults to 16): images per generator and target.
         seed (`int`, defaults to 0): seed of the sampling (and of the retraining).
         retrain (`bool`, defaults to `False`): retrain the heads of each generator first (`retrain_steps` steps
@@ -330,41 +314,104 @@ def run_demo(
     Returns:
         `dict`: the report (as in `report.json`): `rows` (one per generator and target: `generator`, `target`,
         `accuracy`, `proposals_per_image`, `acceptance_rate`, `seconds`, `num_images`, `refit`, `proposals`,
-        `budget_exhausted`), `summary` per generator, `settings`, `wall_seconds`, and `paths` of the files written.
+        `budget_exhausted`), `summary` per generator, `settings`, `wall_seconds`, and `paths` of the files written
+        (`grid`, `markdown`, `json`, and `pipelines`: `{generator: folder}`).
     """
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
+    settings = demo_settings(num_images, generators, settings)
+    output_dir = os.fspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+
+    training = retrain_heads(generators, output_dir, retrain_steps, seed, root, progress) if retrain else {}
+    evaluator = load_evaluator(root)
+    pipes = load_pipelines(generators, root, output_dir if retrain else root, progress)
+    pipeline_paths = save_pipelines(pipes, output_dir)
+    blocks, rows = sample_combinations(pipes, targets, num_images, seed, settings, progress)
+    score_rows(rows, blocks, evaluator)
+
+    paths = {name: os.path.join(output_dir, file) for name, file in _REPORT_FILES.items()}
+    write_grid(blocks, targets, paths["grid"])
+    report = {
+        "dataset": "digits7to3",
+        "num_images": num_images,
+        "seed": seed,
+        "retrain": retrain,
+        "rows": rows,
+        "summary": summarize(rows, generators),
+        "settings": settings,
+        "training": training,
+        "wall_seconds": time.perf_counter() - start,
+        "paths": {**paths, "pipelines": pipeline_paths},
+    }
+    write_text_atomically(paths["markdown"], report_markdown(report))
+    write_json_atomically(paths["json"], jsonable(report))
+    return report
+
+
+def demo_settings(num_images: int, generators: Sequence[str], overrides: dict[str, dict] | None) -> dict[str, dict]:
+    """The pipeline call arguments of each generator: `DEMO_SETTINGS` updated by `overrides`, after checking."""
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}.")
     unknown = [g for g in generators if g not in GENERATORS]
     if unknown:
         raise ValueError(f"Unknown generators {unknown}; choose among {list(GENERATORS)}.")
-    output_dir = os.fspath(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    settings = {g: {**DEMO_SETTINGS[g], **((settings or {}).get(g, {}))} for g in generators}
+    return {g: {**DEMO_SETTINGS[g], **((overrides or {}).get(g, {}))} for g in generators}
 
-    heads_root = root
+
+def retrain_heads(
+    generators: Sequence[str], output_dir: str, num_steps: int, seed: int, root: str, progress: bool
+) -> dict[str, dict]:
+    """Train the heads of each generator into `output_dir/heads_KIND`; their `D_v`/`D_r` metrics and time."""
     training = {}
-    if retrain:
-        heads_root = output_dir
-        for g in generators:
-            _, metrics = train_demo_heads(
-                g,
-                os.path.join(output_dir, f"heads_{g}"),
-                num_steps=retrain_steps,
-                seed=seed,
-                generator_root=root,
-                progress=progress,
-            )
-            training[g] = {k: v for k, v in metrics.items() if k.startswith(("dv_", "dr_")) or k == "train_time_s"}
-
-    evaluator = load_evaluator(root)
-    rows, blocks = [], {}
-    bar = tqdm(total=len(generators) * len(targets), desc="demo", disable=not progress)
     for g in generators:
-        pipe = load_demo_pipeline(g, root, heads_root)
-        pipe.set_progress_bar_config(disable=not progress, leave=False)
+        _, metrics = train_demo_heads(
+            g,
+            os.path.join(output_dir, f"heads_{g}"),
+            num_steps=num_steps,
+            seed=seed,
+            generator_root=root,
+            progress=progress,
+        )
+        training[g] = {k: v for k, v in metrics.items() if k.startswith(("dv_", "dr_")) or k == "train_time_s"}
+    return training
+
+
+def load_pipelines(generators: Sequence[str], root: str, heads_root: str, progress: bool) -> dict:
+    """`{generator: S2MPipeline}`: each shipped generator with its heads from `heads_root`."""
+    pipes = {}
+    for g in generators:
+        pipes[g] = load_demo_pipeline(g, root, heads_root)
+        pipes[g].set_progress_bar_config(disable=not progress, leave=False)
+    return pipes
+
+
+def save_pipelines(pipes: dict, output_dir: str) -> dict[str, str]:
+    """Save each pipeline as a complete S2M pipeline folder `output_dir/pipelines/KIND`; print and return the paths.
+
+    Each folder loads with `S2MPipeline.from_pretrained(path)` and samples any target of the demo.
+    """
+    paths = {}
+    for g, pipe in pipes.items():
+        paths[g] = os.path.join(output_dir, "pipelines", g)
+        save_pretrained_atomically(pipe, paths[g])
+        print(f"pipeline {g}: {paths[g]}")
+    return paths
+
+
+def sample_combinations(
+    pipes: dict, targets: Sequence[str], num_images: int, seed: int, settings: dict[str, dict], progress: bool
+) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict]]:
+    """Sample `num_images` images of each target with each pipeline (target `i` with seed `seed + i`).
+
+    Returns:
+        `tuple`: the images `{generator: {target: (B, C, H, W) in [0, 1]}}` and one row per generator and target
+        (the sampler's figures; `accuracy` is `None` until [`score_rows`] fills it).
+    """
+    from tqdm.auto import tqdm
+
+    rows, blocks = [], {}
+    bar = tqdm(total=len(pipes) * len(targets), desc="demo", disable=not progress)
+    for g, pipe in pipes.items():
         blocks[g] = {}
         for i, target in enumerate(targets):
             bar.set_postfix_str(f"{g}: {target}")
@@ -378,19 +425,17 @@ def run_demo(
                 **settings[g],
             )
             seconds = time.perf_counter() - t0
-            images01 = out.images
             stats = out.stats
-            accuracy = formula_accuracy(evaluator, images01 * 2 - 1, target) if len(images01) else None
-            blocks[g][target] = images01
+            blocks[g][target] = out.images
             rows.append(
                 {
                     "generator": g,
                     "target": target,
-                    "accuracy": accuracy,
+                    "accuracy": None,
                     "proposals_per_image": stats["proposals_per_image"],
                     "acceptance_rate": stats["acceptance_rate"],
                     "seconds": seconds,
-                    "num_images": int(len(images01)),
+                    "num_images": int(len(out.images)),
                     "refit": stats["refit"],
                     "proposals": stats["proposals"],
                     "budget_exhausted": bool(stats["budget_exhausted"]),
@@ -398,7 +443,18 @@ def run_demo(
             )
             bar.update(1)
     bar.close()
+    return blocks, rows
 
+
+def score_rows(rows: list[dict], blocks: dict[str, dict[str, torch.Tensor]], evaluator) -> None:
+    """Fill each row's `accuracy`: the share of its images the evaluator judges on target (`None` for no image)."""
+    for row in rows:
+        images01 = blocks[row["generator"]][row["target"]]
+        row["accuracy"] = formula_accuracy(evaluator, images01 * 2 - 1, row["target"]) if len(images01) else None
+
+
+def summarize(rows: list[dict], generators: Sequence[str]) -> dict[str, dict]:
+    """Per generator: mean accuracy (over targets with images), mean proposals per image and total seconds."""
     summary = {}
     for g in generators:
         mine = [r for r in rows if r["generator"] == g]
@@ -408,23 +464,11 @@ def run_demo(
             "mean_proposals_per_image": sum(r["proposals_per_image"] for r in mine) / len(mine),
             "seconds": sum(r["seconds"] for r in mine),
         }
-    paths = {name: os.path.join(output_dir, name) for name in ("grid.png", "report.md", "report.json")}
-    grid = make_grid(blocks, list(targets))
-    tmp = os.path.join(output_dir, ".grid.tmp.png")
-    grid.save(tmp)
-    os.replace(tmp, paths["grid.png"])
-    report = {
-        "dataset": "digits7to3",
-        "num_images": num_images,
-        "seed": seed,
-        "retrain": retrain,
-        "rows": rows,
-        "summary": summary,
-        "settings": settings,
-        "training": training,
-        "wall_seconds": time.perf_counter() - start,
-        "paths": {"grid": paths["grid.png"], "markdown": paths["report.md"], "json": paths["report.json"]},
-    }
-    write_text_atomically(paths["report.md"], report_markdown(report))
-    write_json_atomically(paths["report.json"], jsonable(report))
-    return report
+    return summary
+
+
+def write_grid(blocks: dict[str, dict[str, torch.Tensor]], targets: Sequence[str], path: str) -> None:
+    """[`make_grid`] of the images, saved as PNG to `path` (through a temporary file: never a half-written grid)."""
+    tmp = os.path.join(os.path.dirname(path), ".grid.tmp.png")
+    make_grid(blocks, list(targets)).save(tmp)
+    os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""Latent densities for the sampler's proposal (spec §6): the standard normal prior and a refitted mixture.
+"""Latent densities (spec §6): the latent prior ``p_z`` and the refitted proposal densities ``q``.
 
 A latent ``z`` is all the randomness of one generated sample (a GAN's latent, a diffusion model's initial
 noise under a deterministic sampler). Its prior is ``p_z = N(0, I)``. Refitting replaces the proposal by
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["StandardNormal", "LowRankGaussianMixture", "fit_latent_density"]
+__all__ = ["StandardNormal", "LowRankGaussianMixture"]
 
 
 def _standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
@@ -221,8 +221,3 @@ class LowRankGaussianMixture:
             f"LowRankGaussianMixture(latent_shape={self.latent_shape}, rank={self.rank}, "
             f"n_components={self.n_components}, defensive={self.defensive})"
         )
-
-
-def fit_latent_density(latents: torch.Tensor, **kwargs) -> LowRankGaussianMixture:
-    """Shorthand for [`LowRankGaussianMixture.fit`]."""
-    return LowRankGaussianMixture.fit(latents, **kwargs)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from s2m_diffusers.refit import LowRankGaussianMixture, StandardNormal
+from s2m_diffusers.densities import LowRankGaussianMixture, StandardNormal
 
 
 def _clustered(n, d, seed=0):

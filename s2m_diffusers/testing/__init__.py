@@ -1,0 +1,6 @@
+"""Worlds for the tests and the benchmarks, whose every quantity is known; the library never imports them.
+
+- `toy`: an analytic 2-d problem with closed-form densities and exact heads ([`toy.ToyProblem`]), for exactness tests.
+- `shapes`: a constructed image generator whose attributes are read from its pixels ([`shapes.ShapesGenerator`]), for
+  benchmarks with 1 to n attributes.
+"""

@@ -1,0 +1,120 @@
+"""The weights a sampler is given: a proposal adapter's images, judged by the heads, through `maths.log_weight`.
+
+`S2MPipeline` builds one [`Weigher`] per call; its ``for_stage(stage)`` is the ``evaluate(z) -> (x, log_w)`` callable
+that `sampling.sample_s2m` receives for each refitting stage of the target (spec §4):
+
+    latents z --(proposal adapter, class plan)--> images x in [-1, 1] --(heads)--> D_v, D_r, D_f
+        --(maths.log_weight: temper D_r, log r_T with the margins, + logit D_v [- log D_f(c|x) + log p_G(c)])--> log w
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from . import maths
+from .proposals import execution_device
+from .targets import Target
+from .utils import module_device_dtype
+
+__all__ = ["Weigher"]
+
+
+class Weigher:
+    """``evaluate(z) -> (x, log w)`` for each stage of one call's target: the proposal's generator, the heads, and
+    `maths.log_weight`, ``micro_batch_size`` latents at a time; it also keeps the call's seconds and rounds.
+
+    Each micro-batch's images leave the execution device once the heads have seen them (to the CPU), so that it
+    holds one micro-batch of generated images at a time; the images of the refitting stages, which only their latents
+    and weights serve, are not kept at all (``x`` is then `None`) unless a callback asks for them. ``phase`` is ``k``
+    during the ``k``-th refitting stage and the number of refitting stages during the final sampling.
+    """
+
+    def __init__(self, pipe, target, proposal, plan, config, micro_batch_size, num_fit_stages, callback, inputs):
+        hc, n = pipe.heads.config, len(pipe.heads.config.attribute_names)
+        self.pipe, self.proposal, self.plan, self.micro_batch_size = pipe, proposal, plan, micro_batch_size
+        self.num_fit_stages, self.callback, self.inputs = num_fit_stages, callback, inputs
+        self.log_p_data = maths.log_p_data(getattr(hc, "label_counts", None), n)
+        self.log_priors = maths.log_priors(
+            config.priors if config.priors is not None else getattr(hc, "priors", None), n
+        )
+        margin = config.negation_margin
+        self.negation_margin = float(
+            margin if margin is not None else getattr(hc, "negation_margin", maths.DEFAULT_NEGATION_MARGIN)
+        )
+        self.presence_margin = float(config.presence_margin)
+        t = config.dr_temperature
+        self.dr_temperature = maths.auto_dr_temperature(target) if t == "auto" else float(t if t is not None else 1.0)
+        self.heads_device, self.heads_dtype = execution_device(pipe.heads), module_device_dtype(pipe.heads)[1]
+        self.seconds_generator = self.seconds_heads = 0.0
+        self.rounds, self.phase, self.checked_shape = 0, 0, False
+
+    def for_stage(self, stage: Target) -> Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]]:
+        def evaluate(z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+            keep = "images" in self.inputs or self.phase >= self.num_fit_stages
+            images, weights = [], []
+            for chunk in z.split(self.micro_batch_size):
+                x, lw = self.weigh(stage, chunk)
+                images.append(x.cpu() if keep else None)
+                weights.append(lw)
+            x, lw = (torch.cat(images) if keep else None), torch.cat(weights)
+            self.on_round(z, x, lw)
+            return x, lw
+
+        return evaluate
+
+    def weigh(self, stage: Target, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images `(b, C, H, W)` in [-1, 1] and ``log w`` `(b,)` of one micro-batch of latents."""
+        latents, labels = self.plan.split(z, self.proposal.latent_shape)
+        t0 = time.perf_counter()
+        x = self.proposal.generate(latents, labels)
+        _sync(x.device)
+        t1 = time.perf_counter()
+        self.seconds_generator += t1 - t0
+        if not self.checked_shape:
+            self.pipe.check_image_shape(tuple(x.shape[1:]), self.proposal)
+            self.checked_shape = True
+        out = self.pipe.heads(self.pipe.heads_view(x.to(self.heads_device)).to(dtype=self.heads_dtype))
+        _sync(self.heads_device)
+        self.seconds_heads += time.perf_counter() - t1
+        df = out.df_log_probs[:, self.plan.index] if self.plan.mode == "fixed" else None
+        log_w = maths.log_weight(
+            stage,
+            out.dr_log_probs,
+            out.dv_logit,
+            self.log_p_data,
+            self.log_priors,
+            self.negation_margin,
+            self.presence_margin,
+            self.dr_temperature,
+            df,
+            self.plan.log_pg_class,
+        )
+        return x, log_w
+
+    def on_round(self, z: torch.Tensor, x: torch.Tensor | None, log_w: torch.Tensor) -> None:
+        if self.callback is not None:
+            tensors = {"latents": z, "images": x, "log_w": log_w}
+            kwargs = {k: tensors[k] for k in self.inputs}
+            kwargs["num_on_target"] = int(torch.isfinite(log_w).sum())
+            self.callback(self.pipe, self.rounds, self.phase, kwargs)
+        self.rounds += 1
+
+    def timings(self, seconds_wall: float, budget: int) -> dict:
+        sampler = max(0.0, seconds_wall - self.seconds_generator - self.seconds_heads)
+        return {
+            "rounds": self.rounds,  # every batch of proposals, refitting stages included
+            "max_proposals": budget,
+            "seconds_generator": self.seconds_generator,
+            "seconds_heads": self.seconds_heads,
+            "seconds_sampler": sampler,  # the rest: sampling, refitting, bookkeeping
+            "seconds_wall": seconds_wall,
+        }
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued kernels so that wall-clock times land on the part that ran them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
