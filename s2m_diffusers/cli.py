@@ -13,17 +13,23 @@ Each subcommand is one parser function (``_<name>_parser``) and one function tha
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 
-from .hub import generator_image_shape, load_generator_folder
+from .hub import check_save_directory, generator_image_shape, load_generator_folder, save_pipeline
 from .maths import DEFAULT_NEGATION_MARGIN
-from .utils import jsonable, write_json_atomically
+from .utils import jsonable, replace_folder_atomically, write_json_atomically
 
 __all__ = ["main", "build_parser"]
 
-EXIT_OK, EXIT_BUDGET, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_BUDGET, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+# the files `s2m sample` writes (and `s2m evaluate` adds): a folder of only these may be replaced with --overwrite
+SAMPLE_FILES = re.compile(r"^(\d{4,}\.png|stats\.json|latents\.safetensors|evaluation\.json)$")
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -54,7 +60,12 @@ _SAMPLE_EPILOG = (
     "--seed gives the same images for the same number of processes.\n"
     "\n"
     "targets: attribute names with & (and), | (or), ~ (not) and parentheses, e.g. 'a & (b | c) & ~d',\n"
-    "or the paper's form 'a+b-c'. Exit status: 0 done, 1 budget exhausted, 2 invalid input."
+    "or the paper's form 'a+b-c'.\n"
+    "\n"
+    "output: the folder is written whole (beside it, then moved into place): a run that is stopped leaves\n"
+    "no folder or the previous one. A folder that already holds files is refused unless --overwrite,\n"
+    "which replaces the whole folder of an earlier `s2m sample`.\n"
+    "Exit status: 0 done, 1 budget exhausted, 2 invalid input, 3 unexpected error."
 )
 
 
@@ -78,6 +89,11 @@ def _sample_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="the target, e.g. 'a & ~b'; defaults to the pipeline's default")
     p.add_argument("--num-images", type=int, default=4, metavar="N", help="images to draw (default: 4)")
     p.add_argument("--output", required=True, metavar="IMGDIR", help="folder for the PNGs and stats.json")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --output when it already holds the files of an earlier `s2m sample` (refused otherwise)",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, recorded in stats)")
     p.add_argument(
         "--refit",
@@ -136,9 +152,13 @@ def sample(args: argparse.Namespace) -> int:
     state = get_state() if launched_processes() > 1 else None
     main_process = state is None or state.is_main_process
 
-    problem = _check_sample_arguments(args)
+    problem = _check_sample_arguments(args) or _output_problem(args.output, args.overwrite)
     if problem is not None:
         return _fail_on(main_process, problem, EXIT_USAGE)
+    if args.quiet:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     try:
         pipe = S2MPipeline.from_pretrained(args.pipeline, revision=args.revision)
     except (OSError, ValueError) as err:
@@ -164,9 +184,14 @@ def sample(args: argparse.Namespace) -> int:
             distributed=state is not None,
         )
     except BudgetExhaustedError as err:
-        return _fail_on(main_process, str(err), EXIT_BUDGET)
-    except (TargetError, ValueError) as err:
+        return _fail_on(main_process, _budget_message(err, args, pipe), EXIT_BUDGET)
+    except TargetError as err:
+        cause = err.__cause__  # the parser's own message, without what the pipeline adds for unknown attributes
+        if isinstance(cause, TargetError) and cause.unknown_attribute is None:
+            err = cause
         return _fail_on(main_process, str(err), EXIT_USAGE)
+    except ValueError as err:
+        return _fail_on(main_process, _cli_words(str(err)), EXIT_USAGE)
 
     if not main_process:  # the main process holds the same, gathered output and writes it
         return EXIT_BUDGET if out.stats["budget_exhausted"] else EXIT_OK
@@ -190,6 +215,85 @@ def _check_sample_arguments(args: argparse.Namespace) -> str | None:
             "S2MPipeline.save_pretrained(DIR)."
         )
     return None
+
+
+def _output_problem(output: str, overwrite: bool) -> str | None:
+    """What is wrong with `--output` of `s2m sample` before anything is loaded, or `None`: a file, a folder that holds
+    files (without `--overwrite`, or with it for a folder that `s2m sample` did not write), the working directory."""
+    if os.path.lexists(output) and not os.path.isdir(output):
+        return f"--output {output!r} exists and is not a folder; give the path of a folder for the images."
+    real, cwd = os.path.realpath(output), os.path.realpath(os.getcwd())
+    if cwd == real or cwd.startswith(real + os.sep):
+        return f"--output {output!r} is the working directory or holds it; write the images to a folder inside it."
+    entries = sorted(os.listdir(output)) if os.path.isdir(output) else []
+    if not entries:
+        return None
+    shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+    if not overwrite:
+        return (
+            f"--output {output!r} already holds files ({shown}). `s2m sample` writes a whole folder, and mixing its "
+            "images with these would let `s2m evaluate` count stale ones. Choose a new or empty folder, or pass "
+            "--overwrite to replace this one."
+        )
+    others = [e for e in entries if not SAMPLE_FILES.match(e)]
+    if others:
+        return (
+            f"--overwrite replaces only a folder written by `s2m sample`, and {output!r} also holds "
+            f"{', '.join(others[:4])}{' ...' if len(others) > 4 else ''}. Choose another --output."
+        )
+    return None
+
+
+# the Python names of the pipeline's arguments, as `s2m sample` spells them
+_CLI_OPTIONS = {
+    name: "--" + name.replace("_", "-")
+    for name in (
+        "num_images",
+        "max_proposals",
+        "num_chains",
+        "fit_size",
+        "micro_batch_size",
+        "negation_margin",
+        "presence_margin",
+        "class_label",
+        "num_inference_steps",
+        "refit",
+    )
+}
+
+
+def _cli_words(message: str) -> str:
+    """A pipeline's message in the words of `s2m sample`: ``max_proposals=400`` -> ``--max-proposals 400``,
+    ``allow_partial=True`` -> ``--allow-partial``."""
+    message = re.sub(r"\ballow_partial=True\b", "--allow-partial", message)
+    pattern = r"`?\b(" + "|".join(_CLI_OPTIONS) + r")\b`?(=)?"
+    return re.sub(pattern, lambda m: _CLI_OPTIONS[m.group(1)] + (" " if m.group(2) else ""), message)
+
+
+def _budget_message(err, args: argparse.Namespace, pipe) -> str:
+    """The budget error of `s2m sample`, with only what applies to try, in its options' words."""
+    from .sampling import budget_error
+
+    found = err.result.num_samples
+    budget = getattr(err, "budget", None) or args.max_proposals
+    if budget is None:
+        match = re.search(r"budget of (\d+)", str(err))
+        budget = int(match.group(1)) if match else None
+    tries = []
+    if args.refit != "sequential":
+        tries.append(
+            f"--refit sequential (this run used --refit {args.refit}): each refitting stage then adds one literal"
+        )
+    if budget is not None:
+        tries.append(f"a larger budget, e.g. --max-proposals {4 * budget}")
+    if not pipe.get_proposal().is_conditional:
+        tries.append(
+            "a class-conditional generator (one class per attribute) with heads trained on it, which then get D_f"
+        )
+    if found:
+        tries.append(f"--allow-partial to write the {found} image(s) found")
+    target = str(pipe.parse_target(args.target))
+    return str(budget_error(err.result, args.num_images, budget, target=target, tries=tries, unit="images"))
 
 
 def _place_pipeline(pipe, args: argparse.Namespace, state) -> None:
@@ -231,27 +335,29 @@ def _class_label(value: str) -> str | int | None:
 
 
 def _write_samples(args: argparse.Namespace, out, seed: int) -> int:
-    """Write the PNGs, latents.safetensors and stats.json of `s2m sample`, and say what was written."""
+    """Write the PNGs, latents.safetensors and stats.json of `s2m sample` as one folder (beside `--output`, then moved
+    into place whole: a kill leaves no folder or the previous one), and say what was written."""
     from safetensors.torch import save_file
 
     stats = out.stats
-    os.makedirs(args.output, exist_ok=True)
-    names = []
-    for i, image in enumerate(out.images):
-        name = f"{i:04d}.png"
-        image.save(os.path.join(args.output, name))
-        names.append(name)
-    save_file({"latents": out.latents.contiguous().cpu()}, os.path.join(args.output, "latents.safetensors"))
-    record = {
-        "pipeline": args.pipeline,
-        "revision": args.revision,
-        "seed": seed,
-        "images": names,
-        "on_target": out.on_target.tolist(),
-        "class_labels": None if out.class_labels is None else out.class_labels.tolist(),
-        **stats,
-    }
-    _write_json(os.path.join(args.output, "stats.json"), record)
+    names = [f"{i:04d}.png" for i in range(len(out.images))]
+
+    def write(folder: str) -> None:
+        for name, image in zip(names, out.images):
+            image.save(os.path.join(folder, name))
+        save_file({"latents": out.latents.contiguous().cpu()}, os.path.join(folder, "latents.safetensors"))
+        record = {
+            "pipeline": args.pipeline,
+            "revision": args.revision,
+            "seed": seed,
+            "images": names,
+            "on_target": out.on_target.tolist(),
+            "class_labels": None if out.class_labels is None else out.class_labels.tolist(),
+            **stats,
+        }
+        _write_json(os.path.join(folder, "stats.json"), record)  # last
+
+    replace_folder_atomically(write, args.output)
     print(
         f"wrote {len(names)} images to {args.output} ({stats['proposals']} proposals, "
         f"{stats['proposals_per_image']:.3g} per image, acceptance rate {stats['acceptance_rate']:.3g}, "
@@ -333,6 +439,14 @@ def _train_heads_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.2,
+        metavar="F",
+        help="share of each attribute's images held out for early stopping and calibration (default 0.2; at least "
+        "one image per attribute, so each attribute needs 2 or more)",
+    )
+    p.add_argument(
         "--num-heldout-samples",
         type=int,
         default=1024,
@@ -349,6 +463,13 @@ def _train_heads_parser(subparsers) -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_NEGATION_MARGIN,
         help=f"lambda of negated literals stored in the heads (default {DEFAULT_NEGATION_MARGIN:g})",
+    )
+    p.add_argument(
+        "--labelling",
+        choices=("independent", "one_label_per_image"),
+        default="independent",
+        help="how the folders were made (spec §1): 'independent' (default: each attribute's folder samples the images "
+        "that hold it; an image may sit in several) or 'one_label_per_image' (each image in exactly one folder)",
     )
     p.add_argument("--default-target", default=None, help="target `s2m sample` uses when given none")
     p.add_argument(
@@ -380,6 +501,8 @@ def train_heads_command(args: argparse.Namespace) -> int:
     except ValueError as err:
         return _fail(str(err), EXIT_USAGE)
     try:
+        if main_process:
+            check_save_directory(args.output)  # before any training
         kind, components = load_generator_folder(args.generator)
         size, channels = _heads_image_shape(args.sample_size, kind, components)
         data = SinglePositiveDataset.from_folder(args.data_dir, size, channels)
@@ -395,23 +518,30 @@ def train_heads_command(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             eval_steps=min(100, args.num_steps),
+            heldout_fraction=args.heldout_fraction,
             num_heldout_samples=args.num_heldout_samples,
             seed=args.seed,
             priors=priors,
             negation_margin=args.negation_margin,
+            labelling=args.labelling,
             progress=not args.quiet,
         )
         extra = {"num_inference_steps": args.num_inference_steps} if kind == "ddim" else {}
         if not main_process:
             return EXIT_OK
         pipe = S2MPipeline(heads=heads, **components, default_target=args.default_target, **extra)
-        pipe.save_pretrained(
+        save_pipeline(  # the pipeline and metrics.json, as one folder
+            pipe,
             args.output,
             training_data={"data_dir": os.path.abspath(args.data_dir), "generator": os.path.abspath(args.generator)},
+            extra_files={"metrics.json": _training_metrics(args, kind, data, metrics)},
         )
     except (OSError, ValueError) as err:
         return _fail(str(err), EXIT_USAGE)
-    _write_training_metrics(args, kind, data, metrics)
+    summary = ", ".join(
+        f"{h} accuracy {metrics[f'{h}_accuracy']:.3f}" for h in ("dv", "dr", "df") if f"{h}_accuracy" in metrics
+    )
+    print(f"wrote the S2M pipeline to {args.output} ({summary}; attributes {list(data.attribute_names)})")
     return EXIT_OK
 
 
@@ -424,6 +554,8 @@ def _check_train_heads_arguments(args: argparse.Namespace) -> str | None:
         return f"--num-threads must be at least 1, got {args.num_threads}."
     if args.bank_size is not None and args.bank_size < 0:
         return f"--bank-size must be 0 or more, got {args.bank_size}."
+    if not 0.0 < args.heldout_fraction < 1.0:
+        return f"--heldout-fraction must lie strictly between 0 and 1 (0.2 is usual), got {args.heldout_fraction}."
     return None
 
 
@@ -468,16 +600,12 @@ def _training_proposal(args: argparse.Namespace, kind: str, components: dict, si
     return sample_bank(proposal, bank_size, args.seed, size, channels)
 
 
-def _write_training_metrics(args: argparse.Namespace, kind: str, data, metrics: dict) -> None:
-    """Write the metrics (with the generator and the data) into the pipeline folder, and say what was written."""
+def _training_metrics(args: argparse.Namespace, kind: str, data, metrics: dict) -> str:
+    """`metrics.json` of `s2m train-heads`: the metrics, with the generator and the data."""
     metrics.update(generator=os.path.abspath(args.generator), generator_kind=kind, data_dir=args.data_dir)
     metrics["attribute_names"] = list(data.attribute_names)
     metrics["label_counts"] = list(data.label_counts)
-    _write_json(os.path.join(args.output, "metrics.json"), metrics)
-    summary = ", ".join(
-        f"{h} accuracy {metrics[f'{h}_accuracy']:.3f}" for h in ("dv", "dr", "df") if f"{h}_accuracy" in metrics
-    )
-    print(f"wrote the S2M pipeline to {args.output} ({summary}; attributes {list(data.attribute_names)})")
+    return json.dumps(jsonable(metrics), indent=2) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -519,8 +647,20 @@ def _evaluate_parser(subparsers) -> argparse.ArgumentParser:
 def evaluate(args: argparse.Namespace) -> int:
     """Run `s2m evaluate`."""
     from .data import load_image_folder
-    from .evaluation import AttributeEvaluator, evaluator_features, formula_accuracy, frechet_distance
+    from .evaluation import (
+        AttributeEvaluator,
+        check_sample_folder,
+        evaluator_features,
+        formula_accuracy,
+        frechet_distance,
+    )
 
+    if not os.path.isdir(args.images):
+        return _fail(f"--images {args.images!r} does not exist or is not a folder of images.", EXIT_USAGE)
+    try:
+        check_sample_folder(args.images)
+    except ValueError as err:
+        return _fail(f"--images: {err}", EXIT_USAGE)
     if not os.path.isfile(os.path.join(args.evaluator, "config.json")):
         return _fail(
             f"--evaluator {args.evaluator!r} is not an evaluator folder (no config.json); save an AttributeEvaluator "
@@ -687,15 +827,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `s2m` console script; returns the exit status."""
+    """Entry point of the `s2m` console script; returns the exit status.
+
+    Errors end with a one-line message and a non-zero status, never a traceback: the commands report what they
+    expect (invalid input: 2, budget: 1), and anything else is reported as an unexpected error (3) with its type and
+    message; set ``S2M_TRACEBACK=1`` to see where it arose. Warnings are printed as ``s2m: warning: ...``.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return EXIT_USAGE
-    code = args.func(args)
+    with _warnings_as_messages():
+        try:
+            code = args.func(args)
+        except KeyboardInterrupt:
+            code = _fail("interrupted; nothing was left half-written.", 130)
+        except Exception as err:
+            if os.environ.get("S2M_TRACEBACK"):
+                raise
+            code = _fail(
+                f"{type(err).__name__}: {err} (an unexpected error: set S2M_TRACEBACK=1 to see where it arose, and "
+                "please report it)",
+                EXIT_INTERNAL,
+            )
     _end_processes()
     return code
+
+
+@contextlib.contextmanager
+def _warnings_as_messages() -> Iterator[None]:
+    """Print warnings as ``s2m: warning: MESSAGE``, without the file and line of the code that warned."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"s2m: warning: {message}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def _end_processes() -> None:

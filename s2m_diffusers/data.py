@@ -32,6 +32,7 @@ from PIL import Image
 
 from .models.heads import _check_attribute_names
 
+MIN_IMAGES_PER_ATTRIBUTE = 2  # one to train on and one held out for early stopping and calibration
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -240,7 +241,8 @@ class SinglePositiveDataset(torch.utils.data.Dataset):
         return SinglePositiveDataset(self.images[indices], self.labels[indices], self.attribute_names)
 
     def split(self, heldout_fraction: float, seed: int = 0) -> tuple[SinglePositiveDataset, SinglePositiveDataset]:
-        """A stratified split: `round(heldout_fraction * n_c)` images of each label go to the held-out part.
+        """A stratified split: `round(heldout_fraction * n_c)` images of each label go to the held-out part, at
+        least one and at most `n_c - 1`, so that every attribute is both trained on and held out.
 
         Args:
             heldout_fraction (`float`): share held out, in (0, 1).
@@ -248,17 +250,30 @@ class SinglePositiveDataset(torch.utils.data.Dataset):
 
         Returns:
             `tuple[SinglePositiveDataset, SinglePositiveDataset]`: `(train, heldout)`.
+
+        Raises:
+            ValueError: `heldout_fraction` outside (0, 1), or an attribute with fewer than
+                `MIN_IMAGES_PER_ATTRIBUTE` (2) images, naming each such attribute.
         """
         if not 0.0 < heldout_fraction < 1.0:
-            raise ValueError(f"`heldout_fraction` must lie in (0, 1), got {heldout_fraction}.")
+            raise ValueError(
+                f"heldout_fraction must lie in (0, 1), got {heldout_fraction}: it is the share of each attribute's "
+                "images held out for early stopping and calibration (0.2 is usual)."
+            )
+        few = [(n, c) for n, c in zip(self.attribute_names, self.label_counts) if c < MIN_IMAGES_PER_ATTRIBUTE]
+        if few:
+            listed = ", ".join(f"{name!r} ({count})" for name, count in few)
+            raise ValueError(
+                f"Each attribute needs at least {MIN_IMAGES_PER_ATTRIBUTE} images, one to train on and one held out "
+                f"for early stopping and calibration (usable heads need hundreds); these have fewer: {listed}. Add "
+                "images of them (into their sub-folders of the data folder), or leave those attributes out."
+            )
         generator = torch.Generator().manual_seed(seed)
         heldout = torch.zeros(len(self), dtype=torch.bool)
         for c in range(len(self.attribute_names)):
             members = torch.nonzero(self.labels == c).flatten()
             members = members[torch.randperm(len(members), generator=generator)]
-            heldout[members[: max(1, round(heldout_fraction * len(members)))] if len(members) > 1 else []] = True
-        if heldout.all() or not heldout.any():
-            raise ValueError(f"Cannot split {len(self)} images with heldout_fraction={heldout_fraction}.")
+            heldout[members[: min(max(1, round(heldout_fraction * len(members))), len(members) - 1)]] = True
         return self.subset(torch.nonzero(~heldout).flatten()), self.subset(torch.nonzero(heldout).flatten())
 
     @classmethod
@@ -410,7 +425,8 @@ class ImageBank:
         k = max(1, round(heldout_fraction * len(self)))
         if k >= len(self):
             raise ValueError(
-                f"Cannot split {len(self)} pre-generated samples with heldout_fraction={heldout_fraction}."
+                f"Cannot split {len(self)} pre-generated samples with heldout_fraction={heldout_fraction}: both parts "
+                "need samples (training, and held out for calibration). Use a larger bank (hundreds of samples)."
             )
         parts = order[k:], order[:k]
         labels = self.class_labels

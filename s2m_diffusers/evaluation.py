@@ -301,3 +301,60 @@ def frechet_distance(
     trace_sqrt = np.sqrt(np.clip(cross, 0.0, None)).sum()
     mean_term = np.sum((a.mean(axis=0) - b.mean(axis=0)) ** 2)
     return float(max(mean_term + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_sqrt, 0.0))
+
+
+def check_sample_folder(folder: str) -> None:
+    """Refuse to score a folder of samples that is not complete: a folder written by `s2m sample` holds exactly the
+    images its `stats.json` lists (written last). A folder without `stats.json` is taken as a plain folder of images,
+    unless it holds `latents.safetensors` (an `s2m sample` output that never finished) or is the hidden temporary
+    folder of one.
+
+    Args:
+        folder (`str`): the folder of images.
+
+    Raises:
+        ValueError: naming what is incomplete or extra, and what to do.
+    """
+    import json
+    import os
+    import re
+
+    from .data import _list_images
+
+    if not os.path.isdir(folder):
+        return  # the loader says so
+    if re.match(r"^\..+\.(tmp|old)-", os.path.basename(os.path.normpath(folder))):
+        raise ValueError(
+            f"{folder!r} is the temporary folder of an `s2m sample` run that did not finish; score the folder that "
+            "run was writing once it has finished, or sample again."
+        )
+    stats_path = os.path.join(folder, "stats.json")
+    images = {os.path.basename(p) for p in _list_images(folder)}
+    if not os.path.isfile(stats_path):
+        if os.path.isfile(os.path.join(folder, "latents.safetensors")):
+            raise ValueError(
+                f"{folder!r} holds the images and latents of an `s2m sample` run but no stats.json, which that "
+                "command writes last: the run did not finish. Sample again (into a new folder, or with --overwrite)."
+            )
+        return
+    try:
+        with open(stats_path, encoding="utf-8") as f:
+            listed = json.load(f)["images"]
+        listed = {str(name) for name in listed}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{stats_path!r} cannot be read ({type(err).__name__}: {err}); it is not the stats.json of a finished "
+            "`s2m sample` run. Sample again into a new folder."
+        ) from None
+    missing, extra = sorted(listed - images), sorted(images - listed)
+    if missing:
+        raise ValueError(
+            f"{folder!r} is incomplete: its stats.json lists {len(missing)} image(s) that are not there "
+            f"({', '.join(missing[:5])}). Sample again into a new folder (or with --overwrite)."
+        )
+    if extra:
+        raise ValueError(
+            f"{folder!r} holds {len(extra)} image(s) that its stats.json does not list ({', '.join(extra[:5])}): "
+            "left from another run or added later, they would be scored with these. Remove them, or sample again "
+            "into a new folder."
+        )

@@ -26,20 +26,31 @@ a pinned ``revision=``. [`upload_folder`] uploads a saved folder with any object
 [`save_pipeline`] (``save_pretrained``) and [`push_pipeline`] (``push_to_hub``) hold what they do.
 [`load_generator_folder`] loads the pretrained generator (a diffusers pipeline folder or a GAN model folder) that an
 S2M pipeline is built around.
+
+A saved folder is whole or absent: [`save_pipeline`] writes it beside its destination, ends with a manifest
+(`s2m_manifest.json`: the components, and the size and SHA-256 of every file but `model_index.json`, whose settings
+may be edited, and the model card) and swaps it in whole
+([`~s2m_diffusers.utils.replace_folder_atomically`]). [`check_pipeline_folder`] refuses, before anything is loaded, a
+folder whose files differ from its manifest (components of different saves), a component folder that is missing,
+weights in pickle form, and classes that the installed packages do not define; it warns about a folder saved by newer
+versions.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import json
 import os
 import re
+import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .utils import save_folder_atomically, write_text_atomically
+from .utils import replace_folder_atomically, write_text_atomically
 
 __all__ = [
     "SHIM_HEADER",
@@ -52,6 +63,10 @@ __all__ = [
     "resolve_local_config",
     "snapshot_path",
     "save_pipeline",
+    "check_save_directory",
+    "write_manifest",
+    "check_pipeline_folder",
+    "MANIFEST_FILE",
     "push_pipeline",
     "load_generator_folder",
     "generator_image_shape",
@@ -60,6 +75,10 @@ __all__ = [
 SHIM_HEADER = "# s2m-diffusers shim: imports the class from the installed package; it holds no model code.\n"
 _SHIM_IMPORT = re.compile(r"^from ([A-Za-z_][\w.]*) import ([A-Za-z_]\w*)", re.MULTILINE)
 PIPELINE_FILE = "pipeline"  # -> pipeline.py beside model_index.json
+INDEX_FILE = "model_index.json"
+MANIFEST_FILE = "s2m_manifest.json"  # written last: the components, and the size and SHA-256 of their files
+CARD_FILE = "README.md"  # not hashed: `upload_folder` rewrites it with the pinned revision
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def _loadable_library(library: str) -> bool:
@@ -191,12 +210,17 @@ def resolve_local_config(config_out, pretrained_model_name_or_path: str | os.Pat
 
     Returns:
         `config_out` with the config resolved; unchanged when there is no `model_index.json` beside it.
+
+    Raises:
+        ValueError: the folder fails [`check_pipeline_folder`].
     """
     path = os.fspath(pretrained_model_name_or_path)
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         return config_out
-    config = resolve_remote_code_layout(config_out[0] if isinstance(config_out, tuple) else config_out, folder)
+    raw = config_out[0] if isinstance(config_out, tuple) else config_out
+    check_pipeline_folder(folder, raw)
+    config = resolve_remote_code_layout(raw, folder)
     for value in config.values():
         # diffusers resolves a component's module from `sys.modules` only; ours may be imported here.
         if _is_component_entry(value) and str(value[0]).startswith("s2m_diffusers."):
@@ -240,31 +264,79 @@ def save_pipeline(
     variant: str | None = None,
     max_shard_size: int | str | None = None,
     training_data: Mapping[str, Any] | str | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> str:
     """Save an S2M pipeline in the layout that loads with `S2MPipeline.from_pretrained`, with
     `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`, with `diffusers-cli run` and from the Hub, with
     a model card (README.md). Weights are safetensors.
 
-    The folder is written next to its destination and moved into place entry by entry, `model_index.json` last
-    ([`~s2m_diffusers.utils.save_folder_atomically`]), so that an interrupted save never leaves an index that points
-    at missing files; entries of an existing folder that the pipeline does not write are kept.
+    The folder is written whole beside its destination, ends with the manifest ([`write_manifest`]), and replaces
+    the destination in one step ([`~s2m_diffusers.utils.replace_folder_atomically`]): a kill at any moment leaves the
+    previous pipeline (or no folder) or the new one, never a mix, and the temporaries of a killed save are removed by
+    the next one. Of an existing pipeline folder, the entries that are not part of a pipeline (notes, checkpoints,
+    ``metrics.json``) are carried over; its components are not.
 
     Args:
-        pipeline ([`~s2m_diffusers.pipeline_s2m.S2MPipeline`]): the pipeline.
-        save_directory (`str`): the folder.
+        pipeline ([`~s2m_diffusers.pipeline_s2m.S2MPipeline`]): the pipeline. Its ``write_extra_files(folder)``,
+            when it has one, writes further files into the folder before the manifest is written (they are covered
+            by it).
+        save_directory (`str`): the folder: new, empty, or a saved pipeline.
         safe_serialization (`bool`, defaults to `True`): must be `True` (weights are saved as safetensors only).
         variant (`str`, *optional*), max_shard_size (*optional*): as in `DiffusionPipeline.save_pretrained`.
         training_data (`dict` or `str`, *optional*): a description of the heads' training data for the card.
+        extra_files (`Mapping[str, str]`, *optional*): further text files, ``{name: text}``, written with the
+            pipeline and covered by its manifest (e.g. ``metrics.json``).
 
     Returns:
         `str`: the folder, as an absolute path.
+
+    Raises:
+        ValueError: ``safe_serialization=False``, or `save_directory` holds files and is not a saved pipeline.
     """
     if not safe_serialization:
         raise ValueError("S2M pipelines are saved as safetensors only (no pickle): keep safe_serialization=True.")
-    write = functools.partial(
-        _write_pipeline_folder, pipeline, variant=variant, max_shard_size=max_shard_size, training_data=training_data
-    )
-    return save_folder_atomically(write, save_directory)
+    destination = os.path.abspath(os.fspath(save_directory))
+    part_of_old = _pipeline_entries(destination)
+
+    def write(folder: str) -> None:
+        _write_pipeline_folder(pipeline, folder, variant, max_shard_size, training_data, extra_files)
+
+    return replace_folder_atomically(write, destination, keep=lambda name: name not in part_of_old)
+
+
+def check_save_directory(save_directory: str | os.PathLike) -> None:
+    """Raise before any work when a pipeline cannot be saved to `save_directory` (see [`save_pipeline`]): it exists
+    and is not a folder, or holds files and is not a saved pipeline.
+
+    Raises:
+        ValueError: naming the folder and what to do.
+    """
+    _pipeline_entries(os.path.abspath(os.fspath(save_directory)))
+
+
+def _pipeline_entries(folder: str) -> set[str]:
+    """The top-level entries of an existing pipeline folder that belong to the pipeline (replaced by a save, not
+    carried over). Raises for an existing folder that holds files but is not a saved pipeline."""
+    names = {INDEX_FILE, MANIFEST_FILE, CARD_FILE, f"{PIPELINE_FILE}.py"}
+    if not os.path.lexists(folder):
+        return names
+    if not os.path.isdir(folder):
+        raise ValueError(f"save_directory {folder!r} exists and is not a folder. Choose another path.")
+    entries = os.listdir(folder)
+    if not entries:
+        return names
+    try:
+        with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ValueError(
+            f"save_directory {folder!r} holds files ({shown}) but no saved pipeline (no readable {INDEX_FILE}); a "
+            "save replaces its folder as a whole. Save into a new or empty folder, or into a saved pipeline."
+        ) from None
+    names |= {k for k, v in index.items() if not k.startswith("_") and _is_component_entry(v)}
+    names |= {path.split("/")[0] for path in _read_manifest(folder).get("files", {})}
+    return names
 
 
 def _write_pipeline_folder(
@@ -273,15 +345,304 @@ def _write_pipeline_folder(
     variant: str | None,
     max_shard_size: int | str | None,
     training_data: Mapping[str, Any] | str | None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> None:
-    """`DiffusionPipeline.save_pretrained` into `folder`, then the remote-code layout and the model card."""
+    """`DiffusionPipeline.save_pretrained` into `folder`, then the remote-code layout, the pipeline's extra files,
+    ``extra_files``, the model card and, last, the manifest."""
     from diffusers import DiffusionPipeline
 
     DiffusionPipeline.save_pretrained(
         pipeline, folder, safe_serialization=True, variant=variant, max_shard_size=max_shard_size
     )
     write_remote_code_layout(folder, type(pipeline).__module__, type(pipeline).__name__)
-    write_text_atomically(os.path.join(folder, "README.md"), model_card(pipeline, training_data=training_data))
+    write_extra = getattr(pipeline, "write_extra_files", None)
+    if callable(write_extra):
+        write_extra(folder)
+    for name, text in (extra_files or {}).items():
+        write_text_atomically(os.path.join(folder, name), text)
+    write_text_atomically(os.path.join(folder, CARD_FILE), model_card(pipeline, training_data=training_data))
+    write_manifest(folder)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The manifest of a saved pipeline, and the checks before loading one
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _folder_files(folder: str) -> list[str]:
+    """Every file under `folder`, relative and '/'-separated, without `__pycache__` folders."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        out += [os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/") for name in files]
+    return sorted(out)
+
+
+def write_manifest(folder: str | os.PathLike) -> dict:
+    """Write `s2m_manifest.json`: the components `model_index.json` lists, the size and SHA-256 of every other file
+    of a saved pipeline folder but the model card, and the versions that wrote it. [`save_pipeline`] writes it last;
+    [`check_pipeline_folder`] compares the folder with it before loading, so that files of different saves are never
+    loaded together. `model_index.json` is not hashed, so that its settings (``default_target``, ...) may be edited;
+    its components must stay those of the manifest.
+
+    Args:
+        folder (`str`): the written pipeline folder.
+
+    Returns:
+        `dict`: the manifest.
+    """
+    import diffusers
+
+    import s2m_diffusers
+
+    folder = os.fspath(folder)
+    with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as f:
+        components = _components(json.load(f))
+    files = {
+        rel: {"size": os.path.getsize(os.path.join(folder, rel)), "sha256": _sha256(os.path.join(folder, rel))}
+        for rel in _folder_files(folder)
+        if rel not in (MANIFEST_FILE, CARD_FILE, INDEX_FILE)
+    }
+    manifest = {
+        "format": 1,
+        "s2m_diffusers_version": s2m_diffusers.__version__,
+        "diffusers_version": diffusers.__version__,
+        "components": {k: list(v) for k, v in components.items()},
+        "files": files,
+    }
+    write_text_atomically(os.path.join(folder, MANIFEST_FILE), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def _read_manifest(folder: str) -> dict:
+    """The manifest of `folder`; `{}` when there is none. Raises for one that cannot be read."""
+    path = os.path.join(folder, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        if not isinstance(manifest.get("files"), dict):
+            raise ValueError("no 'files' table")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(
+            f"The manifest {path!r} cannot be read ({err}): the folder was altered after it was saved. Save the "
+            "pipeline again with S2MPipeline.save_pretrained, or restore the folder."
+        ) from None
+    return manifest
+
+
+def _shown(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def check_pipeline_folder(folder: str | os.PathLike, config: Mapping[str, Any] | None = None) -> None:
+    """Refuse a saved S2M pipeline folder that cannot be loaded as one pipeline, before anything is loaded:
+
+    - a component that `model_index.json` lists whose folder is missing;
+    - weights in pickle form (``.bin``, ``.pt``, ...) in a folder without safetensors weights: pickle runs code
+      when it is read;
+    - a pipeline class or a component class that the installed packages do not define, or that the index names
+      otherwise than the folder's shim;
+    - files that differ from the manifest, are missing from it, or lie in a component folder without being listed
+      in it: parts of different saves, or a damaged folder.
+
+    It warns about a folder without a manifest (saved by diffusers' own `save_pretrained` or an older
+    s2m-diffusers: its parts cannot be checked) and about one saved by a newer diffusers or s2m-diffusers.
+
+    Args:
+        folder (`str`): the pipeline folder.
+        config (`Mapping`, *optional*): its `model_index.json` content, as read; read from the folder by default.
+
+    Raises:
+        ValueError: naming what is wrong and what to do.
+    """
+    folder = os.fspath(folder)
+    if config is None:
+        with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as f:
+            config = json.load(f)
+    components = _components(config)
+    _check_component_folders(folder, components)
+    _check_no_pickle(folder, components)
+    _check_classes(folder, config, components)
+    manifest = _read_manifest(folder)
+    if manifest:
+        _check_manifest(folder, manifest, components)
+    else:
+        warnings.warn(
+            f"{folder!r} has no {MANIFEST_FILE}: it was saved by diffusers' own save_pretrained or an s2m-diffusers "
+            "older than 0.1, so whether its components belong together cannot be checked. Save it again with "
+            "S2MPipeline.save_pretrained to add one.",
+            UserWarning,
+            stacklevel=3,
+        )
+    _warn_newer_versions(folder, config, manifest)
+
+
+def _components(config: Mapping[str, Any]) -> dict[str, list]:
+    """The saved components of a `model_index.json`: ``{name: [library, class]}`` (optional ones left out)."""
+    return {
+        k: list(v) for k, v in config.items() if not k.startswith("_") and _is_component_entry(v) and v[0] is not None
+    }
+
+
+def _check_component_folders(folder: str, components: Mapping[str, Any]) -> None:
+    missing = [name for name in components if not os.path.isdir(os.path.join(folder, name))]
+    if missing:
+        listed = ", ".join(f"{name} ({components[name][1]})" for name in missing)
+        folders = ", ".join(f"{name}/" for name in missing)
+        raise ValueError(
+            f"The saved pipeline {folder!r} is incomplete: its {INDEX_FILE} lists the component(s) {listed}, but "
+            f"the folder(s) {folders} are missing. A save was interrupted or the folder was copied in part: copy "
+            "the whole folder again, or save the pipeline again with S2MPipeline.save_pretrained."
+        )
+
+
+def _check_no_pickle(folder: str, components: Mapping[str, Any]) -> None:
+    for name in components:
+        for root, dirs, files in os.walk(os.path.join(folder, name)):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            pickled = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+            if not pickled or any(f.endswith(".safetensors") for f in files):
+                continue
+            sub = os.path.relpath(root, folder).replace(os.sep, "/")
+            raise ValueError(
+                f"{sub}/ of {folder!r} holds weights in pickle form ({', '.join(pickled)}) and no safetensors file. "
+                "S2M pipelines read weights as safetensors only: unpickling a file runs code from it. If you trust "
+                f"the file, convert it once: load it with `from_pretrained('{os.path.join(folder, sub)}', "
+                f"use_safetensors=False)` on its class, save it with `save_pretrained` to the same folder, and "
+                f"delete {', '.join(pickled)} (or save the whole pipeline again with S2MPipeline.save_pretrained)."
+            )
+
+
+def _installed_class(module: str, class_name: str):
+    """The class `module.class_name` when `module` is installed and may be imported here (s2m_diffusers, diffusers,
+    transformers, or a module already imported), else `None`."""
+    root = module.split(".")[0]
+    try:
+        mod = sys.modules.get(module) or (
+            importlib.import_module(module) if root in ("s2m_diffusers", "diffusers", "transformers") else None
+        )
+        if mod is None and "." not in module:  # a diffusers pipeline, saved under its pipelines module's name
+            from diffusers import pipelines
+
+            mod = getattr(pipelines, module, None)
+    except ImportError:
+        return None
+    cls = getattr(mod, class_name, None) if mod is not None else None
+    return cls if isinstance(cls, type) else None
+
+
+def _check_classes(folder: str, config: Mapping[str, Any], components: Mapping[str, Any]) -> None:
+    """The pipeline class and each component's class are defined by the installed packages, as the index names
+    them (a shim of this folder imports the class the index names)."""
+    from .pipeline_s2m import S2MPipeline
+
+    index = os.path.join(folder, INDEX_FILE)
+    name = config.get("_class_name")
+    if isinstance(name, (list, tuple)) and len(name) == 2 and isinstance(name[0], str):
+        shim = _read_shim(os.path.join(folder, f"{name[0]}.py"))
+        cls = _installed_class(*shim) if shim is not None and shim[1] == name[1] else None
+    else:
+        cls = _installed_class("s2m_diffusers", name) if isinstance(name, str) else None
+    if cls is None or not issubclass(cls, S2MPipeline):
+        name = name[1] if isinstance(name, (list, tuple)) and len(name) == 2 else name
+        raise ValueError(
+            f"{index} names the pipeline class {name!r}, which is not S2MPipeline (or a subclass of it) in the "
+            "installed packages: the folder is not an S2M pipeline, or its index was edited. S2MPipeline loads "
+            "folders written by S2MPipeline.save_pretrained; other diffusers pipelines load with "
+            "DiffusionPipeline.from_pretrained."
+        )
+    for key, (library, class_name) in components.items():
+        shim = _read_shim(os.path.join(folder, key, f"{library}.py"))
+        if shim is not None and shim[1] != class_name:
+            raise ValueError(
+                f"{index} names the {key} class {class_name!r}, but {key}/{library}.py imports {shim[1]!r}: the "
+                "index was edited or comes from another save. Save the pipeline again with "
+                "S2MPipeline.save_pretrained, or restore the folder."
+            )
+        module = shim[0] if shim is not None else library
+        if _installed_class(module, class_name) is None:
+            raise ValueError(
+                f"{index} names the {key} class {module}.{class_name}, which the installed packages do not define: "
+                "neither s2m_diffusers, diffusers nor transformers has it, nor a module imported before loading. "
+                f"Install (and, for your own module, import) what defines it, in a version that has {class_name}, "
+                "or restore the folder; S2M pipelines never run code that ships with a folder."
+            )
+
+
+def _check_manifest(folder: str, manifest: Mapping[str, Any], components: Mapping[str, Any]) -> None:
+    saved = manifest.get("components")
+    if isinstance(saved, dict) and saved != dict(components):
+        differ = sorted(k for k in set(saved) | set(components) if saved.get(k) != components.get(k))
+        described = "; ".join(f"{k}: {components.get(k)} in {INDEX_FILE}, {saved.get(k)} when saved" for k in differ)
+        raise ValueError(
+            f"{INDEX_FILE} of {folder!r} lists other components than were saved with the folder ({described}): "
+            "the index comes from another save or was edited. Save the pipeline again with "
+            "S2MPipeline.save_pretrained, or restore the whole folder."
+        )
+    listed = manifest["files"]
+    missing, changed = [], []
+    for rel, entry in sorted(listed.items()):
+        path = os.path.join(folder, *rel.split("/"))
+        if not os.path.isfile(path):
+            missing.append(rel)
+        elif os.path.getsize(path) != entry.get("size") or _sha256(path) != entry.get("sha256"):
+            changed.append(rel)
+    present = _folder_files(folder)
+    unlisted = [
+        rel for rel in present if rel.split("/")[0] in components and rel not in listed and "/." not in f"/{rel}"
+    ]
+    if not (missing or changed or unlisted):
+        return
+    problems = []
+    if changed:
+        problems.append(f"differ from the files saved with it: {_shown(changed)}")
+    if missing:
+        problems.append(f"are missing: {_shown(missing)}")
+    if unlisted:
+        problems.append(f"were not saved with it: {_shown(unlisted)}")
+    raise ValueError(
+        f"The saved pipeline {folder!r} does not match its manifest ({MANIFEST_FILE}): files "
+        + "; files ".join(problems)
+        + ". Its parts come from different saves (an interrupted save by an older version, or files copied in by "
+        "hand) and do not belong together. Save the pipeline again with S2MPipeline.save_pretrained, or restore the "
+        "whole folder."
+    )
+
+
+def _warn_newer_versions(folder: str, config: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
+    import diffusers
+    from packaging.version import InvalidVersion, Version
+
+    import s2m_diffusers
+
+    saved = {
+        "diffusers": (config.get("_diffusers_version"), diffusers.__version__),
+        "s2m-diffusers": (manifest.get("s2m_diffusers_version"), s2m_diffusers.__version__),
+    }
+    for package, (version, installed) in saved.items():
+        if version is None:
+            continue
+        try:
+            newer = Version(str(version)) > Version(installed)
+        except InvalidVersion:
+            newer = True
+        if newer:
+            warnings.warn(
+                f"{folder!r} was saved with {package} {version}, newer than the installed {installed}: settings "
+                f"this version does not know are ignored, and the pipeline may behave otherwise than where it was "
+                f"saved. Upgrade {package} (pip install -U {package}) to load it as saved.",
+                UserWarning,
+                stacklevel=4,
+            )
 
 
 def push_pipeline(

@@ -23,7 +23,14 @@ Every adapter offers the same methods:
 
 **Images are float tensors `(B, C, H, W)` in [-1, 1]**, the diffusers convention for model inputs, on the
 generator's device. A pipeline's ``output_type="pt"`` images (in [0, 1] for diffusers' pipelines) are mapped to
-[-1, 1] in one place, [`PipelineProposal.generate`].
+[-1, 1] in one place, [`PipelineProposal.generate`]; a GAN's images in another range (e.g. [0, 255]) by its
+``output_range`` ([`GeneratorProposal`]).
+
+``generate`` checks at the boundary: latents must be finite; images must be finite (a generator that returns NaN
+is named at once, not after the whole budget); and on the first micro-batch the images of a GAN or a pipeline must lie
+in [-1, 1] up to a small tolerance (``range_tolerance``), since images outside are a generator in another range,
+which clamping would silently saturate (a first micro-batch without any negative value is warned about: [0, 1]?).
+Within the tolerance they are clamped to [-1, 1], as are a diffusion UNet's, whose last step may overshoot.
 
 Generators run in `eval()` mode while they generate (batch normalisation then uses its stored statistics, so that
 every image is a function of its own latent only), and the mode they had is restored afterwards.
@@ -35,6 +42,7 @@ import contextlib
 import inspect
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -112,7 +120,8 @@ def execution_device(module: nn.Module) -> torch.device:
 
 
 class ProposalAdapter:
-    """Base class of the adapters: micro-batching, the prior, sampling. Subclasses implement `_generate`.
+    """Base class of the adapters: micro-batching, the prior, sampling, the checks of latents and images at the
+    boundary. Subclasses implement `_generate`.
 
     Args:
         latent_shape (`Sequence[int]`): the shape of one latent.
@@ -137,6 +146,11 @@ class ProposalAdapter:
         if class_probs is not None and num_classes is not None and len(class_probs) != num_classes:
             raise ValueError(f"class_probs has {len(class_probs)} entries for a generator with {num_classes} classes.")
         self.class_probs = None if class_probs is None else torch.tensor(class_probs, dtype=torch.float64)
+        self.range_checked = False  # the first micro-batch's images were found in [-1, 1]
+
+    # how far beyond [-1, 1] the first micro-batch's images may reach before the generator is taken to work in
+    # another range (values within it are clamped); `None`: no check
+    range_tolerance: float | None = 0.1
 
     # --- what subclasses provide -----------------------------------------------------------------------------
     @property
@@ -153,6 +167,15 @@ class ProposalAdapter:
 
     def _models(self) -> list[nn.Module]:
         return []
+
+    def _range_fix(self, low: float = 0, high: float = 255) -> str:
+        """How to tell this adapter that its generator's images lie in ``[low, high]`` (for the range messages)."""
+        return "Rescale the generator's output to [-1, 1] (a tanh output layer, or a wrapper module that rescales it)."
+
+    def generator_name(self) -> str:
+        """The generator's class and the adapter's, for messages: ``"DCGANGenerator (GeneratorProposal)"``."""
+        models = self._models()
+        return f"{type(models[0]).__name__} ({type(self).__name__})" if models else type(self).__name__
 
     # --- shared ----------------------------------------------------------------------------------------------
     @property
@@ -200,11 +223,24 @@ class ProposalAdapter:
 
         Returns:
             `torch.Tensor` of shape `(n, C, H, W)`: images in [-1, 1], on ``output_device`` or the generator's device.
+
+        Raises:
+            ValueError: latents of another shape or with NaN or infinite values; images with NaN or infinite values;
+                on the first micro-batch, images outside [-1, 1] by more than ``range_tolerance`` (a generator in
+                another range: give it with ``output_range``).
         """
         if tuple(latents.shape[1:]) != self.latent_shape:
             raise ValueError(
                 f"{type(self).__name__} expects latents of shape (n, {', '.join(map(str, self.latent_shape))}), "
                 f"got {tuple(latents.shape)}."
+            )
+        bad = int((~torch.isfinite(latents)).reshape(latents.shape[0], -1).any(1).sum()) if latents.numel() else 0
+        if bad:
+            raise ValueError(
+                f"{bad} of the {latents.shape[0]} latents given to {self.generator_name()} hold NaN or infinite "
+                "values; latents must be finite draws of the standard normal prior (`p_z().sample(n, generator)`). "
+                "If they came from a refitted density or your own code, check it for a division by zero or an "
+                "overflow."
             )
         class_labels = self._check_labels(class_labels, latents.shape[0])
         out = []
@@ -212,12 +248,42 @@ class ProposalAdapter:
             for start in range(0, latents.shape[0], self.micro_batch_size):
                 chunk = latents[start : start + self.micro_batch_size]
                 labels = None if class_labels is None else class_labels[start : start + self.micro_batch_size]
-                images = self._generate(chunk, labels).clamp(-1.0, 1.0)
+                images = self._checked(self._generate(chunk, labels)).clamp(-1.0, 1.0)
                 out.append(images if output_device is None else images.to(output_device))
         if not out:
             shape = self.image_shape or (0, 0, 0)
             return torch.zeros((0, *shape), device=output_device or self.device)
         return torch.cat(out)
+
+    def _checked(self, images: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's images `(b, C, H, W)`, refused when they are not finite, or, on the first micro-batch,
+        outside [-1, 1] by more than ``range_tolerance``."""
+        finite = torch.isfinite(images).reshape(images.shape[0], -1).all(1)
+        if not bool(finite.all()):
+            raise ValueError(
+                f"{self.generator_name()} returned images with NaN or infinite values for "
+                f"{int((~finite).sum())} of {images.shape[0]} finite latents. Its weights are damaged or it "
+                "overflows: load its weights again, run it in float32 (float16 overflows easily), or check its "
+                "forward on a few latents."
+            )
+        if self.range_tolerance is not None and not self.range_checked and images.numel():
+            low, high = float(images.min()), float(images.max())
+            if low < -1.0 - self.range_tolerance or high > 1.0 + self.range_tolerance:
+                raise ValueError(
+                    f"{self.generator_name()} returned images in [{low:.4g}, {high:.4g}] on its first "
+                    f"{images.shape[0]} latents; images must lie in [-1, 1] (the diffusers convention), and clamping "
+                    f"these would saturate them silently. {self._range_fix()}"
+                )
+            if low >= 0.0 and images.numel() >= 1024:
+                warnings.warn(
+                    f"{self.generator_name()} returned no negative value in its first {images.shape[0]} images "
+                    f"([{low:.3g}, {high:.3g}]): are they in [0, 1] rather than [-1, 1]? The heads would then see "
+                    f"them brighter than the real images. {self._range_fix(0, 1)}",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            self.range_checked = True
+        return images
 
     def draw_class_labels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """``n`` classes drawn from ``class_probs`` (uniform by default); `None` for an unconditional generator."""
@@ -335,6 +401,10 @@ class DDIMProposal(ProposalAdapter):
         self.scheduler = DDIMScheduler.from_config(scheduler.config)
         self.scheduler.set_timesteps(num_inference_steps)
 
+    # no range check: a diffusion model's last step overshoots [-1, 1] (an untrained or lightly trained one by far),
+    # and diffusers' pipelines clamp it, as `generate` does
+    range_tolerance = None
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return self.latent_shape
@@ -434,10 +504,7 @@ class PipelineProposal(ProposalAdapter):
         super().__init__(latent_shape, micro_batch_size=micro_batch_size)
         if num_inference_steps is not None:
             self.pipeline_kwargs["num_inference_steps"] = int(num_inference_steps)
-        low, high = (float(v) for v in output_range)
-        if not high > low:
-            raise ValueError(f"output_range must be (low, high) with high > low, got {output_range}.")
-        self.output_range = (low, high)
+        self.output_range = _check_output_range(output_range)
 
     @property
     def device(self) -> torch.device:
@@ -452,6 +519,15 @@ class PipelineProposal(ProposalAdapter):
     def _models(self) -> list[nn.Module]:
         components = getattr(self.pipeline, "components", {}) or {}
         return [m for m in components.values() if isinstance(m, nn.Module)]
+
+    def generator_name(self) -> str:
+        return f"{type(self.pipeline).__name__} ({type(self).__name__})"
+
+    def _range_fix(self, low: float = 0, high: float = 255) -> str:
+        return (
+            f"Its output_type='pt' images were read as lying in {list(self.output_range)}: pass the range they lie "
+            f"in, e.g. `PipelineProposal(..., output_range=({low}, {high}))`."
+        )
 
     def _batch_kwargs(self, n: int) -> dict:
         takes_prompt = any(k in self.pipeline_kwargs for k in ("prompt", "prompt_embeds"))
@@ -535,8 +611,9 @@ class GeneratorProposal(ProposalAdapter):
     """A GAN generator, or any `ModelMixin` whose forward maps latents (and optionally class labels) to images.
 
     The forward is called as ``model(latents)`` or, for a class-conditional model, ``model(latents,
-    class_labels=labels)``, and must return images in [-1, 1] (a ``tanh`` output), as a tensor or an output with a
-    ``sample`` field. The reference is [`~s2m_diffusers.models.gan.DCGANGenerator`].
+    class_labels=labels)``, and must return images in [-1, 1] (a ``tanh`` output), or in the range given by
+    ``output_range``, as a tensor or an output with a ``sample`` field. The reference is
+    [`~s2m_diffusers.models.gan.DCGANGenerator`].
 
     Args:
         model (`ModelMixin`): the generator.
@@ -546,6 +623,10 @@ class GeneratorProposal(ProposalAdapter):
         num_classes (`int`, *optional*): classes of a class-conditional model; read from the config's
             ``num_classes`` (or ``num_class_embeds``) when omitted.
         class_probs (`Sequence[float]`, *optional*): ``p_G(c)`` for ``proposal(n)`` (uniform by default).
+        output_range (`tuple[float, float]`, *optional*): the range the model's images lie in, e.g. ``(0, 255)``;
+            mapped linearly to [-1, 1]. Defaults to the model config's ``output_range`` (record it with
+            ``model.register_to_config(output_range=[0, 255])`` before ``save_pretrained``, and every pipeline built
+            on the saved generator rescales), else ``(-1, 1)``.
     """
 
     def __init__(
@@ -555,6 +636,7 @@ class GeneratorProposal(ProposalAdapter):
         micro_batch_size: int = 64,
         num_classes: int | None = None,
         class_probs: Sequence[float] | None = None,
+        output_range: Sequence[float] | None = None,
     ):
         if model is None:
             raise ValueError("GeneratorProposal needs a generator model.")
@@ -572,6 +654,18 @@ class GeneratorProposal(ProposalAdapter):
             num_classes = getattr(config, "num_classes", None) or getattr(config, "num_class_embeds", None)
         super().__init__(latent_shape, micro_batch_size, num_classes, class_probs)
         self.model = model
+        if output_range is None:
+            output_range = getattr(config, "output_range", None) or (-1.0, 1.0)
+        self.output_range = _check_output_range(output_range)
+
+    def _range_fix(self, low: float = 0, high: float = 255) -> str:
+        return (
+            f"If the generator works in another range, e.g. [{low}, {high}], record it in its config and its images "
+            f'are rescaled to [-1, 1]: add "output_range": [{low}, {high}] to the generator folder\'s config.json '
+            f"(for `s2m train-heads --generator`), or call `gan.register_to_config(output_range=[{low}, {high}])` "
+            "(a loaded S2MPipeline: `pipe.gan.register_to_config(...)`, then `pipe.save_pretrained(DIR)` to keep it); "
+            f"or pass `GeneratorProposal(gan, output_range=({low}, {high}))`."
+        )
 
     @property
     def image_shape(self) -> tuple[int, int, int] | None:
@@ -600,7 +694,20 @@ class GeneratorProposal(ProposalAdapter):
         images = _output_tensor(out)
         if images.ndim != 4:
             raise ValueError(f"The generator returned a tensor of shape {tuple(images.shape)}; expected (B, C, H, W).")
-        return images.float()
+        low, high = self.output_range
+        if (low, high) == (-1.0, 1.0):
+            return images.float()
+        return 2.0 * (images.float() - low) / (high - low) - 1.0
+
+
+def _check_output_range(output_range) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in output_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"output_range must be (low, high), two numbers; got {output_range!r}.") from None
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
+        raise ValueError(f"output_range must be (low, high) with finite high > low, got {output_range!r}.")
+    return low, high
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -747,11 +854,14 @@ def make_proposal(
     check_components(heads, gan, unet, scheduler, pipeline, need_heads=False)
     class_probs = getattr(getattr(heads, "config", None), "proposal_class_probs", None)
     latent_shape = config.latent_shape
+    output_range = getattr(config, "output_range", None)  # a pipeline-level setting, when the config has one
     if gan is not None:
         num_classes = getattr(gan.config, "num_classes", None) if hasattr(gan, "config") else None
         if class_probs is not None and num_classes is not None and len(class_probs) != num_classes:
             class_probs = None  # checked with a teaching error in ClassPlan.choose
-        return GeneratorProposal(gan, latent_shape, micro_batch_size, class_probs=class_probs)
+        return GeneratorProposal(
+            gan, latent_shape, micro_batch_size, class_probs=class_probs, output_range=output_range
+        )
     steps = num_inference_steps or config.num_inference_steps
     if unet is not None:
         num_classes = getattr(unet.config, "num_class_embeds", None)
@@ -762,6 +872,10 @@ def make_proposal(
     takes_steps = "num_inference_steps" in inspect.signature(pipeline.__call__).parameters
     if num_inference_steps is not None or (takes_steps and "num_inference_steps" not in kwargs):
         kwargs["num_inference_steps"] = steps
+    if output_range is not None:
+        return PipelineProposal(
+            pipeline, latent_shape, kwargs, micro_batch_size=micro_batch_size, output_range=output_range
+        )
     return PipelineProposal(pipeline, latent_shape, kwargs, micro_batch_size=micro_batch_size)
 
 

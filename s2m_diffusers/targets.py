@@ -13,7 +13,6 @@ A [`Target`] knows what it says about attribute sets (``holds``, ``holds_batch``
 from __future__ import annotations
 
 import difflib
-import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,10 +22,18 @@ import torch
 __all__ = ["Attr", "And", "Or", "Not", "Target", "TargetError", "parse_target"]
 
 _MAX_SATISFIABILITY_CHECK = 16  # attributes up to which "can this target ever hold" is checked exhaustively
+MAX_NESTING = 50  # parentheses and negations inside one another; real targets need a handful
 
 
 class TargetError(ValueError):
-    """A target expression that cannot be parsed or can never hold."""
+    """A target expression that cannot be parsed or can never hold.
+
+    ``unknown_attribute`` is the name that is not among the attributes when that is the problem, else `None`.
+    """
+
+    def __init__(self, message: str, unknown_attribute: str | None = None):
+        super().__init__(message)
+        self.unknown_attribute = unknown_attribute
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,7 +183,8 @@ class Target:
         """The targets of sequential refitting (spec §6): one more literal of the top-level AND per stage.
 
         ``a & b & ~c`` gives ``a``, ``a & b``, ``a & b & ~c``: present literals first, in the order written,
-        then negated ones, then any other conjunct. A target that is not an AND is a single stage.
+        then negated ones, then any other conjunct. A target that is not an AND is a single stage. There are never
+        more stages than distinct attributes in the target: beyond that, the remaining conjuncts join the last stage.
         """
         if not isinstance(self.expression, And):
             return [self]
@@ -196,11 +204,18 @@ class Target:
                 continue  # a pure negation is a weak first stage; wait for a positive conjunct
             expression = part[0] if k == 1 else And(tuple(part))
             stages.append(Target(expression, self.attribute_names, str(expression)))
-        return stages
+        limit = max(1, len(_attribute_indices(self.expression)))
+        return stages if len(stages) <= limit else [*stages[: limit - 1], stages[-1]]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Parsing
+
+
+def _quoted(text: str, limit: int = 120) -> str:
+    """``repr(text)``, shortened to its first `limit` characters for a long target."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
 
 _TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z0-9_.]+)|(?P<op>[&|~!()+\-]))")
 
@@ -214,7 +229,7 @@ def _tokenize(text: str) -> list[tuple[str, str, int]]:
             bad = text[pos:].lstrip()[:1]
             raise TargetError(
                 f"Unexpected character {bad!r} at position {len(text) - len(text[pos:].lstrip())} in target "
-                f"{text!r}. Use attribute names with `&` (and), `|` (or), `~` (not) and parentheses, e.g. "
+                f"{_quoted(text)}. Use attribute names with `&` (and), `|` (or), `~` (not) and parentheses, e.g. "
                 f"'a & (b | c) & ~d', or the paper's form 'a+b-c'."
             )
         kind = "name" if m.group("name") else "op"
@@ -229,9 +244,10 @@ class _Parser:
         self.names = list(names)
         self.tokens = _tokenize(text)
         self.i = 0
+        self.depth = 0  # parentheses and negations open at the current token
 
-    def error(self, message: str) -> TargetError:
-        return TargetError(f"{message} in target {self.text!r}.")
+    def error(self, message: str, fix: str = "") -> TargetError:
+        return TargetError(f"{message} in target {_quoted(self.text)}." + (f" {fix}" if fix else ""))
 
     def peek(self) -> tuple[str, str, int] | None:
         return self.tokens[self.i] if self.i < len(self.tokens) else None
@@ -272,28 +288,38 @@ class _Parser:
 
     def parse_not(self) -> Node:
         kind, value, pos = self.take()
-        if kind == "op" and value in "~!":
-            return Not(self.parse_not())
-        if kind == "op" and value == "(":
-            node = self.parse_or()
-            t = self.peek()
-            if t is None or t[1] != ")":
-                raise self.error(f"Missing ')' for the '(' at position {pos}")
-            self.take()
+        if kind == "op" and value in "~!(":
+            self.depth += 1
+            if self.depth > MAX_NESTING:
+                raise self.error(
+                    f"More than {MAX_NESTING} parentheses and negations are open inside one another at position {pos}",
+                    "Write the target with fewer levels: `~~a` is `a`, `((a))` is `a`.",
+                )
+            node = Not(self.parse_not()) if value in "~!" else self.parse_or()
+            if value == "(":
+                t = self.peek()
+                if t is None or t[1] != ")":
+                    raise self.error(f"Missing ')' for the '(' at position {pos}")
+                self.take()
+            self.depth -= 1
             return node
         if kind == "op":
             raise self.error(f"Expected an attribute name, '~' or '(' at position {pos}, got {value!r}")
         if value not in self.names:
-            close = difflib.get_close_matches(value, self.names, n=1)
+            same = [n for n in self.names if n.lower() == value.lower()]
+            close = same or difflib.get_close_matches(value, self.names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint += " Attribute names are case-sensitive." if same else ""
             raise TargetError(
-                f"Unknown attribute {value!r} in target {self.text!r}.{hint} Known attributes: {self.names}."
+                f"Unknown attribute {value!r} in target {_quoted(self.text)}.{hint} Known attributes: {self.names}.",
+                unknown_attribute=value,
             )
         return Attr(self.names.index(value), value)
 
 
 def _flatten(node: Node) -> Node:
-    """Merge nested ANDs / ORs and cancel double negations, so stages and literal checks see one level."""
+    """Merge nested ANDs / ORs, cancel double negations and drop repeated conjuncts / disjuncts (``a & a`` is
+    ``a``), so stages and literal checks see one level."""
     if isinstance(node, Attr):
         return node
     if isinstance(node, Not):
@@ -303,7 +329,22 @@ def _flatten(node: Node) -> Node:
     children = []
     for c in map(_flatten, node.children):
         children.extend(c.children if isinstance(c, kind) else (c,))
-    return kind(tuple(children))
+    children = list(dict.fromkeys(children))  # the first of each repeated child, in the order written
+    return children[0] if len(children) == 1 else kind(tuple(children))
+
+
+def _attribute_indices(node: Node) -> set[int]:
+    """The attributes an expression names."""
+    out, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, Attr):
+            out.add(n.index)
+        elif isinstance(n, Not):
+            todo.append(n.child)
+        else:
+            todo.extend(n.children)
+    return out
 
 
 def parse_target(text: str, attribute_names: Sequence[str]) -> Target:
@@ -348,16 +389,16 @@ def parse_target(text: str, attribute_names: Sequence[str]) -> Target:
         both = sorted(present & absent)
         if both:
             raise TargetError(
-                f"Target {text!r} both requires and forbids {both}: no image can satisfy it. "
+                f"Target {_quoted(text)} both requires and forbids {both}: no image can satisfy it. "
                 f"Remove either the attribute or its negation."
             )
     if len(names) <= _MAX_SATISFIABILITY_CHECK:
-        subsets = (
-            frozenset(s) for k in range(1, len(names) + 1) for s in itertools.combinations(range(len(names)), k)
-        )
-        if not any(_holds(expression, s) for s in subsets):
+        # every non-empty attribute set at once, (2^n - 1, n): bit i of row r + 1 says whether attribute i is held
+        rows = torch.arange(1, 2 ** len(names))
+        subsets = (rows[:, None] >> torch.arange(len(names))) & 1
+        if not bool(_holds_batch(expression, subsets.bool()).any()):
             raise TargetError(
-                f"Target {text!r} can never hold: no non-empty set of the attributes {names} satisfies it "
+                f"Target {_quoted(text)} can never hold: no non-empty set of the attributes {names} satisfies it "
                 f"(every image in the data holds at least one attribute, spec §1)."
             )
     return target

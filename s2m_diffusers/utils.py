@@ -3,16 +3,23 @@
 - [`write_text_atomically`] (and [`write_json_atomically`] on top of it): **the** atomic file writer.
 - [`save_folder_atomically`] (and [`move_into_place`], [`save_pretrained_atomically`] on top of it): **the** atomic
   folder writer: a folder is written beside its destination, then moved into place by renames.
+- [`replace_folder_atomically`] (on [`swap_into_place`]): a folder written beside its destination, then put in its
+  place in one step, whole: a kill at any moment leaves the old folder (or none) or the new one, never a mix.
+  Temporaries left by a killed writer are removed by the next write ([`remove_stale_temporaries`]).
 - [`module_device_dtype`]: where a module's weights live.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -24,9 +31,12 @@ __all__ = [
     "jsonable",
     "module_device_dtype",
     "move_into_place",
+    "remove_stale_temporaries",
+    "replace_folder_atomically",
     "save_folder_atomically",
     "save_pretrained_atomically",
     "staging_folder",
+    "swap_into_place",
     "write_json_atomically",
     "write_text_atomically",
 ]
@@ -63,6 +73,57 @@ def write_json_atomically(path: str | os.PathLike, data) -> None:
 
 
 # ----- folders --------------------------------------------------------------------------------------------------
+def _temporary_prefix(destination: str, kind: str) -> str:
+    """``.NAME.tmp-PID-`` (a folder being written) or ``.NAME.old-PID-`` (a replaced folder being removed): hidden
+    siblings of `destination` that name the process that made them, so that a later write knows when they are stale."""
+    return f".{os.path.basename(destination)}.{kind}-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temporaries(destination: str | os.PathLike) -> list[str]:
+    """Remove what killed writers of `destination` left beside it: hidden ``.NAME.tmp-PID-*`` and ``.NAME.old-PID-*``
+    siblings whose process no longer runs (and ``.NAME.tmp-*`` ones of older versions, which named no process). An
+    old folder whose replacement never arrived (a kill between the two renames where the system cannot swap folders in
+    one step) is put back at `destination` instead.
+
+    Args:
+        destination (`str`): the folder whose temporaries are removed.
+
+    Returns:
+        `list[str]`: the paths removed.
+    """
+    destination = os.path.abspath(os.fspath(destination))
+    parent, name = os.path.split(destination)
+    if not os.path.isdir(parent):
+        return []
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(?:tmp|old)-(?:(\d+)-)?[\w-]+$")
+    removed = []
+    for entry in os.listdir(parent):
+        match = pattern.match(entry)
+        if match is None or (match.group(1) is not None and _process_alive(int(match.group(1)))):
+            continue
+        path = os.path.join(parent, entry)
+        if ".old-" in entry and not os.path.lexists(destination):
+            os.rename(path, destination)  # killed between the two renames of `swap_into_place`: put it back
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def staging_folder(destination: str | os.PathLike) -> Iterator[str]:
     """A fresh, empty folder beside `destination` (same file system, so that moving it is a rename), removed with
@@ -70,11 +131,119 @@ def staging_folder(destination: str | os.PathLike) -> Iterator[str]:
     destination = os.path.abspath(os.fspath(destination))
     parent = os.path.dirname(destination)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(destination)}.tmp-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=_temporary_prefix(destination, "tmp"), dir=parent)
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); `False` where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # an old kernel, or a file system without the flag
+    raise OSError(code, os.strerror(code), b)
+
+
+def swap_into_place(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """Make `destination` exactly the folder `source`, in one step where the system allows it.
+
+    A new or empty `destination` is one rename. An existing one is swapped with `source` atomically (Linux); what was
+    there is then at `source` and is removed. Elsewhere the old folder is first renamed to a hidden ``.NAME.old-PID-*``
+    sibling: a kill between the two renames leaves no `destination`, never a mixed one.
+
+    Args:
+        source (`str`): the written folder; it is gone afterwards.
+        destination (`str`): where it goes (a symbolic link to a folder: the folder it points to).
+    """
+    source, destination = os.fspath(source), os.path.abspath(os.fspath(destination))
+    if os.path.islink(destination):
+        destination = os.path.realpath(destination)
+    if os.path.lexists(destination) and not os.path.isdir(destination):
+        raise ValueError(f"{destination!r} exists and is not a folder; remove it or choose another path.")
+    try:
+        os.rename(source, destination)  # a new path, or an empty folder
+        return
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    if _exchange(source, destination):
+        shutil.rmtree(source, ignore_errors=True)  # `source` now holds the old folder
+        return
+    old = tempfile.mkdtemp(prefix=_temporary_prefix(destination, "old"), dir=os.path.dirname(destination))
+    os.rmdir(old)
+    os.rename(destination, old)
+    os.rename(source, destination)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_folder_atomically(
+    write: Callable[[str], Any], destination: str | os.PathLike, keep: Callable[[str], bool] | None = None
+) -> str:
+    """Write a whole folder with ``write(tmp)`` into a staging folder beside `destination`, make it readable by all,
+    then put it in place in one step ([`swap_into_place`]). Whatever moment a kill strikes, `destination` is either
+    what it was (or absent) or the complete new folder; never a mix of both. The temporaries of an earlier, killed
+    write are removed first ([`remove_stale_temporaries`]).
+
+    Args:
+        write (`Callable[[str], Any]`): writes the folder's whole content into the folder it is given.
+        destination (`str`): the folder. Neither the working directory nor a folder that holds it.
+        keep (`Callable[[str], bool]`, *optional*): which top-level entries of an existing `destination` that `write`
+            did not write are carried into the new folder (hard links where possible, else copies; their
+            permissions untouched). By default none: the new folder is exactly what `write` wrote.
+
+    Returns:
+        `str`: `destination` as an absolute path.
+    """
+    destination = os.path.abspath(os.fspath(destination))
+    if os.path.islink(destination):  # replace the folder it points to, from beside it
+        destination = os.path.realpath(destination)
+    cwd = os.path.realpath(os.getcwd())
+    real = os.path.realpath(destination)
+    if cwd == real or cwd.startswith(real + os.sep):
+        raise ValueError(
+            f"Cannot replace {destination!r}: it is the working directory or holds it, and a folder is replaced as "
+            "a whole. Run from another folder, or write to another path."
+        )
+    remove_stale_temporaries(destination)
+    with staging_folder(destination) as tmp:
+        write(tmp)
+        _make_readable(tmp)
+        if keep is not None and os.path.isdir(destination):
+            for name in sorted(os.listdir(destination)):
+                if keep(name) and not os.path.lexists(os.path.join(tmp, name)):
+                    _link_or_copy(os.path.join(destination, name), os.path.join(tmp, name))
+        swap_into_place(tmp, destination)
+    return destination
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    """A file or folder tree at `destination` made of hard links to `source`'s files (copies across file systems)."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(src, dst, follow_symlinks=False)
+
+    if os.path.isdir(source) and not os.path.islink(source):
+        shutil.copytree(source, destination, symlinks=True, copy_function=link)
+    else:
+        link(source, destination)
 
 
 def move_into_place(source: str | os.PathLike, destination: str | os.PathLike, replace: bool = False) -> None:
@@ -83,15 +252,13 @@ def move_into_place(source: str | os.PathLike, destination: str | os.PathLike, r
     Args:
         source (`str`): the written folder; it is gone afterwards.
         destination (`str`): where it goes.
-        replace (`bool`, defaults to `False`): `True`: `destination` becomes exactly `source` (an existing folder
-            there is removed first). `False`: one rename when `destination` is new or empty, else entry by entry,
+        replace (`bool`, defaults to `False`): `True`: `destination` becomes exactly `source`, in one step
+            ([`swap_into_place`]). `False`: one rename when `destination` is new or empty, else entry by entry,
             replacing entries of the same name and leaving the others, with `model_index.json` last.
     """
     source, destination = os.fspath(source), os.fspath(destination)
     if replace:
-        if os.path.exists(destination):
-            shutil.rmtree(destination)
-        os.replace(source, destination)
+        swap_into_place(source, destination)
         return
     if not os.path.exists(destination) or (os.path.isdir(destination) and not os.listdir(destination)):
         if os.path.isdir(destination):
@@ -135,6 +302,7 @@ def save_folder_atomically(write: Callable[[str], Any], destination: str | os.Pa
         `str`: `destination` as an absolute path.
     """
     destination = os.path.abspath(os.fspath(destination))
+    remove_stale_temporaries(destination)
     with staging_folder(destination) as tmp:
         write(tmp)
         _make_readable(tmp)

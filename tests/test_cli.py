@@ -89,7 +89,7 @@ def test_errors_exit_with_a_message(saved, tmp_path, capsys):
     args = sample_args(saved, tmp_path / "y", "--seed", "0", "--refit", "off", "--max-proposals", "2")
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "budget of 2 ran out" in err and "refit='sequential'" in err
+    assert "budget of 2 ran out" in err and "--refit sequential" in err and "refit='sequential'" not in err
     assert main([*args, "--allow-partial"]) == 1  # partial results are written, and the status says so
     assert json.loads((tmp_path / "y" / "stats.json").read_text())["budget_exhausted"] is True
     with pytest.raises(SystemExit):
@@ -99,7 +99,7 @@ def test_errors_exit_with_a_message(saved, tmp_path, capsys):
 def test_sample_presence_margin_reaches_the_pipeline(saved, tmp_path, capsys):
     assert main(sample_args(saved, tmp_path / "a", "--seed", "0", "--presence-margin", "0.3")) == 0
     assert main(sample_args(saved, tmp_path / "b", "--presence-margin", "2")) == 2
-    assert "presence_margin must lie in [0, 1]" in capsys.readouterr().err
+    assert "--presence-margin must lie in [0, 1]" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shutil.which("s2m") is None, reason="the console script is not installed")
