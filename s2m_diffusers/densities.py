@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["StandardNormal", "LowRankGaussianMixture"]
+__all__ = ["StandardNormal", "LowRankGaussianMixture", "pooled_basis"]
 
 
 def _standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
@@ -93,6 +93,7 @@ class LowRankGaussianMixture:
         self.latent_shape = tuple(int(s) for s in latent_shape)
         self.basis = basis.double()  # (k, d)
         self.defensive = float(defensive)
+        self.weights, self.means, self.covariances = weights.double(), means.double(), covariances.double()
         self.mixture = torch.distributions.MixtureSameFamily(
             torch.distributions.Categorical(probs=weights.double()),
             torch.distributions.MultivariateNormal(means.double(), covariance_matrix=covariances.double()),
@@ -110,6 +111,7 @@ class LowRankGaussianMixture:
         seed: int = 0,
         reg_covar: float = 1e-4,
         covariance_scale: float = 1.0,
+        view: str = "auto",
     ) -> LowRankGaussianMixture:
         """Fit to accepted latents.
 
@@ -126,6 +128,13 @@ class LowRankGaussianMixture:
             covariance_scale (`float`, defaults to 1.0): multiplies the fitted covariances. A proposal wider than
                 the fit lowers the acceptance rate a little but bounds ``pi / q`` far better where the fit is
                 too narrow, which is what the independent sampler's convergence depends on (spec §5).
+            view (`str`, defaults to `"auto"`): the subspace ``P``. ``"pca"``: the top ``rank`` singular directions of
+                the latents. ``"pooled"``: a fixed view of a spatial latent `(C, H, W)`, the block averages of each
+                channel on a ``g x g`` grid ([`pooled_basis`], at most ``rank`` coordinates): the noise's
+                low-frequency content, which carries a diffusion sample's global layout. It needs no estimate from the
+                latents, so a few effective latents fit it, where ``rank`` principal directions of a 256- to
+                16,384-dimensional noise estimated from them are noise themselves. ``"auto"``: ``"pooled"`` for
+                latents of 3 or more dimensions with more than ``rank`` entries, else ``"pca"``.
         """
         from sklearn.mixture import GaussianMixture
         from threadpoolctl import threadpool_limits
@@ -139,7 +148,12 @@ class LowRankGaussianMixture:
         flat = latents.reshape(latents.shape[0], -1).double().cpu()  # (N, d)
         n, d = flat.shape
         k = max(1, min(int(rank), d, n - 1))
-        if k == d:
+        if view not in ("auto", "pca", "pooled"):
+            raise ValueError(f"view must be 'auto', 'pca' or 'pooled', got {view!r}.")
+        if view == "pooled" or (view == "auto" and len(latent_shape) >= 3 and d > int(rank)):
+            basis = pooled_basis(latent_shape, int(rank))
+            k = basis.shape[0]
+        elif k == d:
             basis = torch.eye(d, dtype=torch.float64)
         else:
             # Top-k right singular vectors of the uncentred latents: the directions in which they differ from
@@ -174,6 +188,32 @@ class LowRankGaussianMixture:
     @property
     def n_components(self) -> int:
         return self.mixture.mixture_distribution.probs.shape[0]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The density as tensors (for safetensors): basis, mixture weights, means, covariances, defensive share and
+        latent shape. [`from_state_dict`] rebuilds it exactly."""
+        return {
+            "basis": self.basis.contiguous(),
+            "weights": self.weights.contiguous(),
+            "means": self.means.contiguous(),
+            "covariances": self.covariances.contiguous(),
+            "defensive": torch.tensor([self.defensive], dtype=torch.float64),
+            "latent_shape": torch.tensor(self.latent_shape, dtype=torch.long),
+        }
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor]) -> LowRankGaussianMixture:
+        missing = sorted({"basis", "weights", "means", "covariances", "defensive", "latent_shape"} - set(tensors))
+        if missing:
+            raise ValueError(f"A saved latent density lacks the tensors {missing}; save it with `state_dict()`.")
+        return cls(
+            tensors["latent_shape"].tolist(),
+            tensors["basis"],
+            tensors["weights"],
+            tensors["means"],
+            tensors["covariances"],
+            defensive=float(tensors["defensive"][0]),
+        )
 
     def sample(
         self,
@@ -221,3 +261,25 @@ class LowRankGaussianMixture:
             f"LowRankGaussianMixture(latent_shape={self.latent_shape}, rank={self.rank}, "
             f"n_components={self.n_components}, defensive={self.defensive})"
         )
+
+
+def pooled_basis(latent_shape: Sequence[int], max_dims: int) -> torch.Tensor:
+    """Orthonormal rows that average a spatial latent `(C, H, W)` over the blocks of a ``g x g`` grid per channel,
+    with ``g`` the largest grid that keeps ``C * g * g <= max_dims`` (at least 1): the latent's low-frequency view.
+
+    Row ``(c, i, j)`` is ``1 / sqrt(|B_ij|)`` on the entries of channel ``c`` in block ``B_ij`` (rows ``floor(h g /
+    H) = i``, columns ``floor(w g / W) = j``) and 0 elsewhere; the blocks are disjoint, so the rows are orthonormal.
+    Leading dimensions beyond the last three are treated as channels.
+
+    Returns:
+        `torch.Tensor` of shape `(C * g * g, C * H * W)`, float64.
+    """
+    shape = tuple(int(s) for s in latent_shape)
+    if len(shape) < 3:
+        raise ValueError(f"A pooled view needs a spatial latent (C, H, W), got shape {shape}.")
+    channels, height, width = math.prod(shape[:-2]), shape[-2], shape[-1]
+    g = max(1, min(height, width, math.isqrt(max(1, max_dims // channels))))
+    rows = (torch.arange(height) * g // height)[:, None] * g + (torch.arange(width) * g // width)[None, :]  # (H, W)
+    block = torch.nn.functional.one_hot(rows.flatten(), g * g).T.double()  # (g*g, H*W)
+    block = block / block.sum(1, keepdim=True).sqrt()
+    return torch.block_diag(*([block] * channels))  # (C*g*g, C*H*W)

@@ -25,12 +25,14 @@ from .targets import Attr, Node, Not, Or, Target
 
 __all__ = [
     "DEFAULT_NEGATION_MARGIN",
+    "LABELLINGS",
     "log_p_data",
     "log_priors",
     "log_g",
     "log_r",
     "log_w",
     "log_weight",
+    "dv_strength",
     "temper_dr",
     "auto_dr_temperature",
     "imh_accept",
@@ -41,6 +43,11 @@ __all__ = [
 # lambda of the negation margin when neither the call nor the heads set one (spec §3: a margin well above 1 is the
 # safe default with imperfect heads; 1 is the paper's formula). The heads, training and the pipeline all use this.
 DEFAULT_NEGATION_MARGIN = 10.0
+# How single-positive data were labelled (spec §1): "independent" (the paper's model: each attribute's folder samples
+# the images that hold it) or "one_label_per_image" (each image in one folder, labelled with one of its attributes).
+LABELLINGS = ("independent", "one_label_per_image")
+# `dv_strength`: the share of generated samples that the weights exp(beta logit D_v) keep as effective sample size.
+DV_MIN_ESS_SHARE = 0.1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,15 +111,27 @@ def log_g(
     dr_log_probs: torch.Tensor,
     log_p_data: torch.Tensor,
     log_priors: torch.Tensor | None = None,
+    labelling: str = "independent",
 ) -> torch.Tensor:
-    """``log g_c(x) = log pi_c - log p_data(c) + log D_r(c|x)`` (spec §3).
+    """``log g_c(x)``, the attribute's ratio to ``p_data`` up to a factor common to all ``c`` (spec §1, §3).
+
+    - ``labelling="independent"`` (each attribute's images a sample of the images that hold it):
+      ``log g_c(x) = log pi_c - log p_data(c) + log D_r(c|x)``, so that ``g_c = h(x) 1[c in S(x)]`` for exact heads.
+    - ``labelling="one_label_per_image"`` (each image in one folder, its label drawn uniformly from its attributes):
+      ``p_data = p`` and ``D_r(c|x) = 1[c in S(x)] / |S(x)|``, so ``log g_c(x) = log D_r(c|x) - max_c' log D_r(c'|x)``
+      is the indicator itself (``h = 1``); priors play no role.
 
     Args:
         dr_log_probs (`torch.Tensor` of shape `(B, n)`): ``log D_r(c|x)``.
         log_p_data (`torch.Tensor` of shape `(n,)`): log share of single-positive labels per attribute.
         log_priors (`torch.Tensor` of shape `(n,)`, *optional*): ``log pi_c``. ``None`` uses ``log p_data``
             (all ``gamma_c = 1``), which is exact for conjunction targets (spec §3).
+        labelling (`str`, defaults to `"independent"`): how the single-positive data were labelled (spec §1).
     """
+    if labelling == "one_label_per_image":
+        return dr_log_probs - dr_log_probs.amax(1, keepdim=True)
+    if labelling != "independent":
+        raise ValueError(f"labelling must be one of {list(LABELLINGS)}, got {labelling!r}.")
     if log_priors is None:
         return dr_log_probs
     return dr_log_probs + (log_priors - log_p_data).to(dr_log_probs)
@@ -150,6 +169,7 @@ def log_r(
     log_priors: torch.Tensor | None = None,
     negation_margin: float = 1.0,
     presence_margin: float = 0.0,
+    labelling: str = "independent",
 ) -> torch.Tensor:
     """``log r_T(x)``: the log ratio of the target density to ``p_data``, up to the constant ``pi_T`` (spec §3).
 
@@ -166,6 +186,7 @@ def log_r(
             images that hold a required attribute only faintly, the counterpart of the negation margin for present
             attributes. On Digits-7to3 (shipped GAN and heads), ``a & b & c`` held 55% of the heads' target mass on
             images missing an attribute at ``kappa = 0`` and 12% at ``kappa = 0.5``.
+        labelling (`str`, defaults to `"independent"`): the labelling model of the heads' data ([`log_g`]).
 
     Returns:
         `torch.Tensor` of shape `(B,)`: ``log r_T``, ``-inf`` where ``r_T = 0``.
@@ -179,7 +200,8 @@ def log_r(
         raise ValueError(f"negation_margin must be >= 1 (1 is the paper's formula), got {negation_margin}.")
     if not 0.0 <= presence_margin <= 1.0:
         raise ValueError(f"presence_margin must lie in [0, 1] (0 is the paper's formula), got {presence_margin}.")
-    lg = log_g(dr_log_probs, log_p_data.to(dr_log_probs), None if log_priors is None else log_priors.to(dr_log_probs))
+    log_pi = None if log_priors is None else log_priors.to(dr_log_probs)
+    lg = log_g(dr_log_probs, log_p_data.to(dr_log_probs), log_pi, labelling)
     log_h = lg.amax(1)
     log_presence = math.log(presence_margin) if presence_margin > 0 else -math.inf
     return _eval(target.expression, lg, log_h, math.log(negation_margin), log_presence)
@@ -190,6 +212,7 @@ def log_w(
     dv_logit: torch.Tensor,
     df_log_prob: torch.Tensor | None = None,
     log_pg_class: torch.Tensor | float | None = None,
+    dv_strength: float = 1.0,
 ) -> torch.Tensor:
     """The log importance weight ``log w = log p_T / p_G`` up to a constant (spec §4).
 
@@ -201,8 +224,10 @@ def log_w(
         dv_logit (`torch.Tensor` of shape `(B,)`): ``logit D_v(x) = log p_data(x) / p_G(x)``.
         df_log_prob (`torch.Tensor` of shape `(B,)`, *optional*): ``log D_f(c|x)`` for each sample's class.
         log_pg_class (`torch.Tensor` or `float`, *optional*): ``log p_G(c)`` for each sample's class.
+        dv_strength (`float`, defaults to 1.0): ``beta`` in [0, 1], the weight of ``logit D_v``: the weights then
+            target ``p_G^(1 - beta) p_data^beta`` restricted to the target ([`dv_strength`]); 1 is the paper's target.
     """
-    out = log_r_t + dv_logit
+    out = log_r_t + dv_strength * dv_logit
     if df_log_prob is not None:
         if log_pg_class is None:
             raise ValueError("A class-conditional proposal needs log_pg_class (log p_G(c)) beside df_log_prob.")
@@ -267,6 +292,8 @@ def log_weight(
     dr_temperature: float = 1.0,
     df_log_prob: torch.Tensor | None = None,
     log_pg_class: torch.Tensor | float | None = None,
+    labelling: str = "independent",
+    dv_strength: float = 1.0,
 ) -> torch.Tensor:
     """The one weight function: heads' outputs in, ``log w = log p_T / p_G`` (up to a constant) out (spec §3-4).
 
@@ -283,13 +310,16 @@ def log_weight(
         negation_margin (`float`, defaults to 1.0), presence_margin (`float`, defaults to 0.0): see [`log_r`].
         dr_temperature (`float`, defaults to 1.0): see [`temper_dr`].
         df_log_prob (`torch.Tensor` of shape `(B,)`, *optional*), log_pg_class (*optional*): see [`log_w`].
+        labelling (`str`, defaults to `"independent"`): the labelling model of the heads' data ([`log_g`]).
+        dv_strength (`float`, defaults to 1.0): ``beta``, see [`log_w`] and [`dv_strength`].
 
     Returns:
         `torch.Tensor` of shape `(B,)`, float64: ``log w``, ``-inf`` off target.
     """
     dr = temper_dr(dr_log_probs.double(), dr_temperature)
-    lr = log_r(target, dr, log_p_data, log_priors, negation_margin, presence_margin)
-    return log_w(lr, dv_logit.double(), None if df_log_prob is None else df_log_prob.double(), log_pg_class)
+    lr = log_r(target, dr, log_p_data, log_priors, negation_margin, presence_margin, labelling)
+    df = None if df_log_prob is None else df_log_prob.double()
+    return log_w(lr, dv_logit.double(), df, log_pg_class, dv_strength)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -366,4 +396,49 @@ def fit_exponent(log_weights: torch.Tensor, min_ess: float, iterations: int = 40
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if ess(mid) >= min_ess else (lo, mid)
+    return lo
+
+
+def dv_strength(
+    dv_logits: torch.Tensor, log_rest: torch.Tensor | None = None, min_ess_share: float = DV_MIN_ESS_SHARE
+) -> float:
+    """The strength ``beta`` of ``logit D_v`` in the weights: the largest ``beta`` in [0, 1] whose weights
+    ``exp(log_rest + beta logit D_v)`` over the given samples keep an effective sample size of ``min_ess_share`` of
+    them (samples with ``log_rest = -inf``, off the target, are left out).
+
+    Where real and generated images can be told apart, a classifier's logit is no density ratio: its size is
+    arbitrary, and ``exp(logit D_v)`` puts the whole target on a handful of generated images (with the shipped
+    Digits-7to3 GAN heads and `A & B & ~C`: an effective sample size of about 1% of the on-target samples), which an
+    exact sampler must then return again and again, at a cost of about ``sup w / E w`` proposals per sample.
+    ``beta < 1`` targets ``p_G^(1 - beta) p_data^beta`` restricted to the combination instead: between the generator's
+    images and the data's, by geometric interpolation of the densities. ``beta = 1`` is the paper's target, kept
+    wherever the weights allow it (the analytic toy's exact heads: ``beta = 1`` for every target).
+
+    Args:
+        dv_logits (`torch.Tensor` of shape `(n,)`): ``logit D_v`` of ``n`` proposal samples.
+        log_rest (`torch.Tensor` of shape `(n,)`, *optional*): the rest of their log weights (``log r_T``, and the
+            ``D_f`` term of a class-conditional proposal); `None`: zero.
+        min_ess_share (`float`, defaults to 0.1): the share of the samples to keep as effective sample size.
+
+    Returns:
+        `float`: ``beta`` (1.0 when fewer than 2 samples are on the target).
+    """
+    dv = dv_logits.double().flatten()
+    rest = torch.zeros_like(dv) if log_rest is None else log_rest.double().flatten()
+    keep = torch.isfinite(rest) & torch.isfinite(dv)
+    dv, rest = dv[keep], rest[keep]
+    if dv.numel() < 2:
+        return 1.0
+
+    def ess_share(beta: float) -> float:
+        return float(1.0 / torch.softmax(rest + beta * dv, 0).pow(2).sum()) / dv.numel()
+
+    if ess_share(1.0) >= min_ess_share:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    if ess_share(0.0) < min_ess_share:  # the rest alone is already heavier: use as little of D_v as possible
+        return 0.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if ess_share(mid) >= min_ess_share else (lo, mid)
     return lo

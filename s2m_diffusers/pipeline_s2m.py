@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import os
 import time
@@ -29,7 +30,7 @@ import torch
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin, UNet2DModel
 from diffusers.utils import BaseOutput, replace_example_docstring
 
-from . import hub
+from . import hub, maths
 from .data import prepare_images
 from .densities import StandardNormal
 from .distributed import RunPlan
@@ -45,11 +46,15 @@ from .proposals import (
 )
 from .sampling import (
     BudgetExhaustedError,
+    LatentFit,
     S2MSamplingConfig,
     SampleResult,
     SamplerStats,
     budget_error,
+    fit_latent,
+    load_fits,
     sample_s2m,
+    save_fits,
 )
 from .targets import Target, TargetError, parse_target
 from .weights import Weigher
@@ -60,6 +65,26 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Chains run side by side when a call does not set `num_chains`: at most this many, so that the images kept for the
 # chains' states stay bounded however many images are asked for ("Memory" in `S2MPipeline.__call__`).
 DEFAULT_MAX_CHAINS = 256
+# The settings a fitted latent density depends on (the rest only change how it is sampled from).
+# "auto" dv_strength: p_z draws of the full target, in batches, until this many are on it or this many are drawn.
+_DV_PILOT_BATCH, _DV_PILOT_ON_TARGET, _DV_PILOT_MAX = 256, 128, 2048
+_FIT_SETTINGS = (
+    "dv_strength",
+    "negation_margin",
+    "presence_margin",
+    "dr_temperature",
+    "priors",
+    "class_label",
+    "refit",
+    "fit_size",
+    "fit_batch",
+    "rank",
+    "n_components",
+    "defensive",
+    "covariance_scale",
+    "pilot_size",
+    "fit_seed",
+)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -238,7 +263,14 @@ class S2MPipeline(DiffusionPipeline):
         ``local_files_only`` and ``proxies`` are passed on); the classes come from the installed `s2m_diffusers`.
         Other arguments are those of `DiffusionPipeline.from_pretrained`.
         """
-        return super().from_pretrained(hub.snapshot_path(pretrained_model_name_or_path, kwargs), **kwargs)
+        path = hub.snapshot_path(pretrained_model_name_or_path, kwargs)
+        pipe = super().from_pretrained(path, **kwargs)
+        pipe._fits = load_fits(os.path.join(path, "fits"))
+        strengths = os.path.join(path, "fits", "dv_strength.json")
+        if os.path.isfile(strengths):
+            with open(strengths, encoding="utf-8") as f:
+                pipe._auto_dv_strengths = {str(k): float(v) for k, v in json.load(f).items()}
+        return pipe
 
     @classmethod
     def from_pipe(cls, pipeline, heads: S2MHeads | None = None, **kwargs) -> S2MPipeline:
@@ -348,9 +380,12 @@ class S2MPipeline(DiffusionPipeline):
         try:
             return parse_target(target, names)
         except TargetError as err:
+            if getattr(err, "unknown_attribute", None) is None:
+                raise
             raise TargetError(
                 f"{err} These are the attributes this pipeline's heads were trained on; to target another attribute, "
-                "train heads on single-positive data that includes it."
+                "train heads on single-positive data that includes it.",
+                unknown_attribute=err.unknown_attribute,
             ) from err
 
     def check_inputs(self, num_images, output_type, tensor_inputs) -> None:
@@ -392,6 +427,54 @@ class S2MPipeline(DiffusionPipeline):
             return images
         return prepare_images(images, size, channels)
 
+    def _prepare(self, target, config, micro_batch_size, num_inference_steps, callback, tensor_inputs):
+        """The proposal adapter, its class plan, the settings with ``dv_strength`` resolved, and the weigher of one
+        call or fit."""
+        proposal = self._prepare_proposal(micro_batch_size, num_inference_steps)
+        name = self.proposal_description()["class"]
+        plan = ClassPlan.choose(target, proposal, self.heads.config, config.class_label, name)
+        num_fit_stages = config.num_fit_stages(len(target.stages()))
+        args = (micro_batch_size, num_fit_stages, callback, tensor_inputs)
+        if config.dv_strength == "auto":  # measure beta with the weights of beta = 1, then weigh with it
+            beta = self._dv_strength(
+                target,
+                config,
+                Weigher(self, target, proposal, plan, config.replace(dv_strength=1.0), *args),
+                num_inference_steps,
+            )
+            config = config.replace(dv_strength=beta)
+        weigher = Weigher(self, target, proposal, plan, config, *args)
+        return proposal, plan, config, weigher
+
+    def _dv_strength(self, target, config, weigher: Weigher, steps: int | None) -> float:
+        """``config.dv_strength``, or for ``"auto"`` the heads' own, else `maths.dv_strength` of the target's weights
+        over up to 2,048 generated samples (until 128 are on the target), measured once per target and settings."""
+        if config.dv_strength != "auto":
+            return float(config.dv_strength)
+        stored = getattr(self.heads.config, "dv_strength", None)
+        if stored is not None:
+            return float(stored)
+        key = self._fit_key(target, config, weigher.plan, steps)
+        if key not in self.auto_dv_strengths:
+            p_z = StandardNormal(weigher.plan.latent_shape(weigher.proposal.latent_shape))
+            generator, rests, dvs, drawn = torch.Generator().manual_seed(config.fit_seed), [], [], 0
+            with eval_mode(self.heads):
+                while drawn < _DV_PILOT_MAX and sum(int(torch.isfinite(r).sum()) for r in rests) < _DV_PILOT_ON_TARGET:
+                    rest, dv = weigher.log_rest_and_dv(target, p_z.sample(_DV_PILOT_BATCH, generator))
+                    rests.append(rest)
+                    dvs.append(dv)
+                    drawn += _DV_PILOT_BATCH
+            self.auto_dv_strengths[key] = maths.dv_strength(torch.cat(dvs), torch.cat(rests))
+            self._dv_strength_cost = {"dv_strength": self.auto_dv_strengths[key], "proposals": drawn}
+        return self.auto_dv_strengths[key]
+
+    @property
+    def auto_dv_strengths(self) -> dict[str, float]:
+        """The ``dv_strength`` that ``"auto"`` measured, by proposal setting (saved with the fits)."""
+        if not hasattr(self, "_auto_dv_strengths"):
+            self._auto_dv_strengths = {}
+        return self._auto_dv_strengths
+
     def _prepare_proposal(self, micro_batch_size: int, num_inference_steps: int | None) -> ProposalAdapter:
         proposal = self.get_proposal(micro_batch_size, num_inference_steps)
         if proposal.image_shape is not None:
@@ -400,6 +483,83 @@ class S2MPipeline(DiffusionPipeline):
             proposal.check_deterministic()
             self._deterministic_checked.add(id(self.proposal_pipeline))
         return proposal
+
+    # ----- fitting the latent density: once per target -----------------------------------------------------------
+    @property
+    def fits(self) -> dict[str, LatentFit]:
+        """The latent proposal densities fitted so far, by target and settings (spec §6); `save_pretrained` saves
+        them and `from_pretrained` brings them back, so that a target's fit is paid once."""
+        if not hasattr(self, "_fits"):
+            self._fits = {}
+        return self._fits
+
+    @torch.no_grad()
+    def fit(
+        self,
+        target: str | Target,
+        sampling: S2MSamplingConfig | dict | None = None,
+        micro_batch_size: int = 64,
+        num_inference_steps: int | None = None,
+        max_proposals: int | None = None,
+        **sampling_kwargs,
+    ) -> LatentFit:
+        """Fit the latent proposal density of ``target`` now (`sampling.fit_latent`) and cache it in [`fits`]; a call
+        for the same target and settings then starts sampling at once. Arguments as in [`__call__`].
+
+        Returns:
+            [`~s2m_diffusers.sampling.LatentFit`]: the chosen density (``chosen``: ``"prior"`` or ``"stage k"``) and,
+            in ``stats.stages``, each fitting stage and each candidate's pilot.
+        """
+        target = self.parse_target(target)
+        config = S2MSamplingConfig.resolve(sampling, **sampling_kwargs)
+        runs = RunPlan.plan(None, 1, False, max_proposals, config, config.num_fit_stages(len(target.stages())))
+        _, plan, config, weigher = self._prepare(
+            target, config, micro_batch_size, num_inference_steps, None, ["latents"]
+        )
+        with eval_mode(self.heads):
+            return self._cached_fit(target, config, plan, weigher, runs, num_inference_steps)
+
+    def _fit_key(self, target: Target, config: S2MSamplingConfig, plan: ClassPlan, steps: int | None) -> str:
+        fields = {name: getattr(config, name) for name in _FIT_SETTINGS}
+        steps = steps or self.config.num_inference_steps if self.proposal_kind != "gan" else None
+        return json.dumps({"target": str(target), "class": plan.describe(), "steps": steps, **fields}, sort_keys=True)
+
+    def _cached_fit(self, target, config, plan, weigher, runs, steps) -> LatentFit:
+        """The cached fit for this target and settings, or a new one (made by the main process with its own generator,
+        seeded by ``config.fit_seed``, and shared with the others); a new fit's cost is added to ``runs.results``."""
+        key = self._fit_key(target, config, plan, steps)
+        if key in self.fits:
+            return self.fits[key]
+        fit = None
+        if runs.is_main_process:
+            evaluates = [weigher.for_stage(stage) for stage in target.stages()]
+            p_z = StandardNormal(plan.latent_shape(weigher.proposal.latent_shape))
+            generator = torch.Generator().manual_seed(config.fit_seed)
+            with self.progress_bar(total=weigher.num_fit_stages) as bar:
+                bar.set_description("fitting q")
+                fit = fit_latent(
+                    evaluates,
+                    p_z,
+                    config,
+                    max_proposals=runs.remaining,
+                    generator=generator,
+                    callback=_ProgressCallback(bar, weigher=weigher),
+                )
+            runs.results.append(SampleResult.empty(fit.stats))
+        if runs.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            fit = broadcast_object_list([fit], from_process=0)[0]
+        if not fit.stats.budget_exhausted:
+            self.fits[key] = fit
+        return fit
+
+    def write_extra_files(self, folder: str) -> None:
+        """Called by `hub.save_pipeline` inside the folder being saved: the fitted densities go to ``fits/``."""
+        if self.fits or self.auto_dv_strengths:
+            save_fits(self.fits, os.path.join(folder, "fits"))
+            with open(os.path.join(folder, "fits", "dv_strength.json"), "w", encoding="utf-8") as f:
+                json.dump(self.auto_dv_strengths, f, indent=1)
 
     # ----- __call__ -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -501,15 +661,19 @@ class S2MPipeline(DiffusionPipeline):
         if config.num_chains is None and runs.size:
             config = config.replace(num_chains=min(runs.size, DEFAULT_MAX_CHAINS))
 
-        proposal = self._prepare_proposal(micro_batch_size, num_inference_steps)
-        name = self.proposal_description()["class"]
-        plan = ClassPlan.choose(target, proposal, self.heads.config, config.class_label, name)
-        weigher = Weigher(
-            self, target, proposal, plan, config, micro_batch_size, num_fit_stages, callback_on_step_end, tensor_inputs
+        proposal, plan, config, weigher = self._prepare(
+            target, config, micro_batch_size, num_inference_steps, callback_on_step_end, tensor_inputs
         )
+        measured = self.__dict__.pop("_dv_strength_cost", None)  # "auto" measured beta in this call: its cost counts
+        if measured is not None and runs.is_main_process:
+            runs.results.append(SampleResult.empty(SamplerStats(proposals=measured["proposals"], stages=[measured])))
         start = time.perf_counter()
         with eval_mode(self.heads):
-            self._sample(runs, [weigher.for_stage(s) for s in stages], weigher, target, config, allow_partial, plan)
+            fit = self._cached_fit(target, config, plan, weigher, runs, num_inference_steps)
+            weigher.phase = num_fit_stages  # the final sampling: its images are kept
+            self._sample(
+                runs, [weigher.for_stage(s) for s in stages], weigher, target, config, allow_partial, plan, fit
+            )
         result = SampleResult.concat(runs.results)
         if not result.num_samples:
             result = self._empty_result(proposal, plan, result.stats)
@@ -528,7 +692,7 @@ class S2MPipeline(DiffusionPipeline):
         )
 
     # ----- the steps of a call ------------------------------------------------------------------------------------
-    def _sample(self, runs, evaluates, weigher, target, config, allow_partial, plan) -> None:
+    def _sample(self, runs, evaluates, weigher, target, config, allow_partial, plan, fit) -> None:
         """The sampler runs of this process (`sampling.sample_s2m`), into ``runs.results``, under a progress bar.
 
         Several processes must not raise while others wait for them: each keeps what it found, and the gathered
@@ -538,7 +702,6 @@ class S2MPipeline(DiffusionPipeline):
         bar_context = self.progress_bar(total=len(runs.share)) if runs.is_main_process else _SilentBar()
         with bar_context as bar:
             for i, gen in enumerate(runs.generators):
-                weigher.phase = 0
                 if runs.remaining < 1:  # an earlier image's run spent the budget
                     if not keep_partial:
                         partial = SampleResult.concat(runs.results)
@@ -554,7 +717,8 @@ class S2MPipeline(DiffusionPipeline):
                         max_proposals=runs.remaining,
                         generator=gen,
                         allow_partial=keep_partial,
-                        callback=_ProgressCallback(bar, weigher, i * runs.size, weigher.num_fit_stages),
+                        callback=_ProgressCallback(bar, i * runs.size),
+                        fit=fit,
                     )
                 except BudgetExhaustedError as err:
                     runs.results.append(err.result)
@@ -601,6 +765,10 @@ class S2MPipeline(DiffusionPipeline):
             "chains_entered": stats.chains_entered,
             "rounds": timings["rounds"],
             "stages": stats.stages,
+            "fit": stats.fit,  # the latent density sampled from: "prior" or "stage k" (see `fit_latent`)
+            "fit_proposals": sum(stage.get("proposals", 0) for stage in stats.stages),  # 0 when the fit was cached
+            "dv_strength": config.dv_strength,  # beta: the weights target p_G^(1 - beta) p_data^beta on the target
+            "mixing": stats.mixing,  # T, the bound (1 - 1/W)^T reached, W and how it was estimated, the thinning
             "budget_exhausted": stats.budget_exhausted,
             "max_proposals": timings["max_proposals"],
             "class_label": plan.describe(),
@@ -626,7 +794,8 @@ class S2MPipeline(DiffusionPipeline):
                 "a class-conditional proposal (a generator conditioned on one of the target's attributes, with heads "
                 "trained with D_f)"
             )
-        tries.append(f"allow_partial=True to keep the {partial.num_samples} image(s) found")
+        if partial.num_samples:
+            tries.append(f"allow_partial=True to keep the {partial.num_samples} image(s) found")
         return budget_error(partial, num_images, budget, target=str(target), tries=tries, unit="images")
 
     def _postprocess(self, images: torch.Tensor, latents: torch.Tensor, output_type: str):
@@ -644,18 +813,19 @@ class S2MPipeline(DiffusionPipeline):
 
 
 class _ProgressCallback:
-    """The sampler's callback: a refitting stage advances ``weigher.phase`` and shows its on-target share; a
-    sampling round moves the bar to the images finished."""
+    """The sampler's callback: a refitting stage advances ``weigher.phase`` (``phase`` of ``callback_on_step_end``) and
+    the fitting bar, with the stage's on-target share; a sampling round moves the images bar to the images finished."""
 
-    def __init__(self, bar, weigher: Weigher, offset: int, num_fit_stages: int):
-        self.bar, self.weigher, self.offset, self.num_fit_stages = bar, weigher, offset, num_fit_stages
+    def __init__(self, bar, offset: int = 0, weigher: Weigher | None = None):
+        self.bar, self.offset, self.weigher = bar, offset, weigher
 
     def __call__(self, round_: int, info: dict) -> None:
         if "stage" in info:
-            self.weigher.phase += 1
-            stage = f"{info['stage'] + 1}/{self.num_fit_stages}"
-            self.bar.set_postfix(stage=stage, on_target=f"{info['on_target_share']:.3g}")
-        else:
+            if self.weigher is not None:
+                self.weigher.phase += 1
+            self.bar.update(1)
+            self.bar.set_postfix(on_target=f"{info['on_target_share']:.3g}")
+        elif "done" in info:
             self.bar.n = self.offset + info["done"]
             self.bar.refresh()
 
@@ -668,6 +838,9 @@ class _SilentBar(contextlib.nullcontext):
         self.n = 0
 
     def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def update(self, *args, **kwargs) -> None:
         pass
 
     def refresh(self) -> None:

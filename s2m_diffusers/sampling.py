@@ -35,7 +35,9 @@ Its settings are one dataclass, [`S2MSamplingConfig`]; the acceptance itself is 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,13 +59,22 @@ __all__ = [
     "sample_official",
     "sample_imh",
     "fit_stage",
+    "LatentFit",
+    "fit_latent",
     "sample_s2m",
+    "save_fits",
+    "load_fits",
 ]
 
 Evaluate = Callable[[torch.Tensor], tuple[Any, torch.Tensor]]
 Callback = Callable[[int, dict], None]
 
 REFIT_MODES = ("off", "once", "sequential")
+# Settings for which `None` is a value of its own, not "keep the default" (see `S2MSamplingConfig.resolve`).
+_NONE_IS_A_VALUE = ("class_label", "mixing_tolerance")
+# Two samples of one chain are this many steps apart that the chain has moved in between with probability
+# 1 - _STUCK_SHARE at the observed acceptance rate (see `_MixingBound.thinning`).
+_STUCK_SHARE = 0.05
 # Refitting resamples its fit data with tempered importance ratios that keep this share of the on-target latents as
 # effective sample size (`fit_exponent`): untempered, real heads' heavy-tailed ratios collapsed fits onto 2-3 latents.
 FIT_MIN_ESS = 0.25
@@ -97,19 +108,36 @@ class S2MSamplingConfig:
       every sample is generated with (with the ``D_f`` correction). ``"auto"``: the first attribute the target
       requires at its top level when the heads have ``D_f``, else the class is drawn from ``p_G(c)`` by one extra
       latent coordinate (no ``D_f`` needed); `None` always draws it.
+    - ``dv_strength`` (`float` or `"auto"`, defaults to 1.0): ``beta`` in [0, 1], the weight of ``logit D_v``: the
+      sampler targets ``p_G^(1 - beta) p_data^beta`` restricted to the combination (`s2m_diffusers.maths.dv_strength`);
+      1 is the paper's target. ``"auto"``: the heads' own ``dv_strength`` when their config has one, else the largest
+      ``beta`` whose weights keep an effective sample size of 10% of the on-target samples among up to 2,048 generated
+      ones (measured once per target and settings, its proposals counted in the call).
 
     The sampler (spec §5-6):
 
     - ``refit`` (`str`, defaults to `"sequential"`): latent refitting; ``"sequential"`` fits ``q`` one literal of
       the target at a time (``a``, then ``a & b``, ...), ``"once"`` on the full target, ``"off"`` proposes from
-      ``p_z``.
-    - ``steps_after_entry`` (`int`, defaults to 5): MH steps each chain takes after it first reaches the target.
-    - ``mixing_tolerance`` (`float`, *optional*): also take enough steps that the bound ``(1 - 1/W)^T`` falls below
-      it (see [`sample_imh`]).
-    - ``max_steps_after_entry`` (`int`, defaults to 200): cap on those steps (the official recipe's 200).
-    - ``num_chains`` (`int`, *optional*): chains side by side; the pipeline's default is ``min(images, 256)``.
+      ``p_z``. A fit is kept only where it beats the prior on the full target ([`fit_latent`]).
+    - ``mixing_tolerance`` (`float`, defaults to 0.01): every returned sample is at least ``T`` MH steps past its
+      chain's entry into the target, with ``T`` the fewest steps whose bound ``(1 - 1/W)^T`` on its distance to the
+      target (total variation; ``W`` estimated from the run, spec §5) falls below this. `None`: exactly
+      ``steps_after_entry`` steps, with no stated bound.
+    - ``steps_after_entry`` (`int`, defaults to 1): the least ``T``.
+    - ``max_steps_after_entry`` (`int`, defaults to 200): the most ``T`` (the official recipe's 200); ``stats``
+      report the bound actually reached.
+    - ``samples_per_chain`` (`int`, defaults to 8): samples each chain returns, a few steps apart (the thinning,
+      chosen so that a chain has moved between two of them with probability 0.95): the entry and the ``T`` steps
+      are paid once per chain, not once per sample.
+    - ``num_chains`` (`int`, *optional*): chains side by side; by default ``ceil(images / samples_per_chain)``, at
+      most 256 in the pipeline.
     - ``fit_size`` (`int`, defaults to 256): on-target latents per refitting stage.
     - ``fit_batch`` (`int`, *optional*): proposals per round while collecting them (defaults to ``fit_size``).
+    - ``pilot_size`` (`int`, defaults to 256): draws of each candidate density on the full target, to choose the
+      density and estimate ``W``; no sample is returned before this many proposals entered the estimate.
+    - ``fit_seed`` (`int`, defaults to 0): the pipeline fits with its own generator seeded by this, so that a fit is a
+      function of the target and the settings alone and a call returns the same images whether it fitted or reused
+      a fit.
     - ``rank`` (`int`, defaults to 32), ``n_components`` (defaults to ``(1, 2, 4, 8)``), ``defensive`` (defaults to
       0.1), ``covariance_scale`` (defaults to 2.0): the refitted density, see
       `s2m_diffusers.densities.LowRankGaussianMixture.fit`. ``covariance_scale=2.0`` (a proposal wider than the fit)
@@ -121,12 +149,16 @@ class S2MSamplingConfig:
     dr_temperature: float | str | None = None
     priors: tuple[float, ...] | None = None
     class_label: int | str | None = "auto"
+    dv_strength: float | str = 1.0
     refit: str = "sequential"
-    steps_after_entry: int = 5
-    mixing_tolerance: float | None = None
+    mixing_tolerance: float | None = 0.01
+    steps_after_entry: int = 1
     max_steps_after_entry: int = 200
+    samples_per_chain: int = 8
     num_chains: int | None = None
     fit_size: int = 256
+    pilot_size: int = 256
+    fit_seed: int = 0
     fit_batch: int | None = None
     rank: int = 32
     n_components: int | tuple[int, ...] = (1, 2, 4, 8)
@@ -143,7 +175,14 @@ class S2MSamplingConfig:
             raise ValueError(f"steps_after_entry must be a non-negative integer, got {self.steps_after_entry!r}.")
         if self.mixing_tolerance is not None and not 0 < self.mixing_tolerance < 1:
             raise ValueError(f"mixing_tolerance must be in (0, 1) or None, got {self.mixing_tolerance!r}.")
-        for name in ("fit_size", "max_steps_after_entry", "num_chains", "fit_batch"):
+        for name in (
+            "fit_size",
+            "max_steps_after_entry",
+            "num_chains",
+            "fit_batch",
+            "samples_per_chain",
+            "pilot_size",
+        ):
             _check_positive(name, getattr(self, name), allow_none=name in ("num_chains", "fit_batch"))
         if self.negation_margin is not None and not self.negation_margin >= 1.0:
             raise ValueError(f"negation_margin must be >= 1 (1 is the paper's formula), got {self.negation_margin}.")
@@ -151,6 +190,9 @@ class S2MSamplingConfig:
             raise ValueError(
                 f"presence_margin must lie in [0, 1] (0 is the paper's formula), got {self.presence_margin}."
             )
+        b = self.dv_strength
+        if not (b == "auto" or (isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b <= 1.0)):
+            raise ValueError(f"dv_strength must be 'auto' or a number in [0, 1] (1 is the paper's target), got {b!r}.")
         t = self.dr_temperature
         if not (t is None or t == "auto" or (isinstance(t, int | float) and not isinstance(t, bool) and t > 0)):
             raise ValueError(
@@ -173,14 +215,15 @@ class S2MSamplingConfig:
         """``config`` (an instance, a dict of fields, or `None` for the defaults) with ``overrides`` applied.
 
         An override of `None` keeps the config's value (so that callers can pass optional settings through), except
-        for ``class_label``, where `None` means "draw the class"."""
+        for the settings where `None` is a value of its own: ``class_label`` (draw the class) and
+        ``mixing_tolerance`` (no bound: exactly ``steps_after_entry`` steps)."""
         if isinstance(config, dict):
             config = cls().replace(**config)
         elif config is None:
             config = cls()
         elif not isinstance(config, cls):
             raise TypeError(f"sampling must be an S2MSamplingConfig or a dict of its fields, got {type(config)}.")
-        return config.replace(**{k: v for k, v in overrides.items() if v is not None or k == "class_label"})
+        return config.replace(**{k: v for k, v in overrides.items() if v is not None or k in _NONE_IS_A_VALUE})
 
     def num_fit_stages(self, num_target_stages: int) -> int:
         """Refitting stages before the final sampling, for a target of ``num_target_stages`` stages."""
@@ -207,6 +250,8 @@ class SamplerStats:
     seconds_total: float = 0.0
     budget_exhausted: bool = False
     stages: list[dict] = field(default_factory=list)
+    mixing: dict = field(default_factory=dict)  # the final sampling's bound: see `sample_imh`
+    fit: str = ""  # the latent density the final sampling used: "prior" or "stage k" (see `fit_latent`)
 
     @property
     def acceptance_rate(self) -> float:
@@ -228,6 +273,11 @@ class SamplerStats:
                 out.stages = [{**s, label: i} if tag else dict(s) for i, p in enumerate(parts) for s in p.stages]
             elif name == "budget_exhausted":
                 out.budget_exhausted = any(p.budget_exhausted for p in parts)
+            elif name == "mixing":  # the worst bound of the parts that sampled
+                sampled = [p.mixing for p in parts if p.mixing]
+                out.mixing = max(sampled, key=lambda m: m.get("bound") or 0.0) if sampled else {}
+            elif name == "fit":
+                out.fit = next((p.fit for p in reversed(parts) if p.fit), "")
             else:
                 setattr(out, name, sum(getattr(p, name) for p in parts))
         return out
@@ -253,6 +303,7 @@ class SampleResult:
     on_target: torch.Tensor  # (N,) bool
     stats: SamplerStats
     q: Any = None  # the latent density of the final stage
+    chain: torch.Tensor | None = None  # (N,) long: the chain each sample came from (samples of one chain correlate)
 
     @classmethod
     def empty(cls, stats: SamplerStats | None = None) -> SampleResult:
@@ -271,10 +322,16 @@ class SampleResult:
         found = [r for r in results if r.num_samples]
         if not found:
             return cls.empty(stats)
+        chains, offset = [], 0
+        for r in found:
+            ids = r.chain if r.chain is not None else torch.arange(r.num_samples)
+            chains.append(ids.cpu() + offset)
+            offset += int(ids.max()) + 1 if ids.numel() else 0
         return cls(
             *(torch.cat([getattr(r, name).cpu() for r in found]) for name in ("z", "x", "log_w", "on_target")),
             stats,
             found[-1].q,
+            torch.cat(chains),
         )
 
 
@@ -284,9 +341,10 @@ class BudgetExhaustedError(RuntimeError):
     ``.result`` holds what was obtained (possibly empty), with its statistics.
     """
 
-    def __init__(self, message: str, result: SampleResult):
+    def __init__(self, message: str, result: SampleResult, budget: int | None = None):
         super().__init__(message)
         self.result = result
+        self.budget = budget
 
 
 def budget_error(
@@ -312,23 +370,32 @@ def budget_error(
     n_found = result.num_samples
     if tries is None:
         tries = ["refitting the latent density (refit='sequential')", "a larger max_proposals"]
-        tries.append(f"allow_partial=True to keep the {n_found} {unit} found")
+        if n_found:
+            tries.append(f"allow_partial=True to keep the {n_found} {unit} found")
     fits = [st for st in s.stages if "on_target" in st]
     progress = [f"acceptance rate {s.acceptance_rate:.3g}"]
     if s.chains_started:
-        progress.append(f"{s.chains_entered} of {s.chains_started} chains reached the target")
+        entered = f"{s.chains_entered} of {s.chains_started} chains reached the target"
+        if s.chains_entered and s.chains_entered * (s.mixing.get("samples_per_chain") or 1) > n_found:
+            entered += ", some of them still taking the steps they take after entering it when the budget ran out"
+        progress.append(entered)
     if fits:
         shares = ", ".join(f"{st['on_target']} of {st['proposals']}" for st in fits)
         progress.append(f"on-target proposals per refitting stage: {shares}")
     if not s.chains_started and fits:
         progress.append("the refitting stages spent the whole budget before sampling began")
+    never = not s.chains_entered and not any(st.get("on_target") for st in fits)
     for_target = f" for target {target!r}" if target else ""
     message = (
         f"The proposal budget of {budget} ran out after {s.proposals} proposals with {n_found} of {num_requested} "
-        f"on-target {unit}{for_target} ({'; '.join(progress)}). Try " + "; ".join(tries) + ". If no proposal ever "
-        "reaches the target, check that the generator can produce this combination and that the heads recognise it."
+        f"on-target {unit}{for_target} ({'; '.join(progress)}). Try " + "; ".join(tries) + "."
     )
-    return BudgetExhaustedError(message, result)
+    if never:
+        message += (
+            " No proposal reached the target: check that the generator can produce this combination and that the "
+            "heads recognise it."
+        )
+    return BudgetExhaustedError(message, result, budget)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -419,48 +486,95 @@ def sample_official(
 
 
 class _MixingBound:
-    """Steps after entry so that the independent sampler's bound ``(1 - 1/W)^T`` (spec §5) falls below a tolerance.
+    """How many MH steps after entry make the independent sampler's bound ``(1 - 1/W)^T`` (spec §5) fall below a
+    tolerance, and how many steps apart a chain's returned samples are.
 
-    ``W = sup pi / q`` is estimated as the largest importance ratio among all proposals drawn so far over their mean
-    (one global figure, so that no chain's own path decides its length); ``T`` stays in
-    ``[steps_after_entry, max_steps_after_entry]``.
+    ``W = sup pi / q`` is estimated as the largest importance ratio ``w p_z / q`` among all proposals seen (the fit's
+    pilot draws, then every proposal of the run) over their mean: one global figure, so that no chain's own path
+    decides its length. ``T`` stays in ``[steps_after_entry, max_steps_after_entry]``. Nothing is returned before
+    ``min_seen`` proposals have entered the estimate. The thinning ``k`` between two samples of one chain is the
+    fewest steps after which the chain has moved with probability 0.95 at the observed acceptance rate (at most ``T``),
+    so that consecutive samples of a chain are rarely the same image; it decides correlation, not bias, since every
+    returned state is at least ``T`` steps past its chain's entry.
     """
 
-    def __init__(self, tolerance: float | None, min_steps: int, max_steps: int):
-        self.tolerance, self.min_steps, self.max_steps = tolerance, min_steps, max_steps
+    def __init__(self, tolerance: float | None, min_steps: int, max_steps: int, min_seen: int = 0):
+        self.tolerance, self.min_steps, self.max_steps, self.min_seen = tolerance, min_steps, max_steps, min_seen
         self.steps = min_steps
         self.log_sum, self.log_max, self.seen = -math.inf, -math.inf, 0  # running log-sum-exp and max of pi / q
+        self.moves, self.tries = 0, 0  # MH steps of entered chains that moved, and all such steps
 
     def update(self, log_ratio: torch.Tensor) -> int:
-        if self.tolerance is None:
-            return self.steps
-        finite = log_ratio[torch.isfinite(log_ratio)]
+        """Add proposals' log ratios to the estimate of ``W``; returns ``T``."""
+        finite = log_ratio[torch.isfinite(log_ratio)].double().cpu()
         self.seen += log_ratio.numel()
         if finite.numel():
             self.log_sum = float(torch.logsumexp(torch.cat([finite, finite.new_tensor([self.log_sum])]), 0))
             self.log_max = max(self.log_max, float(finite.max()))
-            w_bound = math.exp(self.log_max - (self.log_sum - math.log(self.seen)))
-            wanted = math.ceil(math.log(self.tolerance) / math.log1p(-1 / w_bound)) if w_bound > 1 else 1
+        if self.tolerance is not None and self.log_max > -math.inf:
+            w = self.w_estimate
+            wanted = math.ceil(math.log(self.tolerance) / math.log1p(-1 / w)) if w > 1 else 1
             self.steps = max(self.min_steps, min(wanted, self.max_steps))
         return self.steps
 
+    @property
+    def w_estimate(self) -> float:
+        if self.log_max == -math.inf:
+            return math.inf
+        return math.exp(self.log_max - (self.log_sum - math.log(self.seen)))
+
+    @property
+    def ready(self) -> bool:
+        return self.seen >= self.min_seen
+
+    @property
+    def thinning(self) -> int:
+        rate = self.moves / self.tries if self.tries else 0.0
+        if rate >= 1.0:
+            return 1
+        k = math.ceil(math.log(_STUCK_SHARE) / math.log1p(-rate)) if rate > 0 else self.steps
+        return max(1, min(k, self.steps))
+
+    def report(self) -> dict:
+        w = self.w_estimate
+        return {
+            "tolerance": self.tolerance,
+            "steps_after_entry": self.steps,
+            "bound": (1 - 1 / w) ** self.steps if math.isfinite(w) and w >= 1 else None,
+            "w_estimate": w if math.isfinite(w) else None,
+            "w_estimated_from": f"max / mean of the importance ratios of {self.seen} proposals",
+            "thinning": self.thinning,
+            "acceptance_after_entry": self.moves / self.tries if self.tries else None,
+        }
+
 
 class _ChainPool:
-    """At most ``size`` chains of [`sample_imh`] side by side: their states, their steps since entry (-1: not yet
-    entered) and which slots hold a running chain. Empty slots and unentered chains have ``log_w = -inf``."""
+    """At most ``size`` chains of [`sample_imh`] side by side. Per slot: the state, the MH steps since entry (-1: not
+    entered), how many samples the chain still owes, and the step of its last returned sample. Empty slots and
+    unentered chains have ``log_w = -inf``."""
 
     def __init__(self, size: int):
         self.size = size
         self.state: ChainState | None = None
         self.steps = torch.zeros(size, dtype=torch.long)
         self.alive = torch.zeros(size, dtype=torch.bool)
+        self.owed = torch.zeros(size, dtype=torch.long)
+        self.last = torch.zeros(size, dtype=torch.long)  # step of the last returned sample, -1: none yet
+        self.ids = torch.zeros(size, dtype=torch.long)  # the chain in each slot, numbered in the order started
+        self.started = 0
 
-    def start_chains(self, wanted: int) -> int:
-        """Give free slots to new (empty) chains, at most ``wanted``; returns how many started."""
-        free = (~self.alive).nonzero().flatten()[: max(0, wanted)]
-        self.alive[free] = True
-        self.steps[free] = -1
-        return free.numel()
+    def start_chains(self, outstanding: int, per_chain: int) -> int:
+        """Start new (empty) chains in free slots until the running chains owe ``outstanding`` samples."""
+        started = 0
+        for i in (~self.alive).nonzero().flatten().tolist():
+            missing = outstanding - int(self.owed[self.alive].sum())
+            if missing <= 0:
+                break
+            self.alive[i], self.steps[i], self.last[i], self.ids[i] = True, -1, -1, self.started
+            self.owed[i] = min(per_chain, missing)
+            started += 1
+            self.started += 1
+        return started
 
     def lay_out(self, new: ChainState) -> None:
         """Allocate the pool's storage from the first proposals' shapes."""
@@ -472,91 +586,108 @@ class _ChainPool:
                 torch.full((self.size,), -math.inf, dtype=torch.float64, device=new.log_w.device),
             )
 
-    def step(self, active: torch.Tensor, new: ChainState, generator) -> tuple[int, int]:
-        """One MH step of the ``active`` chains against ``new``; returns (accepted, entered now)."""
+    def step(self, active: torch.Tensor, new: ChainState, generator) -> tuple[int, int, int, int]:
+        """One MH step of the ``active`` chains against ``new``.
+
+        Returns:
+            (accepted, entered now, entered chains that stepped, of those the ones that moved).
+        """
         state, steps = self.state, self.steps
         cur_ratio = torch.where(steps[active] >= 0, state.log_ratio[active].cpu(), -math.inf).to(new.log_ratio)
         accept = imh_accept(cur_ratio, new.log_ratio, generator).cpu()
-        entered_now = accept & (steps[active] < 0)
+        was_in = steps[active] >= 0
+        entered_now = accept & ~was_in
         idx = active[accept]
         for name in ("z", "x", "log_w", "log_ratio"):
             mine, theirs = getattr(state, name), getattr(new, name)
             mine[idx.to(mine.device)] = theirs[accept.to(theirs.device)]
         # A chain that entered this round has taken 0 steps after entry; others advance by one.
-        was_in = steps[active] >= 0
         steps[active] = torch.where(was_in, steps[active] + 1, torch.where(entered_now, 0, -1))
-        return int(accept.sum()), int(entered_now.sum())
+        return int(accept.sum()), int(entered_now.sum()), int(was_in.sum()), int((accept & was_in).sum())
 
-    def pop_finished(self, active: torch.Tensor, target_steps: int, limit: int) -> ChainState | None:
-        """Take out (at most ``limit``) chains ``target_steps`` steps past their entry, freeing their slots."""
-        finished = active[(self.steps[active] >= target_steps) & (self.steps[active] >= 0)][:limit]
-        if not finished.numel():
+    def take_due(
+        self, active: torch.Tensor, first: int, thinning: int, limit: int
+    ) -> tuple[ChainState, torch.Tensor] | None:
+        """Copies of the states of (at most ``limit``) chains due to return a sample: ``first`` steps past entry, and
+        ``thinning`` steps past their previous sample. A chain that owes nothing more frees its slot."""
+        steps, last = self.steps[active], self.last[active]
+        due = (steps >= first) & ((last < 0) | (steps - last >= thinning))
+        chosen = active[due][:limit]
+        if not chosen.numel():
             return None
-        s, f = self.state, finished.to(self.state.z.device)
-        out = ChainState(s.z[f].clone(), s.x[f].clone(), s.log_w[f].clone(), s.log_ratio[f])
-        self.alive[finished] = False
-        s.log_w[f] = -math.inf
-        s.log_ratio[f] = -math.inf
-        return out
+        s, f = self.state, chosen.to(self.state.z.device)
+        out = ChainState(s.z[f].clone(), s.x[f].clone(), s.log_w[f].clone(), s.log_ratio[f].clone())
+        ids = self.ids[chosen].clone()
+        self.last[chosen] = self.steps[chosen]
+        self.owed[chosen] -= 1
+        done = chosen[self.owed[chosen] == 0]
+        self.alive[done] = False
+        s.log_w[done.to(s.log_w.device)] = -math.inf
+        s.log_ratio[done.to(s.log_ratio.device)] = -math.inf
+        return out, ids
 
 
 def sample_imh(
     evaluate: Evaluate,
     q,
     num_samples: int,
-    steps_after_entry: int = 5,
-    mixing_tolerance: float | None = None,
-    max_steps_after_entry: int = 200,
-    num_chains: int | None = None,
+    config: S2MSamplingConfig | dict | None = None,
+    *,
     max_proposals: int | None = None,
     generator: torch.Generator | None = None,
     allow_partial: bool = False,
     callback: Callback | None = None,
+    pilot_log_ratios: torch.Tensor | None = None,
+    **overrides: Any,
 ) -> SampleResult:
-    """Ours: a pool of independent-MH chains that each return one on-target sample (spec §5).
+    """Ours: a pool of independent-MH chains in latent space, each returning on-target samples (spec §5).
 
-    A chain starts empty (weight 0), so its first proposal of finite weight is accepted: the chain has
-    *entered* the target with a draw of ``q`` restricted to it. It then takes ``steps_after_entry`` MH steps
-    towards ``pi ∝ p_z w`` and its state is returned. At most ``num_chains`` chains run at once; a finished
-    chain's slot is given to a new chain until ``num_samples`` chains have been started.
+    A chain starts empty (weight 0), so its first proposal of finite weight is accepted: the chain has *entered* the
+    target with a draw of ``q`` restricted to it. It returns its state once it is ``T`` MH steps past its entry, with
+    ``T`` the fewest steps whose bound ``(1 - 1/W)^T`` on the distance to the target falls below
+    ``mixing_tolerance`` (`_MixingBound`), then again every ``thinning`` steps, ``samples_per_chain`` times in all.
+    Every returned state is at least ``T`` steps past its chain's entry, so its law is within the bound of the target
+    ``pi ∝ p_z w`` whatever the entry time; a chain that never entered returns nothing. At most ``num_chains`` chains
+    run at once; a finished chain's slot goes to a new chain while samples are owed.
 
     Args:
         evaluate (`Callable`): ``z -> (x, log_w)`` with ``log_w`` of shape `(B,)`, ``-inf`` off target.
         q: the latent proposal density (``StandardNormal`` or a refitted ``LowRankGaussianMixture``).
         num_samples (`int`): samples to return.
-        steps_after_entry (`int`, defaults to 5): MH steps each chain takes after entering the target. The law of
-            the returned state approaches the target geometrically in it, at rate ``1 - 1/W`` where ``W`` bounds
-            ``pi / q`` (spec §5).
-        mixing_tolerance (`float`, *optional*): also take enough steps that ``(1 - 1/W)^T`` falls below this, with
-            ``W`` estimated from all proposals drawn so far in this call (`_MixingBound`). With real heads every
-            image has some weight, chains enter at once, and a fixed few steps return chains that never left their
-            first, unselected state. `None`: exactly ``steps_after_entry``.
-        max_steps_after_entry (`int`, defaults to 200): cap on those steps (the official recipe's 200).
-        num_chains (`int`, *optional*): chains side by side (the batch size of ``evaluate``); defaults to
-            ``num_samples``.
+        config ([`S2MSamplingConfig`] or `dict`, *optional*), overrides: ``steps_after_entry`` (the least ``T``),
+            ``mixing_tolerance`` (`None`: exactly ``steps_after_entry`` steps), ``max_steps_after_entry``,
+            ``num_chains`` (default ``ceil(num_samples / samples_per_chain)``), ``samples_per_chain``.
         max_proposals (`int`, *optional*): the proposal budget. When it runs out first, a [`BudgetExhaustedError`]
             carrying the partial result is raised, or, with ``allow_partial=True``, the finished samples are
             returned with ``stats.budget_exhausted = True``.
         generator (`torch.Generator`, *optional*): the source of all randomness; same seed, same samples.
         allow_partial (`bool`, defaults to `False`): see ``max_proposals``.
         callback (`Callable`, *optional*): ``callback(round, info)`` after every round.
+        pilot_log_ratios (`torch.Tensor`, *optional*): log importance ratios of earlier draws of ``q`` on this
+            target (a fit's pilot, [`fit_latent`]): ``W`` is estimated from them before the first round, and no sample
+            is returned before ``pilot_size`` proposals have entered the estimate.
 
     Returns:
-        [`SampleResult`] with the samples in the order their chains finished.
+        [`SampleResult`] with the samples in the order they were returned; ``stats.mixing`` reports ``T``, the bound
+        reached, ``W`` and how it was estimated, and the thinning.
     """
+    config = S2MSamplingConfig.resolve(config, **overrides)
     _check_positive("num_samples", num_samples)
-    _check_positive("num_chains", num_chains, allow_none=True)
     _check_positive("max_proposals", max_proposals, allow_none=True)
-    if not isinstance(steps_after_entry, int) or steps_after_entry < 0:
-        raise ValueError(f"steps_after_entry must be a non-negative integer, got {steps_after_entry!r}.")
-    if mixing_tolerance is not None and not 0 < mixing_tolerance < 1:
-        raise ValueError(f"mixing_tolerance must be in (0, 1) or None, got {mixing_tolerance!r}.")
     start = time.perf_counter()
-    bound = _MixingBound(mixing_tolerance, steps_after_entry, max_steps_after_entry)
-    pool = _ChainPool(min(num_chains or num_samples, num_samples))
+    per_chain = min(config.samples_per_chain, num_samples)
+    pool = _ChainPool(min(config.num_chains or math.ceil(num_samples / per_chain), num_samples))
+    bound = _MixingBound(
+        config.mixing_tolerance,
+        config.steps_after_entry,
+        config.max_steps_after_entry,
+        min_seen=config.pilot_size if config.mixing_tolerance is not None else 0,
+    )
+    if pilot_log_ratios is not None:
+        bound.update(pilot_log_ratios)
     stats, done, n_done = SamplerStats(), [], 0
     while n_done < num_samples:
-        stats.chains_started += pool.start_chains(num_samples - n_done - int(pool.alive.sum()))
+        stats.chains_started += pool.start_chains(num_samples - n_done, per_chain)
         active = pool.alive.nonzero().flatten()
         if max_proposals is not None:
             active = active[: max(0, max_proposals - stats.proposals)]
@@ -565,21 +696,27 @@ def sample_imh(
             break
         new = _propose(evaluate, q, active.numel(), generator, stats)
         pool.lay_out(new)
-        accepted, entered = pool.step(active, new, generator)
+        accepted, entered, tries, moves = pool.step(active, new, generator)
         stats.accepted += accepted
         stats.chains_entered += entered
-        finished = pool.pop_finished(active, bound.update(new.log_ratio), num_samples - n_done)
-        if finished is not None:
-            done.append(finished)
-            n_done += finished.z.shape[0]
+        bound.tries, bound.moves = bound.tries + tries, bound.moves + moves
+        first = bound.update(new.log_ratio)
+        if bound.ready:
+            returned = pool.take_due(active, first, bound.thinning, num_samples - n_done)
+            if returned is not None:
+                done.append(returned)
+                n_done += returned[0].z.shape[0]
         stats.rounds += 1
         if callback is not None:
             callback(stats.rounds, {"done": n_done, "active": int(pool.alive.sum()), "accepted": accepted})
-
+    stats.mixing = {**bound.report(), "samples_per_chain": per_chain}
     if done:
-        result = SampleResult(*(torch.cat([getattr(d, k) for d in done]) for k in ("z", "x", "log_w")), None, stats, q)
+        result = SampleResult(
+            *(torch.cat([getattr(d, k) for d, _ in done]) for k in ("z", "x", "log_w")), None, stats, q
+        )
         result.on_target = torch.isfinite(result.log_w)
-    else:  # nothing finished: empty tensors shaped like the pool's (when a proposal was ever drawn)
+        result.chain = torch.cat([ids for _, ids in done])
+    else:  # nothing returned: empty tensors shaped like the pool's (when a proposal was ever drawn)
         result = SampleResult.empty(stats)
         if pool.state is not None:
             result.z, result.x = pool.state.z[:0], pool.state.x[:0]
@@ -588,6 +725,10 @@ def sample_imh(
     if stats.budget_exhausted and not allow_partial:
         raise budget_error(result, num_samples, max_proposals)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Refitting
 
 
 def fit_stage(
@@ -643,6 +784,101 @@ def fit_stage(
     return density, stats
 
 
+@dataclass
+class LatentFit:
+    """A target's latent proposal density and what was measured of it (spec §6): the result of [`fit_latent`].
+
+    Args:
+        q: the chosen density (the prior ``p_z`` itself when no fit beat it).
+        pilot_log_ratios (`torch.Tensor` of shape `(pilot_size,)`): log importance ratios ``w p_z / q`` of
+            ``pilot_size`` draws of ``q`` on the full target, from which the sampler estimates ``W``.
+        stats ([`SamplerStats`]): the fitting's proposals and its ``stages``: per stage the fit's record, and per
+            candidate density its pilot's on-target share and efficiency.
+        chosen (`str`): ``"prior"`` or ``"stage k"``.
+    """
+
+    q: Any
+    pilot_log_ratios: torch.Tensor
+    stats: SamplerStats
+    chosen: str = "prior"
+
+
+def _pilot(evaluate: Evaluate, q, n: int, generator, stats: SamplerStats) -> tuple[torch.Tensor, float, float]:
+    """``n`` draws of ``q`` on the full target: their log ratios, on-target share and efficiency ``ESS / n``."""
+    log_ratio = _propose(evaluate, q, n, generator, stats).log_ratio.cpu()
+    finite = torch.isfinite(log_ratio)
+    if not finite.any():
+        return log_ratio, 0.0, 0.0
+    p = torch.softmax(torch.where(finite, log_ratio, -math.inf).double(), 0)
+    return log_ratio, float(finite.float().mean()), float(1.0 / p.pow(2).sum()) / n
+
+
+def fit_latent(
+    stage_evaluates: Sequence[Evaluate],
+    p_z: StandardNormal,
+    config: S2MSamplingConfig | dict | None = None,
+    *,
+    max_proposals: int | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    **overrides: Any,
+) -> LatentFit:
+    """Refitting that never hurts (spec §6): fit ``q`` stage by stage ([`fit_stage`]), and keep the candidate, the
+    prior included, whose draws are the most efficient on the full target.
+
+    Every candidate (``p_z``, then each stage's fit) is measured by a pilot of ``pilot_size`` draws on the full target
+    (``stage_evaluates[-1]``): its efficiency is the effective sample size of the importance ratios ``w p_z / q`` per
+    draw, which counts both the on-target share and how even the weights are. A fit that is worse than the density it
+    was drawn from is not built on: the next stage fits from the better of the two. A stage that cannot find 2
+    on-target latents within the budget ends the refitting with the best candidate so far. With ``refit="off"`` only
+    the prior's pilot is drawn (it estimates ``W`` for the sampler).
+
+    Returns:
+        [`LatentFit`]; ``stats.stages`` records each fitting stage and each pilot.
+    """
+    config = S2MSamplingConfig.resolve(config, **overrides)
+    full = stage_evaluates[-1]
+    fits = list(stage_evaluates)[len(stage_evaluates) - config.num_fit_stages(len(stage_evaluates)) :]
+    parts = [SamplerStats()]
+
+    def left() -> int | None:
+        return None if max_proposals is None else max_proposals - sum(p.proposals for p in parts)
+
+    def measure(q, name: str) -> tuple[torch.Tensor | None, float]:
+        n = config.pilot_size if max_proposals is None else min(config.pilot_size, left())
+        if n <= 0:
+            return None, 0.0
+        log_ratio, share, efficiency = _pilot(full, q, n, generator, parts[-1])
+        parts[-1].stages.append({"pilot": name, "proposals": n, "on_target_share": share, "efficiency": efficiency})
+        return log_ratio, efficiency
+
+    if not fits and config.mixing_tolerance is None:  # nothing to choose and no bound to estimate: no pilot
+        return LatentFit(p_z, torch.zeros(0, dtype=torch.float64), SamplerStats(), "prior")
+    best = (p_z, *measure(p_z, "prior"), "prior")  # (q, pilot log ratios, efficiency, name)
+    base, base_efficiency = p_z, best[2]
+    for s, evaluate in enumerate(fits):
+        density, stage = fit_stage(evaluate, base, config, left(), generator)
+        stage.stages[0] = {"stage": s, **stage.stages[0]}
+        parts.append(stage)
+        if density is None:
+            stage.budget_exhausted = False  # the refitting ends here; the sampler goes on with the best candidate
+            stage.stages[0]["kept"] = best[3]
+            break
+        log_ratio, efficiency = measure(density, f"stage {s}")
+        if efficiency > best[2]:
+            best = (density, log_ratio, efficiency, f"stage {s}")
+        if efficiency >= base_efficiency or s == 0:
+            base, base_efficiency = density, efficiency
+        stage.stages[0]["kept"] = best[3]
+        if callback is not None:
+            callback(-1, {"stage": s, "num_stages": len(fits), "on_target_share": stage.stages[0]["on_target_share"]})
+    stats = SamplerStats.merge(parts)
+    if best[1] is None:  # not even the prior's pilot fitted in the budget
+        stats.budget_exhausted = True
+        return LatentFit(p_z, torch.zeros(0, dtype=torch.float64), stats, "prior")
+    return LatentFit(best[0], best[1], stats, best[3])
+
+
 def sample_s2m(
     stage_evaluates: Sequence[Evaluate],
     p_z: StandardNormal,
@@ -653,47 +889,46 @@ def sample_s2m(
     generator: torch.Generator | None = None,
     allow_partial: bool = False,
     callback: Callback | None = None,
+    fit: LatentFit | None = None,
+    fit_generator: torch.Generator | None = None,
     **overrides: Any,
 ) -> SampleResult:
-    """Ours, with latent refitting (spec §6).
-
-    With ``refit="sequential"``, stage ``s`` fits a density to the latents that satisfy the stage's target
-    (``stage_evaluates[s]``: the first ``s + 1`` literals) drawn from the previous stage's fit ([`fit_stage`]);
-    ``refit="once"`` fits in one stage on the full target; ``refit="off"`` samples from ``p_z``. The final stage is
-    [`sample_imh`] on the full target (``stage_evaluates[-1]``) with the last fit: exact in the latent view whatever
-    the fit (spec §4), since the correction ``log p_z - log q`` enters every acceptance.
+    """Ours, with latent refitting (spec §6): [`fit_latent`] (unless a ``fit`` is given), then [`sample_imh`] on the
+    full target (``stage_evaluates[-1]``) with the chosen density, exact in the latent view whatever the fit (spec §4)
+    since the correction ``log p_z - log q`` enters every acceptance.
 
     Args:
-        stage_evaluates (`Sequence[Callable]`): ``z -> (x, log_w)`` per stage; the last one is the full target.
+        stage_evaluates (`Sequence[Callable]`): ``z -> (x, log_w)`` per refitting stage (``Target.stages()``); the
+            last one is the full target.
         p_z ([`StandardNormal`]): the latent prior.
         num_samples (`int`): samples to return.
-        config ([`S2MSamplingConfig`] or `dict`, *optional*): the sampler's settings (``refit``,
-            ``steps_after_entry``, ``fit_size``, ...); ``overrides`` names single fields.
-        max_proposals (`int`, *optional*): the proposal budget, refitting stages included; see [`sample_imh`].
+        config ([`S2MSamplingConfig`] or `dict`, *optional*): the settings; ``overrides`` names single fields.
+        max_proposals (`int`, *optional*): the proposal budget, fitting included; see [`sample_imh`].
         generator, allow_partial, callback: see [`sample_imh`]; ``callback(-1, {"stage": s, ...})`` after each
             refitting stage.
+        fit ([`LatentFit`], *optional*): a fit made before (for this target and settings): no fitting is done.
+        fit_generator (`torch.Generator`, *optional*): the randomness of the fitting (defaults to ``generator``).
 
     Returns:
-        [`SampleResult`]; ``stats.stages`` lists each fitting stage's proposals, on-target share and ESS.
+        [`SampleResult`]; ``stats.stages`` lists each fitting stage and pilot of this call (none with ``fit``).
     """
     config = S2MSamplingConfig.resolve(config, **overrides)
     if not stage_evaluates:
         raise ValueError("stage_evaluates is empty: pass at least the full target's evaluate function.")
     start = time.perf_counter()
-    fits = list(stage_evaluates)[len(stage_evaluates) - config.num_fit_stages(len(stage_evaluates)) :]
-    parts, q = [], p_z
-    for s, evaluate in enumerate(fits):
-        left = None if max_proposals is None else max_proposals - sum(p.proposals for p in parts)
-        density, stage = fit_stage(evaluate, q, config, left, generator)
-        stage.stages[0] = {"stage": s, **stage.stages[0]}
-        parts.append(stage)
-        if density is None:
-            break
-        q = density
-        if callback is not None:
-            callback(-1, {"stage": s, "on_target_share": stage.stages[0]["on_target_share"]})
+    parts = []
+    if fit is None:
+        fit = fit_latent(
+            stage_evaluates,
+            p_z,
+            config,
+            max_proposals=max_proposals,
+            generator=fit_generator if fit_generator is not None else generator,
+            callback=callback,
+        )
+        parts.append(fit.stats)
     remaining = None if max_proposals is None else max_proposals - sum(p.proposals for p in parts)
-    if parts and (parts[-1].budget_exhausted or (remaining is not None and remaining <= 0)):
+    if fit.stats.budget_exhausted or (remaining is not None and remaining <= 0):
         result = _finish(SampleResult.empty(SamplerStats.merge(parts)), start)
         result.stats.budget_exhausted = True
         if allow_partial:
@@ -702,20 +937,60 @@ def sample_s2m(
     try:
         result = sample_imh(
             stage_evaluates[-1],
-            q,
+            fit.q,
             num_samples,
-            steps_after_entry=config.steps_after_entry,
-            mixing_tolerance=config.mixing_tolerance,
-            max_steps_after_entry=config.max_steps_after_entry,
-            num_chains=config.num_chains,
+            config,
             max_proposals=remaining,
             generator=generator,
             allow_partial=allow_partial,
             callback=callback,
+            pilot_log_ratios=fit.pilot_log_ratios,
         )
     except BudgetExhaustedError as err:
         err.result.stats = SamplerStats.merge([*parts, err.result.stats])
         raise budget_error(err.result, num_samples, max_proposals) from None
     result.stats = SamplerStats.merge([*parts, result.stats])
     result.stats.seconds_total = time.perf_counter() - start
+    result.stats.fit = fit.chosen
     return result
+
+
+def save_fits(fits: dict[str, LatentFit], folder: str | os.PathLike) -> None:
+    """Write fits (keyed by a string that names their target and settings) into ``folder``: one safetensors file
+    each (the density's tensors, the pilot's log ratios) and ``index.json`` (key, file, chosen density, stages)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    index = []
+    for i, (key, fit) in enumerate(fits.items()):
+        tensors = {"pilot_log_ratios": fit.pilot_log_ratios.double().cpu().contiguous()}
+        if isinstance(fit.q, LowRankGaussianMixture):
+            tensors.update({f"q.{k}": v.cpu().contiguous() for k, v in fit.q.state_dict().items()})
+        else:
+            tensors["p_z.latent_shape"] = torch.tensor(fit.q.latent_shape, dtype=torch.long)
+        name = f"fit_{i:03d}.safetensors"
+        save_file(tensors, os.path.join(folder, name))
+        index.append({"key": key, "file": name, "chosen": fit.chosen, "stages": fit.stats.stages})
+    with open(os.path.join(folder, "index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1, default=float)
+
+
+def load_fits(folder: str | os.PathLike) -> dict[str, LatentFit]:
+    """The fits [`save_fits`] wrote into ``folder`` (none when it holds no ``index.json``)."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, "index.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        index = json.load(f)
+    fits = {}
+    for entry in index:
+        tensors = load_file(os.path.join(folder, entry["file"]))
+        if "p_z.latent_shape" in tensors:
+            q = StandardNormal(tensors["p_z.latent_shape"].tolist())
+        else:
+            q = LowRankGaussianMixture.from_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("q.")})
+        stats = SamplerStats(stages=list(entry.get("stages", [])))
+        fits[entry["key"]] = LatentFit(q, tensors["pilot_log_ratios"], stats, entry.get("chosen", "prior"))
+    return fits

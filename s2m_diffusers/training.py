@@ -367,6 +367,7 @@ class _TrainingState:
     best: dict[str, dict]  # per branch: the lowest calibrated held-out NLL ("nll"), its "step" and weights ("state")
     fake_class_counts: torch.Tensor  # (n,): classes drawn from a conditional proposal by this process
     step: int = 0  # optimizer steps done
+    run_config: dict | None = None  # what a checkpoint records and must match to be resumed (`_run_config`)
 
     @property
     def ema(self) -> bool:
@@ -416,6 +417,7 @@ def train_heads(
     resume_from_checkpoint: str | os.PathLike | None = None,
     priors: Sequence[float] | str | None = "estimate",
     negation_margin: float = DEFAULT_NEGATION_MARGIN,
+    labelling: str = "independent",
     report_to: str | None = None,
     progress: bool = True,
     **heads_kwargs,
@@ -464,6 +466,9 @@ def train_heads(
             to store; `"estimate"` estimates them from the calibrated ``D_r`` on the real data (spec §3).
         negation_margin (`float`, defaults to `DEFAULT_NEGATION_MARGIN`, 10.0): the margin of negated literals
             stored in the heads.
+        labelling (`str`, defaults to `"independent"`): how the data were labelled, stored in the heads (spec §1):
+            `"independent"` (each attribute's folder samples the images that hold it) or `"one_label_per_image"`
+            (each image in exactly one folder, labelled with one of its attributes).
         report_to (`str`, *optional*): an accelerate tracker (`"tensorboard"`, `"wandb"`, ...) for the metrics.
         progress (`bool`, defaults to `True`): show a progress bar on the main process.
         heads_kwargs: config of new [`S2MHeads`] (e.g. `cnn_channels`, `transformers_config`, `shared_backbone`).
@@ -500,6 +505,7 @@ def train_heads(
     # Data: a stratified held-out split of the real images and a fixed held-out set of proposal samples.
     train, proposal, heldout = _prepare_data(data, proposal, heldout_fraction, num_heldout_samples, seed)
     heads = _build_heads(heads, data, heldout.fake_labels is not None, seed, negation_margin, heads_kwargs)
+    heads.register_to_config(labelling=_check_labelling(labelling))
 
     # Model and optimizer, prepared by accelerate; the state the steps share; a checkpoint to resume from.
     optimizer = torch.optim.AdamW(
@@ -509,6 +515,21 @@ def train_heads(
     if report_to is not None:
         accelerator.init_trackers("s2m_heads")
     state = _start_state(accelerator, model, optimizer, heads, heldout, ema_decay)
+    state.run_config = _run_config(
+        heads,
+        accelerator,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        ema_decay=ema_decay,
+        heldout_fraction=heldout_fraction,
+        num_heldout_samples=num_heldout_samples,
+        augment=augment,
+        dr_augment=dr_augment,
+        seed=seed,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+    )
     if resume_from_checkpoint is not None:
         _resume(state, resume_from_checkpoint, output_dir)
 
@@ -585,6 +606,17 @@ def _prepare_data(
         heldout_proposal = proposal
     fake, fake_labels = _draw(heldout_proposal, num_heldout_samples, _step_generator(seed, 1), data)
     return train, proposal, _HeldOut(real=heldout, fake=fake, fake_labels=fake_labels)
+
+
+def _check_labelling(labelling: str) -> str:
+    from .maths import LABELLINGS
+
+    if labelling not in LABELLINGS:
+        raise ValueError(
+            f"labelling must be one of {list(LABELLINGS)}, got {labelling!r}: 'independent' when each attribute's "
+            "folder samples the images that hold it, 'one_label_per_image' when each image sits in exactly one folder."
+        )
+    return labelling
 
 
 def _build_heads(
@@ -666,9 +698,10 @@ def _resume(state: _TrainingState, resume_from_checkpoint: str | os.PathLike, ou
         raise FileNotFoundError(
             f"No checkpoint to resume from at {resume_from_checkpoint!r} (output_dir={output_dir})."
         )
-    state.accelerator.load_state(path)
     with open(os.path.join(path, STATE_FILE)) as f:
         saved = json.load(f)
+    _check_run_config(path, saved.get("config"), state.run_config)  # before any weight is read
+    state.accelerator.load_state(path)
     state.step = saved["step"]
     # the saved counts are summed over the processes: the main process takes them up, the others start at 0
     state.fake_class_counts = torch.tensor(saved["fake_class_counts"]) * int(state.accelerator.is_main_process)
@@ -679,6 +712,42 @@ def _resume(state: _TrainingState, resume_from_checkpoint: str | os.PathLike, ou
         best["nll"], best["step"] = saved["best"][name]["nll"], saved["best"][name]["step"]
         prefix = f"{name}/"
         best["state"] = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+# heads config fields that training does not read (set after it, or read by the sampler only)
+_UNCHECKED_HEADS_FIELDS = ("priors", "proposal_class_probs", "negation_margin")
+
+
+def _run_config(heads: S2MHeads, accelerator: Accelerator, **settings) -> dict:
+    """What a checkpoint records of its run, and what a resumed run must share with it: the heads' config (the
+    attributes, the backbone, the data's label counts) and the training settings that shape the state (all but
+    `num_steps` and the evaluation and checkpoint cadence, which may change on resume), as JSON values."""
+    heads_config = {
+        k: v
+        for k, v in dict(heads.config).items()
+        if not k.startswith("_") and k not in _UNCHECKED_HEADS_FIELDS and "temperature" not in k
+    }
+    settings["num_processes"] = accelerator.num_processes
+    return json.loads(json.dumps({"heads": heads_config, "training": settings}, default=list))
+
+
+def _check_run_config(path: str, saved: dict | None, current: dict | None) -> None:
+    """Refuse to resume from a checkpoint of another configuration, naming each field that differs."""
+    if saved is None or current is None:
+        logger.warning(f"{path} records no configuration (an older checkpoint): it is resumed unchecked.")
+        return
+    differ = [
+        f"{part}.{k}: {saved[part].get(k)!r} in the checkpoint, {current[part].get(k)!r} now"
+        for part in ("heads", "training")
+        for k in sorted(set(saved.get(part, {})) | set(current.get(part, {})))
+        if saved.get(part, {}).get(k) != current[part].get(k)
+    ]
+    if differ:
+        raise ValueError(
+            f"Cannot resume from {path}: it was written by a run with another configuration, and resuming would "
+            f"mix the two. Differing: {'; '.join(differ)}. Resume with the checkpoint's settings and data, or start "
+            "a new run (in another output folder, or without resuming)."
+        )
 
 
 def _train_loop(state: _TrainingState, train: SinglePositiveDataset, proposal: Callable, config: _LoopConfig) -> None:
@@ -800,6 +869,7 @@ def _save_checkpoint(state: _TrainingState, output_dir, checkpoints_total_limit:
             "step": state.step,
             "fake_class_counts": counts.tolist(),
             "best": {n: {"nll": b["nll"], "step": b["step"]} for n, b in state.best.items()},
+            "config": state.run_config,
         }
         write_text_atomically(os.path.join(tmp, STATE_FILE), json.dumps(saved))
         move_into_place(tmp, final, replace=True)

@@ -45,6 +45,8 @@ class Weigher:
             margin if margin is not None else getattr(hc, "negation_margin", maths.DEFAULT_NEGATION_MARGIN)
         )
         self.presence_margin = float(config.presence_margin)
+        self.labelling = getattr(hc, "labelling", "independent")
+        self.dv_strength = float(config.dv_strength)  # resolved by the pipeline: never "auto" here
         t = config.dr_temperature
         self.dr_temperature = maths.auto_dr_temperature(target) if t == "auto" else float(t if t is not None else 1.0)
         self.heads_device, self.heads_dtype = execution_device(pipe.heads), module_device_dtype(pipe.heads)[1]
@@ -73,6 +75,7 @@ class Weigher:
         _sync(x.device)
         t1 = time.perf_counter()
         self.seconds_generator += t1 - t0
+        _check_finite(x, f"The generator {self.pipe.proposal_description()['class']} returned images with", "images")
         if not self.checked_shape:
             self.pipe.check_image_shape(tuple(x.shape[1:]), self.proposal)
             self.checked_shape = True
@@ -80,6 +83,9 @@ class Weigher:
         _sync(self.heads_device)
         self.seconds_heads += time.perf_counter() - t1
         df = out.df_log_probs[:, self.plan.index] if self.plan.mode == "fixed" else None
+        heads = [("D_v", "dv_logit", out.dv_logit), ("D_r", "dr_log_probs", out.dr_log_probs)]
+        for head, field, value in heads + ([("D_f", "df_log_probs", out.df_log_probs)] if df is not None else []):
+            _check_finite(value, f"The heads' {head} ({type(self.pipe.heads).__name__}.{field}) returned", "heads")
         log_w = maths.log_weight(
             stage,
             out.dr_log_probs,
@@ -91,8 +97,28 @@ class Weigher:
             self.dr_temperature,
             df,
             self.plan.log_pg_class,
+            self.labelling,
+            self.dv_strength,
         )
         return x, log_w
+
+    def log_rest_and_dv(self, stage: Target, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log w`` split as ``log_rest + dv_strength * logit D_v``: (``log_rest``, ``logit D_v``), float64, for
+        choosing ``dv_strength`` (`maths.dv_strength`). Runs the generator and heads without counting their time."""
+        rests, dvs = [], []
+        for chunk in z.split(self.micro_batch_size):
+            latents, labels = self.plan.split(chunk, self.proposal.latent_shape)
+            x = self.proposal.generate(latents, labels)
+            out = self.pipe.heads(self.pipe.heads_view(x.to(self.heads_device)).to(dtype=self.heads_dtype))
+            df = out.df_log_probs[:, self.plan.index] if self.plan.mode == "fixed" else None
+            settings = (self.log_priors, self.negation_margin, self.presence_margin, self.dr_temperature)
+            zero = torch.zeros_like(out.dv_logit)
+            rest = maths.log_weight(
+                stage, out.dr_log_probs, zero, self.log_p_data, *settings, df, self.plan.log_pg_class, self.labelling
+            )
+            rests.append(rest.cpu())
+            dvs.append(out.dv_logit.double().cpu())
+        return torch.cat(rests), torch.cat(dvs)
 
     def on_round(self, z: torch.Tensor, x: torch.Tensor | None, log_w: torch.Tensor) -> None:
         if self.callback is not None:
@@ -118,3 +144,22 @@ def _sync(device: torch.device) -> None:
     """Wait for queued kernels so that wall-clock times land on the part that ran them."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _check_finite(values: torch.Tensor, what: str, component: str) -> None:
+    """Raise at once when a micro-batch's images or head outputs hold NaN or infinite values, naming the component
+    (the sampler would otherwise read them as off target and spend the whole budget)."""
+    bad = ~torch.isfinite(values).reshape(values.shape[0], -1).all(1)  # (b,)
+    if not bool(bad.any()):
+        return
+    if component == "images":
+        fix = (
+            "finite latents: its weights are damaged or it overflows. Load its weights again, run it in float32 "
+            "(float16 overflows easily), or check its forward on a few latents."
+        )
+    else:
+        fix = (
+            "finite images in [-1, 1]: the heads' weights are damaged or overflow. Load or train the heads again "
+            "(`s2m train-heads`), and run them in float32 (float16 overflows easily)."
+        )
+    raise ValueError(f"{what} NaN or infinite values for {int(bad.sum())} of {values.shape[0]} {fix}")

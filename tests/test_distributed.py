@@ -161,7 +161,8 @@ def test_two_process_sampling_gathers_every_image_and_sums_the_statistics(tmp_pa
     for key in ("proposals", "accepted", "chains_started", "rounds"):
         assert stats[key] == sum(p.stats[key] for p in parts), key
     assert stats["proposals_per_image"] == pytest.approx(stats["proposals"] / 5)
-    assert [s["process"] for s in stats["stages"]] == [0, 0, 1, 1]  # sequential refitting: 2 stages per process
+    # sequential refitting, 2 stages, done once by the main process and shared: every stage and pilot is process 0's
+    assert {s["process"] for s in stats["stages"]} == {0} and sum("stage" in s for s in stats["stages"]) == 2
     assert stats["seconds_total"] == pytest.approx(
         stats["seconds_generator"] + stats["seconds_heads"] + stats["seconds_sampler"]
     )
@@ -181,7 +182,8 @@ def test_one_process_distributed_call_equals_the_plain_call():
     plain = pipe(TARGET, num_images=3, generator=seeded(3), output_type="pt", **FAST)
     spread = pipe(TARGET, num_images=3, generator=seeded(3), output_type="pt", distributed=True, **FAST)
     assert torch.equal(plain.latents, spread.latents) and spread.stats["num_processes"] == 1
-    assert spread.stats["proposals"] == plain.stats["proposals"]
+    # the distributed call reuses the plain call's fit (cached on the pipeline)
+    assert spread.stats["proposals"] == plain.stats["proposals"] - plain.stats["fit_proposals"]
 
 
 def test_process_generator_differs_per_process_and_is_reproducible():

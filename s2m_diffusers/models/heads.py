@@ -34,7 +34,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..maths import DEFAULT_NEGATION_MARGIN, log_p_data, log_priors
+from ..maths import DEFAULT_NEGATION_MARGIN, LABELLINGS, log_p_data, log_priors
 
 HEAD_NAMES = ("dv", "dr", "df")
 _ATTRIBUTE_NAME = re.compile(r"[A-Za-z0-9_.]+")
@@ -188,6 +188,10 @@ class S2MHeads(ModelMixin, ConfigMixin):
             (spec §3).
         proposal_class_probs (`list[float]`, *optional*): ``p_G(c)``, the class share of a class-conditional
             proposal. Set by training.
+        labelling (`str`, defaults to `"independent"`): how the single-positive training data were labelled (spec
+            §1): ``"independent"`` (each attribute's folder samples the images that hold it; an image may be in
+            several) or ``"one_label_per_image"`` (each image in one folder, labelled with one of its attributes).
+            It decides how ``D_r`` is read (`s2m_diffusers.maths.log_g`).
 
     Examples:
 
@@ -221,9 +225,16 @@ class S2MHeads(ModelMixin, ConfigMixin):
         priors: Sequence[float] | None = None,
         negation_margin: float = DEFAULT_NEGATION_MARGIN,
         proposal_class_probs: Sequence[float] | None = None,
+        labelling: str = "independent",
     ):
         super().__init__()
         names = list(attribute_names)
+        if labelling not in LABELLINGS:
+            raise ValueError(
+                f"`labelling` must be one of {list(LABELLINGS)}, got {labelling!r}: 'independent' when each "
+                "attribute's folder samples the images that hold it, 'one_label_per_image' when each image sits in "
+                "exactly one folder."
+            )
         _check_attribute_names(names)
         n = len(names)
         for field, values in (

@@ -42,6 +42,10 @@ class ToyProblem:
         mixing (`Sequence[Sequence[float]]`): the generator's matrix ``A``.
         offset (`Sequence[float]`): the generator's offset ``b``.
         class_means (`Sequence[Sequence[float]]`): ``mu_c`` of the class-conditional generator.
+        labelling (`str`, defaults to `"independent"`): how the single-positive data are labelled (spec §1):
+            ``"independent"`` (``x ~ p(x | y_c = 1)`` for a label ``c`` of share ``p_data(c)``) or
+            ``"one_label_per_image"`` (``x ~ p(x)``, ``c`` uniform on ``S(x)``: then ``p_data(x) = p(x)`` and
+            ``D_r(c|x) = 1[c in S(x)] / |S(x)|``). The target is the same under both.
     """
 
     attribute_names = ("A", "B", "C")
@@ -54,7 +58,9 @@ class ToyProblem:
         mixing: Sequence[Sequence[float]] = ((1.0, 0.35), (-0.2, 0.9)),
         offset: Sequence[float] = (-0.5, -0.5),
         class_means: Sequence[Sequence[float]] = ((1.0, -0.5), (-0.5, 1.0), (-0.7, -0.7)),
+        labelling: str = "independent",
     ):
+        self.labelling = labelling
         self.sigma = sigma
         self.threshold = threshold
         self.A = torch.tensor(mixing, dtype=torch.float64)
@@ -78,6 +84,8 @@ class ToyProblem:
         return -0.5 * (x.pow(2).sum(1) / self.sigma**2) - 2 * math.log(self.sigma) - math.log(2 * math.pi)
 
     def log_p_data_x(self, x: torch.Tensor) -> torch.Tensor:
+        if self.labelling == "one_label_per_image":
+            return self.log_p(x)
         s = self.attributes(x).double()
         return self.log_p(x) + torch.log((s * (self.p_data / self.priors)).sum(1))
 
@@ -105,8 +113,10 @@ class ToyProblem:
     def dr_log_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Exact ``log D_r(c|x)`` (B, 3)."""
         s = self.attributes(x)
-        logits = torch.where(s, torch.log(self.p_data / self.priors), torch.full_like(s, -math.inf, dtype=x.dtype))
-        return torch.log_softmax(logits, 1)
+        # independent: D_r(c|x) ∝ 1[c in S(x)] p_data(c) / pi_c; one label per image: uniform on S(x)
+        uniform = self.labelling == "one_label_per_image"
+        log_share = torch.zeros(3, dtype=x.dtype) if uniform else torch.log(self.p_data / self.priors)
+        return torch.log_softmax(torch.where(s, log_share, -math.inf), 1)
 
     def dv_logit(self, x: torch.Tensor, conditional: bool = False) -> torch.Tensor:
         """Exact ``logit D_v(x) = log p_data(x) - log p_G(x)`` (for the conditional generator, its marginal)."""
@@ -129,7 +139,7 @@ class ToyProblem:
         target: Target | str,
         negation_margin: float = 1.0,
         priors: torch.Tensor | None = None,
-        class_label: int | None = None,
+        class_label: int | str | None = None,
     ):
         """``z -> (x, log_w)`` with exact heads: the function the sampler receives.
 
@@ -137,26 +147,37 @@ class ToyProblem:
             target: the target.
             negation_margin: ``lambda``.
             priors: the priors the sampler believes (``None``: the true ones).
-            class_label: sample from the class-conditional generator with this class, with the ``D_f`` term.
+            class_label: sample from the class-conditional generator with this class, with the ``D_f`` term; or
+                ``"drawn"``: the class is drawn from ``p_G(c)`` by a third latent coordinate ``u``
+                (``c = F^-1(Phi(u))``, as `s2m_diffusers.proposals.ClassPlan` does), so the proposal is the
+                generator's marginal and needs no ``D_f``; the latents then have 3 coordinates.
         """
         target = self.target(target) if isinstance(target, str) else target
         log_priors = torch.log(self.priors if priors is None else torch.as_tensor(priors, dtype=torch.float64))
+        log_p_data = torch.log(self.p_data)
+        settings = dict(negation_margin=negation_margin, labelling=self.labelling)
 
         def evaluate(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            labels = None if class_label is None else torch.full((z.shape[0],), class_label, dtype=torch.long)
-            x = self.generate(z, labels)
-            dr, log_p_data = self.dr_log_probs(x), torch.log(self.p_data)
             if class_label is None:
-                return x, log_weight(target, dr, self.dv_logit(x), log_p_data, log_priors, negation_margin)
+                x = self.generate(z)
+                dv = self.dv_logit(x)
+                return x, log_weight(target, self.dr_log_probs(x), dv, log_p_data, log_priors, **settings)
+            if class_label == "drawn":
+                u = 0.5 * (1.0 + torch.erf(z[:, 2].double() / math.sqrt(2.0)))  # Phi(u)
+                labels = torch.searchsorted(self.class_probs.cumsum(0)[:-1], u, right=True)
+                x = self.generate(z[:, :2], labels)
+                dv = self.dv_logit(x, conditional=True)
+                return x, log_weight(target, self.dr_log_probs(x), dv, log_p_data, log_priors, **settings)
+            x = self.generate(z, torch.full((z.shape[0],), class_label, dtype=torch.long))
             return x, log_weight(
                 target,
-                dr,
+                self.dr_log_probs(x),
                 self.dv_logit(x, conditional=True),
                 log_p_data,
                 log_priors,
-                negation_margin,
                 df_log_prob=self.df_log_probs(x)[:, class_label],
                 log_pg_class=math.log(self.class_probs[class_label]),
+                **settings,
             )
 
         return evaluate
