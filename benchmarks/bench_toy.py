@@ -130,7 +130,7 @@ def print_table(rows: list[dict]) -> None:
         ratio = group["ours"]["distance"] / group["ours"]["iid_distance"]
         verdict = "met" if speedup >= 20 and ratio <= 1.5 else "NOT met"
         print(
-            f"  {target:<14} rho={group['refit']['rho']:.3f} speed-up {speedup:5.1f}x, "
+            f"  {target:<14} rho={group['ours']['rho']:.3f} speed-up {speedup:5.1f}x, "
             f"dist/floor {ratio:.2f}: {verdict}"
         )
 

@@ -40,7 +40,7 @@ DDIM_STEPS = 10
 # Sampler settings per generator. The demo keeps the recipe measured before the sampler's tolerance (issue 12): 3 MH
 # steps after a chain enters the target, one image per chain, no stated bound (`mixing_tolerance=None`), and reads the
 # heads with a negation margin of 30 and a presence margin of 0.5. The pipeline's default is exact to a tolerance of
-# 0.01, but with these heads the weights' sup / mean ratio W is about 380 on some combinations, and the bound then needs
+# 0.01, but with these heads the weights' sup / mean ratio W is about 380 on some combinations and the bound then needs
 # ~200 steps per image: minutes for the DDPM on a CPU (benchmarks/RESULTS.md; bounding W is the heads issue). The
 # DDPM does not refit: a fit in its DDIM noise costs thousands of 10-step denoising runs per combination, more than the
 # demo's 16 images do.
