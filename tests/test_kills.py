@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import sample_args as cli_sample_args
 from test_pipeline import gan_pipeline
 
 from s2m_diffusers import hub
@@ -174,25 +175,8 @@ main({args!r})
 
 
 def sample_args(pipeline, output, *extra):
-    return [
-        "sample",
-        "--pipeline",
-        str(pipeline),
-        "--target",
-        "A & ~B",
-        "--num-images",
-        "3",
-        "--output",
-        str(output),
-        "--fit-size",
-        "32",
-        "--negation-margin",
-        "1",
-        "--quiet",
-        "--seed",
-        "0",
-        *extra,
-    ]
+    """`s2m sample` arguments as in tests/test_cli.py, with a seed."""
+    return cli_sample_args(str(pipeline), output, "--seed", "0", *extra)
 
 
 @pytest.fixture(scope="module")
