@@ -428,33 +428,30 @@ class S2MPipeline(DiffusionPipeline):
         return prepare_images(images, size, channels)
 
     def _prepare(self, target, config, micro_batch_size, num_inference_steps, callback, tensor_inputs):
-        """The proposal adapter, its class plan, the settings with ``dv_strength`` resolved, and the weigher of one
-        call or fit."""
+        """The proposal adapter, its class plan, the settings with ``dv_strength`` resolved, the weigher of one call or
+        fit, and the cost record of measuring ``dv_strength`` when ``"auto"`` measured it now (else `None`)."""
         proposal = self._prepare_proposal(micro_batch_size, num_inference_steps)
         name = self.proposal_description()["class"]
         plan = ClassPlan.choose(target, proposal, self.heads.config, config.class_label, name)
         num_fit_stages = config.num_fit_stages(len(target.stages()))
         args = (micro_batch_size, num_fit_stages, callback, tensor_inputs)
+        measured = None
         if config.dv_strength == "auto":  # measure beta with the weights of beta = 1, then weigh with it
-            beta = self._dv_strength(
-                target,
-                config,
-                Weigher(self, target, proposal, plan, config.replace(dv_strength=1.0), *args),
-                num_inference_steps,
-            )
+            pilot = Weigher(self, target, proposal, plan, config.replace(dv_strength=1.0), *args)
+            beta, measured = self._auto_dv_strength(target, config, pilot, num_inference_steps)
             config = config.replace(dv_strength=beta)
         weigher = Weigher(self, target, proposal, plan, config, *args)
-        return proposal, plan, config, weigher
+        return proposal, plan, config, weigher, measured
 
-    def _dv_strength(self, target, config, weigher: Weigher, steps: int | None) -> float:
-        """``config.dv_strength``, or for ``"auto"`` the heads' own, else `maths.dv_strength` of the target's weights
-        over up to 2,048 generated samples (until 128 are on the target), measured once per target and settings."""
-        if config.dv_strength != "auto":
-            return float(config.dv_strength)
+    def _auto_dv_strength(self, target, config, weigher: Weigher, steps: int | None) -> tuple[float, dict | None]:
+        """``dv_strength="auto"``: the heads' own, else `maths.dv_strength` of the target's weights over up to 2,048
+        generated samples (until 128 are on the target), measured once per target and settings. Returns beta and, when
+        it was measured now, the record of that measurement (its proposals count in the call)."""
         stored = getattr(self.heads.config, "dv_strength", None)
         if stored is not None:
-            return float(stored)
+            return float(stored), None
         key = self._fit_key(target, config, weigher.plan, steps)
+        measured = None
         if key not in self.auto_dv_strengths:
             p_z = StandardNormal(weigher.plan.latent_shape(weigher.proposal.latent_shape))
             generator, rests, dvs, drawn = torch.Generator().manual_seed(config.fit_seed), [], [], 0
@@ -465,8 +462,8 @@ class S2MPipeline(DiffusionPipeline):
                     dvs.append(dv)
                     drawn += _DV_PILOT_BATCH
             self.auto_dv_strengths[key] = maths.dv_strength(torch.cat(dvs), torch.cat(rests))
-            self._dv_strength_cost = {"dv_strength": self.auto_dv_strengths[key], "proposals": drawn}
-        return self.auto_dv_strengths[key]
+            measured = {"dv_strength": self.auto_dv_strengths[key], "proposals": drawn}
+        return self.auto_dv_strengths[key], measured
 
     @property
     def auto_dv_strengths(self) -> dict[str, float]:
@@ -513,7 +510,7 @@ class S2MPipeline(DiffusionPipeline):
         target = self.parse_target(target)
         config = S2MSamplingConfig.resolve(sampling, **sampling_kwargs)
         runs = RunPlan.plan(None, 1, False, max_proposals, config, config.num_fit_stages(len(target.stages())))
-        _, plan, config, weigher = self._prepare(
+        _, plan, config, weigher, _ = self._prepare(
             target, config, micro_batch_size, num_inference_steps, None, ["latents"]
         )
         with eval_mode(self.heads):
@@ -661,11 +658,10 @@ class S2MPipeline(DiffusionPipeline):
         if config.num_chains is None and runs.size:
             config = config.replace(num_chains=min(runs.size, DEFAULT_MAX_CHAINS))
 
-        proposal, plan, config, weigher = self._prepare(
+        proposal, plan, config, weigher, measured = self._prepare(
             target, config, micro_batch_size, num_inference_steps, callback_on_step_end, tensor_inputs
         )
-        measured = self.__dict__.pop("_dv_strength_cost", None)  # "auto" measured beta in this call: its cost counts
-        if measured is not None and runs.is_main_process:
+        if measured is not None and runs.is_main_process:  # "auto" measured beta in this call: its cost counts
             runs.results.append(SampleResult.empty(SamplerStats(proposals=measured["proposals"], stages=[measured])))
         start = time.perf_counter()
         with eval_mode(self.heads):

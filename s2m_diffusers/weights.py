@@ -50,6 +50,7 @@ class Weigher:
         t = config.dr_temperature
         self.dr_temperature = maths.auto_dr_temperature(target) if t == "auto" else float(t if t is not None else 1.0)
         self.heads_device, self.heads_dtype = execution_device(pipe.heads), module_device_dtype(pipe.heads)[1]
+        self.generator_name = pipe.proposal_description()["class"]  # for error messages, named once per call
         self.seconds_generator = self.seconds_heads = 0.0
         self.rounds, self.phase, self.checked_shape = 0, 0, False
 
@@ -69,13 +70,29 @@ class Weigher:
 
     def weigh(self, stage: Target, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images `(b, C, H, W)` in [-1, 1] and ``log w`` `(b,)` of one micro-batch of latents."""
+        x, out, df = self._judge(z)
+        return x, self._log_weight(stage, out, df, self.dv_strength)
+
+    def log_rest_and_dv(self, stage: Target, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log w`` split as ``log_rest + dv_strength * logit D_v``: (``log_rest``, ``logit D_v``), float64, for
+        choosing ``dv_strength`` (`maths.dv_strength`)."""
+        rests, dvs = [], []
+        for chunk in z.split(self.micro_batch_size):
+            _, out, df = self._judge(chunk)
+            rests.append(self._log_weight(stage, out, df, 0.0).cpu())
+            dvs.append(out.dv_logit.double().cpu())
+        return torch.cat(rests), torch.cat(dvs)
+
+    def _judge(self, z: torch.Tensor):
+        """One micro-batch through the generator and the heads, timed and checked: (images, heads' output, ``log
+        D_f(c|x)`` of the fixed class or `None`)."""
         latents, labels = self.plan.split(z, self.proposal.latent_shape)
         t0 = time.perf_counter()
         x = self.proposal.generate(latents, labels)
         _sync(x.device)
         t1 = time.perf_counter()
         self.seconds_generator += t1 - t0
-        _check_finite(x, f"The generator {self.pipe.proposal_description()['class']} returned images with", "images")
+        _check_finite(x, f"The generator {self.generator_name} returned images with", "images")
         if not self.checked_shape:
             self.pipe.check_image_shape(tuple(x.shape[1:]), self.proposal)
             self.checked_shape = True
@@ -86,7 +103,10 @@ class Weigher:
         heads = [("D_v", "dv_logit", out.dv_logit), ("D_r", "dr_log_probs", out.dr_log_probs)]
         for head, field, value in heads + ([("D_f", "df_log_probs", out.df_log_probs)] if df is not None else []):
             _check_finite(value, f"The heads' {head} ({type(self.pipe.heads).__name__}.{field}) returned", "heads")
-        log_w = maths.log_weight(
+        return x, out, df
+
+    def _log_weight(self, stage: Target, out, df: torch.Tensor | None, dv_strength: float) -> torch.Tensor:
+        return maths.log_weight(
             stage,
             out.dr_log_probs,
             out.dv_logit,
@@ -98,27 +118,8 @@ class Weigher:
             df,
             self.plan.log_pg_class,
             self.labelling,
-            self.dv_strength,
+            dv_strength,
         )
-        return x, log_w
-
-    def log_rest_and_dv(self, stage: Target, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``log w`` split as ``log_rest + dv_strength * logit D_v``: (``log_rest``, ``logit D_v``), float64, for
-        choosing ``dv_strength`` (`maths.dv_strength`). Runs the generator and heads without counting their time."""
-        rests, dvs = [], []
-        for chunk in z.split(self.micro_batch_size):
-            latents, labels = self.plan.split(chunk, self.proposal.latent_shape)
-            x = self.proposal.generate(latents, labels)
-            out = self.pipe.heads(self.pipe.heads_view(x.to(self.heads_device)).to(dtype=self.heads_dtype))
-            df = out.df_log_probs[:, self.plan.index] if self.plan.mode == "fixed" else None
-            settings = (self.log_priors, self.negation_margin, self.presence_margin, self.dr_temperature)
-            zero = torch.zeros_like(out.dv_logit)
-            rest = maths.log_weight(
-                stage, out.dr_log_probs, zero, self.log_p_data, *settings, df, self.plan.log_pg_class, self.labelling
-            )
-            rests.append(rest.cpu())
-            dvs.append(out.dv_logit.double().cpu())
-        return torch.cat(rests), torch.cat(dvs)
 
     def on_round(self, z: torch.Tensor, x: torch.Tensor | None, log_w: torch.Tensor) -> None:
         if self.callback is not None:

@@ -664,3 +664,14 @@ def test_sampling_settings_as_one_config_or_as_keywords():
     assert torch.equal(a.latents, b.latents) and torch.equal(a.latents, c.latents) and a.stats["refit"] == "once"
     with pytest.raises(TypeError, match=r"Unknown sampling setting\(s\) \['fitsize'\]"):
         pipe("A", num_images=1, fitsize=3)
+
+
+def test_auto_dv_strength_is_measured_once_per_target_and_counted():
+    pipe = gan_pipeline()
+    kwargs = dict(num_images=2, negation_margin=1.0, output_type="pt", dv_strength="auto", **FAST)
+    first = pipe("A & ~B", generator=seeded(), **kwargs)
+    measured = [st for st in first.stats["stages"] if "dv_strength" in st]
+    assert len(measured) == 1 and 0.0 <= first.stats["dv_strength"] <= 1.0
+    assert measured[0]["dv_strength"] == first.stats["dv_strength"] and measured[0]["proposals"] >= 256
+    again = pipe("A & ~B", generator=seeded(), **kwargs)  # cached: no measurement, no fit
+    assert again.stats["fit_proposals"] == 0 and torch.equal(first.latents, again.latents)
