@@ -51,15 +51,19 @@ python benchmarks/bench_heads.py --train_kwargs '{"shared_backbone": true, "ema_
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import time
 
 import torch
+from pretrained_roots import PRETRAINED_ROOTS
 
+from s2m_diffusers import calibration, maths
 from s2m_diffusers.data import SinglePositiveDataset
-from s2m_diffusers.demo import DIGITS_7TO3_PRETRAINED
 from s2m_diffusers.models.heads import S2MHeads
+from s2m_diffusers.targets import parse_target
 from s2m_diffusers.training import expected_calibration_error, nll, train_heads
 
 
@@ -148,7 +152,42 @@ def evaluate_heads(
         figures["dr_ece_oracle"] = expected_calibration_error(shares.log(), real_labels)
     figures["ece_before"] = max(figures["dv_ece_before"], figures["dr_ece_before"])
     figures["ece_after"] = max(figures["dv_ece_after"], figures["dr_ece_after"])
+    figures.update(generated_reading(heads, fake.dv_logit, fake.dr_log_probs, fake_attributes))
     return figures
+
+
+def generated_reading(
+    heads: S2MHeads, dv_logit: torch.Tensor, dr_log_probs: torch.Tensor, attributes: torch.Tensor
+) -> dict:
+    """How the sampler reads generated images with the heads' own margins and ``D_v`` strength, judged by the
+    evaluator's attribute sets `attributes` `(M, n)`: per combination the share of the generated images the evaluator
+    puts in it (`raw_share`) and the share of those that keep a positive weight for it (`support`); the weights'
+    effective sample size share over all generated images at the heads' strength (`weights_ess`) and at strength 1."""
+    names = heads.attribute_names
+    lam, kappa, beta = heads.negation_margin, heads.presence_margin, heads.dv_strength
+    per_combination = {}
+    for size in range(1, len(names) + 1):
+        for chosen in itertools.combinations(range(len(names)), size):
+            literals = [names[i] if i in chosen else f"~{names[i]}" for i in range(len(names))]
+            target = parse_target(" & ".join(literals), names)
+            members = (attributes == torch.tensor([i in chosen for i in range(len(names))])).all(dim=1)
+            log_r = maths.log_r(
+                target, dr_log_probs.double(), heads.log_p_data().double(), heads.log_priors(), lam, kappa,
+                heads.config.labelling,
+            )  # fmt: skip
+            support = torch.isfinite(log_r)[members].double().mean() if members.any() else torch.tensor(math.nan)
+            per_combination[" & ".join(literals)] = {
+                "raw_share": float(members.double().mean()),
+                "support": float(support),
+            }
+    return {
+        "negation_margin": lam,
+        "presence_margin": kappa,
+        "dv_strength": beta,
+        "weights_ess": calibration.ess_share(beta * dv_logit.double()),
+        "weights_ess_strength_1": calibration.ess_share(dv_logit.double()),
+        "combinations": per_combination,
+    }
 
 
 GOALS = {
@@ -161,12 +200,11 @@ GOALS = {
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description="Quality of the S2M heads on Digits-7to3 with the shipped DCGAN.")
+    parser = argparse.ArgumentParser(description="Quality of the S2M heads on 7to3 with a shipped generator.")
+    parser.add_argument("--dataset", default="digits", choices=sorted(PRETRAINED_ROOTS))
+    parser.add_argument("--kind", default="gan", choices=["gan", "ddpm"], help="the generator (a DDPM: 10-step DDIM)")
     parser.add_argument(
-        "--generator", default=os.path.join(DIGITS_7TO3_PRETRAINED, "gan"), help="a saved DCGANGenerator"
-    )
-    parser.add_argument(
-        "--evaluator", default=os.path.join(DIGITS_7TO3_PRETRAINED, "evaluator"), help="a saved evaluator"
+        "--heads", default=None, help="measure these trained heads (e.g. the shipped ones) instead of new ones"
     )
     parser.add_argument("--num_steps", type=int, default=None, help="override the default number of steps")
     parser.add_argument(
@@ -183,30 +221,41 @@ def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 
-    from s2m_diffusers.demo import load_digits_7to3
+    from s2m_diffusers.demo import DDIM_STEPS, load_7to3, load_generator, training_proposal
     from s2m_diffusers.evaluation import AttributeEvaluator, evaluator_attributes
-    from s2m_diffusers.models.gan import DCGANGenerator
+    from s2m_diffusers.proposals import DDIMProposal
 
-    data = load_digits_7to3()
+    root = PRETRAINED_ROOTS[args.dataset]
+    data = load_7to3(args.dataset)
     train, heldout = data.train(), data.heldout()
-    proposal = gan_proposal(DCGANGenerator.from_pretrained(args.generator))
-    evaluator = AttributeEvaluator.from_pretrained(args.evaluator).eval()
+    components = load_generator(args.kind, root)
+    if args.kind == "gan":
+        proposal = gan_proposal(components["gan"])
+    else:
+        proposal = DDIMProposal(components["unet"], components["scheduler"], DDIM_STEPS, micro_batch_size=256)
+    evaluator = AttributeEvaluator.from_pretrained(os.path.join(root, "evaluator")).eval()
 
     start = time.perf_counter()
     kwargs = json.loads(args.train_kwargs)
     if args.num_steps is not None:
         kwargs["num_steps"] = args.num_steps
-    heads, metrics = train_heads(
-        SinglePositiveDataset(train.images, train.single_labels, list(data.attribute_names)),
-        proposal,
-        seed=args.seed,
-        output_dir=args.output_dir,
-        progress=False,
-        **kwargs,
-    )
-    train_time = time.perf_counter() - start
+    if args.heads is not None:
+        heads = S2MHeads.from_pretrained(args.heads).eval()
+        with open(os.path.join(args.heads, "metrics.json")) as f:
+            metrics = json.load(f)
+    else:
+        heads, metrics = train_heads(
+            SinglePositiveDataset(train.images, train.single_labels, list(data.attribute_names)),
+            training_proposal(args.kind, components, seed=args.seed) if args.kind == "ddpm" else proposal,
+            seed=args.seed,
+            output_dir=args.output_dir,
+            progress=False,
+            **kwargs,
+        )
+    train_time = time.perf_counter() - start if args.heads is None else metrics.get("train_time_s", math.nan)
 
-    fake = proposal(args.num_generated, torch.Generator().manual_seed(10_000 + args.seed))
+    with torch.no_grad():
+        fake = proposal(args.num_generated, torch.Generator().manual_seed(10_000 + args.seed))
     shares = torch.stack(
         [torch.bincount(train.single_labels[train.source_classes == k], minlength=3).float() for k in range(7)]
     )
@@ -230,7 +279,10 @@ def main(argv=None) -> dict:
         train_kwargs=kwargs,
     )
 
-    print(f"S2M heads on Digits-7to3 ({len(train)} train / {len(heldout)} held-out real, {len(fake)} generated)")
+    print(
+        f"S2M heads on {args.dataset}-7to3 with the {args.kind} ({len(train)} train / {len(heldout)} held-out real, "
+        f"{len(fake)} generated)"
+    )
     print(f"{'figure':<24}{'value':>10}  goal")
     for key in (
         "dr_accuracy", "dr_set_accuracy", "dv_accuracy", "dv_ece_before", "dv_ece_after", "dv_ece_floor",
@@ -240,6 +292,15 @@ def main(argv=None) -> dict:
         goal = GOALS.get(key)
         mark = "" if goal is None else f"<= {goal:.2f} {'ok' if figures[key] <= goal else 'MISSED'}"
         print(f"{key:<24}{figures[key]:>10.4f}  {mark}")
+    print(
+        f"\nGenerated images read with the heads' own lambda={figures['negation_margin']:.3g}, "
+        f"kappa={figures['presence_margin']:.3g}, beta={figures['dv_strength']:.3g}: weights' ESS "
+        f"{figures['weights_ess']:.1%} of generated images ({figures['weights_ess_strength_1']:.1%} at beta = 1)"
+    )
+    print("| combination | raw share (evaluator) | support: share of its images with a positive weight |")
+    print("|---|---|---|")
+    for name, row in figures["combinations"].items():
+        print(f"| `{name}` | {row['raw_share']:.3f} | {row['support']:.3f} |")
     if args.json is not None:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

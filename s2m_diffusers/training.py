@@ -12,8 +12,9 @@ stopping), fits one temperature per head on the held-out data (spec §7), report
 calibration error before and after, and estimates the attribute priors from ``D_r`` (spec §3) unless given.
 
 Every random draw of step `k` (batch indices, augmentation, proposal noise, dropout) comes from a generator seeded
-by `(seed, k)`: a run is reproducible on CPU, and a run resumed from a checkpoint continues exactly as the
-uninterrupted run would.
+by `(seed, k)`, and the optimizer (AdamW) and its learning-rate schedule (`diffusers.optimization.get_scheduler`) are
+prepared by accelerate and saved in every checkpoint: a run is reproducible on CPU, and a run resumed from a
+checkpoint continues exactly as the uninterrupted run would.
 
 Several processes: [`train_heads`] runs unchanged under ``accelerate launch --num_processes N`` (on a machine without
 GPUs ``--multi_gpu`` or ``torchrun``, see `s2m_diffusers.distributed`): data parallel (each process draws its own
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import shutil
@@ -40,13 +42,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import SchedulerType, get_scheduler
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from .data import ImageBank, SinglePositiveDataset, prepare_images
 from .distributed import get_state
-from .maths import DEFAULT_NEGATION_MARGIN
 from .models.heads import S2MHeads
 from .priors import estimate_priors
 from .utils import move_into_place, save_folder_atomically, write_text_atomically
@@ -57,6 +60,9 @@ STATE_FILE = "s2m_training_state.json"
 BEST_FILE = "s2m_best_weights.safetensors"
 EMA_FILE = "s2m_ema_weights.safetensors"
 AUGMENTATIONS = ("shift", "flip", "noise", "blur", "contrast")
+LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s is not SchedulerType.PIECEWISE_CONSTANT)
+# the schedules whose learning rate depends on the number of steps: resuming one with another count is refused
+_DECAYING_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 # ----- pure functions: augmentation, calibration, metrics -----------------------------------------------------
@@ -153,7 +159,9 @@ def expected_calibration_error(
     return float(ece)
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+def fit_temperature(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None, min_temperature: float = 0.0
+) -> float:
     """The temperature T minimising the held-out NLL of `logits / T` (golden-section search over log T).
 
     The NLL of `beta * logits` is convex in `beta = 1 / T`, so the search over `log T` in `[-4, 4]` finds the
@@ -163,6 +171,10 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, weights: torch.T
         logits (`torch.Tensor`): `(N,)` binary or `(N, K)` class logits.
         labels (`torch.Tensor`): `(N,)` labels.
         weights (`torch.Tensor`, *optional*): `(N,)` sample weights.
+        min_temperature (`float`, defaults to 0.0): the smallest temperature returned. ``D_v`` uses 1: a temperature
+            below 1 would sharpen its logit, and on real and generated images that it can tell apart calibration
+            asks for exactly that (the held-out NLL falls as the logit grows without bound), which makes the weights
+            ``exp(logit D_v)`` degenerate. A fitted temperature below 1 is reported instead.
 
     Returns:
         `float`: the temperature.
@@ -186,7 +198,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, weights: torch.T
             low, a, fa = a, b, fb
             b = low + ratio * (high - low)
             fb = loss(b)
-    return math.exp((low + high) / 2)
+    return max(min_temperature, math.exp((low + high) / 2))
 
 
 def head_metrics(
@@ -259,9 +271,15 @@ class _TrainingForward(nn.Module):
         super().__init__()
         self.heads = heads
 
-    def forward(self, real_v: torch.Tensor, real_r: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, real_v: torch.Tensor, real_r: torch.Tensor, fake: torch.Tensor, gradient_penalty: bool = False
+    ) -> dict[str, torch.Tensor]:
         aux = self.heads.dv_aux_head is not None
-        out = self.heads.raw_logits(torch.cat([real_v, fake]), heads=["dv", "dv_aux"] if aux else ["dv"])
+        x_v = torch.cat([real_v, fake]).requires_grad_(gradient_penalty)
+        out = self.heads.raw_logits(x_v, heads=["dv", "dv_aux"] if aux else ["dv"])
+        if gradient_penalty:  # ||grad_x logit D_v||^2 on real and generated images alike (zero-centred)
+            (grad,) = torch.autograd.grad(out["dv"].float().sum(), x_v, create_graph=True)
+            out["dv_gradient_norm2"] = grad.float().pow(2).flatten(1).sum(1).mean()
         if aux:
             out["dv_aux"] = out["dv_aux"][: len(real_v)]  # (B, n): real images only, they have labels
         out["dr"] = self.heads.raw_logits(real_r, heads=["dr"])["dr"]
@@ -332,10 +350,14 @@ def _calibration_sets(logits: dict, real_labels: torch.Tensor, fake_labels: torc
     return sets
 
 
+# The least calibration temperature per head: D_v's logit is never sharpened (`fit_temperature`).
+_MIN_TEMPERATURE = {"dv": 1.0}
+
+
 def _calibrated_nll(sets: dict) -> dict[str, float]:
     out = {}
     for h, (z, y, w) in sets.items():
-        out[h] = float(nll(z.double() / fit_temperature(z, y, w), y, w))
+        out[h] = float(nll(z.double() / fit_temperature(z, y, w, _MIN_TEMPERATURE.get(h, 0.0)), y, w))
     return out
 
 
@@ -360,6 +382,7 @@ class _TrainingState:
     accelerator: Accelerator
     model: nn.Module  # the training forward pass around `heads`, prepared by accelerate (e.g. wrapped in DDP)
     optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler  # prepared by accelerate: stepped with the optimizer, saved
     heads: S2MHeads  # the weights the optimizer trains
     averaged: S2MHeads  # the weights evaluated, early-stopped and returned: an EMA of `heads`, or `heads` itself
     heldout: _HeldOut
@@ -382,6 +405,7 @@ class _LoopConfig:
     micro_batch: int  # real images (and as many proposal samples) per process and accumulation micro-step
     gradient_accumulation_steps: int
     dv_augment: tuple[str, ...]
+    dv_gradient_penalty: float
     dr_augment: tuple[str, ...]
     ema_decay: float | None
     eval_steps: int
@@ -402,12 +426,15 @@ def train_heads(
     num_steps: int = 2000,
     batch_size: int = 64,
     learning_rate: float = 1e-3,
+    lr_scheduler: str = "constant",
+    lr_warmup_steps: int = 0,
     weight_decay: float = 1e-4,
     ema_decay: float | None = 0.99,
     heldout_fraction: float = 0.2,
     num_heldout_samples: int = 1024,
     eval_steps: int = 100,
     augment: Sequence[str] = ("shift",),
+    dv_gradient_penalty: float = 0.0,
     dr_augment: Sequence[str] | None = ("shift", "blur", "noise", "contrast"),
     seed: int = 0,
     mixed_precision: str = "no",
@@ -416,9 +443,12 @@ def train_heads(
     checkpoints_total_limit: int | None = None,
     resume_from_checkpoint: str | os.PathLike | None = None,
     priors: Sequence[float] | str | None = "estimate",
-    negation_margin: float = DEFAULT_NEGATION_MARGIN,
+    negation_margin: float | str = "auto",
+    presence_margin: float | str = "auto",
+    dv_strength: float | str = "auto",
     labelling: str = "independent",
     report_to: str | None = None,
+    logging_dir: str | os.PathLike | None = None,
     progress: bool = True,
     **heads_kwargs,
 ) -> tuple[S2MHeads, dict]:
@@ -441,6 +471,12 @@ def train_heads(
             downscaled to the data's size (see [`S2MPipeline.heads_view`]), so heads can be trained on small copies
             of a large generator's images.
         learning_rate (`float`, defaults to 1e-3), weight_decay (`float`, defaults to 1e-4): AdamW.
+        lr_scheduler (`str`, defaults to `"constant"`): the learning-rate schedule over the `num_steps` steps, by
+            its name in `diffusers.optimization.get_scheduler`: `"constant"`, `"constant_with_warmup"`, `"linear"`,
+            `"cosine"`, `"cosine_with_restarts"` or `"polynomial"`. It steps with the optimizer and is saved in the
+            checkpoints; a run that decays it over `num_steps` resumes only with the same `num_steps`.
+        lr_warmup_steps (`int`, defaults to 0): steps of linear warm-up from 0 to `learning_rate` (every schedule
+            but `"constant"`).
         ema_decay (`float`, *optional*, defaults to 0.99): evaluate, early-stop and return an exponential moving
             average of the weights (smoother, better calibrated ``D_r``: measured on Digits-7to3); `None`: the raw
             weights.
@@ -452,6 +488,10 @@ def train_heads(
         augment (`Sequence[str]`, defaults to `("shift",)`): augmentations of the real and generated images of
             ``D_v`` and ``D_f`` (see [`augment_images`]); the same for both, so that they do not tell real from
             generated.
+        dv_gradient_penalty (`float`, defaults to 0.0): weight ``gamma`` of a zero-centred gradient penalty
+            ``gamma / 2 E ||grad_x logit D_v(x)||^2`` over the real and generated images of each step: it bounds how
+            fast ``D_v``'s logit may change between images, so that where real and generated images can be told apart
+            the logit stays moderate instead of growing without bound (a density ratio only where they overlap).
         dr_augment (`Sequence[str]`, *optional*): augmentations of the real images of ``D_r``; the default adds
             blur, noise and contrast changes, artefacts that generated images have. `None`: same as `augment`.
         seed (`int`, defaults to 0): seed of the split, the held-out proposal samples and every training step.
@@ -464,19 +504,27 @@ def train_heads(
             `output_dir`; training continues from its step.
         priors (`Sequence[float]`, `"estimate"` or `None`, defaults to `"estimate"`): attribute priors ``pi_c``
             to store; `"estimate"` estimates them from the calibrated ``D_r`` on the real data (spec §3).
-        negation_margin (`float`, defaults to `DEFAULT_NEGATION_MARGIN`, 10.0): the margin of negated literals
-            stored in the heads.
+        negation_margin (`float` or `"auto"`, defaults to `"auto"`), presence_margin (`float` or `"auto"`, defaults
+            to `"auto"`), dv_strength (`float` or `"auto"`, defaults to `"auto"`): how the sampler reads the heads,
+            stored in their config: the margins of negated and required literals and the strength ``beta`` of
+            ``logit D_v``. `"auto"` chooses each from the held-out data ([`choose_sampling_settings`]); a number
+            stores that value.
         labelling (`str`, defaults to `"independent"`): how the data were labelled, stored in the heads (spec §1):
             `"independent"` (each attribute's folder samples the images that hold it) or `"one_label_per_image"`
             (each image in exactly one folder, labelled with one of its attributes).
         report_to (`str`, *optional*): an accelerate tracker (`"tensorboard"`, `"wandb"`, ...) for the metrics.
+        logging_dir (`str`, *optional*): where the tracker writes its logs (accelerate's `ProjectConfiguration`);
+            a relative path is taken under `output_dir`; defaults to `output_dir`.
         progress (`bool`, defaults to `True`): show a progress bar on the main process.
         heads_kwargs: config of new [`S2MHeads`] (e.g. `cnn_channels`, `transformers_config`, `shared_backbone`).
 
     Returns:
         `tuple[S2MHeads, dict]`: the trained, calibrated heads (on the CPU) and the metrics: for each head `h` in
         `dv`, `dr`, `df`: `h_accuracy`, `h_nll_before`, `h_nll_after`, `h_ece_before`, `h_ece_after`,
-        `h_temperature`, `h_best_step`, on the held-out data; `priors`, `priors_report`, `train_time_s`, `steps`.
+        `h_temperature`, `h_best_step`, on the held-out data (``D_v``'s temperature is never below 1:
+        `dv_temperature_fitted` is what calibration asked for); `priors`, `priors_report`, `train_time_s`, `steps`;
+        and those of [`choose_sampling_settings`]: `negation_margin`, `presence_margin`, `dv_strength`,
+        `dv_degenerate`, `dv_report`, `dv_ess_share`, `generated_support`, `margins_report`.
 
     Examples:
 
@@ -498,37 +546,51 @@ def train_heads(
         raise ValueError("`resume_from_checkpoint='latest'` needs `output_dir`, where the checkpoints are.")
     if checkpointing_steps is not None and output_dir is None:
         raise ValueError("`checkpointing_steps` needs `output_dir` to save checkpoints into.")
+    _check_lr_scheduler(lr_scheduler, lr_warmup_steps)
     accelerator, micro_batch = _make_accelerator(
-        batch_size, mixed_precision, gradient_accumulation_steps, report_to, output_dir
+        batch_size, mixed_precision, gradient_accumulation_steps, report_to, output_dir, logging_dir
     )
 
     # Data: a stratified held-out split of the real images and a fixed held-out set of proposal samples.
     train, proposal, heldout = _prepare_data(data, proposal, heldout_fraction, num_heldout_samples, seed)
-    heads = _build_heads(heads, data, heldout.fake_labels is not None, seed, negation_margin, heads_kwargs)
+    heads = _build_heads(heads, data, heldout.fake_labels is not None, seed, heads_kwargs)
     heads.register_to_config(labelling=_check_labelling(labelling))
 
-    # Model and optimizer, prepared by accelerate; the state the steps share; a checkpoint to resume from.
+    # Model, optimizer and learning-rate schedule, prepared by accelerate; the state the steps share; a checkpoint
+    # to resume from.
     optimizer = torch.optim.AdamW(
         [p for p in heads.parameters() if p.requires_grad], lr=learning_rate, weight_decay=weight_decay
     )
-    model, optimizer = accelerator.prepare(_TrainingForward(heads), optimizer)
+    # accelerate steps a prepared schedule once per process at each optimizer step: count the steps the same way
+    schedule = get_scheduler(
+        lr_scheduler,
+        optimizer,
+        num_warmup_steps=lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=num_steps * accelerator.num_processes,
+    )
+    model, optimizer, schedule = accelerator.prepare(_TrainingForward(heads), optimizer, schedule)
     if report_to is not None:
         accelerator.init_trackers("s2m_heads")
-    state = _start_state(accelerator, model, optimizer, heads, heldout, ema_decay)
+    state = _start_state(accelerator, model, optimizer, schedule, heads, heldout, ema_decay)
     state.run_config = _run_config(
         heads,
         accelerator,
         batch_size=batch_size,
         learning_rate=learning_rate,
+        lr_scheduler=lr_scheduler,
+        lr_warmup_steps=lr_warmup_steps,
         weight_decay=weight_decay,
         ema_decay=ema_decay,
         heldout_fraction=heldout_fraction,
         num_heldout_samples=num_heldout_samples,
         augment=augment,
+        dv_gradient_penalty=dv_gradient_penalty,
         dr_augment=dr_augment,
         seed=seed,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
+        # a decaying schedule depends on the number of steps: resuming with another would mix two schedules
+        **({"lr_num_training_steps": num_steps} if lr_scheduler in _DECAYING_SCHEDULERS else {}),
     )
     if resume_from_checkpoint is not None:
         _resume(state, resume_from_checkpoint, output_dir)
@@ -539,6 +601,7 @@ def train_heads(
         micro_batch=micro_batch,
         gradient_accumulation_steps=gradient_accumulation_steps,
         dv_augment=tuple(augment),
+        dv_gradient_penalty=dv_gradient_penalty,
         dr_augment=tuple(augment if dr_augment is None else dr_augment),
         ema_decay=ema_decay,
         eval_steps=eval_steps,
@@ -558,6 +621,18 @@ def train_heads(
     if heads.conditional:
         _store_proposal_class_probs(state, heads)
     metrics.update(_store_priors(heads, data, priors))
+    metrics.update(
+        choose_sampling_settings(
+            heads,
+            heldout.real.images,
+            heldout.real.labels,
+            heldout.fake,
+            negation_margin,
+            presence_margin,
+            dv_strength,
+            metrics.get("dv_temperature_fitted"),
+        )
+    )
     metrics["train_time_s"] = time.perf_counter() - start_time
     _report_and_save(state, heads, metrics, output_dir, report_to)
     return heads, metrics
@@ -570,14 +645,20 @@ def _make_accelerator(
     gradient_accumulation_steps: int,
     report_to: str | None,
     output_dir: str | os.PathLike | None,
+    logging_dir: str | os.PathLike | None = None,
 ) -> tuple[Accelerator, int]:
     """The `Accelerator`, and the micro-batch of one process and accumulation step."""
     get_state()  # several CPU processes where there is no accelerator (a plain Accelerator() would see one)
+    project_dir = None if output_dir is None else os.fspath(output_dir)
+    if logging_dir is not None and project_dir is not None:
+        logging_dir = os.path.join(project_dir, os.fspath(logging_dir))  # an absolute logging_dir stays as it is
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=report_to,
-        project_dir=None if output_dir is None else os.fspath(output_dir),
+        project_config=ProjectConfiguration(
+            project_dir=project_dir, logging_dir=None if logging_dir is None else os.fspath(logging_dir)
+        ),
     )
     micro_batch = batch_size // (accelerator.num_processes * gradient_accumulation_steps)
     if micro_batch < 1:
@@ -608,6 +689,18 @@ def _prepare_data(
     return train, proposal, _HeldOut(real=heldout, fake=fake, fake_labels=fake_labels)
 
 
+def _check_lr_scheduler(lr_scheduler: str, lr_warmup_steps: int) -> None:
+    if lr_scheduler not in LR_SCHEDULERS:
+        raise ValueError(f"lr_scheduler must be one of {list(LR_SCHEDULERS)}, got {lr_scheduler!r}.")
+    if lr_warmup_steps < 0:
+        raise ValueError(f"lr_warmup_steps must be 0 or more, got {lr_warmup_steps}.")
+    if lr_warmup_steps > 0 and lr_scheduler == "constant":
+        raise ValueError(
+            f"lr_warmup_steps={lr_warmup_steps} has no effect with lr_scheduler='constant'; use "
+            "'constant_with_warmup' (or another schedule) for a warm-up."
+        )
+
+
 def _check_labelling(labelling: str) -> str:
     from .maths import LABELLINGS
 
@@ -624,11 +717,10 @@ def _build_heads(
     data: SinglePositiveDataset,
     conditional: bool,
     seed: int,
-    negation_margin: float,
     heads_kwargs: dict,
 ) -> S2MHeads:
     """New heads for the data (initial weights from `seed`), or the given ones checked against the data; with the
-    data's label counts and the negation margin in their config."""
+    data's label counts in their config."""
     if heads is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the initial weights too depend on `seed` alone
@@ -655,7 +747,7 @@ def _build_heads(
             f"The heads have conditional={heads.conditional} but the proposal is "
             f"{'class-conditional' if conditional else 'unconditional'}; build heads with conditional={conditional}."
         )
-    heads.register_to_config(label_counts=data.label_counts, negation_margin=float(negation_margin))
+    heads.register_to_config(label_counts=data.label_counts)
     return heads
 
 
@@ -663,6 +755,7 @@ def _start_state(
     accelerator: Accelerator,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     heads: S2MHeads,
     heldout: _HeldOut,
     ema_decay: float | None,
@@ -678,6 +771,7 @@ def _start_state(
         accelerator=accelerator,
         model=model,
         optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
         heads=heads,
         averaged=averaged,
         heldout=heldout,
@@ -715,7 +809,7 @@ def _resume(state: _TrainingState, resume_from_checkpoint: str | os.PathLike, ou
 
 
 # heads config fields that training does not read (set after it, or read by the sampler only)
-_UNCHECKED_HEADS_FIELDS = ("priors", "proposal_class_probs", "negation_margin")
+_UNCHECKED_HEADS_FIELDS = ("priors", "proposal_class_probs", "negation_margin", "presence_margin", "dv_strength")
 
 
 def _run_config(heads: S2MHeads, accelerator: Accelerator, **settings) -> dict:
@@ -774,9 +868,10 @@ def _train_loop(state: _TrainingState, train: SinglePositiveDataset, proposal: C
             if accelerator.num_processes > 1:
                 mean_losses = accelerator.reduce(mean_losses, reduction="mean")  # over the processes
             logs = {f"loss_{h}": float(v) for h, v in zip(losses, mean_losses)}
+            logs["lr"] = state.lr_scheduler.get_last_lr()[0]
             if state.step % config.eval_steps == 0 or state.step == config.num_steps:
                 logs.update({f"heldout_nll_{h}": v for h, v in _evaluate(state).items()})
-            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
             if config.report_to is not None:
                 accelerator.log(logs, step=state.step)
             if config.checkpointing_steps is not None and state.step % config.checkpointing_steps == 0:
@@ -799,12 +894,15 @@ def _micro_step(
     real_r = real_v if config.dr_augment == config.dv_augment else augment_images(real, config.dr_augment, g)
     device = accelerator.device
     with accelerator.accumulate(state.model), accelerator.autocast():
-        out = state.model(real_v.to(device), real_r.to(device), fake.to(device))  # raw logits per head
+        penalty = config.dv_gradient_penalty > 0
+        out = state.model(real_v.to(device), real_r.to(device), fake.to(device), penalty)  # raw logits per head
         dv_target = torch.cat([torch.ones(n), torch.zeros(n)]).to(device)
         losses = {
             "dv": F.binary_cross_entropy_with_logits(out["dv"].float(), dv_target),
             "dr": F.cross_entropy(out["dr"].float(), labels.to(device)),
         }
+        if penalty:
+            losses["dv_gp"] = 0.5 * config.dv_gradient_penalty * out["dv_gradient_norm2"]
         if "dv_aux" in out:
             losses["dv_aux"] = F.cross_entropy(out["dv_aux"].float(), labels.to(device))
         if state.heads.conditional:
@@ -813,6 +911,7 @@ def _micro_step(
         loss = sum(losses.values())
         accelerator.backward(loss)
         state.optimizer.step()
+        state.lr_scheduler.step()  # only when the optimizer stepped (the accumulation is complete)
         state.optimizer.zero_grad()
     return losses
 
@@ -894,7 +993,9 @@ def _calibrate(state: _TrainingState) -> tuple[S2MHeads, dict]:
     metrics: dict = {"steps": state.step}
     temperatures = {}
     for h, (z, y, w) in sets.items():
-        temperatures[h] = fit_temperature(z, y, w)
+        temperatures[h] = fit_temperature(z, y, w, _MIN_TEMPERATURE.get(h, 0.0))
+        if h in _MIN_TEMPERATURE:
+            metrics[f"{h}_temperature_fitted"] = fit_temperature(z, y, w)
         metrics.update({f"{h}_{k}": v for k, v in head_metrics(z, y, temperatures[h], w).items()})
         metrics[f"{h}_best_step"] = state.best["all" if "all" in state.best else h]["step"]
     heads.set_temperatures(**temperatures)
@@ -924,6 +1025,92 @@ def _store_priors(heads: S2MHeads, data: SinglePositiveDataset, priors: Sequence
         priors, metrics["priors_report"] = estimate_priors(dr_log_probs, data.label_counts)
     heads.register_to_config(priors=None if priors is None else [float(p) for p in priors])
     metrics["priors"] = heads.priors
+    return metrics
+
+
+@torch.no_grad()
+def choose_sampling_settings(
+    heads: S2MHeads,
+    real_images: torch.Tensor,
+    real_labels: torch.Tensor,
+    generated_images: torch.Tensor,
+    negation_margin: float | str = "auto",
+    presence_margin: float | str = "auto",
+    dv_strength: float | str = "auto",
+    dv_temperature_fitted: float | None = None,
+    batch_size: int = 512,
+) -> dict:
+    """Choose how the sampler reads trained heads, from held-out data, and store it in their config (spec §3).
+
+    [`train_heads`] calls this last, on its held-out real images and generated samples; call it yourself to give
+    heads trained elsewhere (or before these settings existed) their margins and ``D_v`` strength
+    (`s2m_diffusers.calibration`):
+
+    - ``negation_margin`` ``lambda``: one over the boundary between the attributes generated images hold and those
+      they lack, as ``D_r`` sees them (a two-component mixture over the attributes' ratios to the strongest), then as
+      strict as it can be while every combination the generated images support keeps half its support;
+    - ``presence_margin`` ``kappa``: the ratio that 95% of the attributes real images are labelled with reach;
+    - ``dv_strength`` ``beta``: the largest strength of ``logit D_v`` whose weights keep an effective sample size of
+      10% over the generated images.
+
+    Args:
+        heads ([`~s2m_diffusers.models.heads.S2MHeads`]): trained, calibrated heads (priors already stored).
+        real_images (`torch.Tensor`): `(N, C, S, S)` held-out real images in [-1, 1].
+        real_labels (`torch.Tensor`): `(N,)` their single-positive labels.
+        generated_images (`torch.Tensor`): `(M, C, S, S)` held-out proposal samples in [-1, 1].
+        negation_margin, presence_margin, dv_strength (`float` or `"auto"`, defaults to `"auto"`): a number stores
+            that value instead of choosing it.
+        dv_temperature_fitted (`float`, *optional*): the temperature calibration fitted to ``D_v`` before it was kept
+            at 1 or more (a value below 1 marks a degenerate ``D_v``).
+        batch_size (`int`, defaults to 512): images per forward pass.
+
+    Returns:
+        `dict`: the metrics `negation_margin`, `presence_margin`, `dv_strength`, `margins_report`,
+        `dv_degenerate`, `dv_report`, `dv_ess_share` (effective sample size share of the generated images' weights
+        ``exp(beta logit D_v)`` at the chosen strength), `generated_support` (share of generated images each
+        combination keeps a positive weight on under the margins).
+    """
+    from . import calibration
+
+    was_training = heads.training
+    heads.eval()
+    device = next(heads.parameters()).device
+
+    def outputs(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [heads(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)]
+        return torch.cat([p.dv_logit.cpu() for p in parts]), torch.cat([p.dr_log_probs.cpu() for p in parts])
+
+    dv_real, dr_real = outputs(real_images)
+    dv_fake, dr_fake = outputs(generated_images)
+    heads.train(was_training)
+
+    def ratios(dr: torch.Tensor) -> torch.Tensor:
+        return calibration.log_attribute_ratios(dr, heads.log_p_data(), heads.log_priors(), heads.config.labelling)
+
+    metrics: dict = {}
+    lam, kappa, report = calibration.choose_margins(
+        ratios(dr_fake), ratios(dr_real), real_labels, attribute_names=heads.attribute_names
+    )
+    lam = lam if negation_margin == "auto" else float(negation_margin)
+    kappa = kappa if presence_margin == "auto" else float(presence_margin)
+    beta = calibration.choose_dv_strength(dv_fake) if dv_strength == "auto" else float(dv_strength)
+    accuracy = float(((dv_real > 0).double().mean() + (dv_fake <= 0).double().mean()) / 2)
+    degenerate, sentence = calibration.dv_report(
+        dv_fake, 1.0 if dv_temperature_fitted is None else dv_temperature_fitted, accuracy, beta
+    )
+    heads.register_to_config(negation_margin=lam, presence_margin=kappa, dv_strength=beta)
+    metrics.update(
+        negation_margin=lam,
+        presence_margin=kappa,
+        dv_strength=beta,
+        margins_report=report,
+        dv_degenerate=degenerate,
+        dv_report=sentence,
+        dv_ess_share=calibration.ess_share(beta * dv_fake.double()),
+        generated_support=calibration.support_shares(ratios(dr_fake), heads.attribute_names, lam, kappa),
+    )
+    if degenerate:
+        logging.getLogger(__name__).warning(sentence)
     return metrics
 
 

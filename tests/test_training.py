@@ -209,3 +209,105 @@ def test_larger_proposal_images_are_downscaled_to_the_data_size():
     assert set(seen) == {16} and heads.config.sample_size == 8 and metrics["steps"] == 2
     with pytest.raises(ValueError, match=r"larger images with the same channels are downscaled"):
         train_heads(_data(), lambda n, g: torch.zeros(n, 1, 4, 4), num_steps=1, **SMALL)
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class KilledProposal(CountingProposal):
+    """A run that dies at its `kill_at`-th proposal draw (the first is the held-out draw, then one per step)."""
+
+    def __init__(self, kill_at: int):
+        super().__init__()
+        self.kill_at = kill_at
+
+    def __call__(self, n, generator):
+        if self.calls + 1 == self.kill_at:
+            raise Killed(f"killed at draw {self.kill_at}")
+        return super().__call__(n, generator)
+
+
+def test_a_killed_run_with_a_learning_rate_schedule_resumes_exactly(tmp_path):
+    data = _data()
+    settings = {"num_steps": 6, "eval_steps": 2, "checkpointing_steps": 3, "lr_scheduler": "cosine", **SMALL}
+    settings["lr_warmup_steps"] = 2
+    full, _ = train_heads(data, CountingProposal(), output_dir=tmp_path / "a", **settings)
+    constant, _ = train_heads(data, CountingProposal(), num_steps=6, eval_steps=2, **SMALL)
+    assert not torch.equal(full.dr_head.weight, constant.dr_head.weight)  # the schedule changes the run
+
+    with pytest.raises(Killed):  # dies in step 5, after checkpoint-3
+        train_heads(data, KilledProposal(kill_at=1 + 5), output_dir=tmp_path / "b", **settings)
+    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint-3"]
+    saved_schedule = torch.load(tmp_path / "b" / "checkpoint-3" / "scheduler.bin", weights_only=False)
+    assert saved_schedule["last_epoch"] == 3  # the schedule is saved with the checkpoint
+    resumed, metrics = train_heads(
+        data, CountingProposal(), output_dir=tmp_path / "b", resume_from_checkpoint="latest", **settings
+    )
+    assert metrics["steps"] == 6
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        if not k.endswith("_temperature"):  # see test_train_heads_is_reproducible_and_reports_metrics
+            torch.testing.assert_close(a, b, msg=k, rtol=0, atol=0)
+
+    # a decaying schedule depends on the number of steps: resuming it with another number is refused
+    with pytest.raises(ValueError, match=r"training\.lr_num_training_steps: 6 in the checkpoint, 8 now"):
+        train_heads(
+            data,
+            CountingProposal(),
+            output_dir=tmp_path / "b",
+            resume_from_checkpoint="latest",
+            **{**settings, "num_steps": 8},
+        )
+
+
+def test_learning_rate_schedule_is_logged_to_the_tracker_in_logging_dir(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.tracking import GeneralTracker
+
+    import s2m_diffusers.training as training
+
+    class Recorder(GeneralTracker):
+        name, requires_logging_directory, main_process_only = "recorder", False, True
+
+        def __init__(self):
+            super().__init__()
+            self.logs = []
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            pass
+
+        def log(self, values, step=None, **kwargs):
+            self.logs.append((step, dict(values)))
+
+    logging_dirs = []
+
+    class RecordingAccelerator(Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            logging_dirs.append(self.logging_dir)
+
+    monkeypatch.setattr(training, "Accelerator", RecordingAccelerator)
+    recorder = Recorder()
+    train_heads(
+        _data(),
+        CountingProposal(),
+        num_steps=4,
+        eval_steps=4,
+        lr_scheduler="linear",
+        lr_warmup_steps=2,
+        report_to=recorder,
+        output_dir=tmp_path,
+        logging_dir="logs",
+        **SMALL,
+    )
+    # linear warm-up over 2 steps, then linear decay to 0 at step 4 (the rate after each step)
+    assert [logs["lr"] for step, logs in recorder.logs if "lr" in logs] == pytest.approx([5e-4, 1e-3, 5e-4, 0.0])
+    assert logging_dirs == [os.path.join(str(tmp_path), "logs")]
+    with pytest.raises(ValueError, match="lr_scheduler must be one of"):
+        train_heads(_data(), CountingProposal(), num_steps=1, lr_scheduler="cosin", **SMALL)
+    with pytest.raises(ValueError, match="has no effect with lr_scheduler='constant'; use 'constant_with_warmup'"):
+        train_heads(_data(), CountingProposal(), num_steps=1, lr_warmup_steps=5, **SMALL)

@@ -38,17 +38,15 @@ GENERATOR_KINDS = (*GENERATORS, "gan_conditional")
 # DDIM steps of the DDPM proposal: the shipped heads were trained on samples drawn with this many steps.
 DDIM_STEPS = 10
 # Sampler settings per generator. The demo keeps the recipe measured before the sampler's tolerance (issue 12): 3 MH
-# steps after a chain enters the target, one image per chain, no stated bound (`mixing_tolerance=None`), and reads the
-# heads with a negation margin of 30 and a presence margin of 0.5. The pipeline's default is exact to a tolerance of
-# 0.01, but with these heads the weights' sup / mean ratio W is about 380 on some combinations and the bound then needs
-# ~200 steps per image: minutes for the DDPM on a CPU (benchmarks/RESULTS.md; bounding W is the heads issue). The
-# DDPM does not refit: a fit in its DDIM noise costs thousands of 10-step denoising runs per combination, more than the
-# demo's 16 images do.
+# steps after a chain enters the target, one image per chain, no stated bound (`mixing_tolerance=None`). The heads are
+# read with their own margins and D_v strength, chosen from data when they were trained. The pipeline's default is
+# exact to a tolerance of 0.01, but with these heads the weights' sup / mean ratio W is 100-400 on the combinations
+# and the bound then needs ~200 steps per image: minutes for the DDPM on a CPU (benchmarks/RESULTS.md). The DDPM does
+# not refit: a fit in its DDIM noise costs thousands of 10-step denoising runs per combination, more than the demo's
+# 16 images do.
 DEMO_SETTINGS: dict[str, dict] = {
     "gan": {
         "refit": "sequential",
-        "negation_margin": 30.0,
-        "presence_margin": 0.5,
         "mixing_tolerance": None,
         "samples_per_chain": 1,
         "steps_after_entry": 3,
@@ -59,8 +57,6 @@ DEMO_SETTINGS: dict[str, dict] = {
     },
     "ddpm": {
         "refit": "off",
-        "negation_margin": 30.0,
-        "presence_margin": 0.5,
         "mixing_tolerance": None,
         "samples_per_chain": 1,
         "steps_after_entry": 3,
@@ -222,7 +218,15 @@ def make_grid(
     Returns:
         `PIL.Image.Image`: the grid (RGB).
     """
+    from diffusers.utils import make_image_grid
     from PIL import Image, ImageDraw
+
+    def tile(image=None) -> Image.Image:
+        """One cell and the gap after it, white where there is no image."""
+        out = Image.new("RGB", (cell + pad, cell + pad), "white")
+        if image is not None:
+            out.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (0, 0))
+        return out
 
     names = list(blocks)
     columns = {g: max((len(blocks[g].get(t, [])) for t in targets), default=0) for g in names}
@@ -235,10 +239,12 @@ def make_grid(
     x0 = label_width
     for g in names:
         draw.text((x0 + 2, 3), g, fill="black")
-        for row, target in enumerate(targets):
-            y = header + row * (cell + pad)
-            for col, image in enumerate(_to_pil(blocks[g][target]) if target in blocks[g] else []):
-                grid.paste(image.resize((cell, cell), Image.NEAREST), (x0 + col * (cell + pad), y))
+        if columns[g]:  # one block per generator: diffusers' grid of its rows, padded with white cells
+            tiles = []
+            for target in targets:
+                row = _to_pil(blocks[g][target]) if target in blocks[g] else []
+                tiles += [tile(image) for image in row] + [tile() for _ in range(columns[g] - len(row))]
+            grid.paste(make_image_grid(tiles, rows=len(targets), cols=columns[g]), (x0, header))
         x0 += block_widths[g] + pad
     for row, target in enumerate(targets):
         draw.text((4, header + row * (cell + pad) + cell // 2 - 6), target, fill="black")

@@ -35,6 +35,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..maths import DEFAULT_NEGATION_MARGIN, LABELLINGS, log_p_data, log_priors
+from ..utils import optional_dependency
 
 HEAD_NAMES = ("dv", "dr", "df")
 _ATTRIBUTE_NAME = re.compile(r"[A-Za-z0-9_.]+")
@@ -112,7 +113,8 @@ class TransformersBackbone(nn.Module):
 
 def _transformers_model(config_dict: dict) -> nn.Module:
     """Build a randomly initialised `transformers` `AutoModel` from a config dict holding `model_type`."""
-    from transformers import AutoConfig, AutoModel
+    with optional_dependency("transformers", "A transformers backbone (`transformers_config`)"):
+        from transformers import AutoConfig, AutoModel
 
     kwargs = {k: v for k, v in config_dict.items() if k not in ("transformers_version", "_name_or_path")}
     if "model_type" not in kwargs:
@@ -133,25 +135,52 @@ def _configured_backbone(config_dict: dict) -> TransformersBackbone:
     return TransformersBackbone(_transformers_model(config_dict))
 
 
-def _checkpoint_model(path: str) -> tuple[nn.Module, dict, list[float] | None, list[float] | None]:
-    """Load a `transformers` vision model from a local folder, with its config dict and image mean/std if known."""
-    from transformers import AutoModel
+def _hub_offline() -> bool:
+    """Whether downloads are switched off (``HF_HUB_OFFLINE``, read now rather than at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
-    if not os.path.isdir(path):
+
+def _checkpoint_model(
+    path: str, revision: str | None = None
+) -> tuple[nn.Module, dict, list[float] | None, list[float] | None]:
+    """Load a `transformers` vision model from a local folder, or from a Hub repo id when downloads are allowed (at
+    `revision`), with its config dict and image mean/std if known."""
+    with optional_dependency("transformers", "A transformers backbone (`transformers_checkpoint`)"):
+        from transformers import AutoModel
+
+    from ..hub import hub_repo_id
+
+    local = os.path.isdir(path)
+    if not local and (hub_repo_id(path) is None or _hub_offline()):
+        hub = "" if hub_repo_id(path) is None else " and HF_HUB_OFFLINE is set, so it is not downloaded"
         raise FileNotFoundError(
-            f"`transformers_checkpoint` {path!r} is not a local folder. Pass the folder written by the model's "
-            "`save_pretrained` (nothing is downloaded), or pass `transformers_config` to build a model from a config."
+            f"`transformers_checkpoint` {path!r} is not a local folder{hub}. Pass the folder written by the model's "
+            "`save_pretrained`, a Hub repo id with downloads allowed (unset HF_HUB_OFFLINE), or `transformers_config` "
+            "to build a model from a config."
         )
-    model = AutoModel.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=local, revision=None if local else revision)
     config_dict = model.config.to_diff_dict()
     config_dict["model_type"] = model.config.model_type
-    mean = std = None
-    preprocessor = os.path.join(path, "preprocessor_config.json")
-    if os.path.exists(preprocessor):
-        with open(preprocessor) as f:
-            pre = json.load(f)
-        mean, std = pre.get("image_mean"), pre.get("image_std")
-    return model, config_dict, mean, std
+    pre = _preprocessor_config(path, None if local else revision)
+    return model, config_dict, pre.get("image_mean"), pre.get("image_std")
+
+
+def _preprocessor_config(path: str, revision: str | None) -> dict:
+    """The model's `preprocessor_config.json` (its image mean and std), or `{}` where it has none."""
+    if os.path.isdir(path):
+        file = os.path.join(path, "preprocessor_config.json")
+        if not os.path.exists(file):
+            return {}
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            file = hf_hub_download(path, "preprocessor_config.json", revision=revision)
+        except EntryNotFoundError:
+            return {}
+    with open(file) as f:
+        return json.load(f)
 
 
 class S2MHeads(ModelMixin, ConfigMixin):
@@ -168,9 +197,12 @@ class S2MHeads(ModelMixin, ConfigMixin):
         dropout (`float`, defaults to 0.0): dropout on the backbone features.
         transformers_config (`dict`, *optional*): config of a `transformers` vision backbone (with `model_type`,
             e.g. `{"model_type": "vit", "hidden_size": 32, ...}`); built with `AutoModel.from_config`.
-        transformers_checkpoint (`str`, *optional*): a local folder with a `transformers` vision model; loaded once
-            at construction, its config is then stored in `transformers_config` and its weights in this model's
-            safetensors (the folder is not needed afterwards).
+        transformers_checkpoint (`str`, *optional*): a `transformers` vision model: a local folder, or a Hub repo id
+            (downloaded unless ``HF_HUB_OFFLINE`` is set; pin `transformers_revision`); loaded once at construction,
+            its config is then stored in `transformers_config` and its weights in this model's safetensors (the folder
+            or repo is not needed afterwards).
+        transformers_revision (`str`, *optional*): the commit, branch or tag of a Hub `transformers_checkpoint`;
+            pin a commit sha, so that the backbone is the one reviewed.
         backbone_image_mean (`list[float]`, *optional*), backbone_image_std (`list[float]`, *optional*):
             normalisation a transformers backbone expects for inputs in [0, 1] (read from the checkpoint's
             `preprocessor_config.json` when there is one). `None` keeps the [-1, 1] range.
@@ -185,7 +217,13 @@ class S2MHeads(ModelMixin, ConfigMixin):
             ``p_data(c)``. Set by training.
         priors (`list[float]`, *optional*): attribute priors ``pi_c`` (any common scale). `None`: use ``p_data``.
         negation_margin (`float`, defaults to `DEFAULT_NEGATION_MARGIN`, 10.0): the margin lambda of negated literals
-            (spec §3).
+            (spec §3). Training sets it from data (`s2m_diffusers.calibration.choose_margins`).
+        presence_margin (`float`, *optional*): the margin kappa of required literals (spec §3), chosen from data by
+            training; `None`: 0, the paper's formula.
+        dv_strength (`float`, *optional*): ``beta`` in [0, 1], the weight of ``logit D_v`` that the sampler uses by
+            default (the target is then ``p_G^(1 - beta) p_data^beta`` restricted to the combination); chosen by
+            training as the largest ``beta`` whose weights keep an effective sample size of 10% over held-out
+            generated images (`s2m_diffusers.maths.dv_strength`). `None`: 1, the paper's target.
         proposal_class_probs (`list[float]`, *optional*): ``p_G(c)``, the class share of a class-conditional
             proposal. Set by training.
         labelling (`str`, defaults to `"independent"`): how the single-positive training data were labelled (spec
@@ -216,6 +254,7 @@ class S2MHeads(ModelMixin, ConfigMixin):
         dropout: float = 0.0,
         transformers_config: dict | None = None,
         transformers_checkpoint: str | None = None,
+        transformers_revision: str | None = None,
         backbone_image_mean: Sequence[float] | None = None,
         backbone_image_std: Sequence[float] | None = None,
         freeze_backbone: bool = False,
@@ -226,6 +265,8 @@ class S2MHeads(ModelMixin, ConfigMixin):
         negation_margin: float = DEFAULT_NEGATION_MARGIN,
         proposal_class_probs: Sequence[float] | None = None,
         labelling: str = "independent",
+        presence_margin: float | None = None,
+        dv_strength: float | None = None,
     ):
         super().__init__()
         names = list(attribute_names)
@@ -246,15 +287,20 @@ class S2MHeads(ModelMixin, ConfigMixin):
                 raise ValueError(f"`{field}` has {len(values)} entries but there are {n} attributes {names}.")
         if negation_margin < 1.0:
             raise ValueError(f"`negation_margin` must be >= 1 (spec §3), got {negation_margin}.")
+        if presence_margin is not None and not 0.0 <= presence_margin <= 1.0:
+            raise ValueError(f"`presence_margin` must lie in [0, 1] (spec §3), got {presence_margin}.")
+        if dv_strength is not None and not 0.0 <= dv_strength <= 1.0:
+            raise ValueError(f"`dv_strength` must lie in [0, 1] (1 is the paper's target), got {dv_strength}.")
 
         if transformers_checkpoint is not None:
-            model, config_dict, mean, std = _checkpoint_model(transformers_checkpoint)
+            model, config_dict, mean, std = _checkpoint_model(transformers_checkpoint, transformers_revision)
             backbone_image_mean = backbone_image_mean if backbone_image_mean is not None else mean
             backbone_image_std = backbone_image_std if backbone_image_std is not None else std
             # From now on the model is rebuilt from its config; its weights live in this model's safetensors.
             self.register_to_config(
                 transformers_config=config_dict,
                 transformers_checkpoint=None,
+                transformers_revision=None,
                 backbone_image_mean=backbone_image_mean,
                 backbone_image_std=backbone_image_std,
             )
@@ -303,6 +349,18 @@ class S2MHeads(ModelMixin, ConfigMixin):
     @property
     def negation_margin(self) -> float:
         return float(self.config.negation_margin)
+
+    @property
+    def presence_margin(self) -> float:
+        """kappa: the heads' presence margin (0 when training chose none)."""
+        value = getattr(self.config, "presence_margin", None)
+        return 0.0 if value is None else float(value)
+
+    @property
+    def dv_strength(self) -> float:
+        """beta: the heads' strength of ``logit D_v`` (1, the paper's target, when training chose none)."""
+        value = getattr(self.config, "dv_strength", None)
+        return 1.0 if value is None else float(value)
 
     @property
     def label_counts(self) -> list[int] | None:
