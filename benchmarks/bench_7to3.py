@@ -19,14 +19,11 @@ Methods:
   present attribute, 1.0 for an absent one, i.e. ``log pi_c = log gamma_c + log p_data(c)``), negation margin 1 and
   the official temperature on ``D_r`` (1.2 for one present attribute, 1.0 for two, 0.2 for three:
   ``log_softmax(dr_log_probs / T)``), plus ``logit D_v``.
-- `ours`: `S2MPipeline` with the settings of `OURS_SETTINGS`: calibrated heads and priors, negation margin 30,
-  presence margin 0.5 (both leave the target of exact heads unchanged; `log_r`), sequential refitting with 128
-  latents per stage fitted without widening (``covariance_scale=1.0``), 3 MH steps after a chain enters the target.
-  The DDPM runs without refitting (its 256-dimensional DDIM noise was fitted badly from the few effective latents
-  that its heavy-tailed weights leave: `A & B & C` accuracy 0.33 with refitting, 0.92 without, 64 images).
-  Its budget is the official recipe's cost, 201 proposals per image. A call whose budget runs out returns the images
-  found (`budget_exhausted` in the JSON row;
-  accuracy and Fréchet distance over those, proposals per image over them, infinite when none was found).
+- `ours`: `S2MPipeline` at its defaults (`OURS_SETTINGS` only sets the micro-batch): calibrated heads read with
+  their own margins and ``D_v`` strength, chosen from data when they were trained (`choose_sampling_settings`).
+  `previous` is the sampler before its tolerance (`PREVIOUS_SETTINGS`). Its budget is the official recipe's cost,
+  201 proposals per image. A call whose budget runs out returns the images found (`budget_exhausted` in the JSON
+  row; accuracy and Fréchet distance over those, proposals per image over them, infinite when none was found).
 - `ours_conditional` (GAN only): `S2MPipeline` on the class-conditional DCGAN (`gan_conditional/`, trained on the
   single-positive labels) with heads that have ``D_f`` (`heads_gan_conditional/`): the proposal is conditioned on the
   target's first present attribute and ``D_f`` corrects for it (spec §4).
@@ -49,6 +46,7 @@ python benchmarks/bench_7to3.py --seeds 0 1 2 --json 7to3.json                 #
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -78,23 +76,23 @@ from s2m_diffusers.sampling import sample_official  # noqa: E402
 from s2m_diffusers.targets import Target, parse_target  # noqa: E402
 from s2m_diffusers.utils import write_json_atomically  # noqa: E402
 
-METHODS = ("raw", "official", "previous", "ours", "ours_again", "ours_conditional", "oracle")
+METHODS = ("raw", "official", "previous", "ours", "ours_screen", "ours_again", "ours_conditional", "oracle")
+# `ours_screen`: ours with delayed-acceptance screening of the diffusion proposals (`screen="auto"`: the step and the
+# surrogate's floor calibrated on the pilot; a no-op for the GAN).
+SCREEN_SETTINGS = {"screen": "auto"}
 PROPOSALS = ("gan", "ddpm")
 COLUMNS = ("accuracy", "frechet", "proposals_per_image")
 # Ours: the pipeline's keyword arguments per proposal (see the module docstring and benchmarks/RESULTS.md).
 # Ours: the pipeline's defaults (tolerance 0.01, sequential refitting that keeps a fit only where it beats the prior,
-# 8 samples per chain), with the heads read with a negation margin of 30 and a presence margin of 0.5 (chosen by hand
-# on Digits-7to3; choosing them from data is the heads issue). The same for every kind of proposal.
+# 8 samples per chain), the heads read with their own margins and D_v strength (chosen from data when they were
+# trained: `s2m_diffusers.training.choose_sampling_settings`). The same for every kind of proposal.
 OURS_SETTINGS: dict[str, dict] = {
-    "gan": {"negation_margin": 30.0, "presence_margin": 0.5, "micro_batch_size": 256},
-    "ddpm": {
-        "negation_margin": 30.0,
-        "presence_margin": 0.5,
-        "micro_batch_size": DEMO_SETTINGS["ddpm"]["micro_batch_size"],
-    },
+    "gan": {"micro_batch_size": 256},
+    "ddpm": {"micro_batch_size": DEMO_SETTINGS["ddpm"]["micro_batch_size"]},
 }
 # The previous sampler's recipe (before the tolerance): 3 MH steps after entry, one sample per chain, refitting with
-# 128 latents per stage, unwidened, for the GAN; no refitting for the DDPM (its refitting failed in DDIM noise).
+# 128 latents per stage, unwidened, for the GAN; no refitting for the DDPM (its refitting failed in DDIM noise). The
+# heads are read as ours reads them (it used hand-set margins, 30 and 0.5, before the heads chose their own).
 PREVIOUS_SETTINGS: dict[str, dict] = {
     "gan": {
         **OURS_SETTINGS["gan"],
@@ -192,15 +190,21 @@ def run_method(
             evaluate, StandardNormal(proposal.latent_shape), num_images, OFFICIAL_STEPS, generator=generator
         )
         images, proposals = result.x, result.stats.proposals
-    elif method in ("previous", "ours", "ours_again", "ours_conditional"):
+    elif method in ("previous", "ours", "ours_screen", "ours_again", "ours_conditional"):
         # The budget is the official recipe's cost (201 proposals per image); allow_partial: a combination the heads
         # can barely reach is reported (fewer images), not a crash. Every seed fits anew (`fit_seed`), and its fit's
         # proposals count in its call; `ours_again` is a later call of AGAIN_IMAGES images that reuses that fit.
         n = AGAIN_IMAGES if method == "ours_again" else num_images
         settings = {"max_proposals": (OFFICIAL_STEPS + 1) * n, "fit_seed": seed, **(ours or {})}
+        if method == "ours_screen":  # it pays its own fit, as ours does (the cache would hand it ours')
+            settings.update(SCREEN_SETTINGS)
+            pipe.fits.clear()
         out = pipe(target, num_images=n, generator=generator, output_type="pt", allow_partial=True, **settings)
         images, proposals = out.images * 2 - 1, out.stats["proposals"]
         extra = {"fit_proposals": out.stats["fit_proposals"], "fit": out.stats["fit"], "mixing": out.stats["mixing"]}
+        if out.stats.get("unet_calls") is not None:  # a diffusion proposal: its UNet calls, screening included
+            extra["unet_calls"] = out.stats["unet_calls"]
+            extra["screen"] = {k: v for k, v in out.stats["screen"].items() if k != "candidates"}
     elif method == "oracle":
         parsed = parse_target(target, list(evaluator.config.attribute_names))
         in_target = parsed.holds_batch(evaluator.class_table.cpu())
@@ -223,7 +227,47 @@ def run_method(
         images = torch.cat(kept)
     else:
         raise ValueError(f"Unknown method {method!r}; choose among {list(METHODS)}.")
+    steps = getattr(pipe.get_proposal(1), "num_steps", None)  # UNet calls per proposal of a diffusion model
+    if steps and "unet_calls" not in extra:
+        extra["unet_calls"] = proposals * steps
     return images.float().cpu(), proposals, time.perf_counter() - t0, extra
+
+
+def print_unet_table(rows: list[dict]) -> None:
+    """UNet calls per returned image of the diffusion methods, beside accuracy and Fréchet distance (means over the
+    targets and seeds run), and ours with the screen against ours."""
+    mine = [r for r in rows if r.get("unet_calls_per_image") is not None]
+    if not mine:
+        return
+    print("\nUNet calls per returned image (diffusion proposals; mean over targets and seeds)\n")
+    print(
+        "| dataset | method | accuracy | Fréchet | proposals/image | UNet calls/image | vs ours | "
+        "sampling UNet calls/image (fit excluded) | vs ours | screen step |"
+    )
+    print("|---" * 10 + "|")
+    for dataset, steps_k in sorted({(r["dataset"], r.get("num_inference_steps") or 0) for r in mine}):
+        sel = [r for r in mine if r["dataset"] == dataset and (r.get("num_inference_steps") or 0) == steps_k]
+        base = [r["unet_calls_per_image"] for r in sel if r["method"] == "ours"]
+        base_sampling = [r["sampling_unet_calls_per_image"] for r in sel if r["method"] == "ours"]
+        for method in [m for m in METHODS if any(r["method"] == m for r in sel)]:
+            cell = [r for r in sel if r["method"] == method]
+            calls = _mean([r["unet_calls_per_image"] for r in cell])
+            steps = sorted({str(r.get("screen", {}).get("step")) for r in cell if r.get("screen")})
+            ratio = calls / _mean(base) if base else float("nan")
+            keys = ("accuracy", "frechet", "proposals_per_image")
+            means = [_fmt(_mean([r[k] for r in cell])) for k in keys]
+            sampling = [r["sampling_unet_calls_per_image"] for r in cell if "sampling_unet_calls_per_image" in r]
+            sampling_ratio = _mean(sampling) / _mean(base_sampling) if sampling and base_sampling else float("nan")
+            cells = [
+                f"{dataset} ({steps_k} steps)",
+                method,
+                *means,
+                _fmt(calls),
+                _fmt(ratio, 2),
+                _fmt(_mean(sampling)),
+            ]
+            cells += [_fmt(sampling_ratio, 2), ", ".join(steps) or "-"]
+            print("| " + " | ".join(cells) + " |")
 
 
 def print_fit_table(rows: list[dict]) -> None:
@@ -323,6 +367,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--num-images", type=int, default=64, help="images per target and method")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
     parser.add_argument(
+        "--targets", type=int, nargs="+", default=None, help="indices into SEVEN_TARGETS to run (default: all 7)"
+    )
+    parser.add_argument("--num-inference-steps", type=int, default=None, help="DDIM steps of the DDPM (default 10)")
+    parser.add_argument(
+        "--ours-overrides",
+        type=json.loads,
+        default={},
+        help="JSON of pipeline settings applied on top of OURS_SETTINGS for ours and ours_screen, e.g. "
+        '\'{"refit": "off"}\'',
+    )
+    parser.add_argument(
         "--official-seeds",
         type=int,
         nargs="+",
@@ -355,7 +410,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     conditional.set_progress_bar_config(disable=True)
             evaluator = load_evaluator(root)
             heldout = load_7to3(dataset, size=int(pipe.heads.config.sample_size)).heldout()
+            if args.num_inference_steps is not None and kind == "ddpm":
+                pipe.register_to_config(num_inference_steps=args.num_inference_steps)
             for k, target in enumerate(SEVEN_TARGETS):
+                if args.targets is not None and k not in args.targets:
+                    continue
                 real = evaluator_features(evaluator, heldout.images[heldout.source_classes == k])
                 for seed in args.seeds:
                     for method in args.methods:
@@ -364,6 +423,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         if method == "official" and seed not in (args.official_seeds or args.seeds):
                             continue
                         settings = (PREVIOUS_SETTINGS if method == "previous" else OURS_SETTINGS)[kind]
+                        if method in ("ours", "ours_screen") and args.ours_overrides:
+                            settings = {**settings, **args.ours_overrides}
                         images, proposals, seconds, extra = run_method(
                             method,
                             conditional if method == "ours_conditional" else pipe,
@@ -390,9 +451,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 else float("nan")
                             ),
                             "proposals_per_image": proposals / found if found else float("inf"),
+                            "num_inference_steps": pipe.config.num_inference_steps if kind == "ddpm" else None,
                             "seconds": seconds,
                             **extra,
                         }
+                        if "unet_calls" in extra:
+                            row["unet_calls_per_image"] = extra["unet_calls"] / found if found else float("inf")
+                            if "fit_proposals" in extra:  # the fit is never screened: K UNet calls per proposal
+                                fit_calls = extra["fit_proposals"] * pipe.config.num_inference_steps
+                                sampling_calls = extra["unet_calls"] - fit_calls
+                                row["sampling_unet_calls_per_image"] = sampling_calls / found if found else math.inf
                         if "fit_proposals" in extra:
                             sampling = proposals - extra["fit_proposals"]
                             row["sampling_proposals_per_image"] = sampling / found if found else float("inf")
@@ -407,6 +475,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     print(f"\nOurs: {OURS_SETTINGS}\nPrevious: {PREVIOUS_SETTINGS}")
     print_fit_table(rows)
+    print_unet_table(rows)
     for dataset in args.datasets:
         for kind in args.proposals:
             print_table(rows, dataset, kind, args.methods, args.num_images, args.seeds)

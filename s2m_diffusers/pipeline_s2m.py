@@ -323,13 +323,17 @@ class S2MPipeline(DiffusionPipeline):
 
         Args:
             save_directory (`str`): the folder.
-            safe_serialization (`bool`, defaults to `True`): must be `True` (weights are saved as safetensors only).
+            safe_serialization (`bool`, defaults to `True`): weights are saved as safetensors only; `False` warns and
+                saves safetensors anyway (loading refuses pickle).
             variant (`str`, *optional*), max_shard_size (*optional*): as in `DiffusionPipeline.save_pretrained`.
             push_to_hub (`bool`, defaults to `False`): then upload the folder to ``repo_id`` (defaults to the
                 folder's name) with a model card pinned to the uploaded commit; see [`push_to_hub`].
             training_data (`dict` or `str`, *optional*): a description of the heads' training data for the card.
-            kwargs: ``repo_id``, ``token``, ``private``, ``commit_message``, ``create_pr``, ``api`` for the upload.
+            kwargs: ``license``, ``base_model`` and ``sampling`` (the call settings its snippets show) for the card
+                (see `s2m_diffusers.hub.model_card`); ``repo_id``, ``token``, ``private``, ``commit_message``,
+                ``create_pr``, ``api`` for the upload.
         """
+        card = {k: kwargs.pop(k) for k in ("license", "base_model", "sampling") if k in kwargs}
         folder = hub.save_pipeline(
             self,
             save_directory,
@@ -337,10 +341,11 @@ class S2MPipeline(DiffusionPipeline):
             variant=variant,
             max_shard_size=max_shard_size,
             training_data=training_data,
+            **card,
         )
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", os.path.basename(folder))
-            hub.push_pipeline(self, repo_id, folder=folder, training_data=training_data, **kwargs)
+            hub.push_pipeline(self, repo_id, folder=folder, training_data=training_data, **card, **kwargs)
 
     def push_to_hub(self, repo_id: str, training_data: dict | str | None = None, **kwargs):
         """Upload the pipeline in the layout of [`save_pretrained`], with a model card whose loading snippets pin
@@ -350,6 +355,7 @@ class S2MPipeline(DiffusionPipeline):
             repo_id (`str`): ``"user/name"``.
             training_data (`dict` or `str`, *optional*): a description of the heads' training data for the card.
             kwargs: ``commit_message``, ``private``, ``token``, ``create_pr`` (as in `huggingface_hub.HfApi`),
+                ``license``, ``base_model``, ``sampling`` (the card, as in [`save_pretrained`]),
                 ``safe_serialization``, ``variant`` (as in [`save_pretrained`]) and ``api`` (an `HfApi` or a
                 stand-in).
 
@@ -431,6 +437,7 @@ class S2MPipeline(DiffusionPipeline):
         """The proposal adapter, its class plan, the settings with ``dv_strength`` resolved, the weigher of one call or
         fit, and the cost record of measuring ``dv_strength`` when ``"auto"`` measured it now (else `None`)."""
         proposal = self._prepare_proposal(micro_batch_size, num_inference_steps)
+        config = self.heads_reading(config)
         name = self.proposal_description()["class"]
         plan = ClassPlan.choose(target, proposal, self.heads.config, config.class_label, name)
         num_fit_stages = config.num_fit_stages(len(target.stages()))
@@ -443,13 +450,22 @@ class S2MPipeline(DiffusionPipeline):
         weigher = Weigher(self, target, proposal, plan, config, *args)
         return proposal, plan, config, weigher, measured
 
+    def heads_reading(self, config: S2MSamplingConfig) -> S2MSamplingConfig:
+        """``config`` with the settings it leaves to the heads filled in from their config (chosen from data when they
+        were trained, `s2m_diffusers.training.choose_sampling_settings`): ``negation_margin``, ``presence_margin``
+        (else 0) and ``dv_strength`` (else 1, the paper's target)."""
+        stored = {
+            "negation_margin": getattr(self.heads.config, "negation_margin", None) or maths.DEFAULT_NEGATION_MARGIN,
+            "presence_margin": getattr(self.heads.config, "presence_margin", None) or 0.0,
+            "dv_strength": getattr(self.heads.config, "dv_strength", None),
+        }
+        stored["dv_strength"] = 1.0 if stored["dv_strength"] is None else stored["dv_strength"]
+        return config.replace(**{k: float(v) for k, v in stored.items() if getattr(config, k) is None})
+
     def _auto_dv_strength(self, target, config, weigher: Weigher, steps: int | None) -> tuple[float, dict | None]:
-        """``dv_strength="auto"``: the heads' own, else `maths.dv_strength` of the target's weights over up to 2,048
-        generated samples (until 128 are on the target), measured once per target and settings. Returns beta and, when
-        it was measured now, the record of that measurement (its proposals count in the call)."""
-        stored = getattr(self.heads.config, "dv_strength", None)
-        if stored is not None:
-            return float(stored), None
+        """``dv_strength="auto"``: `maths.dv_strength` of the target's weights over up to 2,048 generated samples
+        (until 128 are on the target), measured once per target and settings. Returns beta and, when it was measured
+        now, the record of that measurement (its proposals count in the call)."""
         key = self._fit_key(target, config, weigher.plan, steps)
         measured = None
         if key not in self.auto_dv_strengths:
@@ -559,6 +575,24 @@ class S2MPipeline(DiffusionPipeline):
                 json.dump(self.auto_dv_strengths, f, indent=1)
 
     # ----- __call__ -----------------------------------------------------------------------------------------------
+    @property
+    def num_timesteps(self) -> int:
+        """The phases of the last call, as ``callback_on_step_end`` numbers them (its ``timestep`` argument): one per
+        refitting stage, then the final sampling, whose phase is ``num_timesteps - 1``. The number of rounds in each
+        is not known in advance (the sampler runs until its chains have returned their images)."""
+        return getattr(self, "_num_timesteps", 0)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe.interrupt = True`` (or, as in diffusers, ``pipe._interrupt = True``), e.g. from
+        ``callback_on_step_end``, to stop the call in progress at the end of the round: it returns the images already
+        finished (see "Interrupting" in [`__call__`]). Every call starts with it `False`."""
+        return getattr(self, "_interrupt", False)
+
+    @interrupt.setter
+    def interrupt(self, value: bool) -> None:
+        self._interrupt = bool(value)
+
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -613,14 +647,20 @@ class S2MPipeline(DiffusionPipeline):
             sampling_kwargs: single fields of [`~s2m_diffusers.sampling.S2MSamplingConfig`] by name, e.g.
                 ``refit="off"``, ``negation_margin=30.0``, ``fit_size=128``; they override ``sampling``.
             callback_on_step_end (`Callable`, *optional*): called once per sampler round (one batch of proposals
-                through generator and heads) as ``callback_on_step_end(pipeline, round, phase, callback_kwargs)``:
-                ``phase`` is ``k`` during the ``k``-th refitting stage (from 0) and the number of refitting stages
-                during the final sampling; ``callback_kwargs`` holds the tensors named in
-                ``callback_on_step_end_tensor_inputs`` for that round's proposals, plus ``"num_on_target"``. Its
-                return value is ignored (the sampler's state cannot be changed from outside).
+                through generator and heads) as ``callback_on_step_end(pipeline, round, phase, callback_kwargs)``
+                (diffusers' ``(pipe, step, timestep, callback_kwargs)``; a `diffusers.callbacks.PipelineCallback`
+                works too): ``phase`` is ``k`` during the ``k``-th refitting stage (from 0) and
+                ``pipeline.num_timesteps - 1`` during the final sampling; ``callback_kwargs`` holds exactly the
+                tensors named in ``callback_on_step_end_tensor_inputs``, for that round's proposals. It returns a
+                dict (or `None`): a returned ``"log_w"`` (same shape, `-inf` off target) **replaces the round's log
+                weights in the final sampling**, so that the chains target ``p_z exp(log_w')`` (e.g. add a term, or
+                veto images with `-inf`); during refitting it is ignored, since a fit is cached per target and
+                settings for later calls without the callback. ``"latents"`` and ``"images"`` cannot be changed
+                (returning other values raises): the acceptance needs latents drawn from the sampler's proposal
+                density and images that are the generator's output for them. Do not modify them in place.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): any of ``"latents"``, ``"images"``,
-                ``"log_w"``; defaults to ``["latents"]``. ``"images"`` (on the CPU) makes the refitting stages keep
-                their images, which they otherwise drop.
+                ``"log_w"`` (``pipeline._callback_tensor_inputs``); defaults to ``["latents"]``. ``"images"`` (on the
+                CPU) makes the refitting stages keep their images, which they otherwise drop.
 
         Memory: the generator and the heads run ``micro_batch_size`` latents at a time, and each micro-batch's images
         leave the execution device for the CPU once the heads have seen them. The CPU holds the images of the chains
@@ -629,13 +669,21 @@ class S2MPipeline(DiffusionPipeline):
         ([`heads_view`]). For a large proposal, `enable_model_cpu_offload()` keeps only the running model on the
         accelerator.
 
+        Interrupting: ``pipe.interrupt = True`` (from the callback, or another thread) stops the call at the end of
+        the round. During the final sampling, the call returns the images its chains had already finished (fewer
+        than ``num_images``, possibly none) with ``stats["interrupted"] = True``, and no budget error; during
+        refitting, no image is finished yet: it returns none, and the fit is not cached. With several processes
+        (``distributed=True``) an interrupt takes effect in the final sampling only, in the processes that set it.
+
         Returns:
             [`S2MPipelineOutput`] or `tuple`. ``stats`` holds: ``target``, ``refit``, ``num_images`` (returned),
             ``proposals`` (generator calls), ``accepted``, ``acceptance_rate``, ``proposals_per_image``,
             ``on_target_images``, ``unique_images``, ``chains_started``, ``chains_entered``, ``rounds``, ``stages``
             (per refitting stage: proposals, on-target share, ESS), ``budget_exhausted``, ``max_proposals``,
             ``class_label``, ``proposal``, ``seconds_generator``, ``seconds_heads``, ``seconds_sampler`` (the rest),
-            ``seconds_total`` (their sum), ``num_processes`` and ``seconds_wall``.
+            ``seconds_total`` (their sum), ``num_processes``, ``seconds_wall`` and ``interrupted``; for a diffusion
+            proposal ``unet_calls`` and ``unet_calls_per_image`` (denoising steps, fitting included), and ``screen``
+            (with ``screen=``: the step, the surrogate's floor, the calibration, the share screened out).
 
         Raises:
             TargetError: the target names an attribute the heads do not know, or is malformed.
@@ -650,31 +698,41 @@ class S2MPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs or getattr(callback_on_step_end, "tensor_inputs", None) or ["latents"]
         )
         self.check_inputs(num_images, output_type, tensor_inputs)
+        self._interrupt = False
         target = self.parse_target(target)
         config = S2MSamplingConfig.resolve(sampling, **sampling_kwargs)
         stages = target.stages()
         num_fit_stages = config.num_fit_stages(len(stages))
+        self._num_timesteps = num_fit_stages + 1  # the phases: refitting stages, then the final sampling
         runs = RunPlan.plan(generator, num_images, distributed, max_proposals, config, num_fit_stages)
         if config.num_chains is None and runs.size:
             config = config.replace(num_chains=min(runs.size, DEFAULT_MAX_CHAINS))
+        step_end = _StepEndCallback(callback_on_step_end, tensor_inputs, num_fit_stages, runs.num_processes == 1)
 
         proposal, plan, config, weigher, measured = self._prepare(
-            target, config, micro_batch_size, num_inference_steps, callback_on_step_end, tensor_inputs
+            target, config, micro_batch_size, num_inference_steps, step_end, tensor_inputs
         )
         if measured is not None and runs.is_main_process:  # "auto" measured beta in this call: its cost counts
-            runs.results.append(SampleResult.empty(SamplerStats(proposals=measured["proposals"], stages=[measured])))
+            calls = (getattr(proposal, "num_steps", None) or 0) * measured["proposals"]  # its UNet calls count too
+            measured_stats = SamplerStats(proposals=measured["proposals"], unet_calls=calls, stages=[measured])
+            runs.results.append(SampleResult.empty(measured_stats))
         start = time.perf_counter()
         with eval_mode(self.heads):
-            fit = self._cached_fit(target, config, plan, weigher, runs, num_inference_steps)
-            weigher.phase = num_fit_stages  # the final sampling: its images are kept
-            self._sample(
-                runs, [weigher.for_stage(s) for s in stages], weigher, target, config, allow_partial, plan, fit
-            )
+            try:
+                fit = self._cached_fit(target, config, plan, weigher, runs, num_inference_steps)
+            except _Interrupted:  # during refitting: no image is finished yet, and the fit is not cached
+                fit = None
+            if fit is not None:
+                weigher.phase = num_fit_stages  # the final sampling: its images are kept
+                self._sample(
+                    runs, [weigher.for_stage(s) for s in stages], weigher, target, config, allow_partial, plan, fit
+                )
         result = SampleResult.concat(runs.results)
         if not result.num_samples:
             result = self._empty_result(proposal, plan, result.stats)
         timings = weigher.timings(time.perf_counter() - start, runs.budget)
         result, stats = self._gather(result, timings, runs, target, config, plan)
+        stats["interrupted"] = self.interrupt
         if result.stats.budget_exhausted and not allow_partial:
             raise self._budget_error(result, target, config, num_images, stats["max_proposals"], plan)
         z = result.z
@@ -713,7 +771,7 @@ class S2MPipeline(DiffusionPipeline):
                         max_proposals=runs.remaining,
                         generator=gen,
                         allow_partial=keep_partial,
-                        callback=_ProgressCallback(bar, i * runs.size),
+                        callback=_ProgressCallback(bar, i * runs.size, stop=lambda: self.interrupt),
                         fit=fit,
                     )
                 except BudgetExhaustedError as err:
@@ -721,7 +779,7 @@ class S2MPipeline(DiffusionPipeline):
                     partial = SampleResult.concat(runs.results)
                     raise self._budget_error(partial, target, config, len(runs.share), runs.budget, plan) from err
                 runs.results.append(result)
-                if result.stats.budget_exhausted:
+                if result.stats.budget_exhausted or self.interrupt:
                     break
 
     def _empty_result(self, proposal: ProposalAdapter, plan: ClassPlan, stats: SamplerStats) -> SampleResult:
@@ -764,7 +822,13 @@ class S2MPipeline(DiffusionPipeline):
             "fit": stats.fit,  # the latent density sampled from: "prior" or "stage k" (see `fit_latent`)
             "fit_proposals": sum(stage.get("proposals", 0) for stage in stats.stages),  # 0 when the fit was cached
             "dv_strength": config.dv_strength,  # beta: the weights target p_G^(1 - beta) p_data^beta on the target
+            "negation_margin": config.negation_margin,  # lambda and kappa as used (the heads' own unless set)
+            "presence_margin": config.presence_margin,
             "mixing": stats.mixing,  # T, the bound (1 - 1/W)^T reached, W and how it was estimated, the thinning
+            # UNet calls (denoising steps) per returned image, fitting included; None for a GAN proposal
+            "unet_calls": stats.unet_calls if self.proposal_kind != "gan" else None,
+            "unet_calls_per_image": (stats.unet_calls / n if n else math.inf) if self.proposal_kind != "gan" else None,
+            "screen": stats.screen,  # delayed acceptance: the step, floor, calibration, share screened out
             "budget_exhausted": stats.budget_exhausted,
             "max_proposals": timings["max_proposals"],
             "class_label": plan.describe(),
@@ -810,12 +874,13 @@ class S2MPipeline(DiffusionPipeline):
 
 class _ProgressCallback:
     """The sampler's callback: a refitting stage advances ``weigher.phase`` (``phase`` of ``callback_on_step_end``) and
-    the fitting bar, with the stage's on-target share; a sampling round moves the images bar to the images finished."""
+    the fitting bar, with the stage's on-target share; a sampling round moves the images bar to the images finished,
+    and returns ``stop()`` (`True` stops the sampler's run: [`S2MPipeline.interrupt`])."""
 
-    def __init__(self, bar, offset: int = 0, weigher: Weigher | None = None):
-        self.bar, self.offset, self.weigher = bar, offset, weigher
+    def __init__(self, bar, offset: int = 0, weigher: Weigher | None = None, stop: Callable[[], bool] | None = None):
+        self.bar, self.offset, self.weigher, self.stop = bar, offset, weigher, stop
 
-    def __call__(self, round_: int, info: dict) -> None:
+    def __call__(self, round_: int, info: dict) -> bool:
         if "stage" in info:
             if self.weigher is not None:
                 self.weigher.phase += 1
@@ -824,6 +889,69 @@ class _ProgressCallback:
         elif "done" in info:
             self.bar.n = self.offset + info["done"]
             self.bar.refresh()
+        return bool(self.stop is not None and self.stop())
+
+
+class _Interrupted(Exception):
+    """`S2MPipeline.interrupt` set during refitting: raised out of the round, caught by `S2MPipeline.__call__`."""
+
+
+class _StepEndCallback:
+    """``callback_on_step_end`` as the weigher calls it, ``(pipe, round, phase, tensors) -> log_w``, holding the
+    contract of [`S2MPipeline.__call__`]: the user's callback sees only the tensors it asked for; of its returned
+    dict only ``"log_w"`` is used, in the final sampling; returned ``"latents"`` or ``"images"`` that differ from those
+    given are refused; an interrupt during refitting ends the call (single process only: with several, the others
+    would wait for the main process's fit)."""
+
+    def __init__(self, callback: Callable | None, inputs: list[str], num_fit_stages: int, interrupt_fit: bool):
+        self.callback, self.inputs = callback, list(inputs)
+        self.num_fit_stages, self.interrupt_fit = num_fit_stages, interrupt_fit
+
+    def __call__(self, pipe, round_: int, phase: int, tensors: dict) -> torch.Tensor:
+        log_w = tensors["log_w"]
+        returned = None
+        if self.callback is not None:
+            returned = self.callback(pipe, round_, phase, {k: tensors[k] for k in self.inputs})
+        final = phase >= self.num_fit_stages
+        if not final and self.interrupt_fit and pipe.interrupt:
+            raise _Interrupted
+        if returned is None:
+            return log_w
+        if not isinstance(returned, dict):
+            raise TypeError(
+                f"callback_on_step_end must return a dict (e.g. its callback_kwargs) or None, got {type(returned)}."
+            )
+        for name in ("latents", "images"):
+            if name in returned and not _same_tensor(returned[name], tensors[name]):
+                raise ValueError(
+                    f"callback_on_step_end returned changed {name!r}; only 'log_w' can be changed. The sampler "
+                    "accepts latents drawn from its own proposal density (the acceptance divides by that density), "
+                    "and its images are the generator's output for them: change the weights instead (return "
+                    "{'log_w': new_log_w}, -inf to veto an image)."
+                )
+        new = returned.get("log_w")
+        if new is None or not final:
+            return log_w
+        new = torch.as_tensor(new)
+        if new.shape != log_w.shape:
+            raise ValueError(
+                f"callback_on_step_end returned 'log_w' of shape {tuple(new.shape)}; the round has {log_w.shape[0]} "
+                f"proposals, so it must have shape {tuple(log_w.shape)} (one log weight per proposal, -inf off "
+                "target)."
+            )
+        return new.to(device=log_w.device, dtype=log_w.dtype)
+
+
+def _same_tensor(value, original) -> bool:
+    """Whether a value a callback returned is the tensor it was given (or equal to it)."""
+    if value is original:
+        return True
+    return (
+        isinstance(value, torch.Tensor)
+        and isinstance(original, torch.Tensor)
+        and value.shape == original.shape
+        and torch.equal(value.to(original.device, original.dtype), original)
+    )
 
 
 class _SilentBar(contextlib.nullcontext):

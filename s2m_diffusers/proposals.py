@@ -4,7 +4,8 @@ S2M samples in latent space: a proposal is a deterministic map ``x = G(z)`` from
 an image, and ``z`` is *all* the randomness of one sample. Each adapter wraps one kind of generator:
 
 - [`DDIMProposal`]: a diffusers `UNet2DModel` with its scheduler, run as DDIM with ``eta = 0``; the latent is the
-  initial noise ``x_T`` `(C, H, W)`.
+  initial noise ``x_T`` `(C, H, W)`. It can stop after a step and resume (``start``, ``finish``, ``generate_views``),
+  which screening needs (`S2MSamplingConfig.screen`); a [`PipelineProposal`] cannot, and is never screened.
 - [`PipelineProposal`]: any diffusers pipeline that accepts ``latents=`` and ``output_type="pt"`` (e.g.
   text-to-image with a fixed prompt, decoded by its VAE); the latent is the pipeline's initial latents.
 - [`GeneratorProposal`]: a GAN generator, [`~s2m_diffusers.models.gan.DCGANGenerator`] or any `ModelMixin` whose
@@ -151,6 +152,10 @@ class ProposalAdapter:
     # how far beyond [-1, 1] the first micro-batch's images may reach before the generator is taken to work in
     # another range (values within it are clamped); `None`: no check
     range_tolerance: float | None = 0.1
+    # Screening (`S2MSamplingConfig.screen`): the denoising steps of one image (`None`: not a diffusion model), and why
+    # the adapter cannot stop after a step and resume (`None`: it can, with `start`, `finish` and `generate_views`).
+    num_steps: int | None = None
+    screen_unavailable: str | None = "a GAN generator has no denoising steps to screen after."
 
     # --- what subclasses provide -----------------------------------------------------------------------------
     @property
@@ -404,6 +409,7 @@ class DDIMProposal(ProposalAdapter):
     # no range check: a diffusion model's last step overshoots [-1, 1] (an untrained or lightly trained one by far),
     # and diffusers' pipelines clamp it, as `generate` does
     range_tolerance = None
+    screen_unavailable = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -416,18 +422,90 @@ class DDIMProposal(ProposalAdapter):
     def _models(self) -> list[nn.Module]:
         return [self.unet]
 
+    @property
+    def num_steps(self) -> int:
+        """``K``: the UNet calls of one image."""
+        return self.num_inference_steps
+
     def _generate(self, latents: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        return self._denoise(self._initial(latents), class_labels, 0, self.num_steps)[0].float()
+
+    def _initial(self, latents: torch.Tensor) -> torch.Tensor:
         device, dtype = execution_device(self.unet), module_device_dtype(self.unet)[1]
-        x = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma  # (B, C, H, W)
-        labels = None if class_labels is None else class_labels.to(device)
-        channels = x.shape[1]
-        for t in self.scheduler.timesteps:
+        return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma  # (B, C, H, W)
+
+    def _denoise(
+        self, x: torch.Tensor, class_labels: torch.Tensor | None, first: int, last: int, views: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """DDIM steps ``first .. last - 1`` from the sample ``x`` `(B, C, H, W)`: the sample after them, and the
+        predicted clean image (``pred_original_sample``, clamped to [-1, 1]) after ``s`` steps for each ``s`` in
+        ``views``."""
+        labels = None if class_labels is None else class_labels.to(x.device)
+        channels, seen = x.shape[1], {}
+        for i in range(first, last):
+            t = self.scheduler.timesteps[i]
             model_input = self.scheduler.scale_model_input(x, t)
             model_output = self.unet(model_input, t, class_labels=labels).sample
             if model_output.shape[1] == 2 * channels:  # a learned-variance model: keep the mean prediction
                 model_output = model_output[:, :channels]
-            x = self.scheduler.step(model_output, t, x, eta=0.0).prev_sample
-        return x.float()
+            out = self.scheduler.step(model_output, t, x, eta=0.0)
+            x = out.prev_sample
+            if i + 1 in views:
+                seen[i + 1] = out.pred_original_sample.float().clamp(-1.0, 1.0)
+        return x, seen
+
+    # --- screening (delayed acceptance, `s2m_diffusers.sampling.sample_imh`): stop after a step, resume later -------
+    @torch.no_grad()
+    def generate_views(
+        self, latents: torch.Tensor, class_labels: torch.Tensor | None = None, steps: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """As [`generate`], and the predicted clean image after each of ``steps`` (of the K) steps `(n, C, H, W)`."""
+        images, views = [], {s: [] for s in steps}
+        for chunk, labels in self._chunks(latents, class_labels):
+            x, seen = self._denoise(self._initial(chunk), labels, 0, self.num_steps, steps)
+            images.append(self._checked(x.float()).clamp(-1.0, 1.0))
+            for s in steps:
+                views[s].append(seen[s])
+        return torch.cat(images), {s: torch.cat(v) for s, v in views.items()}
+
+    @torch.no_grad()
+    def start(
+        self, latents: torch.Tensor, class_labels: torch.Tensor | None, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``step`` DDIM steps: the intermediate samples `(n, C, H, W)` (to resume from with [`finish`]) and
+        the predicted clean images after them `(n, C, H, W)` in [-1, 1]."""
+        self._check_step(step)
+        states, views = [], []
+        for chunk, labels in self._chunks(latents, class_labels):
+            x, seen = self._denoise(self._initial(chunk), labels, 0, step, (step,))
+            states.append(x)
+            views.append(seen[step])
+        return torch.cat(states), torch.cat(views)
+
+    @torch.no_grad()
+    def finish(self, states: torch.Tensor, class_labels: torch.Tensor | None, step: int) -> torch.Tensor:
+        """The remaining ``K - step`` steps from [`start`]'s intermediate samples: images `(n, C, H, W)` in [-1, 1],
+        equal to [`generate`]'s for the same latents."""
+        self._check_step(step)
+        images = []
+        for chunk, labels in self._chunks(states, class_labels, check=False):
+            images.append(self._checked(self._denoise(chunk, labels, step, self.num_steps)[0].float()).clamp(-1, 1))
+        return torch.cat(images)
+
+    def _check_step(self, step: int) -> None:
+        if not (isinstance(step, int) and 1 <= step < self.num_steps):
+            raise ValueError(f"A screen step must lie in 1..{self.num_steps - 1} (of {self.num_steps}), got {step!r}.")
+
+    def _chunks(self, latents: torch.Tensor, class_labels: torch.Tensor | None, check: bool = True):
+        """``(micro-batch, its labels)`` pairs, in `eval()` mode, with the latents checked as [`generate`] checks
+        them."""
+        if check and tuple(latents.shape[1:]) != self.latent_shape:
+            raise ValueError(f"{type(self).__name__} expects latents of shape (n, {self.latent_shape}).")
+        class_labels = self._check_labels(class_labels, latents.shape[0])
+        with eval_mode(*self._models()):
+            for start in range(0, latents.shape[0], self.micro_batch_size):
+                labels = None if class_labels is None else class_labels[start : start + self.micro_batch_size]
+                yield latents[start : start + self.micro_batch_size], labels
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -505,6 +583,18 @@ class PipelineProposal(ProposalAdapter):
         if num_inference_steps is not None:
             self.pipeline_kwargs["num_inference_steps"] = int(num_inference_steps)
         self.output_range = _check_output_range(output_range)
+        steps = self.pipeline_kwargs.get("num_inference_steps", self.parameters.get("num_inference_steps"))
+        steps = getattr(steps, "default", steps)
+        self.num_steps = int(steps) if isinstance(steps, int) and not isinstance(steps, bool) else None
+
+    # A diffusers pipeline runs its denoising loop to the end in one call: its step callback shows the latents, but
+    # not the predicted clean image, and the loop cannot be resumed from a step; so a wrapped pipeline is not screened
+    # (`screen="auto"` samples without; a given step is refused with this reason).
+    screen_unavailable = (
+        "a wrapped diffusers pipeline (PipelineProposal) runs its denoising loop to the end in one call and cannot "
+        "be stopped after a step and resumed: screening needs a UNet and scheduler proposal (`unet=`, `scheduler=`, "
+        "or S2MPipeline.from_pipe on a pipeline with a pixel-space UNet2DModel)."
+    )
 
     @property
     def device(self) -> torch.device:
@@ -807,7 +897,7 @@ def _class_index(class_label: int | str, names: tuple[str, ...]) -> int:
 
 def standard_normal_cdf(u: torch.Tensor) -> torch.Tensor:
     """``Phi(u)``, the standard normal CDF (used to turn one latent coordinate into a class draw)."""
-    return 0.5 * (1.0 + torch.erf(u / math.sqrt(2.0)))
+    return torch.special.ndtr(u)
 
 
 def check_components(heads, gan, unet, scheduler, proposal_pipeline, need_heads: bool = True) -> None:

@@ -29,6 +29,10 @@ Three entry points:
 - [`sample_s2m`]: ours with latent refitting: fit ``q`` to on-target latents, stage by stage (one more
   literal of the target each stage; [`fit_stage`]), then [`sample_imh`] with the last fit.
 
+For a diffusion proposal, [`sample_imh`] can screen each proposal on its predicted clean image part-way through the
+denoising (``screen``; delayed acceptance, Christen and Fox 2005): a proposal rejected there stops denoising, and a
+second stage corrects with the true weight, so the chain's target is unchanged ([`calibrate_screen`] picks the step).
+
 Its settings are one dataclass, [`S2MSamplingConfig`]; the acceptance itself is `s2m_diffusers.maths.imh_accept`.
 """
 
@@ -58,6 +62,7 @@ __all__ = [
     "budget_error",
     "sample_official",
     "sample_imh",
+    "calibrate_screen",
     "fit_stage",
     "LatentFit",
     "fit_latent",
@@ -71,7 +76,13 @@ Callback = Callable[[int, dict], None]
 
 REFIT_MODES = ("off", "once", "sequential")
 # Settings for which `None` is a value of its own, not "keep the default" (see `S2MSamplingConfig.resolve`).
-_NONE_IS_A_VALUE = ("class_label", "mixing_tolerance")
+_NONE_IS_A_VALUE = ("class_label", "mixing_tolerance", "screen")
+# Screening (delayed acceptance, `sample_imh`): the candidate screen steps "auto" calibrates, as shares of the K steps,
+# and the floors it tries for the surrogate's log ratio, as quantiles of its values on the pilot's on-target draws.
+_SCREEN_SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+_SCREEN_FLOOR_QUANTILES = (0.02, 0.1, 0.25, 0.5)
+# "auto" screens only where the calibration predicts at most this share of the unscreened UNet calls per sample.
+_SCREEN_MAX_COST = 0.9
 # Two samples of one chain are this many steps apart that the chain has moved in between with probability
 # 1 - _STUCK_SHARE at the observed acceptance rate (see `_MixingBound.thinning`).
 _STUCK_SHARE = 0.05
@@ -94,10 +105,11 @@ class S2MSamplingConfig:
     How the target is read from the heads (spec §3):
 
     - ``negation_margin`` (`float`, *optional*): ``lambda >= 1``; a forbidden attribute must stay below ``1/lambda``
-      of the image's strongest. `None`: the heads' own (``S2MHeads.config.negation_margin``, by default
-      `s2m_diffusers.maths.DEFAULT_NEGATION_MARGIN`). 1 is the paper's formula.
-    - ``presence_margin`` (`float`, defaults to 0.0): ``kappa`` in [0, 1]; a required attribute counts only where
-      it comes within ``kappa`` of the strongest. Exact heads are unchanged by it; 0 is the paper's formula.
+      of the image's strongest. `None`: the heads' own (``S2MHeads.config.negation_margin``, chosen from data by
+      training: `s2m_diffusers.calibration.choose_margins`). 1 is the paper's formula.
+    - ``presence_margin`` (`float`, *optional*): ``kappa`` in [0, 1]; a required attribute counts only where it
+      comes within ``kappa`` of the strongest. `None`: the heads' own (chosen from data by training), else 0.
+      Exact heads are unchanged by it; 0 is the paper's formula.
     - ``dr_temperature`` (`float`, `"auto"` or `None`): read ``D_r`` as ``softmax(log D_r / T)``
       (`s2m_diffusers.maths.temper_dr`; exact heads are unchanged). `None` = 1; ``"auto"`` sharpens pure
       conjunctions of two or more attributes (`s2m_diffusers.maths.auto_dr_temperature`). Every refitting stage
@@ -108,11 +120,12 @@ class S2MSamplingConfig:
       every sample is generated with (with the ``D_f`` correction). ``"auto"``: the first attribute the target
       requires at its top level when the heads have ``D_f``, else the class is drawn from ``p_G(c)`` by one extra
       latent coordinate (no ``D_f`` needed); `None` always draws it.
-    - ``dv_strength`` (`float` or `"auto"`, defaults to 1.0): ``beta`` in [0, 1], the weight of ``logit D_v``: the
-      sampler targets ``p_G^(1 - beta) p_data^beta`` restricted to the combination (`s2m_diffusers.maths.dv_strength`);
-      1 is the paper's target. ``"auto"``: the heads' own ``dv_strength`` when their config has one, else the largest
-      ``beta`` whose weights keep an effective sample size of 10% of the on-target samples among up to 2,048 generated
-      ones (measured once per target and settings, its proposals counted in the call).
+    - ``dv_strength`` (`float`, `"auto"` or `None`): ``beta`` in [0, 1], the weight of ``logit D_v``: the sampler
+      targets ``p_G^(1 - beta) p_data^beta`` restricted to the combination (`s2m_diffusers.maths.dv_strength`); 1 is
+      the paper's target. `None`: the heads' own (chosen by training: the largest ``beta`` whose weights keep an
+      effective sample size of 10% over held-out generated images), else 1. ``"auto"``: measured for this target,
+      the largest ``beta`` whose weights keep an effective sample size of 10% of the on-target samples among up to
+      2,048 generated ones (once per target and settings, its proposals counted in the call).
 
     The sampler (spec §5-6):
 
@@ -138,6 +151,14 @@ class S2MSamplingConfig:
     - ``fit_seed`` (`int`, defaults to 0): the pipeline fits with its own generator seeded by this, so that a fit is a
       function of the target and the settings alone and a call returns the same images whether it fitted or reused
       a fit.
+    - ``screen`` (`int`, `"auto"` or `None`, defaults to `None`): delayed-acceptance screening of diffusion proposals
+      (Christen and Fox, 2005; [`sample_imh`]). After ``screen`` of the K denoising steps the heads judge the predicted
+      clean image (``pred_original_sample``); a proposal rejected there stops denoising, and the acceptance is
+      corrected at the end by the ratio of the true weight to the surrogate's, so the chain's target is unchanged.
+      ``"auto"`` chooses the step, and the floor that keeps the surrogate positive, from the fit's pilot (the one
+      whose UNet calls per sample it predicts lowest), and screens only where that saves at least 10%; `None` (or
+      ``"off"``) never screens. A no-op for proposals without denoising steps (GANs) and for pipelines that cannot be
+      stopped and resumed at a step.
     - ``rank`` (`int`, defaults to 32), ``n_components`` (defaults to ``(1, 2, 4, 8)``), ``defensive`` (defaults to
       0.1), ``covariance_scale`` (defaults to 2.0): the refitted density, see
       `s2m_diffusers.densities.LowRankGaussianMixture.fit`. ``covariance_scale=2.0`` (a proposal wider than the fit)
@@ -145,11 +166,11 @@ class S2MSamplingConfig:
     """
 
     negation_margin: float | None = None
-    presence_margin: float = 0.0
+    presence_margin: float | None = None
     dr_temperature: float | str | None = None
     priors: tuple[float, ...] | None = None
     class_label: int | str | None = "auto"
-    dv_strength: float | str = 1.0
+    dv_strength: float | str | None = None
     refit: str = "sequential"
     mixing_tolerance: float | None = 0.01
     steps_after_entry: int = 1
@@ -164,6 +185,7 @@ class S2MSamplingConfig:
     n_components: int | tuple[int, ...] = (1, 2, 4, 8)
     defensive: float = 0.1
     covariance_scale: float = 2.0
+    screen: int | str | None = None
 
     def __post_init__(self) -> None:
         if self.refit not in REFIT_MODES:
@@ -186,12 +208,14 @@ class S2MSamplingConfig:
             _check_positive(name, getattr(self, name), allow_none=name in ("num_chains", "fit_batch"))
         if self.negation_margin is not None and not self.negation_margin >= 1.0:
             raise ValueError(f"negation_margin must be >= 1 (1 is the paper's formula), got {self.negation_margin}.")
-        if not 0.0 <= self.presence_margin <= 1.0:
+        if self.presence_margin is not None and not 0.0 <= self.presence_margin <= 1.0:
             raise ValueError(
                 f"presence_margin must lie in [0, 1] (0 is the paper's formula), got {self.presence_margin}."
             )
         b = self.dv_strength
-        if not (b == "auto" or (isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b <= 1.0)):
+        if not (
+            b is None or b == "auto" or (isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b <= 1.0)
+        ):
             raise ValueError(f"dv_strength must be 'auto' or a number in [0, 1] (1 is the paper's target), got {b!r}.")
         t = self.dr_temperature
         if not (t is None or t == "auto" or (isinstance(t, int | float) and not isinstance(t, bool) and t > 0)):
@@ -201,6 +225,14 @@ class S2MSamplingConfig:
             )
         if self.priors is not None:
             object.__setattr__(self, "priors", tuple(float(p) for p in self.priors))
+        if self.screen == "off":
+            object.__setattr__(self, "screen", None)
+        sc = self.screen
+        if not (sc is None or sc == "auto" or (isinstance(sc, int) and not isinstance(sc, bool) and sc >= 1)):
+            raise ValueError(
+                f"screen must be None (or 'off'), 'auto' or a positive number of denoising steps after which the "
+                f"heads screen a proposal on its predicted clean image, got {sc!r}."
+            )
 
     def replace(self, **overrides: Any) -> S2MSamplingConfig:
         """A copy with some fields changed; an unknown name is an error that lists the fields."""
@@ -236,9 +268,12 @@ class S2MSamplingConfig:
 
 @dataclass
 class SamplerStats:
-    """Diagnostics of one sampler call (spec §5). ``proposals`` counts generator calls (one per latent)."""
+    """Diagnostics of one sampler call (spec §5). ``proposals`` counts generator calls (one per latent), ``unet_calls``
+    the denoising steps they ran (latents times steps; 0 for a generator without steps), ``screen`` the delayed
+    acceptance of the final sampling (see [`sample_imh`]; empty when it did not screen)."""
 
     proposals: int = 0
+    unet_calls: int = 0
     accepted: int = 0
     rounds: int = 0
     num_returned: int = 0
@@ -252,6 +287,7 @@ class SamplerStats:
     stages: list[dict] = field(default_factory=list)
     mixing: dict = field(default_factory=dict)  # the final sampling's bound: see `sample_imh`
     fit: str = ""  # the latent density the final sampling used: "prior" or "stage k" (see `fit_latent`)
+    screen: dict = field(default_factory=dict)  # the final sampling's screen: see `sample_imh`
 
     @property
     def acceptance_rate(self) -> float:
@@ -276,6 +312,8 @@ class SamplerStats:
             elif name == "mixing":  # the worst bound of the parts that sampled
                 sampled = [p.mixing for p in parts if p.mixing]
                 out.mixing = max(sampled, key=lambda m: m.get("bound") or 0.0) if sampled else {}
+            elif name == "screen":  # the screens of the parts that screened, their counts summed
+                out.screen = _merge_screens([p.screen for p in parts if p.screen])
             elif name == "fit":
                 out.fit = next((p.fit for p in reversed(parts) if p.fit), "")
             else:
@@ -291,6 +329,7 @@ class ChainState:
     x: Any  # (B, ...) samples
     log_w: torch.Tensor  # (B,)
     log_ratio: torch.Tensor  # (B,)
+    log_ratio_s: torch.Tensor | None = None  # (B, S): the surrogate's log ratios at S screen steps (pilots only)
 
 
 @dataclass
@@ -408,16 +447,69 @@ def _select(mask: torch.Tensor, new: Any, old: Any) -> Any:
     return torch.where(m, new, old)
 
 
-def _propose(evaluate: Evaluate, q, n: int, generator, stats: SamplerStats) -> ChainState:
-    """Draw ``n`` latents from ``q``, run ``evaluate`` on them, and give their chain states."""
+def _propose(
+    evaluate: Evaluate, q, n: int, generator, stats: SamplerStats, views: Sequence[int] | None = None
+) -> ChainState:
+    """Draw ``n`` latents from ``q``, run ``evaluate`` on them, and give their chain states; with ``views`` (screen
+    steps), also the surrogate's log ratios at those steps (``evaluate.views``, see [`sample_imh`])."""
     z = q.sample(n, generator=generator)
     t0 = time.perf_counter()
-    x, log_w = evaluate(z)
+    if views:
+        x, log_w, log_w_s = evaluate.views(z, list(views))
+    else:
+        x, log_w = evaluate(z)
     stats.seconds_evaluate += time.perf_counter() - t0
     stats.proposals += n
+    stats.unet_calls += n * _num_steps(evaluate)
     log_w = log_w.to(torch.float64)
-    log_ratio = log_w + q.log_prior_ratio(z).to(log_w.device, torch.float64)
-    return ChainState(z, x, log_w, log_ratio)
+    correction = q.log_prior_ratio(z).to(log_w.device, torch.float64)
+    state = ChainState(z, x, log_w, log_w + correction)
+    if views:
+        state.log_ratio_s = log_w_s.to(torch.float64).cpu() + correction.cpu()[:, None]
+    return state
+
+
+def _num_steps(evaluate: Evaluate) -> int:
+    """The denoising steps (UNet calls) of one proposal of ``evaluate``: its ``num_steps``, 0 when it has none."""
+    return int(getattr(evaluate, "num_steps", None) or 0)
+
+
+def _screen_steps(evaluate: Evaluate, config: S2MSamplingConfig) -> list[int]:
+    """The screen steps to calibrate for ``evaluate`` under ``config.screen`` (none when it does not screen).
+
+    Raises:
+        ValueError: an int ``screen`` that the proposal cannot screen at (no steps, a pipeline that cannot be stopped
+            and resumed, or a step at or past its last).
+    """
+    if config.screen is None:
+        return []
+    k = _num_steps(evaluate)
+    why = _cannot_screen(evaluate)
+    if why is not None:
+        if config.screen == "auto":
+            return []
+        raise ValueError(f"screen={config.screen!r} was asked for, but {why} Use screen=None (or 'auto').")
+    if config.screen == "auto":
+        return sorted({min(k - 1, max(1, round(share * k))) for share in _SCREEN_SHARES})
+    if not config.screen < k:
+        raise ValueError(
+            f"screen={config.screen} must be below the proposal's {k} denoising steps (the heads screen the "
+            "predicted clean image after that many steps, and the rest are skipped for proposals screened out): "
+            f"pick 1..{k - 1}."
+        )
+    return [int(config.screen)]
+
+
+def _cannot_screen(evaluate: Evaluate) -> str | None:
+    """Why ``evaluate`` cannot screen its proposals, or `None` when it can (``start``/``finish``/``views``)."""
+    if all(callable(getattr(evaluate, name, None)) for name in ("start", "finish", "views")):
+        return (
+            None if _num_steps(evaluate) >= 2 else "the proposal has fewer than 2 denoising steps to screen between."
+        )
+    return getattr(evaluate, "screen_unavailable", None) or (
+        "this proposal cannot be stopped after a denoising step and resumed (a GAN, or an evaluate function without "
+        "start/finish/views)."
+    )
 
 
 def _finish(result: SampleResult, start: float) -> SampleResult:
@@ -474,7 +566,8 @@ def sample_official(
     for step in range(num_steps):
         new = _propose(evaluate, p_z, num_chains, generator, stats)
         accept = imh_accept(state.log_ratio, new.log_ratio, generator)
-        state = ChainState(*(_select(accept, a, b) for a, b in zip(vars(new).values(), vars(state).values())))
+        names = ("z", "x", "log_w", "log_ratio")
+        state = ChainState(*(_select(accept, getattr(new, k), getattr(state, k)) for k in names))
         ever |= torch.isfinite(state.log_w)
         stats.accepted += int(accept.sum())
         stats.rounds += 1
@@ -503,25 +596,70 @@ class _MixingBound:
         self.steps = min_steps
         self.log_sum, self.log_max, self.seen = -math.inf, -math.inf, 0  # running log-sum-exp and max of pi / q
         self.moves, self.tries = 0, 0  # MH steps of entered chains that moved, and all such steps
+        # Delayed acceptance (a screen): running log-sum-exp and max of the surrogate's ratio over the proposals, and
+        # the max of the true ratio over the surrogate's among the fully evaluated ones.
+        self.screened, self.seen_s = False, 0
+        self.log_sum_s, self.log_max_s, self.log_max_rho = -math.inf, -math.inf, -math.inf
 
-    def update(self, log_ratio: torch.Tensor) -> int:
-        """Add proposals' log ratios to the estimate of ``W``; returns ``T``."""
-        finite = log_ratio[torch.isfinite(log_ratio)].double().cpu()
-        self.seen += log_ratio.numel()
-        if finite.numel():
+    def update(
+        self,
+        log_ratio: torch.Tensor,
+        log_ratio_s: torch.Tensor | None = None,
+        log_pass: torch.Tensor | None = None,
+        log_ratio_s_all: torch.Tensor | None = None,
+    ) -> int:
+        """Add proposals' log ratios to the estimate of ``W``; returns ``T``.
+
+        Under a screen, ``log_ratio`` holds the fully evaluated proposals only, ``log_ratio_s`` their (floored)
+        surrogate log ratios, ``log_pass`` the log probability that each passed the screen (its mean ``pi / q`` is
+        then a Horvitz-Thompson estimate over all proposals), and ``log_ratio_s_all`` the surrogate's log ratios of
+        every proposal of the round, screened out or not."""
+        log_ratio = log_ratio.double().cpu()
+        weighted = log_ratio if log_pass is None else log_ratio - log_pass.double().cpu()
+        keep = torch.isfinite(weighted)
+        self.seen += log_ratio.numel() if log_ratio_s_all is None else log_ratio_s_all.numel()
+        if keep.any():
+            finite = weighted[keep]
             self.log_sum = float(torch.logsumexp(torch.cat([finite, finite.new_tensor([self.log_sum])]), 0))
-            self.log_max = max(self.log_max, float(finite.max()))
+            self.log_max = max(self.log_max, float(log_ratio[keep].max()))
+        if log_ratio_s_all is not None:
+            self.screened = True
+            all_s = log_ratio_s_all.double().cpu()
+            self.seen_s += all_s.numel()
+            if all_s.numel():
+                self.log_sum_s = _log_add(self.log_sum_s, float(torch.logsumexp(all_s, 0)))
+                self.log_max_s = max(self.log_max_s, float(all_s.max()))
+            rho = log_ratio - log_ratio_s.double().cpu()
+            if torch.isfinite(rho).any():
+                self.log_max_rho = max(self.log_max_rho, float(rho[torch.isfinite(rho)].max()))
         if self.tolerance is not None and self.log_max > -math.inf:
-            w = self.w_estimate
+            w = self.w_bound
             wanted = math.ceil(math.log(self.tolerance) / math.log1p(-1 / w)) if w > 1 else 1
             self.steps = max(self.min_steps, min(wanted, self.max_steps))
         return self.steps
 
     @property
     def w_estimate(self) -> float:
+        """``W = sup pi / q`` over its mean."""
         if self.log_max == -math.inf:
             return math.inf
         return math.exp(self.log_max - (self.log_sum - math.log(self.seen)))
+
+    @property
+    def w_bound(self) -> float:
+        """The ``W`` of the bound: ``W`` itself, or under a screen ``sup(pi_s / q) * sup(pi / pi_s)`` over the mean of
+        ``pi / q``: the delayed-acceptance kernel moves to ``z'`` with at least ``q(z') min(1, r_s) min(1, rho)``,
+        which is at least ``pi(z') / W_bound`` (Christen and Fox's kernel is uniformly ergodic at that rate)."""
+        if not self.screened:
+            return self.w_estimate
+        if self.log_max == -math.inf or self.log_max_rho == -math.inf:
+            return math.inf
+        return math.exp(self.log_max_s + self.log_max_rho - (self.log_sum - math.log(self.seen)))
+
+    @property
+    def log_mean_s(self) -> float:
+        """``log`` of the mean surrogate ratio of the proposals seen: the screen's bar for a chain not yet entered."""
+        return self.log_sum_s - math.log(self.seen_s) if self.seen_s else -math.inf
 
     @property
     def ready(self) -> bool:
@@ -536,8 +674,8 @@ class _MixingBound:
         return max(1, min(k, self.steps))
 
     def report(self) -> dict:
-        w = self.w_estimate
-        return {
+        w = self.w_bound
+        out = {
             "tolerance": self.tolerance,
             "steps_after_entry": self.steps,
             "bound": (1 - 1 / w) ** self.steps if math.isfinite(w) and w >= 1 else None,
@@ -546,6 +684,23 @@ class _MixingBound:
             "thinning": self.thinning,
             "acceptance_after_entry": self.moves / self.tries if self.tries else None,
         }
+        if self.screened:
+            full = self.w_estimate
+            out["w_estimated_from"] = (
+                f"delayed acceptance: max of the surrogate's ratio times max of the true-to-surrogate ratio, over the "
+                f"mean importance ratio (Horvitz-Thompson over the screen) of {self.seen} proposals"
+            )
+            out["w_unscreened_estimate"] = full if math.isfinite(full) else None
+        return out
+
+
+def _log_add(a: float, b: float) -> float:
+    """``log(exp(a) + exp(b))``."""
+    if a == -math.inf:
+        return b
+    if b == -math.inf:
+        return a
+    return max(a, b) + math.log1p(math.exp(-abs(a - b)))
 
 
 class _ChainPool:
@@ -561,6 +716,7 @@ class _ChainPool:
         self.owed = torch.zeros(size, dtype=torch.long)
         self.last = torch.zeros(size, dtype=torch.long)  # step of the last returned sample, -1: none yet
         self.ids = torch.zeros(size, dtype=torch.long)  # the chain in each slot, numbered in the order started
+        self.log_ratio_s = torch.full((size,), -math.inf, dtype=torch.float64)  # the surrogate's, under a screen
         self.started = 0
 
     def start_chains(self, outstanding: int, per_chain: int) -> int:
@@ -595,12 +751,30 @@ class _ChainPool:
         state, steps = self.state, self.steps
         cur_ratio = torch.where(steps[active] >= 0, state.log_ratio[active].cpu(), -math.inf).to(new.log_ratio)
         accept = imh_accept(cur_ratio, new.log_ratio, generator).cpu()
+        rows = ChainState(
+            *(getattr(new, k)[accept.to(getattr(new, k).device)] for k in ("z", "x", "log_w", "log_ratio"))
+        )
+        return self.move(active, accept, rows)
+
+    def move(
+        self, active: torch.Tensor, accept: torch.Tensor, rows: ChainState, log_ratio_s: torch.Tensor | None = None
+    ) -> tuple[int, int, int, int]:
+        """Every ``active`` chain has taken one MH step; those where ``accept`` moved to ``rows`` (the accepted
+        proposals, in order), with the surrogate's log ratios ``log_ratio_s`` under a screen.
+
+        Returns:
+            (accepted, entered now, entered chains that stepped, of those the ones that moved).
+        """
+        state, steps = self.state, self.steps
         was_in = steps[active] >= 0
         entered_now = accept & ~was_in
         idx = active[accept]
-        for name in ("z", "x", "log_w", "log_ratio"):
-            mine, theirs = getattr(state, name), getattr(new, name)
-            mine[idx.to(mine.device)] = theirs[accept.to(theirs.device)]
+        if idx.numel():
+            for name in ("z", "x", "log_w", "log_ratio"):
+                mine = getattr(state, name)
+                mine[idx.to(mine.device)] = getattr(rows, name).to(mine.device)
+            if log_ratio_s is not None:
+                self.log_ratio_s[idx] = log_ratio_s.cpu()
         # A chain that entered this round has taken 0 steps after entry; others advance by one.
         steps[active] = torch.where(was_in, steps[active] + 1, torch.where(entered_now, 0, -1))
         return int(accept.sum()), int(entered_now.sum()), int(was_in.sum()), int((accept & was_in).sum())
@@ -627,6 +801,246 @@ class _ChainPool:
         return out, ids
 
 
+def _steps_for(w: float, config: S2MSamplingConfig) -> int:
+    """``T`` of [`_MixingBound`] for a given ``W``."""
+    if config.mixing_tolerance is None or not math.isfinite(w):
+        return config.steps_after_entry if config.mixing_tolerance is None else config.max_steps_after_entry
+    wanted = math.ceil(math.log(config.mixing_tolerance) / math.log1p(-1 / w)) if w > 1 else 1
+    return max(config.steps_after_entry, min(wanted, config.max_steps_after_entry))
+
+
+def _thinning_for(rate: float, steps: int) -> int:
+    """The thinning of [`_MixingBound`] at an acceptance rate."""
+    if rate >= 1.0:
+        return 1
+    k = math.ceil(math.log(_STUCK_SHARE) / math.log1p(-rate)) if rate > 0 else steps
+    return max(1, min(k, steps))
+
+
+def _pair_means(p: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor | None = None) -> float:
+    """``sum_i p_i mean_j min(1, exp(a_j - a_i)) [min(1, exp(b_j - b_i))]``: an acceptance probability with the current
+    state ``i`` drawn from ``p`` and the proposal ``j`` uniform over the same draws."""
+    i = p > 0
+    acc = torch.clamp(log_a[None, :] - log_a[i][:, None], max=0.0).nan_to_num(nan=-math.inf).exp()  # (I, n)
+    if log_b is not None:
+        acc = acc * torch.clamp(log_b[None, :] - log_b[i][:, None], max=0.0).nan_to_num(nan=-math.inf).exp()
+    return float((p[i] * acc.mean(1)).sum())
+
+
+def calibrate_screen(
+    log_ratio: torch.Tensor,
+    log_ratio_s: torch.Tensor,
+    steps: Sequence[int],
+    num_steps: int,
+    config: S2MSamplingConfig,
+) -> dict:
+    """Choose the screen step and the surrogate's floor from a pilot of ``n`` fully evaluated draws of ``q``.
+
+    For each candidate step ``s`` and floor ``f`` (a quantile of the surrogate's finite log ratios at ``s``) it
+    predicts the UNet calls per chain, against the unscreened sampler's, from the pilot alone: a chain pays its entry,
+    then ``T + (samples_per_chain - 1) * thinning`` MH steps, each of ``s + P(pass) (K - s)`` UNet calls (``K``
+    unscreened), with ``T`` from the bound of [`_MixingBound`] (under the screen ``W_bound``, at least ``W`` times the
+    surrogate's range ``max r_s / f``: a screen saves only where ``T`` is capped by ``max_steps_after_entry`` either
+    way, or the surrogate is nearly flat), the thinning from the acceptance rate, and the pass and acceptance
+    probabilities averaged over current states drawn from the pilot reweighted to the target and proposals drawn
+    from the pilot.
+
+    Args:
+        log_ratio (`torch.Tensor` of shape `(n,)`): ``log w + log p_z - log q`` of the pilot (``-inf`` off target).
+        log_ratio_s (`torch.Tensor` of shape `(n, S)`): the surrogate's log ratios at the ``S`` candidate ``steps``
+            (``-inf`` where it is 0).
+        steps (`Sequence[int]`): the candidate steps.
+        num_steps (`int`): ``K``.
+        config ([`S2MSamplingConfig`]): the tolerance, the steps and the samples per chain.
+
+    Returns:
+        `dict`: ``step`` and ``log_floor`` of the cheapest candidate, ``predicted_cost`` (its UNet calls over the
+        unscreened sampler's), ``agreement`` (Spearman correlation of surrogate and true log ratio over the pilot's
+        on-target draws at that step), ``on_target_seen`` (share of those the unfloored surrogate put on the target),
+        and ``candidates`` (the best predicted cost of each step).
+    """
+    lr = log_ratio.double().cpu()
+    ls_all = log_ratio_s.double().cpu()
+    n, k, per_chain = lr.numel(), num_steps, config.samples_per_chain
+    on = torch.isfinite(lr)
+    if not on.any():
+        return {"step": None, "reason": "no pilot draw on the target"}
+    p = torch.softmax(torch.where(on, lr, -math.inf), 0)  # current states: the pilot reweighted to the target
+    log_z = float(torch.logsumexp(lr[on], 0)) - math.log(n)
+    share_on = float(on.double().mean())
+
+    def chain_cost(w: float, rate: float, entry: float, per_step: float) -> float:
+        t = _steps_for(w, config)
+        return entry + (t + (per_chain - 1) * _thinning_for(rate, t)) * per_step
+
+    rate = _pair_means(p, lr)
+    w_unscreened = math.exp(float(lr[on].max()) - log_z)
+    base, base_steps = chain_cost(w_unscreened, rate, k / share_on, k), _steps_for(w_unscreened, config)
+    best, candidates = None, []
+    for col, step in enumerate(steps):
+        raw = ls_all[:, col]
+        finite = torch.isfinite(raw)
+        if not finite.any():
+            continue
+        step_best = None
+        seen = torch.isfinite(raw) & on  # floors among the on-target draws' surrogates, which decide sup(r / r_s)
+        for quantile in _SCREEN_FLOOR_QUANTILES:
+            floor = float(torch.quantile(raw[seen if seen.any() else finite], quantile))
+            ls = torch.clamp(raw, min=floor)
+            rho = lr - ls
+            w = math.exp(float(ls.max()) + float(rho[on].max()) - log_z)  # W_bound = sup r_s sup(r / r_s) / E r
+            pass_rate = _pair_means(p, ls)
+            da_rate = _pair_means(p, ls, rho)
+            entry_pass = torch.clamp(ls - float(torch.logsumexp(ls, 0) - math.log(n)), max=0.0).exp()
+            enter = float((entry_pass * on).mean())
+            entry = (step + float(entry_pass.mean()) * (k - step)) / enter if enter > 0 else math.inf
+            if _steps_for(w, config) == config.max_steps_after_entry > base_steps and config.screen == "auto":
+                continue  # it would lengthen the chains past the cap that the unscreened bound stays under
+            cost = chain_cost(w, da_rate, entry, step + pass_rate * (k - step)) / base
+            if step_best is None or cost < step_best[0]:
+                step_best = (cost, floor)
+        if step_best is None:
+            continue
+        candidates.append({"step": step, "predicted_cost": step_best[0]})
+        if best is None or step_best[0] < best[0]:
+            best = (step_best[0], step_best[1], step, col)
+    if best is None:
+        return {"step": None, "reason": "the surrogate is 0 on every pilot draw", "candidates": candidates}
+    cost, floor, step, col = best
+    raw = ls_all[:, col]
+    return {
+        "step": step,
+        "log_floor": floor,
+        "predicted_cost": cost,
+        "agreement": _spearman(torch.clamp(raw[on], min=floor), lr[on]),
+        "on_target_seen": float(torch.isfinite(raw[on]).double().mean()),
+        "candidates": candidates,
+    }
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Spearman's rank correlation (ties broken by order), `None` for fewer than 3 values or a constant one."""
+    if a.numel() < 3:
+        return None
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 else None
+
+
+class _Screen:
+    """Delayed-acceptance Metropolis-Hastings (Christen and Fox, 2005) for [`sample_imh`]: each round's proposals run
+    ``step`` denoising steps (``evaluate.start``), a first stage accepts with the surrogate's ratio, and only the
+    proposals it passes run the rest (``evaluate.finish``, compacted into full micro-batches) and face the second
+    stage, the ratio of the true weight to the surrogate's. The surrogate's log ratio is floored at ``log_floor``, so
+    it is positive wherever the true weight is: the chain's target is unchanged whatever the surrogate."""
+
+    def __init__(self, step: int, log_floor: float, num_steps: int, record: dict):
+        self.step, self.log_floor, self.num_steps, self.record = step, log_floor, num_steps, record
+        self.proposed = self.finished = self.finished_on_target = 0
+        self.entered_passed = self.entered_accepted = 0
+
+    def floored(self, log_ratio_s: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(log_ratio_s.double().cpu(), min=self.log_floor)
+
+    def round(self, evaluate, q, pool: _ChainPool, active: torch.Tensor, bound: _MixingBound, generator, stats):
+        """One delayed-acceptance step of the ``active`` chains; returns what [`_ChainPool.move`] returns."""
+        n, k = active.numel(), self.num_steps
+        z = q.sample(n, generator=generator)
+        t0 = time.perf_counter()
+        handle, log_w_s = evaluate.start(z, self.step)
+        correction = q.log_prior_ratio(z).double().cpu()
+        ratio_s = self.floored(log_w_s.double().cpu() + correction)  # (n,)
+        entered = pool.steps[active] >= 0
+        # A chain not yet entered compares with the mean surrogate ratio: its entry state need not be q on the target,
+        # since the bound holds from any state; it enters with the first proposal that passes and is on target.
+        bar = bound.log_mean_s if bound.seen_s else float(torch.logsumexp(ratio_s, 0) - math.log(n))
+        cur_s = torch.where(entered, pool.log_ratio_s[active], bar)
+        log_pass = torch.clamp(ratio_s - cur_s, max=0.0)
+        keep = imh_accept(cur_s, ratio_s, generator).cpu().nonzero().flatten()
+        accept = torch.zeros(n, dtype=torch.bool)
+        rows, new_ratio = None, torch.zeros(0, dtype=torch.float64)
+        if keep.numel():
+            x, log_w = evaluate.finish(handle, keep)
+            log_w = log_w.double()
+            new_ratio = log_w.cpu() + correction[keep]
+            if pool.state is None:
+                pool.lay_out(ChainState(z[keep], x, log_w, new_ratio.to(log_w.device)))
+            in_pool = pool.state.log_ratio[active[keep].to(pool.state.log_ratio.device)].cpu()
+            cur_rho = torch.where(entered[keep], in_pool - pool.log_ratio_s[active[keep]], -math.inf)
+            ok = imh_accept(cur_rho, new_ratio - ratio_s[keep], generator).cpu()
+            accept[keep[ok]] = True
+            rows = ChainState(z[keep][ok.to(z.device)], x[ok.to(x.device)], log_w[ok.to(log_w.device)], new_ratio[ok])
+            self.finished += keep.numel()
+            self.finished_on_target += int(torch.isfinite(log_w).sum())
+            self.entered_passed += int(entered[keep].sum())
+            self.entered_accepted += int((ok & entered[keep]).sum())
+        stats.seconds_evaluate += time.perf_counter() - t0
+        stats.proposals += n
+        stats.unet_calls += n * self.step + keep.numel() * (k - self.step)
+        self.proposed += n
+        moved = pool.move(active, accept, rows, ratio_s[accept])
+        first = bound.update(new_ratio, ratio_s[keep], log_pass[keep], ratio_s)
+        return (*moved, first)
+
+    def report(self) -> dict:
+        return {
+            **{k: v for k, v in self.record.items() if k != "step"},
+            "step": self.step,
+            "num_steps": self.num_steps,
+            "log_floor": self.log_floor,
+            "proposals": self.proposed,
+            "finished": self.finished,
+            "screened_out_share": 1 - self.finished / self.proposed if self.proposed else None,
+            "finished_on_target_share": self.finished_on_target / self.finished if self.finished else None,
+            "second_stage_acceptance": self.entered_accepted / self.entered_passed if self.entered_passed else None,
+        }
+
+
+def _merge_screens(screens: list[dict]) -> dict:
+    """The screen records of several runs as one: the first's settings, counts summed, shares recomputed."""
+    if not screens:
+        return {}
+    if len(screens) == 1:
+        return dict(screens[0])
+    out = dict(screens[0])
+    for key in ("proposals", "finished"):
+        out[key] = sum(s.get(key) or 0 for s in screens)
+    out["screened_out_share"] = 1 - out["finished"] / out["proposals"] if out.get("proposals") else None
+    return out
+
+
+def _prepare_screen(
+    evaluate, q, config, pilot_log_ratios, pilot_log_surrogates, pilot_steps, generator, stats
+) -> tuple[_Screen | None, dict, list]:
+    """The screen of a [`sample_imh`] run (`None` when it does not screen), its record for ``stats.screen``, and the
+    pilots the bound starts from, as ``(log ratios, the surrogate's floored log ratios or None)``. Without a pilot
+    that carries the surrogate at the candidate steps, a calibration pilot of ``pilot_size`` draws is run (counted)."""
+    given = pilot_log_ratios is not None and pilot_log_ratios.numel() > 0
+    seeds = [(pilot_log_ratios, None)] if given else []
+    steps = _screen_steps(evaluate, config)
+    if not steps:
+        why = _cannot_screen(evaluate) if config.screen is not None else None
+        return None, ({"step": None, "reason": why} if why and _num_steps(evaluate) else {}), seeds
+    if given and pilot_log_surrogates is not None and all(s in list(pilot_steps or ()) for s in steps):
+        log_ratio, log_ratio_s = pilot_log_ratios, pilot_log_surrogates[:, [list(pilot_steps).index(s) for s in steps]]
+        seeds = []
+    else:
+        pilot = _propose(evaluate, q, config.pilot_size, generator, stats, views=steps)
+        log_ratio, log_ratio_s = pilot.log_ratio.cpu(), pilot.log_ratio_s
+    record = calibrate_screen(log_ratio, log_ratio_s, steps, _num_steps(evaluate), config)
+    record["chosen"] = "auto" if config.screen == "auto" else "given"
+    if record["step"] is not None and config.screen == "auto" and record["predicted_cost"] > _SCREEN_MAX_COST:
+        record["reason"] = f"the calibration predicts {record['predicted_cost']:.2f} of the unscreened UNet calls"
+        record["step"] = None
+    if record["step"] is None:
+        if config.screen != "auto":
+            raise ValueError(f"screen={config.screen} cannot be used: {record.get('reason')}.")
+        return None, record, [*seeds, (log_ratio, None)]
+    screen = _Screen(record["step"], record["log_floor"], _num_steps(evaluate), record)
+    return screen, record, [*seeds, (log_ratio, screen.floored(log_ratio_s[:, steps.index(record["step"])]))]
+
+
 def sample_imh(
     evaluate: Evaluate,
     q,
@@ -638,6 +1052,8 @@ def sample_imh(
     allow_partial: bool = False,
     callback: Callback | None = None,
     pilot_log_ratios: torch.Tensor | None = None,
+    pilot_log_surrogates: torch.Tensor | None = None,
+    pilot_screen_steps: Sequence[int] | None = None,
     **overrides: Any,
 ) -> SampleResult:
     """Ours: a pool of independent-MH chains in latent space, each returning on-target samples (spec §5).
@@ -662,10 +1078,33 @@ def sample_imh(
             returned with ``stats.budget_exhausted = True``.
         generator (`torch.Generator`, *optional*): the source of all randomness; same seed, same samples.
         allow_partial (`bool`, defaults to `False`): see ``max_proposals``.
-        callback (`Callable`, *optional*): ``callback(round, info)`` after every round.
+        callback (`Callable`, *optional*): ``callback(round, info)`` after every round; a true return value stops
+            the run there, with the samples returned so far.
         pilot_log_ratios (`torch.Tensor`, *optional*): log importance ratios of earlier draws of ``q`` on this
             target (a fit's pilot, [`fit_latent`]): ``W`` is estimated from them before the first round, and no sample
             is returned before ``pilot_size`` proposals have entered the estimate.
+        pilot_log_surrogates (`torch.Tensor` of shape `(n, S)`, *optional*), pilot_screen_steps (`Sequence[int]`,
+            *optional*): the surrogate's log ratios of the same draws at ``S`` screen steps, from which a screen is
+            calibrated (without them a screened run draws its own calibration pilot of ``pilot_size``).
+
+    **Screening** (``config.screen``; delayed acceptance, Christen and Fox 2005). ``evaluate`` may offer, beside
+    ``evaluate(z)``, ``num_steps`` (``K``, the denoising steps of one proposal: ``stats.unet_calls`` counts them),
+    ``start(z, s) -> (handle, log_w_s)`` (the first ``s`` steps, and the surrogate weight: the heads on the predicted
+    clean image), ``finish(handle, keep) -> (x, log_w)`` (the remaining steps of the latents ``keep`` of that handle)
+    and ``views(z, steps) -> (x, log_w, log_w_s)`` (full runs, with the surrogate at each of ``steps``). A screened
+    MH step accepts ``z'`` against the current ``z`` in two stages, with ``r = w p_z / q`` and ``r_s`` the surrogate's:
+
+        stage 1:  min(1, r_s(z') / r_s(z))                              (after s of the K steps)
+        stage 2:  min(1, [r(z') / r_s(z')] / [r(z) / r_s(z)])           (only for proposals that passed stage 1)
+
+    which leaves ``pi ∝ p_z w`` invariant (Christen and Fox's detailed balance) as long as ``r_s > 0`` wherever
+    ``w > 0``: ``log r_s`` is floored at the calibrated ``log_floor`` (so the surrogate's hard zeros, its margins, do
+    not matter). A proposal rejected at stage 1 costs ``s`` UNet calls instead of ``K``; the proposals that pass are
+    finished together, in full micro-batches. A chain not yet entered passes stage 1 against the mean surrogate ratio
+    and enters with the first on-target proposal that passes (the bound holds from any entry state). The bound uses
+    ``W_bound = sup r_s * sup (r / r_s) / E_q r`` (the delayed-acceptance kernel's rate), which is at least ``W``.
+    ``stats.screen`` reports the step, the floor, the calibration, the share screened out and the second stage's
+    acceptance.
 
     Returns:
         [`SampleResult`] with the samples in the order they were returned; ``stats.mixing`` reports ``T``, the bound
@@ -683,9 +1122,12 @@ def sample_imh(
         config.max_steps_after_entry,
         min_seen=config.pilot_size if config.mixing_tolerance is not None else 0,
     )
-    if pilot_log_ratios is not None:
-        bound.update(pilot_log_ratios)
     stats, done, n_done = SamplerStats(), [], 0
+    screen, screen_record, seeds = _prepare_screen(
+        evaluate, q, config, pilot_log_ratios, pilot_log_surrogates, pilot_screen_steps, generator, stats
+    )
+    for log_ratio, log_ratio_s in seeds:
+        bound.update(log_ratio) if log_ratio_s is None else bound.update(log_ratio, log_ratio_s, None, log_ratio_s)
     while n_done < num_samples:
         stats.chains_started += pool.start_chains(num_samples - n_done, per_chain)
         active = pool.alive.nonzero().flatten()
@@ -694,22 +1136,27 @@ def sample_imh(
         if active.numel() == 0:
             stats.budget_exhausted = True
             break
-        new = _propose(evaluate, q, active.numel(), generator, stats)
-        pool.lay_out(new)
-        accepted, entered, tries, moves = pool.step(active, new, generator)
+        if screen is None:
+            new = _propose(evaluate, q, active.numel(), generator, stats)
+            pool.lay_out(new)
+            accepted, entered, tries, moves = pool.step(active, new, generator)
+            first = bound.update(new.log_ratio)
+        else:
+            accepted, entered, tries, moves, first = screen.round(evaluate, q, pool, active, bound, generator, stats)
         stats.accepted += accepted
         stats.chains_entered += entered
         bound.tries, bound.moves = bound.tries + tries, bound.moves + moves
-        first = bound.update(new.log_ratio)
         if bound.ready:
             returned = pool.take_due(active, first, bound.thinning, num_samples - n_done)
             if returned is not None:
                 done.append(returned)
                 n_done += returned[0].z.shape[0]
         stats.rounds += 1
-        if callback is not None:
-            callback(stats.rounds, {"done": n_done, "active": int(pool.alive.sum()), "accepted": accepted})
+        info = {"done": n_done, "active": int(pool.alive.sum()), "accepted": accepted}
+        if callback is not None and callback(stats.rounds, info):  # the caller stops the run (`pipe.interrupt`)
+            break
     stats.mixing = {**bound.report(), "samples_per_chain": per_chain}
+    stats.screen = screen.report() if screen is not None else screen_record
     if done:
         result = SampleResult(
             *(torch.cat([getattr(d, k) for d, _ in done]) for k in ("z", "x", "log_w")), None, stats, q
@@ -795,22 +1242,30 @@ class LatentFit:
         stats ([`SamplerStats`]): the fitting's proposals and its ``stages``: per stage the fit's record, and per
             candidate density its pilot's on-target share and efficiency.
         chosen (`str`): ``"prior"`` or ``"stage k"``.
+        pilot_log_surrogates (`torch.Tensor` of shape `(pilot_size, S)`, *optional*): the surrogate's log ratios of
+            the same draws at ``pilot_screen_steps`` (recorded when ``screen`` is set), to calibrate the screen.
     """
 
     q: Any
     pilot_log_ratios: torch.Tensor
     stats: SamplerStats
     chosen: str = "prior"
+    pilot_log_surrogates: torch.Tensor | None = None
+    pilot_screen_steps: tuple[int, ...] = ()
 
 
-def _pilot(evaluate: Evaluate, q, n: int, generator, stats: SamplerStats) -> tuple[torch.Tensor, float, float]:
-    """``n`` draws of ``q`` on the full target: their log ratios, on-target share and efficiency ``ESS / n``."""
-    log_ratio = _propose(evaluate, q, n, generator, stats).log_ratio.cpu()
+def _pilot(
+    evaluate: Evaluate, q, n: int, generator, stats: SamplerStats, views: Sequence[int] | None = None
+) -> tuple[torch.Tensor, float, float, torch.Tensor | None]:
+    """``n`` draws of ``q`` on the full target: their log ratios, on-target share, efficiency ``ESS / n``, and the
+    surrogate's log ratios at the screen steps ``views`` (`None` without)."""
+    drawn = _propose(evaluate, q, n, generator, stats, views=views)
+    log_ratio = drawn.log_ratio.cpu()
     finite = torch.isfinite(log_ratio)
     if not finite.any():
-        return log_ratio, 0.0, 0.0
+        return log_ratio, 0.0, 0.0, drawn.log_ratio_s
     p = torch.softmax(torch.where(finite, log_ratio, -math.inf).double(), 0)
-    return log_ratio, float(finite.float().mean()), float(1.0 / p.pow(2).sum()) / n
+    return log_ratio, float(finite.float().mean()), float(1.0 / p.pow(2).sum()) / n, drawn.log_ratio_s
 
 
 def fit_latent(
@@ -845,12 +1300,15 @@ def fit_latent(
     def left() -> int | None:
         return None if max_proposals is None else max_proposals - sum(p.proposals for p in parts)
 
+    views = _screen_steps(full, config)  # the screen's candidate steps: each pilot records the surrogate there
+    surrogates = {}
+
     def measure(q, name: str) -> tuple[torch.Tensor | None, tuple[float, float]]:
         """A pilot of ``q`` on the full target: its log ratios and (on-target share, effective sample size)."""
         n = config.pilot_size if max_proposals is None else min(config.pilot_size, left())
         if n <= 0:
             return None, (0.0, 0.0)
-        log_ratio, share, efficiency = _pilot(full, q, n, generator, parts[-1])
+        log_ratio, share, efficiency, surrogates[name] = _pilot(full, q, n, generator, parts[-1], views)
         parts[-1].stages.append({"pilot": name, "proposals": n, "on_target_share": share, "efficiency": efficiency})
         return log_ratio, (share, efficiency * n)
 
@@ -860,7 +1318,7 @@ def fit_latent(
         # noisy to rank candidates on its own (Digits-7to3: 6.9 for the prior, 2.1 for a fit with 6x the share).
         return new[0] > old[0] and new[1] >= min(2.0, 0.5 * old[1])
 
-    if not fits and config.mixing_tolerance is None:  # nothing to choose and no bound to estimate: no pilot
+    if not fits and config.mixing_tolerance is None and not views:  # nothing to choose or estimate: no pilot
         return LatentFit(p_z, torch.zeros(0, dtype=torch.float64), SamplerStats(), "prior")
     best = (p_z, *measure(p_z, "prior"), "prior")  # (q, pilot log ratios, (share, ESS), name)
     base, base_score = p_z, best[2]  # the density the next stage fits from
@@ -884,7 +1342,7 @@ def fit_latent(
     if best[1] is None:  # not even the prior's pilot fitted in the budget
         stats.budget_exhausted = True
         return LatentFit(p_z, torch.zeros(0, dtype=torch.float64), stats, "prior")
-    return LatentFit(best[0], best[1], stats, best[3])
+    return LatentFit(best[0], best[1], stats, best[3], surrogates.get(best[3]), tuple(views))
 
 
 def sample_s2m(
@@ -953,6 +1411,8 @@ def sample_s2m(
             allow_partial=allow_partial,
             callback=callback,
             pilot_log_ratios=fit.pilot_log_ratios,
+            pilot_log_surrogates=fit.pilot_log_surrogates,
+            pilot_screen_steps=fit.pilot_screen_steps,
         )
     except BudgetExhaustedError as err:
         err.result.stats = SamplerStats.merge([*parts, err.result.stats])
@@ -972,6 +1432,9 @@ def save_fits(fits: dict[str, LatentFit], folder: str | os.PathLike) -> None:
     index = []
     for i, (key, fit) in enumerate(fits.items()):
         tensors = {"pilot_log_ratios": fit.pilot_log_ratios.double().cpu().contiguous()}
+        if fit.pilot_log_surrogates is not None:
+            tensors["pilot_log_surrogates"] = fit.pilot_log_surrogates.double().cpu().contiguous()
+            tensors["pilot_screen_steps"] = torch.tensor(fit.pilot_screen_steps, dtype=torch.long)
         if isinstance(fit.q, LowRankGaussianMixture):
             tensors.update({f"q.{k}": v.cpu().contiguous() for k, v in fit.q.state_dict().items()})
         else:
@@ -1000,5 +1463,15 @@ def load_fits(folder: str | os.PathLike) -> dict[str, LatentFit]:
         else:
             q = LowRankGaussianMixture.from_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("q.")})
         stats = SamplerStats(stages=list(entry.get("stages", [])))
-        fits[entry["key"]] = LatentFit(q, tensors["pilot_log_ratios"], stats, entry.get("chosen", "prior"))
+        steps = (
+            tuple(int(s) for s in tensors["pilot_screen_steps"].tolist()) if "pilot_screen_steps" in tensors else ()
+        )
+        fits[entry["key"]] = LatentFit(
+            q,
+            tensors["pilot_log_ratios"],
+            stats,
+            entry.get("chosen", "prior"),
+            tensors.get("pilot_log_surrogates"),
+            steps,
+        )
     return fits

@@ -10,7 +10,6 @@ that `sampling.sample_s2m` receives for each refitting stage of the target (spec
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -19,7 +18,7 @@ from .proposals import execution_device
 from .targets import Target
 from .utils import module_device_dtype
 
-__all__ = ["Weigher"]
+__all__ = ["Weigher", "StageEvaluate"]
 
 
 class Weigher:
@@ -54,19 +53,10 @@ class Weigher:
         self.seconds_generator = self.seconds_heads = 0.0
         self.rounds, self.phase, self.checked_shape = 0, 0, False
 
-    def for_stage(self, stage: Target) -> Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]]:
-        def evaluate(z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-            keep = "images" in self.inputs or self.phase >= self.num_fit_stages
-            images, weights = [], []
-            for chunk in z.split(self.micro_batch_size):
-                x, lw = self.weigh(stage, chunk)
-                images.append(x.cpu() if keep else None)
-                weights.append(lw)
-            x, lw = (torch.cat(images) if keep else None), torch.cat(weights)
-            self.on_round(z, x, lw)
-            return x, lw
-
-        return evaluate
+    def for_stage(self, stage: Target) -> StageEvaluate:
+        """The ``evaluate(z) -> (x, log w)`` callable of one stage of the target (with the screen's methods when the
+        proposal can be stopped and resumed at a denoising step: see [`StageEvaluate`])."""
+        return StageEvaluate(self, stage)
 
     def weigh(self, stage: Target, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images `(b, C, H, W)` in [-1, 1] and ``log w`` `(b,)` of one micro-batch of latents."""
@@ -90,10 +80,14 @@ class Weigher:
         t0 = time.perf_counter()
         x = self.proposal.generate(latents, labels)
         _sync(x.device)
+        self.seconds_generator += time.perf_counter() - t0
+        return self._read(x)
+
+    def _read(self, x: torch.Tensor, check_shape: bool = True):
+        """Images `(b, C, H, W)` through the heads, timed and checked: (images, heads' output, ``log D_f(c|x)``)."""
         t1 = time.perf_counter()
-        self.seconds_generator += t1 - t0
         _check_finite(x, f"The generator {self.generator_name} returned images with", "images")
-        if not self.checked_shape:
+        if check_shape and not self.checked_shape:
             self.pipe.check_image_shape(tuple(x.shape[1:]), self.proposal)
             self.checked_shape = True
         out = self.pipe.heads(self.pipe.heads_view(x.to(self.heads_device)).to(dtype=self.heads_dtype))
@@ -105,15 +99,20 @@ class Weigher:
             _check_finite(value, f"The heads' {head} ({type(self.pipe.heads).__name__}.{field}) returned", "heads")
         return x, out, df
 
-    def _log_weight(self, stage: Target, out, df: torch.Tensor | None, dv_strength: float) -> torch.Tensor:
+    def _log_weight(
+        self, stage: Target, out, df: torch.Tensor | None, dv_strength: float, soft: bool = False
+    ) -> torch.Tensor:
+        """``log w``; with ``soft``, the screen's surrogate: margins softened to the paper's formula (negation margin
+        1, presence margin 0), so that it is 0 less often where the final image is on target (the sampler
+        floors it)."""
         return maths.log_weight(
             stage,
             out.dr_log_probs,
             out.dv_logit,
             self.log_p_data,
             self.log_priors,
-            self.negation_margin,
-            self.presence_margin,
+            1.0 if soft else self.negation_margin,
+            0.0 if soft else self.presence_margin,
             self.dr_temperature,
             df,
             self.plan.log_pg_class,
@@ -121,13 +120,13 @@ class Weigher:
             dv_strength,
         )
 
-    def on_round(self, z: torch.Tensor, x: torch.Tensor | None, log_w: torch.Tensor) -> None:
+    def on_round(self, z: torch.Tensor, x: torch.Tensor | None, log_w: torch.Tensor) -> torch.Tensor:
+        """The round's ``log_w``, as ``callback(pipe, round, phase, tensors) -> log_w`` returns it (the pipeline's
+        `callback_on_step_end` contract: what it is shown and what it may change, is the pipeline's)."""
         if self.callback is not None:
-            tensors = {"latents": z, "images": x, "log_w": log_w}
-            kwargs = {k: tensors[k] for k in self.inputs}
-            kwargs["num_on_target"] = int(torch.isfinite(log_w).sum())
-            self.callback(self.pipe, self.rounds, self.phase, kwargs)
+            log_w = self.callback(self.pipe, self.rounds, self.phase, {"latents": z, "images": x, "log_w": log_w})
         self.rounds += 1
+        return log_w
 
     def timings(self, seconds_wall: float, budget: int) -> dict:
         sampler = max(0.0, seconds_wall - self.seconds_generator - self.seconds_heads)
@@ -139,6 +138,72 @@ class Weigher:
             "seconds_sampler": sampler,  # the rest: sampling, refitting, bookkeeping
             "seconds_wall": seconds_wall,
         }
+
+
+class StageEvaluate:
+    """``evaluate(z) -> (x, log w)`` of one stage of a call's target (`sampling.sample_imh`'s callable), and, for a
+    proposal that can stop after a denoising step and resume (`proposals.DDIMProposal`), the screen's methods:
+    ``start(z, s) -> (handle, log w_s)`` runs the first ``s`` of the K steps and weighs the predicted clean image
+    with the soft margins (the surrogate), ``finish(handle, keep) -> (x, log w)`` runs the rest for the latents
+    ``keep`` of that handle, and ``views(z, steps)`` runs whole images with the surrogate at each of ``steps`` (the
+    calibration pilot). ``num_steps`` is K (the UNet calls of one image), `None` for a GAN."""
+
+    def __init__(self, weigher: Weigher, stage: Target):
+        self.weigher, self.stage = weigher, stage
+        proposal = weigher.proposal
+        self.num_steps = getattr(proposal, "num_steps", None)
+        self.screen_unavailable = getattr(proposal, "screen_unavailable", "this proposal cannot be screened.")
+        if self.screen_unavailable is None:  # the screen's methods exist only where the proposal can screen
+            self.start, self.finish, self.views = self._start, self._finish, self._views
+
+    def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        w = self.weigher
+        keep = "images" in w.inputs or w.phase >= w.num_fit_stages
+        images, weights = [], []
+        for chunk in z.split(w.micro_batch_size):
+            x, lw = w.weigh(self.stage, chunk)
+            images.append(x.cpu() if keep else None)
+            weights.append(lw)
+        x, lw = (torch.cat(images) if keep else None), torch.cat(weights)
+        lw = w.on_round(z, x, lw)
+        return x, lw
+
+    def _surrogate(self, view: torch.Tensor) -> torch.Tensor:
+        w = self.weigher
+        _, out, df = w._read(view, check_shape=False)
+        return w._log_weight(self.stage, out, df, w.dv_strength, soft=True)
+
+    def _timed(self, run):
+        t0 = time.perf_counter()
+        out = run()
+        self.weigher.seconds_generator += time.perf_counter() - t0
+        return out
+
+    def _views(self, z: torch.Tensor, steps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w = self.weigher
+        latents, labels = w.plan.split(z, w.proposal.latent_shape)
+        x, views = self._timed(lambda: w.proposal.generate_views(latents, labels, steps))
+        _, out, df = w._read(x)
+        log_w = w._log_weight(self.stage, out, df, w.dv_strength)
+        log_w_s = torch.stack([self._surrogate(views[s]) for s in steps], 1)  # (n, S)
+        x = x.cpu()
+        return x, w.on_round(z, x, log_w), log_w_s
+
+    def _start(self, z: torch.Tensor, step: int) -> tuple[tuple, torch.Tensor]:
+        w = self.weigher
+        latents, labels = w.plan.split(z, w.proposal.latent_shape)
+        states, views = self._timed(lambda: w.proposal.start(latents, labels, step))
+        return (z, states, labels, step), self._surrogate(views)
+
+    def _finish(self, handle: tuple, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weigher
+        z, states, labels, step = handle
+        labels = None if labels is None else labels[keep.to(labels.device)]
+        x = self._timed(lambda: w.proposal.finish(states[keep.to(states.device)], labels, step))
+        _, out, df = w._read(x)
+        log_w = w._log_weight(self.stage, out, df, w.dv_strength)
+        x = x.cpu()
+        return x, w.on_round(z[keep.to(z.device)], x, log_w)
 
 
 def _sync(device: torch.device) -> None:

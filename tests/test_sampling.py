@@ -270,7 +270,12 @@ def test_fit_exponent_keeps_the_asked_effective_sample_size():
 def test_sampling_config_has_one_default_per_setting_and_names_unknown_ones():
     config = S2MSamplingConfig()
     assert (config.refit, config.mixing_tolerance, config.steps_after_entry) == ("sequential", 0.01, 1)
-    assert (config.fit_size, config.samples_per_chain, config.pilot_size, config.presence_margin) == (256, 8, 256, 0)
+    assert (config.fit_size, config.samples_per_chain, config.pilot_size, config.presence_margin) == (
+        256,
+        8,
+        256,
+        None,
+    )
     assert config.negation_margin is None and config.class_label == "auto"  # None: the heads' own margin
     # None overrides keep the value (optional settings pass through), except class_label, where None draws the class
     resolved = S2MSamplingConfig.resolve({"fit_size": 64}, fit_size=None, refit="off", class_label=None)

@@ -25,7 +25,7 @@ import torch
 from ..maths import log_weight
 from ..targets import Target, parse_target
 
-__all__ = ["ToyProblem", "energy_distance", "mean_distance", "chi_square_cells"]
+__all__ = ["ToyProblem", "ToyScreenedEvaluate", "energy_distance", "mean_distance", "chi_square_cells"]
 
 
 def _normal_cdf(x: float) -> float:
@@ -163,7 +163,7 @@ class ToyProblem:
                 dv = self.dv_logit(x)
                 return x, log_weight(target, self.dr_log_probs(x), dv, log_p_data, log_priors, **settings)
             if class_label == "drawn":
-                u = 0.5 * (1.0 + torch.erf(z[:, 2].double() / math.sqrt(2.0)))  # Phi(u)
+                u = torch.special.ndtr(z[:, 2].double())  # Phi(u)
                 labels = torch.searchsorted(self.class_probs.cumsum(0)[:-1], u, right=True)
                 x = self.generate(z[:, :2], labels)
                 dv = self.dv_logit(x, conditional=True)
@@ -182,9 +182,35 @@ class ToyProblem:
 
         return evaluate
 
-    def stage_evaluates(self, target: Target | str, **kwargs) -> list:
+    def stage_evaluates(self, target: Target | str, screened: bool = False, **kwargs) -> list:
+        """``evaluate_fn`` of each refitting stage (``screened_evaluate_fn`` with ``screened=True``)."""
         target = self.target(target) if isinstance(target, str) else target
-        return [self.evaluate_fn(stage, **kwargs) for stage in target.stages()]
+        make = self.screened_evaluate_fn if screened else self.evaluate_fn
+        return [make(stage, **kwargs) for stage in target.stages()]
+
+    # --- a generator with an intermediate view, for screening (delayed acceptance) ----------------------------------
+    def view_noise(self, z: torch.Tensor) -> torch.Tensor:
+        """A fixed, deterministic "noise" ``eta(z)`` (B, 2) of unit scale: what separates the intermediate view from
+        the final sample. It must be a function of the latent, as a diffusion model's predicted clean image is."""
+        z = z.double()
+        return math.sqrt(2.0) * torch.stack(
+            [torch.sin(5.3 * z[:, 0] + 3.1 * z[:, 1] + 0.7), torch.sin(-2.9 * z[:, 0] + 6.7 * z[:, 1] + 1.9)], 1
+        )
+
+    def view(self, z: torch.Tensor, step: int, num_steps: int, noise: float = 0.6) -> torch.Tensor:
+        """The intermediate view after ``step`` of ``num_steps`` steps, standing in for a diffusion model's predicted
+        clean image: ``G(z) + noise (1 - step / num_steps) eta(z)``; the final sample at ``step = num_steps``."""
+        return self.generate(z) + noise * (1.0 - step / num_steps) * self.view_noise(z)
+
+    def screened_evaluate_fn(
+        self, target: Target | str, num_steps: int = 10, noise: float = 0.6, negation_margin: float = 1.0
+    ) -> ToyScreenedEvaluate:
+        """``evaluate_fn`` of the unconditional generator, with the screen's interface (`sampling.sample_imh`): a
+        "denoising" run of ``num_steps`` steps whose intermediate views the same exact heads judge, with the negation
+        margin 1 and no floor (the surrogate is 0 wherever the view is off target: the sampler's floor must make up
+        for it)."""
+        target = self.target(target) if isinstance(target, str) else target
+        return ToyScreenedEvaluate(self, target, num_steps, noise, negation_margin)
 
     def holds(self, target: Target | str, x: torch.Tensor) -> torch.Tensor:
         """Whether each ``x`` satisfies the target (B,) bool."""
@@ -206,6 +232,45 @@ class ToyProblem:
         g = torch.Generator().manual_seed(seed)
         x = self.generate(torch.randn((n, 2), generator=g, dtype=torch.float64))
         return float(self.holds(target, x).double().mean())
+
+
+class ToyScreenedEvaluate:
+    """``z -> (x, log w)`` of the toy's unconditional generator with ``num_steps`` "denoising" steps: ``views`` (full
+    runs, surrogate log weights at given steps), ``start`` (the first steps and the surrogate) and ``finish`` (the
+    rest), as `s2m_diffusers.sampling.sample_imh` screens them. ``calls`` counts the steps run, per latent."""
+
+    def __init__(self, toy: ToyProblem, target: Target, num_steps: int, noise: float, negation_margin: float):
+        self.toy, self.target, self.num_steps, self.noise = toy, target, num_steps, noise
+        self.settings = dict(negation_margin=negation_margin, labelling=toy.labelling)
+        self.calls = 0
+
+    def log_w(self, x: torch.Tensor, negation_margin: float | None = None) -> torch.Tensor:
+        toy = self.toy
+        settings = self.settings if negation_margin is None else {**self.settings, "negation_margin": negation_margin}
+        return log_weight(
+            self.target, toy.dr_log_probs(x), toy.dv_logit(x), torch.log(toy.p_data), torch.log(toy.priors), **settings
+        )
+
+    def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += z.shape[0] * self.num_steps
+        x = self.toy.generate(z)
+        return x, self.log_w(x)
+
+    def views(self, z: torch.Tensor, steps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, log_w = self(z)
+        log_w_s = [self.log_w(self.toy.view(z, s, self.num_steps, self.noise), 1.0) for s in steps]
+        return x, log_w, torch.stack(log_w_s, 1)
+
+    def start(self, z: torch.Tensor, step: int) -> tuple[tuple[torch.Tensor, int], torch.Tensor]:
+        self.calls += z.shape[0] * step
+        return (z, step), self.log_w(self.toy.view(z, step, self.num_steps, self.noise), 1.0)
+
+    def finish(self, handle: tuple[torch.Tensor, int], keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, step = handle
+        z = z[keep]
+        self.calls += z.shape[0] * (self.num_steps - step)
+        x = self.toy.generate(z)
+        return x, self.log_w(x)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -238,7 +303,10 @@ def chi_square_cells(samples: torch.Tensor, reference: torch.Tensor, bins: int =
     merged away). Returns ``(statistic, degrees of freedom, p-value)``; the p-value uses scipy's chi-square
     survival function.
     """
-    from scipy.stats import chi2
+    from ..utils import optional_dependency
+
+    with optional_dependency("scipy", "toy.chi_square_cells (a test helper)"):
+        from scipy.stats import chi2
 
     q = torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1]
     edges = [torch.quantile(reference[:, d], q) for d in range(2)]

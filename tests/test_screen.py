@@ -1,0 +1,190 @@
+"""Screening diffusion proposals on their predicted clean image by delayed acceptance (`S2MSamplingConfig.screen`).
+
+The analytic toy (`s2m_diffusers.testing.toy`) gains a generator with an intermediate view: after ``s`` of its K
+"denoising" steps the view is the final sample plus a fixed, latent-determined perturbation of scale
+``noise (1 - s / K)``, standing in for a diffusion model's predicted clean image, and the exact heads judge it with the
+soft margins (the surrogate is 0 wherever the view is off target). With the screen on, the returned samples pass the
+exactness test of `tests/test_exactness.py` (Pearson's chi-square on 16 cells of equal reference probability, per
+slot of the chains, Bonferroni over the slots), since delayed acceptance leaves the target unchanged whatever the
+surrogate once the sampler floors it.
+
+``max_steps_after_entry`` is raised to 2,000 so that the delayed-acceptance bound itself reaches the tolerance where
+it can (with the prior as ``q``; refitted densities can push ``W_bound`` into the thousands, and then the cap holds).
+The full matrix runs with ``S2M_SLOW_TESTS=1``.
+"""
+
+import os
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from s2m_diffusers.densities import StandardNormal
+from s2m_diffusers.models.heads import S2MHeads
+from s2m_diffusers.pipeline_s2m import S2MPipeline
+from s2m_diffusers.proposals import DDIMProposal
+from s2m_diffusers.sampling import S2MSamplingConfig, sample_s2m
+from s2m_diffusers.testing.toy import ToyProblem, chi_square_cells
+
+ALPHA = 1e-3
+FAR = (-0.8, -0.8)
+SLOW = os.environ.get("S2M_SLOW_TESTS") == "1"
+DEFAULT_CASES = {("A & B", "off", 5), ("A & ~B", "sequential", 3)}
+CASES = [
+    (target, refit, step)
+    for target in ("A & B", "A & ~B", "~A", "B & ~A & ~C")
+    for refit in ("off", "sequential")
+    for step in (3, 5)
+]
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def slot_p_values(toy: ToyProblem, target: str, result) -> list[float]:
+    """The chi-square p-value of the ``j``-th samples of all chains, for each ``j`` (as `test_exactness` does)."""
+    reference = toy.exact_sample(target, 200_000, gen(1))
+    slots = torch.zeros(result.num_samples, dtype=torch.long)
+    for chain in result.chain.unique():
+        idx = (result.chain == chain).nonzero().flatten()
+        slots[idx] = torch.arange(idx.numel())
+    return [chi_square_cells(result.x[slots == j], reference)[2] for j in range(int(slots.max()) + 1)]
+
+
+def _cases():
+    for case in CASES:
+        marks = [] if SLOW or case in DEFAULT_CASES else [pytest.mark.skip(reason="S2M_SLOW_TESTS=1 runs it")]
+        yield pytest.param(*case, marks=marks, id=f"{case[0]}-{case[1]}-screen{case[2]}")
+
+
+@pytest.mark.parametrize("target, refit, step", list(_cases()))
+def test_screened_sampler_is_exact(target, refit, step):
+    toy = ToyProblem(offset=FAR)
+    evaluates = toy.stage_evaluates(target, screened=True)
+    n = 20_000 if SLOW else 8_000
+    result = sample_s2m(
+        evaluates, StandardNormal((2,)), n, generator=gen(7), refit=refit, screen=step, max_steps_after_entry=2000
+    )
+    assert result.num_samples == n and bool(toy.holds(target, result.x).all())
+    screen, mixing = result.stats.screen, result.stats.mixing
+    assert screen["step"] == step and screen["screened_out_share"] > 0  # it screened
+    # the delayed-acceptance bound itself was reached, or T is at its cap (refitted densities: W_bound in the 1,000s)
+    assert mixing["bound"] <= 0.01 or mixing["steps_after_entry"] == 2000, mixing
+    p_values = slot_p_values(toy, target, result)
+    assert min(p_values) > ALPHA / len(p_values), (p_values, screen, mixing)
+    # every step the toy ran is counted: s per proposal, K - s more per proposal that passed the screen
+    assert result.stats.unet_calls == sum(e.calls for e in evaluates)
+
+
+def test_a_faithful_surrogate_is_chosen_and_saves_calls_at_the_same_exactness():
+    """A view without perturbation (the surrogate is the true weight up to its margins): "auto" screens at the first
+    step, and the samples are as exact as without the screen, for a fraction of the steps."""
+    toy = ToyProblem(offset=FAR)
+    runs = {}
+    for screen in (None, "auto"):
+        evaluates = toy.stage_evaluates("A & B", screened=True, noise=0.0)
+        runs[screen] = sample_s2m(evaluates, StandardNormal((2,)), 4_000, generator=gen(3), refit="off", screen=screen)
+    auto = runs["auto"].stats
+    assert auto.screen["step"] == 1 and auto.screen["chosen"] == "auto" and auto.screen["predicted_cost"] < 0.5
+    assert auto.unet_calls < 0.5 * runs[None].stats.unet_calls
+    p_values = slot_p_values(toy, "A & B", runs["auto"])
+    assert min(p_values) > ALPHA / len(p_values)
+    assert auto.screen["agreement"] > 0.99  # the surrogate ranks the pilot's on-target draws as the true weight does
+
+
+def test_auto_is_a_no_op_without_steps_and_a_given_step_is_checked():
+    toy = ToyProblem(offset=FAR)
+    plain = toy.stage_evaluates("A & B")  # no steps (a GAN): "auto" samples as without
+    a = sample_s2m(plain, StandardNormal((2,)), 200, generator=gen(0), refit="off", screen="auto")
+    b = sample_s2m(plain, StandardNormal((2,)), 200, generator=gen(0), refit="off")
+    assert torch.equal(a.x, b.x) and a.stats.screen == {} and a.stats.unet_calls == 0
+    with pytest.raises(ValueError, match="cannot be stopped after a denoising step"):
+        sample_s2m(plain, StandardNormal((2,)), 10, generator=gen(0), refit="off", screen=3)
+    screened = toy.stage_evaluates("A & B", screened=True)
+    with pytest.raises(ValueError, match="must be below the proposal's 10 denoising steps"):
+        sample_s2m(screened, StandardNormal((2,)), 10, generator=gen(0), refit="off", screen=10)
+    with pytest.raises(ValueError, match="screen must be None"):
+        S2MSamplingConfig(screen=0)
+    assert S2MSamplingConfig(screen="off").screen is None
+
+
+def test_fit_pilot_carries_the_surrogate_and_saved_fits_keep_it(tmp_path):
+    from s2m_diffusers.sampling import fit_latent, load_fits, save_fits
+
+    toy = ToyProblem(offset=FAR)
+    evaluates = toy.stage_evaluates("A & B", screened=True)
+    fit = fit_latent(evaluates, StandardNormal((2,)), refit="once", screen="auto", fit_size=64, generator=gen(0))
+    assert fit.pilot_log_surrogates.shape == (fit.pilot_log_ratios.numel(), len(fit.pilot_screen_steps))
+    save_fits({"k": fit}, tmp_path)
+    back = load_fits(tmp_path)["k"]
+    assert torch.equal(back.pilot_log_surrogates, fit.pilot_log_surrogates)
+    assert back.pilot_screen_steps == fit.pilot_screen_steps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real tiny DDIM proposal
+
+
+def tiny_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+
+
+def test_ddim_start_then_finish_is_generate():
+    proposal = DDIMProposal(tiny_unet(), DDPMScheduler(num_train_timesteps=100), 4, micro_batch_size=3)
+    z = proposal.p_z().sample(5, gen(0))
+    states, views = proposal.start(z, None, 2)
+    assert states.shape == views.shape == (5, 1, 8, 8) and float(views.abs().max()) <= 1.0
+    keep = torch.tensor([0, 3, 4])
+    assert torch.allclose(proposal.finish(states[keep], None, 2), proposal.generate(z)[keep], atol=1e-5)
+    images, seen = proposal.generate_views(z, None, [1, 3])
+    assert torch.allclose(images, proposal.generate(z), atol=1e-6) and set(seen) == {1, 3}
+    with pytest.raises(ValueError, match="1..3"):
+        proposal.start(z, None, 4)
+
+
+def _spread(heads: S2MHeads, images: torch.Tensor, scale: float = 3.0) -> S2MHeads:
+    """Untrained heads made selective (as `tests/test_pipeline.py` does)."""
+    with torch.no_grad():
+        logits = heads.dr_head(heads.backbones["dr"](images))
+        std = logits.std(0).clamp_min(1e-8)
+        heads.dr_head.weight.mul_(scale / std[:, None])
+        heads.dr_head.bias.copy_(-logits.mean(0) * scale / std)
+    return heads.eval()
+
+
+def test_screened_pipeline_returns_on_target_images_and_counts_unet_calls():
+    unet = tiny_unet()
+    torch.manual_seed(1)
+    heads = S2MHeads(["A", "B", "C"], sample_size=8, in_channels=1, cnn_channels=(4, 8))
+    pipe = S2MPipeline(heads=heads, unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100), num_inference_steps=4)
+    pipe.set_progress_bar_config(disable=True)
+    proposal = pipe.get_proposal()
+    _spread(heads, proposal.generate(proposal.p_z().sample(128, gen(1))), scale=6.0)
+    calls = []
+    hook = unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        settings = dict(refit="off", pilot_size=64, mixing_tolerance=None, steps_after_entry=20, samples_per_chain=4)
+        out = pipe(
+            "A & B", num_images=8, generator=gen(0), output_type="pt", screen=2, negation_margin=1.0, **settings
+        )
+    finally:
+        hook.remove()
+    stats = out.stats
+    assert out.images.shape == (8, 1, 8, 8) and bool(out.on_target.all())
+    assert stats["screen"]["step"] == 2 and stats["screen"]["num_steps"] == 4
+    assert 0 < stats["screen"]["screened_out_share"] < 1
+    assert stats["unet_calls"] == sum(calls) < 4 * stats["proposals"]  # screened-out proposals stopped after 2 steps
+    assert stats["unet_calls_per_image"] == pytest.approx(sum(calls) / 8)
+    # the returned images are what the UNet makes of their latents, to the end
+    assert torch.allclose(out.images * 2 - 1, proposal.generate(out.latents), atol=1e-5)
