@@ -3,7 +3,8 @@
 Three sources, one result ([`SinglePositiveDataset`], images `(N, C, S, S)` in [-1, 1] and integer labels):
 
 - a folder with one sub-folder per attribute (the sub-folder's name is the attribute): `from_folder`;
-- a Hugging Face `datasets` dataset with an image column and a label column: `from_hf_dataset`;
+- a Hugging Face `datasets` dataset with an image column and a label column: `from_hf_dataset` (by name, from
+  the Hub or from disk: [`load_hf_dataset`]);
 - tensors: `from_tensors` (or the constructor, for images already in the proposal's format).
 
 [`prepare_images`] is the one place where images of any origin are brought to the proposal's size, channel count
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .models.heads import _check_attribute_names
+from .utils import optional_dependency
 
 MIN_IMAGES_PER_ATTRIBUTE = 2  # one to train on and one held out for early stopping and calibration
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -167,6 +169,48 @@ def load_image_folder(folder: str | os.PathLike, sample_size: int, in_channels: 
     if not paths:
         raise ValueError(f"Image folder {folder!r} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)}).")
     return prepare_images((_open_image(p) for p in paths), sample_size, in_channels)
+
+
+def load_hf_dataset(dataset_name: str | os.PathLike, dataset_config_name: str | None = None, split: str = "train"):
+    """A Hugging Face `datasets` dataset by name, as diffusers' training scripts take it (`--dataset_name`).
+
+    Args:
+        dataset_name (`str` or `os.PathLike`): a folder written by `save_to_disk` (read with
+            `datasets.load_from_disk`), or anything `datasets.load_dataset` reads: a local folder of data files
+            (e.g. an `imagefolder` or parquet files), or a Hub dataset id (downloaded when online, else read from the
+            cache).
+        dataset_config_name (`str`, *optional*): the dataset's configuration (`load_dataset` only).
+        split (`str`, defaults to `"train"`): the split taken from a dataset with several.
+
+    Returns:
+        `datasets.Dataset`: the split, with every row (the images are decoded when
+        [`SinglePositiveDataset.from_hf_dataset`] reads them: the whole split is held in memory).
+
+    Raises:
+        ModuleNotFoundError: `datasets` is not installed (``pip install 's2m-diffusers[datasets]'``).
+        ValueError: the dataset has no split `split` (the message lists its splits).
+    """
+    with optional_dependency("datasets", "A `datasets` dataset as training data"):
+        import datasets
+
+    path = os.fspath(dataset_name)
+    saved = os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")
+    )  # what `save_to_disk` writes
+    if saved:
+        if dataset_config_name is not None:
+            raise ValueError(
+                f"{path!r} is a dataset saved with `save_to_disk`, which has no configurations; drop "
+                f"dataset_config_name={dataset_config_name!r}."
+            )
+        dataset = datasets.load_from_disk(path)
+    else:
+        dataset = datasets.load_dataset(path, dataset_config_name)
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"The dataset {path!r} has no split {split!r}; its splits are {list(dataset)}.")
+        dataset = dataset[split]
+    return dataset
 
 
 class SinglePositiveDataset(torch.utils.data.Dataset):
@@ -388,7 +432,9 @@ class SinglePositiveDataset(torch.utils.data.Dataset):
             names = attribute_names if attribute_names is not None else getattr(feature, "names", None)
             if names is None:
                 raise ValueError(
-                    f"Column {label_column!r} holds integers without a `ClassLabel` feature; pass `attribute_names`."
+                    f"Column {label_column!r} holds integers without a `ClassLabel` feature, so the attribute names "
+                    "are unknown; pass `attribute_names`, or give the column a `ClassLabel` feature "
+                    f"(`dataset.cast_column({label_column!r}, datasets.ClassLabel(names=[...]))`) or string labels."
                 )
             labels = torch.tensor(raw_labels)
         images = prepare_images(dataset[image_column], sample_size, in_channels, value_range=(0.0, 1.0))

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather, gather_object, parse_flag_from_env
+from accelerate.utils import gather, gather_object, pad_across_processes, parse_flag_from_env
 
 if TYPE_CHECKING:
     from .sampling import SampleResult
@@ -44,8 +44,6 @@ __all__ = [
     "gather_rows",
     "gather_objects",
 ]
-
-_MAX_DIMS = 8  # trailing dimensions a gathered tensor may have
 
 
 def launched_processes() -> int:
@@ -110,8 +108,9 @@ def process_generator(generator: torch.Generator | None, state: PartialState) ->
 def gather_rows(tensor: torch.Tensor, state: PartialState) -> torch.Tensor:
     """Concatenate every process's rows along the first dimension, in process order, on every process (CPU).
 
-    The processes may hold different numbers of rows (none included); the trailing shape and dtype are taken from
-    the processes that hold rows. Boolean tensors are sent as bytes.
+    The processes may hold different numbers of rows (none included) of the same trailing shape: `accelerate`'s
+    `pad_across_processes` pads them to the longest, `gather` collects them, and the padding is dropped again.
+    Boolean tensors are sent as bytes.
 
     Args:
         tensor (`torch.Tensor`): `(n_p, *shape)` on process ``p``.
@@ -122,26 +121,13 @@ def gather_rows(tensor: torch.Tensor, state: PartialState) -> torch.Tensor:
     """
     if state.num_processes == 1:
         return tensor.cpu()
-    if tensor.ndim - 1 > _MAX_DIMS:
-        raise ValueError(f"gather_rows takes tensors of at most {_MAX_DIMS + 1} dimensions, got {tensor.ndim}.")
-    device = state.device
-    header = torch.zeros(_MAX_DIMS + 2, dtype=torch.long)
-    header[0], header[1] = tensor.shape[0], tensor.ndim - 1
-    header[2 : tensor.ndim + 1] = torch.tensor(tensor.shape[1:], dtype=torch.long)
-    headers = gather(header.to(device)).reshape(state.num_processes, -1).cpu()  # (P, 2 + _MAX_DIMS)
-    counts = headers[:, 0].tolist()
+    is_bool = tensor.dtype == torch.bool
+    send = (tensor.to(torch.uint8) if is_bool else tensor).to(state.device).contiguous()
+    counts = gather(torch.tensor([send.shape[0]], device=state.device)).cpu().tolist()  # n_p of every process
     if max(counts) == 0:
         return tensor.cpu()
-    ref = headers[int(np.argmax(counts))]
-    shape = tuple(ref[2 : 2 + int(ref[1])].tolist())
-    is_bool = tensor.dtype == torch.bool
-    send = tensor.to(torch.uint8) if is_bool else tensor
-    if send.shape[0] == 0:
-        send = send.new_zeros((0, *shape))
-    padded = send.new_zeros((max(counts), *shape))
-    padded[: send.shape[0]] = send
-    everything = gather(padded.contiguous().to(device)).cpu()  # (P * max, *shape)
-    everything = everything.reshape(state.num_processes, max(counts), *shape)
+    padded = pad_across_processes(send, dim=0)  # (max n_p, *shape)
+    everything = gather(padded).cpu().reshape(state.num_processes, max(counts), *send.shape[1:])
     out = torch.cat([everything[p, :n] for p, n in enumerate(counts)])
     return out.bool() if is_bool else out
 

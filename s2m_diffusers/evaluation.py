@@ -272,7 +272,10 @@ def combination_shares(
 
 
 def frechet_distance(
-    features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor, eps: float = 1e-6
+    features_a: np.ndarray | torch.Tensor,
+    features_b: np.ndarray | torch.Tensor,
+    eps: float = 1e-6,
+    weights_a: np.ndarray | torch.Tensor | None = None,
 ) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (the FID formula, on any features).
 
@@ -283,6 +286,8 @@ def frechet_distance(
         features_a (`np.ndarray` or `torch.Tensor`): `(N_a, F)`, N_a >= 2.
         features_b (`np.ndarray` or `torch.Tensor`): `(N_b, F)`, N_b >= 2.
         eps (`float`, defaults to 1e-6): ridge added to the covariances.
+        weights_a (`np.ndarray` or `torch.Tensor`, *optional*): `(N_a,)` non-negative weights of `features_a`: the
+            Gaussian is fitted to the weighted features (e.g. importance weights, the target an exact sampler draws).
 
     Returns:
         `float`: the distance (>= 0 up to rounding).
@@ -294,23 +299,32 @@ def frechet_distance(
             f"Features must be two (N, F) arrays with the same F and N >= 2; got shapes {a.shape} and {b.shape}."
         )
     ridge = eps * np.eye(a.shape[1])
-    cov_a, cov_b = np.cov(a, rowvar=False) + ridge, np.cov(b, rowvar=False) + ridge
+    w = None
+    if weights_a is not None:
+        w = np.asarray(weights_a.detach().cpu() if torch.is_tensor(weights_a) else weights_a, dtype=np.float64)
+        if w.shape != (len(a),) or not np.all(w >= 0) or not w.sum() > 0:
+            raise ValueError(f"weights_a must be {len(a)} non-negative weights with a positive sum.")
+    cov_a, cov_b = np.cov(a, rowvar=False, aweights=w) + ridge, np.cov(b, rowvar=False) + ridge
     values, vectors = np.linalg.eigh(cov_a)
     sqrt_a = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T  # S_a^{1/2}
     cross = np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a)  # eigenvalues of S_a^{1/2} S_b S_a^{1/2}
     trace_sqrt = np.sqrt(np.clip(cross, 0.0, None)).sum()
-    mean_term = np.sum((a.mean(axis=0) - b.mean(axis=0)) ** 2)
+    mean_term = np.sum((np.average(a, axis=0, weights=w) - b.mean(axis=0)) ** 2)
     return float(max(mean_term + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_sqrt, 0.0))
 
 
-def check_sample_folder(folder: str) -> None:
+def check_sample_folder(folder: str) -> list[str] | None:
     """Refuse to score a folder of samples that is not complete: a folder written by `s2m sample` holds exactly the
-    images its `stats.json` lists (written last). A folder without `stats.json` is taken as a plain folder of images,
-    unless it holds `latents.safetensors` (an `s2m sample` output that never finished) or is the hidden temporary
-    folder of one.
+    images its `stats.json` lists (written last), and the grid of them it names (``"grid"``). A folder without
+    `stats.json` is taken as a plain folder of images, unless it holds `latents.safetensors` (an `s2m sample` output
+    that never finished) or is the hidden temporary folder of one.
 
     Args:
         folder (`str`): the folder of images.
+
+    Returns:
+        `list[str]` or `None`: the paths of the images to score, in the order `stats.json` lists them, for the folder
+        of an `s2m sample` run; `None` for a plain folder of images (score all of them).
 
     Raises:
         ValueError: naming what is incomplete or extra, and what to do.
@@ -322,7 +336,7 @@ def check_sample_folder(folder: str) -> None:
     from .data import _list_images
 
     if not os.path.isdir(folder):
-        return  # the loader says so
+        return None  # the loader says so
     if re.match(r"^\..+\.(tmp|old)-", os.path.basename(os.path.normpath(folder))):
         raise ValueError(
             f"{folder!r} is the temporary folder of an `s2m sample` run that did not finish; score the folder that "
@@ -336,11 +350,13 @@ def check_sample_folder(folder: str) -> None:
                 f"{folder!r} holds the images and latents of an `s2m sample` run but no stats.json, which that "
                 "command writes last: the run did not finish. Sample again (into a new folder, or with --overwrite)."
             )
-        return
+        return None
     try:
         with open(stats_path, encoding="utf-8") as f:
-            listed = json.load(f)["images"]
-        listed = {str(name) for name in listed}
+            stats = json.load(f)
+        order = [str(name) for name in stats["images"]]
+        listed = set(order)
+        images.discard(str(stats.get("grid")))  # the grid of the listed images, not a sample
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(
             f"{stats_path!r} cannot be read ({type(err).__name__}: {err}); it is not the stats.json of a finished "
@@ -358,3 +374,25 @@ def check_sample_folder(folder: str) -> None:
             "left from another run or added later, they would be scored with these. Remove them, or sample again "
             "into a new folder."
         )
+    return [os.path.join(folder, name) for name in order]
+
+
+def load_sample_folder(folder: str, sample_size: int, in_channels: int) -> torch.Tensor:
+    """The images to score in `folder` (see [`check_sample_folder`]): those an `s2m sample` run lists, in its order,
+    or every image of a plain folder; in the evaluator's format (`s2m_diffusers.data.prepare_images`).
+
+    Args:
+        folder (`str`): the folder of images.
+        sample_size (`int`), in_channels (`int`): the evaluator's image format.
+
+    Returns:
+        `torch.Tensor`: `(N, in_channels, sample_size, sample_size)` in [-1, 1].
+    """
+    from .data import _open_image, load_image_folder, prepare_images
+
+    paths = check_sample_folder(folder)
+    if paths is None:
+        return load_image_folder(folder, sample_size, in_channels)
+    if not paths:
+        raise ValueError(f"{folder!r} is the output of an `s2m sample` run that found no image; nothing to score.")
+    return prepare_images([_open_image(p) for p in paths], sample_size, in_channels)

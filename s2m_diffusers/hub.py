@@ -38,6 +38,8 @@ versions.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -70,6 +72,8 @@ __all__ = [
     "push_pipeline",
     "load_generator_folder",
     "generator_image_shape",
+    "hub_repo_id",
+    "drop_local_paths",
 ]
 
 SHIM_HEADER = "# s2m-diffusers shim: imports the class from the installed package; it holds no model code.\n"
@@ -79,14 +83,21 @@ INDEX_FILE = "model_index.json"
 MANIFEST_FILE = "s2m_manifest.json"  # written last: the components, and the size and SHA-256 of their files
 CARD_FILE = "README.md"  # not hashed: `upload_folder` rewrites it with the pinned revision
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# a training run's state inside the pipeline folder it writes (`s2m train-heads --checkpointing_steps`): kept by a
+# save like any file that is not part of the pipeline, and never uploaded
+TRAINING_FOLDER = "checkpoints"
+
+
+# the libraries whose components diffusers loads by itself; `save_pretrained` records any other component under its
+# full module path (e.g. ``s2m_diffusers.models.heads``), which gets a shim
+_LOADED_BY_DIFFUSERS = ("diffusers", "transformers", "onnxruntime")
 
 
 def _loadable_library(library: str) -> bool:
     """Whether diffusers loads components of ``library`` by itself (diffusers, transformers, a diffusers pipeline)."""
     from diffusers import pipelines
-    from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 
-    return library in LOADABLE_CLASSES or hasattr(pipelines, library)
+    return library.split(".")[0] in _LOADED_BY_DIFFUSERS or hasattr(pipelines, library)
 
 
 def shim_module_name(module: str) -> str:
@@ -265,6 +276,9 @@ def save_pipeline(
     max_shard_size: int | str | None = None,
     training_data: Mapping[str, Any] | str | None = None,
     extra_files: Mapping[str, str] | None = None,
+    license: str | None = None,
+    base_model: str | None = None,
+    sampling: Mapping[str, Any] | None = None,
 ) -> str:
     """Save an S2M pipeline in the layout that loads with `S2MPipeline.from_pretrained`, with
     `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`, with `diffusers-cli run` and from the Hub, with
@@ -281,25 +295,37 @@ def save_pipeline(
             when it has one, writes further files into the folder before the manifest is written (they are covered
             by it).
         save_directory (`str`): the folder: new, empty, or a saved pipeline.
-        safe_serialization (`bool`, defaults to `True`): must be `True` (weights are saved as safetensors only).
+        safe_serialization (`bool`, defaults to `True`): weights are saved as safetensors whatever it says;
+            `False` (pickle, in diffusers) warns and saves safetensors anyway, since loading refuses pickle.
         variant (`str`, *optional*), max_shard_size (*optional*): as in `DiffusionPipeline.save_pretrained`.
         training_data (`dict` or `str`, *optional*): a description of the heads' training data for the card.
         extra_files (`Mapping[str, str]`, *optional*): further text files, ``{name: text}``, written with the
             pipeline and covered by its manifest (e.g. ``metrics.json``).
+        license (`str`, *optional*), base_model (`str`, *optional*), sampling (`Mapping`, *optional*): the card's
+            metadata and the call settings its snippets show; see [`model_card`]. They are recorded in the manifest,
+            so that saving a loaded pipeline again keeps them.
 
     Returns:
         `str`: the folder, as an absolute path.
 
     Raises:
-        ValueError: ``safe_serialization=False``, or `save_directory` holds files and is not a saved pipeline.
+        ValueError: `save_directory` holds files and is not a saved pipeline.
     """
     if not safe_serialization:
-        raise ValueError("S2M pipelines are saved as safetensors only (no pickle): keep safe_serialization=True.")
+        warnings.warn(
+            "safe_serialization=False: S2M pipelines are saved as safetensors only (loading refuses pickle, which "
+            "runs code when it is read), so the weights are written as safetensors anyway. Leave "
+            "safe_serialization at its default (True) to silence this warning.",
+            UserWarning,
+            stacklevel=3,
+        )
     destination = os.path.abspath(os.fspath(save_directory))
     part_of_old = _pipeline_entries(destination)
 
+    card = _card_context(pipeline, license, base_model, sampling)
+
     def write(folder: str) -> None:
-        _write_pipeline_folder(pipeline, folder, variant, max_shard_size, training_data, extra_files)
+        _write_pipeline_folder(pipeline, folder, variant, max_shard_size, training_data, extra_files, card)
 
     return replace_folder_atomically(write, destination, keep=lambda name: name not in part_of_old)
 
@@ -323,7 +349,7 @@ def _pipeline_entries(folder: str) -> set[str]:
     if not os.path.isdir(folder):
         raise ValueError(f"save_directory {folder!r} exists and is not a folder. Choose another path.")
     entries = os.listdir(folder)
-    if not entries:
+    if not entries or entries == [TRAINING_FOLDER]:  # new, or holding only the checkpoints of the run that saves
         return names
     try:
         with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as f:
@@ -346,22 +372,67 @@ def _write_pipeline_folder(
     max_shard_size: int | str | None,
     training_data: Mapping[str, Any] | str | None,
     extra_files: Mapping[str, str] | None = None,
+    card: Mapping[str, Any] | None = None,
 ) -> None:
-    """`DiffusionPipeline.save_pretrained` into `folder`, then the remote-code layout, the pipeline's extra files,
-    ``extra_files``, the model card and, last, the manifest."""
+    """`DiffusionPipeline.save_pretrained` into `folder` (the local paths diffusers records as ``_name_or_path``
+    dropped), then the remote-code layout, the pipeline's extra files, ``extra_files``, the model card and, last, the
+    manifest (with the card's metadata)."""
     from diffusers import DiffusionPipeline
 
     DiffusionPipeline.save_pretrained(
         pipeline, folder, safe_serialization=True, variant=variant, max_shard_size=max_shard_size
     )
+    drop_local_paths(folder)
     write_remote_code_layout(folder, type(pipeline).__module__, type(pipeline).__name__)
     write_extra = getattr(pipeline, "write_extra_files", None)
     if callable(write_extra):
         write_extra(folder)
     for name, text in (extra_files or {}).items():
         write_text_atomically(os.path.join(folder, name), text)
-    write_text_atomically(os.path.join(folder, CARD_FILE), model_card(pipeline, training_data=training_data))
-    write_manifest(folder)
+    card = dict(card) if card is not None else _card_context(pipeline)
+    write_text_atomically(os.path.join(folder, CARD_FILE), model_card(pipeline, training_data=training_data, **card))
+    write_manifest(folder, card={k: v for k, v in card.items() if v})
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_repo_id(value: Any) -> str | None:
+    """`value` when it names a Hub repo (``"user/name"``, not a local path), else `None`."""
+    if isinstance(value, os.PathLike):
+        return None
+    if not isinstance(value, str) or not _HUB_ID.match(value) or os.path.exists(value):
+        return None
+    return value
+
+
+def drop_local_paths(folder: str | os.PathLike) -> list[str]:
+    """Remove the ``_name_or_path`` entries that name a local path (the folder a component was loaded from, which
+    diffusers and transformers write into its config) from the JSON configs of a saved pipeline; a Hub repo id is
+    kept (it is the component's base model). A saved pipeline is shared: where it was trained is nobody's business.
+
+    Returns:
+        `list[str]`: the configs rewritten, relative to `folder`.
+    """
+    folder = os.fspath(folder)
+    changed = []
+    for rel in _folder_files(folder):
+        if not rel.endswith(".json"):
+            continue
+        path = os.path.join(folder, rel)
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(config, dict) or "_name_or_path" not in config:
+            continue
+        if hub_repo_id(config["_name_or_path"]) is not None:
+            continue
+        del config["_name_or_path"]
+        write_text_atomically(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        changed.append(rel)
+    return changed
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -385,7 +456,7 @@ def _folder_files(folder: str) -> list[str]:
     return sorted(out)
 
 
-def write_manifest(folder: str | os.PathLike) -> dict:
+def write_manifest(folder: str | os.PathLike, card: Mapping[str, Any] | None = None) -> dict:
     """Write `s2m_manifest.json`: the components `model_index.json` lists, the size and SHA-256 of every other file
     of a saved pipeline folder but the model card, and the versions that wrote it. [`save_pipeline`] writes it last;
     [`check_pipeline_folder`] compares the folder with it before loading, so that files of different saves are never
@@ -394,6 +465,8 @@ def write_manifest(folder: str | os.PathLike) -> dict:
 
     Args:
         folder (`str`): the written pipeline folder.
+        card (`Mapping`, *optional*): the card's metadata (``license``, ``base_model``, ``sampling``), kept so that a
+            later save of the loaded pipeline writes the same card.
 
     Returns:
         `dict`: the manifest.
@@ -417,6 +490,8 @@ def write_manifest(folder: str | os.PathLike) -> dict:
         "components": {k: list(v) for k, v in components.items()},
         "files": files,
     }
+    if card:
+        manifest["card"] = dict(card)
     write_text_atomically(os.path.join(folder, MANIFEST_FILE), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
@@ -658,6 +733,9 @@ def push_pipeline(
     private: bool | None = None,
     commit_message: str | None = None,
     create_pr: bool = False,
+    license: str | None = None,
+    base_model: str | None = None,
+    sampling: Mapping[str, Any] | None = None,
 ):
     """Upload an S2M pipeline in the layout of [`save_pipeline`], with a model card whose loading snippets pin
     ``revision=`` to the uploaded commit (see [`upload_folder`]).
@@ -671,11 +749,16 @@ def push_pipeline(
         training_data (`dict` or `str`, *optional*): a description of the heads' training data for the card.
         safe_serialization (`bool`, defaults to `True`), variant (`str`, *optional*): as in [`save_pipeline`].
         api, token, private, commit_message, create_pr: as in [`upload_folder`].
+        license (`str`, *optional*), base_model (`str`, *optional*), sampling (`Mapping`, *optional*): as in
+            [`model_card`]. Without a ``license``, that of the base model's Hub card is used when it can be read.
 
     Returns:
         `CommitInfo` of the commit holding the code and weights; its ``oid`` is the revision the card pins.
     """
-    card = functools.partial(_pinned_card, pipeline, training_data)
+    context = _card_context(pipeline, license, base_model, sampling)
+    if context["license"] is None and context["base_model"] is not None:
+        context["license"] = _hub_license(api, context["base_model"], token)
+    card = functools.partial(_pinned_card, pipeline, training_data, context)
     upload = functools.partial(
         upload_folder,
         repo_id=repo_id,
@@ -694,9 +777,23 @@ def push_pipeline(
         return upload(saved)
 
 
-def _pinned_card(pipeline, training_data, repo_id: str, revision: str | None) -> str:
+def _pinned_card(pipeline, training_data, context: Mapping[str, Any], repo_id: str, revision: str | None) -> str:
     """`card(repo_id, revision)` for [`upload_folder`]."""
-    return model_card(pipeline, repo_id, revision, training_data)
+    return model_card(pipeline, repo_id, revision, training_data, **context)
+
+
+def _hub_license(api, repo_id: str, token: str | None) -> str | None:
+    """The license in the Hub card of `repo_id`, or `None` when it cannot be read (offline, no card, no license)."""
+    try:
+        if api is None:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=token)
+        card_data = api.model_info(repo_id).card_data
+        license = card_data.get("license") if card_data is not None else None
+    except Exception:  # any failure to read it leaves the card without a license, never the upload
+        return None
+    return license if isinstance(license, str) else None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -718,17 +815,28 @@ def load_generator_folder(path: str) -> tuple[str, dict]:
     Args:
         path (`str`): a diffusers pipeline folder with `model_index.json` naming a `unet` and a `scheduler` (e.g. a
             `DDPMPipeline`; sampled as DDIM), or a model folder with `config.json` whose `_class_name` is a GAN
-            generator class of s2m_diffusers or diffusers (e.g. `DCGANGenerator`).
+            generator class of s2m_diffusers or diffusers (e.g. `DCGANGenerator`); or the Hub repo of one
+            (``"user/name"``), downloaded with `huggingface_hub.snapshot_download`, and then recorded as the
+            components' ``_name_or_path`` (the model card's ``base_model``).
 
     Returns:
         `tuple[str, dict]`: the kind (`"ddim"` or `"gan"`) and the components (`unet`, `scheduler` or `gan`), in
         eval mode.
 
     Raises:
-        ValueError: the folder is neither, or names a class that cannot be found.
+        ValueError: the folder is neither, names a class that cannot be found, or the repo cannot be downloaded.
     """
+    repo_id = None if os.path.isdir(path) else hub_repo_id(path)
+    if repo_id is not None:
+        kind, components = load_generator_folder(_download_generator(repo_id))
+        for component in components.values():
+            component.register_to_config(_name_or_path=repo_id)
+        return kind, components
     if not os.path.isdir(path):
-        raise ValueError(f"--generator {path!r} is not a folder. Save a generator there with `save_pretrained`.")
+        raise ValueError(
+            f"--generator {path!r} is neither a folder nor a Hub repo id ('user/name'). Save a generator there with "
+            "`save_pretrained`."
+        )
     index_file, config_file = os.path.join(path, "model_index.json"), os.path.join(path, "config.json")
     if os.path.isfile(index_file):
         return "ddim", _load_unet_and_scheduler(path, index_file)
@@ -746,6 +854,19 @@ def load_generator_folder(path: str) -> tuple[str, dict]:
         f"--generator {path!r} holds neither model_index.json (a diffusers pipeline such as DDPMPipeline) nor "
         "config.json (a generator model such as DCGANGenerator). Save one with `save_pretrained(PATH)`."
     )
+
+
+def _download_generator(repo_id: str) -> str:
+    """The local snapshot of a generator's Hub repo (its configs and safetensors weights only)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    except Exception as err:  # offline, unknown repo, no access: one message that says so
+        raise ValueError(
+            f"--generator {repo_id!r} looks like a Hub repo id but could not be downloaded ({type(err).__name__}: "
+            f"{err}). Check the name and your connection (and HF_HUB_OFFLINE), or pass a local folder."
+        ) from None
 
 
 def _load_unet_and_scheduler(path: str, index_file: str) -> dict:
@@ -804,6 +925,9 @@ def model_card(
     repo_id: str | None = None,
     revision: str | None = None,
     training_data: Mapping[str, Any] | str | None = None,
+    license: str | None = None,
+    base_model: str | None = None,
+    sampling: Mapping[str, Any] | None = None,
 ) -> str:
     """The README of a saved or pushed S2M pipeline: metadata, attributes, training data, loading snippets.
 
@@ -814,6 +938,13 @@ def model_card(
             `pipeline.py`; a pinned commit keeps a later push from changing what runs.
         training_data (`Mapping` or `str`, *optional*): a description of the heads' training data (source,
             size, how the single-positive labels were drawn), added to the data summary.
+        license (`str`, *optional*): the license of the pipeline's weights (a Hub license id, e.g.
+            ``"apache-2.0"``), which include the generator's. Left out when not given.
+        base_model (`str`, *optional*): the Hub repo of the generator; by default the one the generator was loaded
+            from (its ``_name_or_path``) when that names a Hub repo.
+        sampling (`Mapping`, *optional*): call settings for the snippets (e.g. ``{"negation_margin": 30.0}``),
+            added to those of the pipeline's first cached fit (its target and the settings that differ from the
+            defaults, so that the snippet reuses that fit).
 
     Returns:
         `str`: the model card, YAML metadata included.
@@ -822,24 +953,84 @@ def model_card(
     names = list(heads.config.attribute_names)
     counts = list(heads.config.label_counts) if getattr(heads.config, "label_counts", None) else None
     proposal = pipeline.proposal_description()
-    example = pipeline.config.default_target or (f"{names[0]} & ~{names[1]}" if len(names) > 1 else names[0])
+    base_model = base_model or proposal.get("base_model") or _generator_hub_id(pipeline)
+    fit_target, settings = _fit_settings(pipeline)
+    settings.update(sampling or {})
+    default = f"{names[0]} & ~{names[1]}" if len(names) > 1 else names[0]
+    example = pipeline.config.default_target or fit_target or default
     lines = [
-        *_card_header(proposal.get("base_model"), names, example),
+        *_card_header(base_model, license, names, example),
         *_card_attributes(heads, names, counts),
         *_card_training_data(names, counts, training_data),
         *_card_proposal(proposal),
-        *_card_usage(repo_id or "path/to/this/folder", revision, example),
+        *_card_usage(repo_id or "path/to/this/folder", revision, example, settings),
     ]
     return "\n".join(lines)
 
 
-def _card_header(base_model: str | None, names: list[str], example: str) -> list[str]:
+def _card_context(
+    pipeline,
+    license: str | None = None,
+    base_model: str | None = None,
+    sampling: Mapping[str, Any] | None = None,
+) -> dict:
+    """The card's ``license``, ``base_model`` and ``sampling``: those given, else those recorded in the manifest of
+    the folder the pipeline was loaded from (`name_or_path`), so that saving a loaded pipeline keeps its card."""
+    saved = {}
+    folder = getattr(pipeline, "name_or_path", None)
+    if isinstance(folder, str) and os.path.isfile(os.path.join(folder, MANIFEST_FILE)):
+        with contextlib.suppress(ValueError):
+            saved = _read_manifest(folder).get("card") or {}
+    return {
+        "license": license or saved.get("license"),
+        "base_model": base_model or saved.get("base_model"),
+        "sampling": dict(sampling) if sampling is not None else saved.get("sampling"),
+    }
+
+
+def _generator_hub_id(pipeline) -> str | None:
+    """The Hub repo the pipeline's generator (GAN, UNet or wrapped pipeline) was loaded from, if any."""
+    for name in ("gan", "unet", "proposal_pipeline"):
+        config = getattr(getattr(pipeline, name, None), "config", None)
+        repo = hub_repo_id(getattr(config, "_name_or_path", None)) if config is not None else None
+        if repo is not None:
+            return repo
+    return None
+
+
+def _fit_settings(pipeline) -> tuple[str | None, dict]:
+    """The target of the pipeline's first cached fit and its settings that differ from the defaults: a call with
+    them reuses the fit (`S2MPipeline.fits`), and they are those the pipeline was fitted with."""
+    from .sampling import S2MSamplingConfig
+
+    base = S2MSamplingConfig()
+    if callable(getattr(pipeline, "heads_reading", None)):  # the defaults as this pipeline's heads resolve them
+        base = pipeline.heads_reading(base)
+    defaults = {f.name: getattr(base, f.name) for f in dataclasses.fields(S2MSamplingConfig)}
+    for key in getattr(pipeline, "fits", None) or {}:
+        try:
+            record = json.loads(key)
+        except (TypeError, ValueError):
+            continue
+        settings = {}
+        for name, default in defaults.items():
+            value = record.get(name, default)
+            if (tuple(value) if isinstance(value, list) else value) != default:
+                settings[name] = value
+        steps = record.get("steps")
+        if steps is not None and steps != pipeline.config.num_inference_steps:
+            settings["num_inference_steps"] = steps
+        return record.get("target"), settings
+    return None, {}
+
+
+def _card_header(base_model: str | None, license: str | None, names: list[str], example: str) -> list[str]:
     """The YAML metadata, the title and what the sampler does."""
     from huggingface_hub import ModelCardData
 
     data = ModelCardData(
         library_name="diffusers",
-        license=None,
+        license=license,
         tags=["s2m-diffusers", "s2m", "multi-label", "diffusers", "image-generation"],
         pipeline_tag="unconditional-image-generation",
         base_model=base_model,
@@ -856,6 +1047,28 @@ def _card_header(base_model: str | None, names: list[str], example: str) -> list
         "generator as the proposal and classifier heads trained on single-positive labels, which together draw "
         "images that hold any combination of the attributes, e.g. `" + example + "`.",
         "",
+    ]
+
+
+def _card_reading(hc) -> list[str]:
+    """How the sampler reads the heads by default: the margins and the strength of ``logit D_v``."""
+    kappa = getattr(hc, "presence_margin", None)
+    beta = getattr(hc, "dv_strength", None)
+    beta = 1.0 if beta is None else float(beta)
+    chosen = kappa is not None or getattr(hc, "dv_strength", None) is not None
+    target = "the paper's target" if beta == 1.0 else f"p_G^{_format_float(1 - beta)} p_data^{_format_float(beta)}"
+    return [
+        "How the sampler reads the heads by default"
+        + (" (chosen from held-out data when they were trained; each can be overridden per call)" if chosen else "")
+        + f": negation margin lambda = {_format_float(float(hc.negation_margin))}, presence margin kappa = "
+        f"{_format_float(0.0 if kappa is None else float(kappa))}, strength of logit D_v beta = {_format_float(beta)} "
+        f"(the weights target {target} restricted to the combination"
+        + (
+            "; beta < 1 because D_v's weights over generated images are heavy-tailed: see metrics.json, `dv_report`"
+            if beta < 1.0
+            else ""
+        )
+        + ").",
     ]
 
 
@@ -877,9 +1090,10 @@ def _card_attributes(heads, names: list[str], counts: list[int] | None) -> list[
         lines.append(f"| `{name}` | {count} | {share} | {prior} |")
     lines += [
         "",
-        f"Negation margin lambda = {_format_float(float(hc.negation_margin))}; "
         f"D_f head (class-conditional proposal): {'yes' if getattr(hc, 'conditional', False) else 'no'}; "
         f"input images: {hc.in_channels} x {hc.sample_size} x {hc.sample_size} in [-1, 1].",
+        "",
+        *_card_reading(hc),
     ]
     temperatures = getattr(heads, "temperatures", None)
     if callable(temperatures):
@@ -913,8 +1127,21 @@ def _card_proposal(proposal: Mapping[str, Any]) -> list[str]:
     return ["", "## Proposal", "", *(f"- {key}: {value}" for key, value in proposal.items())]
 
 
-def _card_usage(repo: str, revision: str | None, example: str) -> list[str]:
-    """Loading snippets (diffusers with remote code, the installed package, a shell), pinned to `revision`."""
+# the settings `s2m sample` takes as options, with their option names
+_CLI_SETTINGS = {
+    "refit": "--refit",
+    "fit_size": "--fit-size",
+    "num_chains": "--num-chains",
+    "negation_margin": "--negation-margin",
+    "presence_margin": "--presence-margin",
+    "num_inference_steps": "--num-inference-steps",
+    "class_label": "--class-label",
+}
+
+
+def _card_usage(repo: str, revision: str | None, example: str, settings: Mapping[str, Any] | None = None) -> list[str]:
+    """Loading snippets (diffusers with remote code, the installed package, a shell), pinned to `revision`, calling
+    the pipeline with `settings`."""
     import s2m_diffusers
 
     pin = (
@@ -925,6 +1152,12 @@ def _card_usage(repo: str, revision: str | None, example: str) -> list[str]:
     pin_cli = f" --revision {revision}" if revision else ""
     pin_plain = f', revision="{revision}"' if revision else ""
     version = s2m_diffusers.__version__
+    settings = dict(settings or {})
+    call = f'out = pipe("{example}", num_images=4, generator=torch.Generator().manual_seed(0)'
+    call += "".join(f", {k}={v!r}" for k, v in settings.items()) + ")"
+    pipeline_kwargs = json.dumps({"target": example, "num_images": 4, **settings})
+    cli_args = "".join(f" {_CLI_SETTINGS[k]} {v}" for k, v in settings.items() if k in _CLI_SETTINGS and v is not None)
+    no_option = [k for k in settings if k not in _CLI_SETTINGS]
     return [
         "",
         "## Usage",
@@ -939,7 +1172,7 @@ def _card_usage(repo: str, revision: str | None, example: str) -> list[str]:
         f'    "{repo}",{pin}',
         "    trust_remote_code=True,",
         ")",
-        f'out = pipe("{example}", num_images=4, generator=torch.Generator().manual_seed(0))',
+        call,
         'out.images[0].save("sample.png")',
         "print(out.stats)",
         "```",
@@ -947,19 +1180,23 @@ def _card_usage(repo: str, revision: str | None, example: str) -> list[str]:
         "Without remote code, through the installed package:",
         "",
         "```python",
+        "import torch",
         "from s2m_diffusers import S2MPipeline",
         "",
         f'pipe = S2MPipeline.from_pretrained("{repo}"{pin_plain})',
+        call,
         "```",
         "",
         "From a shell:",
         "",
         "```bash",
         f"diffusers-cli run --model {repo}{pin_cli} --trust-remote-code \\",
-        f'    --pipeline-kwargs \'{{"target": "{example}", "num_images": 4}}\' --seed 0 --output samples/',
-        f's2m sample --pipeline {repo}{pin_cli} --target "{example}" --num-images 4 --seed 0 --output samples/',
+        f"    --pipeline-kwargs '{pipeline_kwargs}' --seed 0 --output samples/",
+        f's2m sample --pipeline {repo}{pin_cli} --target "{example}" --num-images 4 --seed 0 --output samples/'
+        + cli_args,
         "```",
         "",
+        *([f"(`s2m sample` has no option for {', '.join(no_option)}: use the Python call.)", ""] if no_option else []),
         "The repository's `.py` files (`pipeline.py`, and one in each custom component's folder) are one-line shims "
         "that import the classes from the installed packages; they hold no model code.",
         "",
@@ -1008,7 +1245,7 @@ def upload_folder(
         folder_path=folder,
         commit_message=commit_message or "Upload S2M pipeline",
         create_pr=create_pr,
-        ignore_patterns=["README.md"],
+        ignore_patterns=["README.md", f"{TRAINING_FOLDER}/*"],
     )
     revision = getattr(commit, "oid", None)
     readme = os.path.join(folder, "README.md")

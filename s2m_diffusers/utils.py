@@ -6,7 +6,9 @@
 - [`replace_folder_atomically`] (on [`swap_into_place`]): a folder written beside its destination, then put in its
   place in one step, whole: a kill at any moment leaves the old folder (or none) or the new one, never a mix.
   Temporaries left by a killed writer are removed by the next write ([`remove_stale_temporaries`]).
-- [`module_device_dtype`]: where a module's weights live.
+- [`optional_dependency`]: an import of an optional package whose error names the extra that installs it.
+- [`module_device_dtype`]: where and in which dtype a module computes (diffusers' offloading and casting hooks
+  included).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "jsonable",
     "module_device_dtype",
+    "optional_dependency",
     "move_into_place",
     "remove_stale_temporaries",
     "replace_folder_atomically",
@@ -318,10 +321,46 @@ def save_pretrained_atomically(obj, output_dir: str | os.PathLike) -> None:
     save_folder_atomically(obj.save_pretrained, output_dir, replace=True)
 
 
+# ----- optional packages ----------------------------------------------------------------------------------------
+# the extra of `pip install s2m-diffusers[EXTRA]` that installs each optional package (setup.cfg, extras_require)
+EXTRAS = {"transformers": "transformers", "datasets": "datasets", "scipy": "test"}
+
+
+@contextlib.contextmanager
+def optional_dependency(package: str, purpose: str | None = None) -> Iterator[None]:
+    """Imports of an optional package, inside the function that needs it, turned into an `ImportError` that names
+    the extra installing it when the package is missing::
+
+        with optional_dependency("transformers", "A transformers backbone"):
+            from transformers import AutoModel
+
+    Args:
+        package (`str`): the top-level package, a key of ``EXTRAS``.
+        purpose (`str`, *optional*): what needs it, for the message.
+    """
+    try:
+        yield
+    except ModuleNotFoundError as err:
+        if err.name is None or err.name.split(".")[0] != package:
+            raise  # another module is missing: its own message says which
+        extra = EXTRAS.get(package, package)
+        raise ModuleNotFoundError(
+            f"{purpose or 'This'} needs the optional package `{package}`, which is not installed. Install it with "
+            f"`pip install 's2m-diffusers[{extra}]'` (or `pip install {package}`).",
+            name=package,
+        ) from err
+
+
 # ----- modules --------------------------------------------------------------------------------------------------
 def module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """`(device, dtype)` of a module's weights: a diffusers `ModelMixin`'s own `.device` and `.dtype`, else those of
-    its first parameter, else `(cpu, float32)` for a module without parameters.
+    """`(device, dtype)` a module computes with: where its inputs go and in which dtype.
+
+    diffusers' hooks come first, for any module (a diffusers `ModelMixin` or not): with layerwise casting
+    (`enable_layerwise_casting`, `diffusers.hooks.apply_layerwise_casting`) the weights are stored in one dtype
+    (e.g. `float8_e4m3fn`) and computed in another, its ``compute_dtype``; with group offloading
+    (`enable_group_offload`, `diffusers.hooks.apply_group_offloading`) they rest on the offload device and run on its
+    ``onload_device``. Then a `ModelMixin`'s own `.device` and `.dtype`, else those of the first floating-point
+    parameter, else `(cpu, float32)` for a module without parameters.
 
     Args:
         module (`torch.nn.Module`): the module.
@@ -332,8 +371,36 @@ def module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dt
     import torch  # noqa: F811  (here, not above: `s2m --help` imports this module and need not load torch)
     from diffusers import ModelMixin
 
+    device, dtype = _hooked_device_dtype(module)
+    if device is not None and dtype is not None:
+        return device, dtype
     if isinstance(module, ModelMixin):
-        return module.device, module.dtype
-    for p in module.parameters():
-        return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
+        return device or module.device, dtype or module.dtype
+    params = list(module.parameters())
+    first = next((p for p in params if p.is_floating_point()), params[0] if params else None)
+    if first is None:
+        return device or torch.device("cpu"), dtype or torch.float32
+    return device or first.device, dtype or first.dtype
+
+
+def _hooked_device_dtype(module: torch.nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    """The onload device of diffusers' group offloading and the compute dtype of its layerwise casting, when a
+    submodule of `module` has those hooks (`None` for each that none has). Read through the hook registry diffusers
+    attaches to a module (``_diffusers_hook``), as `ModelMixin.dtype` itself does."""
+    import torch  # noqa: F811
+
+    device = dtype = None
+    for m in module.modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        get_hook = getattr(registry, "get_hook", None)
+        if get_hook is None:
+            continue
+        if dtype is None:
+            dtype = getattr(get_hook("layerwise_casting"), "compute_dtype", None)
+        if device is None:
+            offload = get_hook("group_offloading")
+            onload = getattr(getattr(offload, "group", None), "onload_device", None)
+            device = None if onload is None else torch.device(onload)
+        if device is not None and dtype is not None:
+            break
+    return device, dtype

@@ -95,8 +95,9 @@ def sample_and_check(pipeline: str, images_dir, target="top", num_images=3) -> d
     )
     assert code == 0
     stats = json.loads((images_dir / "stats.json").read_text())
-    pngs = sorted(p for p in os.listdir(images_dir) if p.endswith(".png"))
+    pngs = sorted(p for p in os.listdir(images_dir) if p.endswith(".png") and p != "grid.png")
     assert pngs == [f"{i:04d}.png" for i in range(num_images)] == stats["images"]
+    assert (images_dir / "grid.png").is_file()
     assert stats["num_images"] == num_images and stats["seed"] == 0
     assert stats["proposals"] >= num_images
     assert stats["proposals_per_image"] == pytest.approx(stats["proposals"] / num_images)
@@ -131,7 +132,11 @@ def test_train_heads_sample_evaluate(workspace, tmp_path, kind, capsys):
     assert main(["evaluate", "--images", str(images_dir), "--target", "top & ~bottom", "--evaluator",
                  str(root / "evaluator"), "--reference", str(root / "data" / "top")]) == 0  # fmt: skip
     printed = capsys.readouterr().out
-    result = json.loads((images_dir / "evaluation.json").read_text())
+    assert not (images_dir / "evaluation.json").exists()  # the samples folder stays as `s2m sample` wrote it
+    result = json.loads((tmp_path / "images.evaluation.json").read_text())  # beside it by default
+    assert main(["evaluate", "--images", str(images_dir), "--target", "top & ~bottom", "--evaluator",
+                 str(root / "evaluator"), "--output", str(tmp_path / "reports" / "eval.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "reports" / "eval.json").read_text())["accuracy"] == result["accuracy"]
     assert result["num_images"] == 3 and result["num_reference"] == 8
     assert 0.0 <= result["accuracy"] <= 1.0 and result["accuracy"] * 3 == pytest.approx(round(result["accuracy"] * 3))
     assert result["frechet_distance"] >= 0.0
@@ -150,7 +155,7 @@ def test_bad_inputs_exit_2_with_a_message(workspace, tmp_path, capsys):
             assert word in err, (word, err)
 
     train = ["train-heads", "--output", out, *TINY_TRAINING]
-    fails([*train, "--generator", str(tmp_path / "missing"), "--data-dir", data], "not a folder")
+    fails([*train, "--generator", str(tmp_path / "missing"), "--data-dir", data], "neither a folder nor a Hub repo")
     (tmp_path / "empty").mkdir()
     fails([*train, "--generator", str(tmp_path / "empty"), "--data-dir", data], "model_index.json", "config.json")
     (tmp_path / "odd").mkdir()
@@ -172,7 +177,9 @@ def test_bad_inputs_exit_2_with_a_message(workspace, tmp_path, capsys):
 
 def test_help_explains_the_new_commands(capsys):
     for command, options in {
-        "train-heads": ["--generator", "--data-dir", "--output", "--num-steps", "--priors", "--negation-margin"],
+        "train-heads": ["--generator", "--data-dir", "--output", "--num-steps", "--priors", "--negation-margin"]
+        + ["--train_data_dir", "--output_dir", "--max_train_steps", "--checkpointing_steps", "--use_ema"]
+        + ["--resume_from_checkpoint", "--mixed_precision", "--report_to", "--push_to_hub", "--hub_model_id"],
         "evaluate": ["--images", "--target", "--evaluator", "--reference"],
         "demo": ["--output", "--retrain", "--num-images", "--seed"],
     }.items():

@@ -214,6 +214,7 @@ def test_sample_command_under_accelerate_launch(tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["num_processes"] == 2 and stats["num_images"] == 5 and all(stats["on_target"])
     assert sorted(os.listdir(out)) == ["0000.png", "0001.png", "0002.png", "0003.png", "0004.png"] + [
+        "grid.png",
         "latents.safetensors",
         "stats.json",
     ]

@@ -159,8 +159,9 @@ def test_saving_into_an_existing_folder_keeps_other_files(tmp_path):
 def test_hub_functions_save_and_load_a_pipeline(tmp_path):
     """The module-level functions that `S2MPipeline`'s loaders delegate to, called directly."""
     pipe = gan_pipeline()
-    with pytest.raises(ValueError, match="safetensors only"):
-        hub.save_pipeline(pipe, tmp_path / "s2m", safe_serialization=False)
+    with pytest.warns(UserWarning, match="safetensors anyway"):
+        hub.save_pipeline(pipe, tmp_path / "pickle", safe_serialization=False)
+    assert not [f for f in os.listdir(tmp_path / "pickle" / "heads") if f.endswith(".bin")]
     folder = hub.save_pipeline(pipe, tmp_path / "s2m", training_data="Digits, 7to3 split.")
     assert folder == str(tmp_path / "s2m")
     assert {"model_index.json", "pipeline.py", "README.md"} <= set(os.listdir(folder))
@@ -206,10 +207,52 @@ def test_model_card_lists_attributes_data_and_a_pinned_snippet():
         "diffusers-cli run --model user/s2m-tiny --revision 0123abcd --trust-remote-code",
         "s2m sample --pipeline user/s2m-tiny --revision 0123abcd",
         'pipe("A & ~B", num_images=4',
-        "Negation margin lambda = 10",
+        "negation margin lambda = 10",
         "DCGANGenerator",
     ]:
         assert fragment in text, fragment
+
+
+def test_card_license_base_model_and_no_local_paths(tmp_path):
+    """The license and the generator's Hub repo reach the card's metadata; local folders appear nowhere in a save."""
+    pipe = gan_pipeline()
+    pipe.gan.register_to_config(_name_or_path="user/dcgan-digits")  # as from_pretrained of a Hub repo records it
+    card = ModelCard(hub.model_card(pipe, "user/s2m-tiny", license="apache-2.0"))
+    assert card.data.license == "apache-2.0" and card.data.base_model == "user/dcgan-digits"
+    assert ModelCard(hub.model_card(pipe, base_model="org/other")).data.base_model == "org/other"
+
+    local = gan_pipeline()
+    local.gan.save_pretrained(tmp_path / "gan")
+    local.gan = type(local.gan).from_pretrained(tmp_path / "gan")  # _name_or_path: the local folder
+    local.save_pretrained(tmp_path / "s2m", license="mit")
+    saved = (tmp_path / "s2m").rglob("*")
+    texts = [p.read_text() for p in saved if p.is_file() and p.suffix in (".json", ".md", ".py")]
+    assert texts and not [t for t in texts if str(tmp_path) in t]
+    card = ModelCard((tmp_path / "s2m" / "README.md").read_text())
+    assert card.data.license == "mit" and card.data.base_model is None
+
+    loaded = S2MPipeline.from_pretrained(tmp_path / "s2m")  # the card's metadata survives a load and a save
+    loaded.save_pretrained(tmp_path / "again")
+    assert ModelCard((tmp_path / "again" / "README.md").read_text()).data.license == "mit"
+
+
+def test_card_snippet_calls_with_the_settings_of_the_cached_fit(tmp_path):
+    pipe = gan_pipeline()
+    pipe.fit("A & ~B", negation_margin=30.0, presence_margin=0.5, **FAST)
+    text = hub.model_card(pipe, "user/s2m-tiny", sampling={"samples_per_chain": 1})
+    for fragment in [
+        'pipe("A & ~B", num_images=4, generator=torch.Generator().manual_seed(0), negation_margin=30.0, '
+        "presence_margin=0.5, fit_size=32, samples_per_chain=1)",
+        '"target": "A & ~B", "num_images": 4, "negation_margin": 30.0, "presence_margin": 0.5, "fit_size": 32',
+        "--negation-margin 30.0 --presence-margin 0.5 --fit-size 32",
+        "no option for samples_per_chain",
+    ]:
+        assert fragment in text, fragment
+    pipe.save_pretrained(tmp_path / "s2m")
+    loaded = S2MPipeline.from_pretrained(tmp_path / "s2m")  # the fit is saved with it: a call reuses it
+    loaded.set_progress_bar_config(disable=True)
+    out = loaded("A & ~B", num_images=1, generator=seeded(), negation_margin=30.0, presence_margin=0.5, **FAST)
+    assert out.stats["fit_proposals"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -316,7 +316,15 @@ def test_callback_runs_once_per_sampler_round_with_that_rounds_proposals():
 
     def callback(p, round_, phase, kwargs):
         assert p is pipe
-        calls.append((round_, phase, kwargs["latents"].shape[0], kwargs["log_w"].shape, kwargs["num_on_target"]))
+        calls.append(
+            (
+                round_,
+                phase,
+                kwargs["latents"].shape[0],
+                kwargs["log_w"].shape,
+                int(torch.isfinite(kwargs["log_w"]).sum()),
+            )
+        )
         return {}
 
     out = pipe(
@@ -494,11 +502,6 @@ def test_ddim_pipeline_round_trip(tmp_path):
     assert isinstance(loaded.scheduler, DDPMScheduler) and loaded.config.num_inference_steps == 2
     after = loaded("A & B", num_images=2, generator=seeded(), output_type="pt", fit_size=16)
     assert torch.equal(before.latents, after.latents) and torch.allclose(before.images, after.images, atol=1e-5)
-
-
-def test_pickle_serialization_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="safetensors only"):
-        gan_pipeline().save_pretrained(tmp_path / "s2m", safe_serialization=False)
 
 
 def test_budget_spent_by_earlier_images_of_a_generator_list():

@@ -190,7 +190,7 @@ def test_sample_refuses_a_folder_that_holds_files_unless_overwrite(saved, tmp_pa
     evaluate = ["evaluate", "--images", str(out), "--target", "A", "--evaluator", evaluator]
     assert main(evaluate) == 2 and "0007.png" in error_of(capsys)  # not counted silently
     assert sample(saved, out, "--overwrite") == 0  # replaced whole: the stale image is gone
-    assert sorted(os.listdir(out)) == ["0000.png", "0001.png", "latents.safetensors", "stats.json"]
+    assert sorted(os.listdir(out)) == ["0000.png", "0001.png", "grid.png", "latents.safetensors", "stats.json"]
     assert main(evaluate) == 0 and "accuracy" in capsys.readouterr().out
     # --overwrite replaces only what `s2m sample` wrote
     (out / "thesis.tex").write_text("mine")
