@@ -906,7 +906,8 @@ def _heads_image_shape(sample_size: int | None, kind: str, components: dict) -> 
 
 def _training_proposal(args: argparse.Namespace, kind: str, components: dict, size: int, channels: int):
     """The proposal the heads train on: the generator, or a bank of `--bank-size` samples drawn from it once
-    (by default 4096 for a diffusion generator, whose samples are expensive; none for a GAN)."""
+    (by default 4096 for a diffusion generator, whose samples are expensive; none for a GAN), with a progress bar
+    unless `--quiet`, and under several processes drawn once, their micro-batches spread over the processes."""
     from .proposals import DDIMProposal, GeneratorProposal
     from .training import sample_bank
 
@@ -918,7 +919,7 @@ def _training_proposal(args: argparse.Namespace, kind: str, components: dict, si
         bank_size = args.bank_size or 0
     if not bank_size:
         return proposal
-    return sample_bank(proposal, bank_size, args.seed, size, channels)
+    return sample_bank(proposal, bank_size, args.seed, size, channels, progress=not args.quiet)
 
 
 def _training_data(args: argparse.Namespace, kind: str) -> dict:
@@ -970,22 +971,43 @@ def _evaluate_parser(subparsers) -> argparse.ArgumentParser:
         help="score a folder of images against a target with an attribute evaluator",
         description=(
             "Score a folder of images (e.g. written by `s2m sample`) against a target with an attribute evaluator "
-            "(an AttributeEvaluator saved with save_pretrained): the share of images it judges on target, and with "
-            "--reference the Frechet distance between the evaluator's features of the images and of reference "
-            "images. Prints the result and writes it as JSON."
+            "(an AttributeEvaluator saved with save_pretrained, or a transformers image-classification model folder "
+            "with --label_attributes mapping its labels to attribute sets): the share of images it judges on target "
+            "(the summed probability of the classes whose attribute set satisfies the target above --threshold), "
+            "and with --reference the Frechet distance between the evaluator's features of the images and of "
+            "reference images. Prints the result and writes it as JSON."
         ),
         epilog=(
             "examples:\n"
             '  s2m evaluate --images samples/ --target "A & B & ~C" \\\n'
             "      --evaluator s2m_diffusers/demo/pretrained/digits7to3/evaluator\n"
             '  s2m evaluate --images samples/ --target "A & ~B" --evaluator my-evaluator --reference real/ab/\n'
+            '  s2m evaluate --images samples/ --target "smiling & ~male" --evaluator my-vit-classifier \\\n'
+            """      --label_attributes '{"smiling_man": ["smiling", "male"], "smiling_woman": ["smiling"], """
+            """"neutral_man": ["male"], "neutral_woman": []}'\n"""
             "Exit status: 0 done, 2 invalid input."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--images", required=True, metavar="DIR", help="folder of images to score")
     p.add_argument("--target", required=True, help="the target, e.g. 'a & ~b', over the evaluator's attributes")
-    p.add_argument("--evaluator", required=True, metavar="PATH", help="AttributeEvaluator folder (save_pretrained)")
+    p.add_argument(
+        "--evaluator",
+        required=True,
+        metavar="PATH",
+        help="AttributeEvaluator folder (save_pretrained), or a transformers image-classification model folder "
+        "(with its preprocessor_config.json, if any; needs --label_attributes and "
+        "pip install 's2m-diffusers[transformers]')",
+    )
+    p.add_argument(
+        "--label_attributes",
+        "--label-attributes",
+        dest="label_attributes",
+        default=None,
+        metavar="JSON",
+        help="for a transformers classifier: the attribute set of each of its labels, as JSON or a JSON file, e.g. "
+        '\'{"smiling_man": ["smiling", "male"], "neutral_woman": []}\' (every label mapped; [] for none)',
+    )
     p.add_argument("--reference", default=None, metavar="DIR", help="folder of reference images for the distance")
     p.add_argument(
         "--threshold", type=float, default=0.5, help="probability above which an image is on target (default 0.5)"
@@ -1004,11 +1026,12 @@ def evaluate(args: argparse.Namespace) -> int:
     """Run `s2m evaluate`."""
     from .data import load_image_folder
     from .evaluation import (
-        AttributeEvaluator,
         check_sample_folder,
         evaluator_features,
+        folder_image_size,
         formula_accuracy,
         frechet_distance,
+        load_evaluator,
         load_sample_folder,
     )
 
@@ -1018,15 +1041,15 @@ def evaluate(args: argparse.Namespace) -> int:
         check_sample_folder(args.images)
     except ValueError as err:
         return _fail(f"--images: {err}", EXIT_USAGE)
-    if not os.path.isfile(os.path.join(args.evaluator, "config.json")):
-        return _fail(
-            f"--evaluator {args.evaluator!r} is not an evaluator folder (no config.json); save an AttributeEvaluator "
-            "there with save_pretrained, e.g. s2m_diffusers/demo/pretrained/digits7to3/evaluator.",
-            EXIT_USAGE,
-        )
     try:
-        evaluator = AttributeEvaluator.from_pretrained(args.evaluator).eval()
+        label_attributes = None if args.label_attributes is None else _read_label_attributes(args.label_attributes)
+        try:
+            evaluator = load_evaluator(args.evaluator, label_attributes)
+        except ValueError as err:
+            return _fail(re.sub(r"\blabel_attributes\b", "--label_attributes", f"--evaluator: {err}"), EXIT_USAGE)
         size, channels = evaluator.config.sample_size, evaluator.config.in_channels
+        if size is None:  # a classifier with an image processor reads the images at their own size
+            size = folder_image_size(args.images)
         images = load_sample_folder(args.images, size, channels)
         accuracy = formula_accuracy(evaluator, images, args.target, args.threshold)
         result = {
@@ -1037,14 +1060,18 @@ def evaluate(args: argparse.Namespace) -> int:
             "threshold": args.threshold,
             "accuracy": accuracy,
         }
+        if label_attributes is not None:  # a transformers classifier: how its labels were read
+            result["label_attributes"] = dict(zip(evaluator.config.labels, evaluator.config.class_attributes))
         if args.reference is not None:
+            if evaluator.config.sample_size is None:
+                size = folder_image_size(args.reference)
             reference = load_image_folder(args.reference, size, channels)
             result["reference"] = args.reference
             result["num_reference"] = int(len(reference))
             result["frechet_distance"] = frechet_distance(
                 evaluator_features(evaluator, images), evaluator_features(evaluator, reference)
             )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:  # ImportError: a missing extra, named in the message
         return _fail(str(err), EXIT_USAGE)
     output = _evaluation_path(args.output, args.images)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -1054,6 +1081,28 @@ def evaluate(args: argparse.Namespace) -> int:
         line += f", Frechet distance {result['frechet_distance']:.4g} to {result['num_reference']} reference images"
     print(f"{line} (written to {output})")
     return EXIT_OK
+
+
+def _read_label_attributes(text: str) -> dict:
+    """`--label_attributes`: JSON text, or the path of a JSON file, mapping each label to a list of attributes."""
+    source = "--label_attributes"
+    if os.path.isfile(text):
+        source += f" file {text!r}"
+        with open(text, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        mapping = json.loads(text)
+    except ValueError as err:
+        raise ValueError(
+            f"{source} is neither a JSON file nor JSON text ({err}); give the attribute set of each label, e.g. "
+            '\'{"smiling_man": ["smiling", "male"], "neutral_woman": []}\'.'
+        ) from None
+    if not isinstance(mapping, dict):
+        raise ValueError(
+            f"{source} must be a JSON object mapping each label to a list of attributes, e.g. "
+            f'{{"smiling_man": ["smiling", "male"]}}; got {type(mapping).__name__}.'
+        )
+    return mapping
 
 
 def _evaluation_path(output: str | None, images: str) -> str:

@@ -6,7 +6,10 @@ of {A, B, C} for 7to3, optionally plus the empty set for "no attribute"), so the
 any conjunction is a sum of its class probabilities. Its penultimate layer gives the features of the Fréchet
 distance (fidelity and diversity of the returned images against real images of the same combination).
 
-The model class is the only stateful part; everything else here is a pure function of an evaluator and a tensor.
+Any transformers image-classification model serves as well (`TransformersEvaluator`, loaded with `load_evaluator`):
+each of its labels is given an attribute set, and its label probabilities are summed as the combinations' are.
+
+The model classes are the only stateful part; everything else here is a pure function of an evaluator and a tensor.
 Nothing here knows a particular dataset: the attributes and combinations are the evaluator's config.
 
 Examples:
@@ -25,7 +28,11 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -34,6 +41,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .targets import parse_target
+from .utils import optional_dependency
 
 
 class AttributeEvaluator(ModelMixin, ConfigMixin):
@@ -87,6 +95,228 @@ class AttributeEvaluator(ModelMixin, ConfigMixin):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits `(B, K)` of images `(B, C, H, W)` in [-1, 1]."""
         return self.classifier(self.features(images))
+
+
+# the attribute names a target can use (as `s2m train-heads` folder names)
+_ATTRIBUTE_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+class TransformersEvaluator(nn.Module):
+    r"""
+    A transformers image-classification model as an attribute evaluator, as k-diffusion's `external.py` wraps foreign
+    models: each of its labels is given an attribute set (``label_attributes``), so the probability that an image
+    satisfies a target is the summed probability of the labels whose set satisfies it, as for the combinations of an
+    [`AttributeEvaluator`]. The scoring functions of this module take either.
+
+    Images `(B, C, H, W)` in [-1, 1] go through the model's image processor as the 8-bit images they came from (as
+    `processor(images=[PIL images])` would see the files); without one, they go to the model in [-1, 1] at its
+    ``config.image_size`` (the mean 0.5, std 0.5 normalisation of ViT-style processors). The Fréchet distance's
+    features are the input of the model's ``classifier`` layer.
+
+    Args:
+        model (`transformers.PreTrainedModel`): an `AutoModelForImageClassification` model.
+        label_attributes (`Mapping[str, Sequence[str]]`): the attribute set of each of the model's labels
+            (``model.config.id2label`` values), e.g. ``{"smiling_man": ["smiling", "male"], "neutral_woman": []}``;
+            an empty set is a label with none of the attributes.
+        image_processor (`transformers.BaseImageProcessor`, *optional*): the model's image processor.
+
+    Examples:
+
+    ```py
+    >>> import torch
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from s2m_diffusers.evaluation import TransformersEvaluator, formula_accuracy
+    >>> config = ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    ...                    intermediate_size=32, id2label={0: "smiling_man", 1: "neutral_woman"})
+    >>> evaluator = TransformersEvaluator(ViTForImageClassification(config),
+    ...                                   {"smiling_man": ["smiling", "male"], "neutral_woman": []})
+    >>> evaluator.config.attribute_names
+    ['smiling', 'male']
+    >>> 0.0 <= formula_accuracy(evaluator, torch.zeros(2, 3, 16, 16), "smiling & ~male") <= 1.0
+    True
+    ```
+    """
+
+    def __init__(self, model: nn.Module, label_attributes: Mapping[str, Sequence[str]], image_processor=None):
+        super().__init__()
+        labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+        class_attributes = _check_label_attributes(label_attributes, labels)
+        attribute_names = list(dict.fromkeys(name for names in class_attributes for name in names))
+        if not attribute_names:
+            raise ValueError(
+                "label_attributes gives every label an empty attribute set; map the labels that show an attribute to "
+                'it, e.g. {"smiling_man": ["smiling", "male"], ...}.'
+            )
+        image_size = getattr(model.config, "image_size", None)
+        if image_processor is None and image_size is None:
+            raise ValueError(
+                f"{type(model).__name__} comes without an image processor (no preprocessor_config.json) and its "
+                "config gives no image_size, so the size and normalisation of its inputs are unknown. Save its image "
+                "processor in the model folder (`AutoImageProcessor.from_pretrained(...).save_pretrained(folder)`)."
+            )
+        self.model = model
+        self.image_processor = image_processor
+        self.config = SimpleNamespace(
+            attribute_names=attribute_names,
+            class_attributes=class_attributes,
+            labels=labels,
+            # with a processor, images are read at their own size and the processor resizes them (`None`)
+            sample_size=None if image_processor is not None else int(image_size),
+            in_channels=int(getattr(model.config, "num_channels", 3)),
+        )
+        table = [[name in attributes for name in attribute_names] for attributes in class_attributes]
+        self.register_buffer("class_table", torch.tensor(table, dtype=torch.bool), persistent=False)  # (K, n)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, label_attributes: Mapping[str, Sequence[str]], **kwargs
+    ) -> TransformersEvaluator:
+        """The model of a folder (or Hub id) saved by transformers, with its image processor when it has one
+        (``preprocessor_config.json``); ``kwargs`` go to both ``from_pretrained`` calls."""
+        with optional_dependency("transformers", "A transformers classifier as evaluator"):
+            from transformers import AutoImageProcessor, AutoModelForImageClassification
+        try:
+            model = AutoModelForImageClassification.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except ValueError as err:
+            # its first sentence, without the list of every model type
+            reason = str(err).split("\n")[0].split(" Model type should be one of")[0].rstrip(".")
+            raise ValueError(
+                f"{pretrained_model_name_or_path!r} is not a transformers image-classification model "
+                f"(AutoModelForImageClassification cannot load it: {reason}). Give a model folder saved from an "
+                "image-classification class (e.g. ViTForImageClassification), or an AttributeEvaluator folder."
+            ) from None
+        processor = None
+        folder = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(folder) or os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+            try:
+                processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+            except OSError:
+                processor = None  # a Hub model without one
+        return cls(model.eval(), label_attributes, processor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's input for images `(B, C, H, W)` in [-1, 1]."""
+        dtype = next(self.model.parameters()).dtype
+        if self.image_processor is None:
+            return images.to(self.device, dtype)
+        pixels = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        arrays = list(pixels.permute(0, 2, 3, 1).numpy())  # (H, W, C) 8-bit images, as read from the files
+        values = self.image_processor(images=arrays, return_tensors="pt")["pixel_values"]
+        return values.to(self.device, dtype)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Label logits `(B, K)` of images `(B, C, H, W)` in [-1, 1]."""
+        return self.model(pixel_values=self._pixel_values(images)).logits
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The input of the model's ``classifier`` layer `(B, F)` for images `(B, C, H, W)` in [-1, 1]."""
+        classifier = getattr(self.model, "classifier", None)
+        if not isinstance(classifier, nn.Module):
+            raise ValueError(
+                f"{type(self.model).__name__} has no `classifier` layer whose input could serve as the features of "
+                "the Frechet distance; score it without reference images, or use an AttributeEvaluator."
+            )
+        seen = []
+        handle = classifier.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+        try:
+            self(images)
+        finally:
+            handle.remove()
+        return seen[0].flatten(1)
+
+
+def _check_label_attributes(label_attributes: Mapping[str, Sequence[str]], labels: list[str]) -> list[list[str]]:
+    """The attribute set of each label, in label order; refused with the fix when the mapping does not fit."""
+    example = '{"smiling_man": ["smiling", "male"], "neutral_woman": []}'
+    if not isinstance(label_attributes, Mapping):
+        raise ValueError(f"label_attributes must map each label to a list of attributes, e.g. {example}.")
+    unknown = [label for label in label_attributes if label not in labels]
+    if unknown:
+        raise ValueError(
+            f"label_attributes names {unknown}, which are not labels of the model; its labels are {labels}."
+        )
+    missing = [label for label in labels if label not in label_attributes]
+    if missing:
+        raise ValueError(
+            f"label_attributes gives no attribute set for the label(s) {missing}: map every label of the model "
+            f"({labels}), with [] for a label that shows none of the attributes, e.g. {example}."
+        )
+    sets = []
+    for label in labels:
+        names = label_attributes[label]
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise ValueError(
+                f'label_attributes[{label!r}] must be a list of attribute names, e.g. ["smiling"], got {names!r}.'
+            )
+        bad = [n for n in names if not _ATTRIBUTE_NAME.match(n)]
+        if bad:
+            raise ValueError(
+                f"label_attributes[{label!r}] holds {bad}: attribute names are letters, digits, '_' and '.' "
+                "(they appear in targets such as 'smiling & ~male')."
+            )
+        sets.append(list(dict.fromkeys(names)))
+    return sets
+
+
+def load_evaluator(
+    path: str, label_attributes: Mapping[str, Sequence[str]] | None = None
+) -> AttributeEvaluator | TransformersEvaluator:
+    """The evaluator of a folder: an [`AttributeEvaluator`], or a transformers image-classification model with the
+    attribute set of each of its labels ([`TransformersEvaluator`]).
+
+    Args:
+        path (`str`): the folder (``config.json``: diffusers' for an AttributeEvaluator, transformers' otherwise).
+        label_attributes (`Mapping[str, Sequence[str]]`, *optional*): for a transformers model, required.
+
+    Returns:
+        [`AttributeEvaluator`] or [`TransformersEvaluator`], in eval mode.
+    """
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(
+            f"{path!r} is not an evaluator folder (no config.json): save an AttributeEvaluator there with "
+            "save_pretrained (e.g. s2m_diffusers/demo/pretrained/digits7to3/evaluator), or a transformers "
+            "image-classification model (model.save_pretrained and its image processor's)."
+        )
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    class_name = config.get("_class_name")
+    if class_name == "AttributeEvaluator":
+        if label_attributes is not None:
+            raise ValueError(
+                f"{path!r} is an AttributeEvaluator, whose classes carry their own attribute sets "
+                f"({config.get('class_attributes')}); label_attributes is for a transformers classifier: leave it out."
+            )
+        return AttributeEvaluator.from_pretrained(path).eval()
+    if class_name is not None or "model_type" not in config:
+        raise ValueError(
+            f"{path!r} holds a {class_name or 'model'} that is neither an AttributeEvaluator nor a transformers "
+            "image-classification model."
+        )
+    id2label = config.get("id2label") or {}
+    labels = [str(label) for _, label in sorted(id2label.items(), key=lambda item: int(item[0]))]
+    if label_attributes is None:
+        raise ValueError(
+            f"{path!r} is a transformers classifier (labels {labels}): give label_attributes, the attribute set of "
+            'each label, e.g. {"smiling_man": ["smiling", "male"], "neutral_woman": []}, so that a target can be read '
+            "from its label probabilities."
+        )
+    return TransformersEvaluator.from_pretrained(path, label_attributes).eval()
+
+
+def folder_image_size(folder: str) -> int:
+    """The shorter side of the first image of a folder (an `s2m sample` run's first listed image): the size at
+    which a [`TransformersEvaluator`] with an image processor reads the folder (the processor resizes)."""
+    from .data import _list_images, _open_image
+
+    paths = check_sample_folder(folder) or _list_images(folder)
+    if not paths:
+        raise ValueError(f"{folder!r} holds no images.")
+    return min(_open_image(paths[0]).size)
 
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:

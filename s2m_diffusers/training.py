@@ -49,9 +49,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import ImageBank, SinglePositiveDataset, prepare_images
-from .distributed import get_state
+from .distributed import gather_objects, gather_rows, get_state
 from .models.heads import S2MHeads
 from .priors import estimate_priors
+from .proposals import ProposalAdapter
 from .utils import move_into_place, save_folder_atomically, write_text_atomically
 
 logger = get_logger(__name__)
@@ -1129,26 +1130,109 @@ def _report_and_save(state: _TrainingState, heads: S2MHeads, metrics: dict, outp
 
 
 def sample_bank(
-    proposal: Callable, size: int, seed: int = 0, sample_size: int | None = None, in_channels: int | None = None
+    proposal: Callable,
+    size: int,
+    seed: int = 0,
+    sample_size: int | None = None,
+    in_channels: int | None = None,
+    progress: bool = True,
 ) -> ImageBank:
     """``size`` samples of a generator, drawn once: the image bank ``D_v`` trains against when every sample is
     expensive (a diffusion model: one sample costs a whole denoising run), instead of fresh samples every step.
 
+    The bank is drawn once however many processes run. For a generator adapter (a
+    [`~s2m_diffusers.proposals.ProposalAdapter`] such as `DDIMProposal`), every process draws the same latents (and
+    classes) from the seed, generates its own micro-batches of them (micro-batch ``j`` on process ``j mod N``) and
+    receives the others': the images are those of one process, which draws them all, in the same order, in ``1/N`` of
+    the time. Any other callable is run by the main process alone and its bank sent to the others.
+
     Args:
-        proposal (`Callable`): ``proposal(n, generator) -> images`` in [-1, 1], e.g. a `DDIMProposal`.
+        proposal (`Callable`): ``proposal(n, generator) -> images`` in [-1, 1] (or ``(images, class_labels)``), e.g. a
+            `DDIMProposal`.
         size (`int`): samples in the bank.
-        seed (`int`, defaults to 0): the bank is drawn with ``torch.Generator().manual_seed(seed + 12345)``.
+        seed (`int`, defaults to 0): the bank is drawn with ``torch.Generator().manual_seed(seed + 12345)``, as
+            ``proposal(size, generator)`` would draw it: the same images for the same seed, with or without the
+            progress bar, on any number of processes (up to the floating-point rounding of different devices).
         sample_size (`int`, *optional*), in_channels (`int`, *optional*): bring the samples to the heads' format
             (`prepare_images`) when they are larger.
+        progress (`bool`, defaults to `True`): a progress bar over the bank's images, on the main process.
 
     Returns:
-        [`~s2m_diffusers.data.ImageBank`].
+        [`~s2m_diffusers.data.ImageBank`]: the same on every process.
+
+    Examples:
+
+    ```py
+    >>> import torch
+    >>> from s2m_diffusers.models.gan import DCGANGenerator
+    >>> from s2m_diffusers.proposals import GeneratorProposal
+    >>> from s2m_diffusers.training import sample_bank
+    >>> gan = DCGANGenerator(latent_dim=8, sample_size=8, out_channels=1, base_channels=8)
+    >>> bank = sample_bank(GeneratorProposal(gan), 16, seed=0, progress=False)
+    >>> bank.images.shape
+    torch.Size([16, 1, 8, 8])
+    ```
     """
-    with torch.no_grad():
-        images = proposal(size, torch.Generator().manual_seed(seed + 12345))
-    if sample_size is not None and images.shape[-1] != sample_size:
-        images = prepare_images(images, sample_size, in_channels)
-    return ImageBank(images)
+    state = get_state()
+    generator = torch.Generator().manual_seed(seed + 12345)
+
+    def heads_format(images: torch.Tensor) -> torch.Tensor:
+        if sample_size is not None and images.shape[-1] != sample_size:
+            return prepare_images(images, sample_size, in_channels)
+        return images
+
+    bar = tqdm(
+        total=size,
+        desc="drawing the sample bank",
+        unit="image",
+        disable=not (progress and state.is_local_main_process),
+    )
+    with torch.no_grad(), bar:
+        if isinstance(proposal, ProposalAdapter):
+            images, labels = _draw_adapter_bank(proposal, size, generator, state, heads_format, bar)
+        else:
+            images, labels = _draw_callable_bank(proposal, size, generator, state, heads_format, bar)
+    return ImageBank(images, labels)
+
+
+def _draw_adapter_bank(proposal, size: int, generator, state, heads_format, bar) -> tuple:
+    """`sample_bank` for a generator adapter: the latents and classes of ``proposal(size, generator)``, their images
+    made one micro-batch at a time, spread over the processes and gathered in order."""
+    latents = proposal.p_z().sample(size, generator=generator)  # (N, *latent_shape): the stream of proposal(size, g)
+    labels = proposal.draw_class_labels(size, generator)  # (N,) or None
+    step, processes = proposal.micro_batch_size, state.num_processes
+    starts = list(range(0, size, step))  # the micro-batches `generate` would make
+    parts = []
+    for first in range(0, len(starts), processes):  # one round: micro-batch first + p on process p
+        mine = first + state.process_index
+        images = None
+        if mine < len(starts):
+            rows = slice(starts[mine], starts[mine] + step)
+            chunk_labels = None if labels is None else labels[rows]
+            images = heads_format(proposal.generate(latents[rows], chunk_labels, output_device="cpu").float())
+        if processes > 1:
+            if first + processes > len(starts):  # some process has no micro-batch: it sends no rows of the same shape
+                shape = next(s for s in gather_objects(None if images is None else images.shape[1:], state) if s)
+                images = torch.zeros((0, *shape)) if images is None else images
+            images = gather_rows(images, state)  # (rows of this round, C, S, S) in micro-batch order
+        parts.append(images)
+        bar.update(len(images))
+    return torch.cat(parts), labels
+
+
+def _draw_callable_bank(proposal: Callable, size: int, generator, state, heads_format, bar) -> tuple:
+    """`sample_bank` for any other callable: drawn by the main process in one call, sent to the others."""
+    drawn = None
+    if state.is_main_process:
+        drawn = proposal(size, generator)
+        images, labels = drawn if isinstance(drawn, tuple) else (drawn, None)
+        drawn = (heads_format(images), labels)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        drawn = broadcast_object_list([drawn], from_process=0)[0]
+    bar.update(size)
+    return drawn
 
 
 def save_heads(heads: S2MHeads, output_dir: str) -> None:

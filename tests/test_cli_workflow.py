@@ -113,7 +113,9 @@ def test_train_heads_sample_evaluate(workspace, tmp_path, kind, capsys):
     extra = ["--num-inference-steps", "2", "--bank-size", "32"] if kind == "ddpm" else []
     args = ["train-heads", "--generator", str(root / kind), "--data-dir", workspace["data"], "--output", str(out)]
     assert main(args + TINY_TRAINING + extra) == 0
-    assert "wrote the S2M pipeline" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "wrote the S2M pipeline" in printed.out
+    assert "drawing the sample bank" not in printed.err  # --quiet
     for name in ("model_index.json", "heads/config.json", "metrics.json", "README.md"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
@@ -202,3 +204,23 @@ def test_console_script_train_heads(workspace, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (out / "model_index.json").is_file() and "wrote the S2M pipeline" in result.stdout
+
+
+def test_train_heads_draws_a_diffusion_generators_bank_once_with_a_progress_bar(workspace, capsys):
+    from types import SimpleNamespace
+
+    from s2m_diffusers.cli import _training_proposal
+    from s2m_diffusers.hub import load_generator_folder
+    from s2m_diffusers.proposals import DDIMProposal
+    from s2m_diffusers.training import sample_bank
+
+    kind, components = load_generator_folder(str(workspace["root"] / "ddpm"))
+    args = SimpleNamespace(num_inference_steps=2, bank_size=6, seed=3, quiet=False)
+    bank = _training_proposal(args, kind, components, 8, 1)
+    assert "drawing the sample bank" in capsys.readouterr().err
+    quiet = _training_proposal(SimpleNamespace(**{**vars(args), "quiet": True}), kind, components, 8, 1)
+    assert "drawing the sample bank" not in capsys.readouterr().err
+    assert torch.equal(bank.images, quiet.images) and bank.images.shape == (6, 1, 8, 8)
+    proposal = DDIMProposal(components["unet"], components["scheduler"], 2)  # the bank is one call of the proposal
+    assert torch.equal(bank.images, proposal(6, torch.Generator().manual_seed(3 + 12345)))
+    assert torch.equal(bank.images, sample_bank(proposal, 6, seed=3, progress=False).images)

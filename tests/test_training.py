@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from s2m_diffusers.data import SinglePositiveDataset
+from s2m_diffusers.data import SinglePositiveDataset, prepare_images
 from s2m_diffusers.priors import estimate_log_gamma, estimate_priors
 from s2m_diffusers.training import (
     augment_images,
@@ -13,6 +13,7 @@ from s2m_diffusers.training import (
     fit_temperature,
     head_metrics,
     nll,
+    sample_bank,
     train_heads,
 )
 
@@ -311,3 +312,105 @@ def test_learning_rate_schedule_is_logged_to_the_tracker_in_logging_dir(tmp_path
         train_heads(_data(), CountingProposal(), num_steps=1, lr_scheduler="cosin", **SMALL)
     with pytest.raises(ValueError, match="has no effect with lr_scheduler='constant'; use 'constant_with_warmup'"):
         train_heads(_data(), CountingProposal(), num_steps=1, lr_warmup_steps=5, **SMALL)
+
+
+# ----- the sample bank: drawn once, with a progress bar, shared by the processes ------------------------------------
+
+
+def _bank_proposals():
+    """A tiny DDIM proposal (micro-batches of 3), a class-conditional GAN (micro-batches of 3), a plain callable."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from s2m_diffusers.models.gan import DCGANGenerator
+    from s2m_diffusers.proposals import DDIMProposal, GeneratorProposal
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+    gan = DCGANGenerator(latent_dim=8, sample_size=8, out_channels=1, base_channels=8, num_classes=3)
+    return {
+        "ddim": DDIMProposal(unet, DDPMScheduler(), num_inference_steps=2, micro_batch_size=3),
+        "gan": GeneratorProposal(gan, micro_batch_size=3),
+        "callable": CountingProposal(conditional=True),
+    }
+
+
+def _as_pair(drawn):
+    return drawn if isinstance(drawn, tuple) else (drawn, None)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "gan", "callable"])
+def test_sample_bank_keeps_the_proposals_random_stream_with_and_without_a_progress_bar(kind):
+    proposal = _bank_proposals()[kind]
+    # what `sample_bank` drew before it had a progress bar: one call of the proposal, then the heads' format
+    images, labels = _as_pair(proposal(8, torch.Generator().manual_seed(1 + 12345)))
+    expected = prepare_images(images, 4, 1)
+    for progress in (True, False):
+        bank = sample_bank(proposal, 8, seed=1, sample_size=4, in_channels=1, progress=progress)
+        assert torch.equal(bank.images, expected)
+        assert (bank.class_labels is None) == (labels is None)
+        assert labels is None or torch.equal(bank.class_labels, labels)
+    plain = sample_bank(proposal, 8, seed=1, progress=False)  # no downscaling
+    assert torch.equal(plain.images, images)
+
+
+def test_sample_bank_progress_bar_counts_the_images(capsys):
+    sample_bank(_bank_proposals()["gan"], 8, seed=1, progress=True)
+    assert "drawing the sample bank" in capsys.readouterr().err
+    sample_bank(_bank_proposals()["gan"], 8, seed=1, progress=False)
+    assert "drawing the sample bank" not in capsys.readouterr().err
+
+
+def _bank_worker(folder: str) -> None:
+    from accelerate.state import AcceleratorState
+
+    from s2m_diffusers.distributed import get_state
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the forked process inherits one process's state
+    state = get_state()
+    torch.set_num_threads(1)
+    proposals = _bank_proposals()
+    gan_calls = []
+    proposals["gan"].model.register_forward_hook(lambda module, args, output: gan_calls.append(len(output)))
+    tensors = {}
+    for kind, proposal in proposals.items():
+        bank = sample_bank(proposal, 8, seed=1, sample_size=4, in_channels=1, progress=False)
+        tensors[f"{kind}_images"] = bank.images
+        if bank.class_labels is not None:
+            tensors[f"{kind}_labels"] = bank.class_labels
+    tensors["callable_calls"] = torch.tensor([proposals["callable"].calls])
+    tensors["gan_calls"] = torch.tensor(gan_calls)  # the micro-batches this process generated
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, f"bank{state.process_index}.st"))
+
+
+def test_sample_bank_is_drawn_once_and_shared_by_two_processes(tmp_path):
+    from accelerate import debug_launcher
+    from safetensors.torch import load_file
+
+    # 8 images in micro-batches of 3: process 0 draws micro-batches 0 and 2, process 1 micro-batch 1 (and no rows in
+    # the last round)
+    debug_launcher(_bank_worker, args=(str(tmp_path),), num_processes=2)
+    banks = [load_file(str(tmp_path / f"bank{rank}.st")) for rank in range(2)]
+    for key in banks[0]:
+        if not key.endswith("_calls"):
+            assert torch.equal(banks[0][key], banks[1][key]), key  # every process holds the same bank ...
+    # ... the one a single process draws
+    for kind, proposal in _bank_proposals().items():
+        single = sample_bank(proposal, 8, seed=1, sample_size=4, in_channels=1, progress=False)
+        assert torch.allclose(banks[0][f"{kind}_images"], single.images, atol=1e-6), kind
+        labels = banks[0].get(f"{kind}_labels")
+        assert (labels is None) == (single.class_labels is None), kind
+        assert labels is None or torch.equal(labels, single.class_labels), kind
+    assert banks[0]["gan_calls"].tolist() == [3, 2] and banks[1]["gan_calls"].tolist() == [3]  # each drew its share
+    # a plain callable runs on the main process only
+    assert [int(b["callable_calls"]) for b in banks] == [1, 0]
