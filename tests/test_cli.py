@@ -188,12 +188,8 @@ def test_train_heads_with_diffusers_flag_names_checkpoints_and_resume(tmp_path, 
     assert "license: mit" in hub_api.calls[2][3] and "user/tiny-s2m" in capsys.readouterr().out
 
 
-def test_train_heads_backbone_from_a_local_transformers_folder(tmp_path, capsys):
-    from test_heads import TINY_VIT
-    from transformers import AutoConfig, AutoModel
-
-    config = dict(TINY_VIT)
-    AutoModel.from_config(AutoConfig.for_model(config.pop("model_type"), **config)).save_pretrained(tmp_path / "vit")
+def _tiny_train_heads_args(tmp_path) -> list[str]:
+    """`s2m train-heads` arguments for one step on a tiny DCGAN and two 4-image attribute folders under `tmp_path`."""
     gan = tmp_path / "gan"
     torch.manual_seed(0)
     DCGANGenerator(latent_dim=8, sample_size=8, out_channels=1, base_channels=4).save_pretrained(gan)
@@ -204,6 +200,16 @@ def test_train_heads_backbone_from_a_local_transformers_folder(tmp_path, capsys)
             Image.new("L", (8, 8), 40 * i + (100 if name == "a" else 0)).save(data / name / f"{i}.png")
     args = ["train-heads", "--generator", str(gan), "--train_data_dir", str(data), "--output_dir", str(tmp_path / "o")]
     args += ["--max_train_steps", "1", "--train_batch_size", "4", "--num_heldout_samples", "8", "--priors", "none"]
+    return args
+
+
+def test_train_heads_backbone_from_a_local_transformers_folder(tmp_path, capsys):
+    from test_heads import TINY_VIT
+    from transformers import AutoConfig, AutoModel
+
+    config = dict(TINY_VIT)
+    AutoModel.from_config(AutoConfig.for_model(config.pop("model_type"), **config)).save_pretrained(tmp_path / "vit")
+    args = _tiny_train_heads_args(tmp_path)
     assert main([*args, "--backbone", str(tmp_path / "vit"), "--quiet"]) == 0, capsys.readouterr().err
     heads = S2MPipeline.from_pretrained(str(tmp_path / "o")).heads
     assert heads.config.transformers_config["model_type"] == "vit"
@@ -242,16 +248,7 @@ def test_train_heads_backbone_from_a_hub_id_downloads_only_when_online(tmp_path,
 
     monkeypatch.setattr(AutoModel, "from_pretrained", from_pretrained)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-    gan = tmp_path / "gan"
-    torch.manual_seed(0)
-    DCGANGenerator(latent_dim=8, sample_size=8, out_channels=1, base_channels=4).save_pretrained(gan)
-    data = tmp_path / "data"
-    for name in ("a", "b"):
-        os.makedirs(data / name)
-        for i in range(4):
-            Image.new("L", (8, 8), 40 * i + (100 if name == "a" else 0)).save(data / name / f"{i}.png")
-    args = ["train-heads", "--generator", str(gan), "--train_data_dir", str(data), "--output_dir", str(tmp_path / "o")]
-    args += ["--max_train_steps", "1", "--train_batch_size", "4", "--num_heldout_samples", "8", "--priors", "none"]
+    args = _tiny_train_heads_args(tmp_path)
     args += ["--backbone", "user/tiny-vit", "--backbone_revision", "0123abc", "--quiet"]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(args) == 2

@@ -56,7 +56,7 @@ def gan_pipeline(conditional=False, **config) -> S2MPipeline:
     return pipe
 
 
-def tiny_unet() -> UNet2DModel:
+def tiny_unet(num_class_embeds: int | None = None) -> UNet2DModel:
     torch.manual_seed(0)
     return UNet2DModel(
         sample_size=8,
@@ -67,6 +67,7 @@ def tiny_unet() -> UNet2DModel:
         norm_num_groups=8,
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
+        num_class_embeds=num_class_embeds,
     )
 
 

@@ -14,9 +14,9 @@ from diffusers import (
     ModelMixin,
     StableDiffusionPipeline,
     UNet2DConditionModel,
-    UNet2DModel,
 )
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from test_pipeline import tiny_unet
 from torch import nn
 
 from s2m_diffusers.models.gan import DCGANGenerator
@@ -28,21 +28,6 @@ from s2m_diffusers.proposals import (
 )
 
 torch.set_num_threads(1)
-
-
-def tiny_unet(num_class_embeds=None) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=num_class_embeds,
-    )
 
 
 def tiny_sd_pipeline(tmp_path, scheduler=None) -> StableDiffusionPipeline:

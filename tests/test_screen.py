@@ -17,7 +17,8 @@ import os
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
+from test_pipeline import tiny_unet
 
 from s2m_diffusers.densities import StandardNormal
 from s2m_diffusers.models.heads import S2MHeads
@@ -124,20 +125,6 @@ def test_fit_pilot_carries_the_surrogate_and_saved_fits_keep_it(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # The real tiny DDIM proposal
-
-
-def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
 
 
 def test_ddim_start_then_finish_is_generate():
