@@ -37,7 +37,8 @@ import math
 import numpy as np
 import torch
 
-from .maths import DV_MIN_ESS_SHARE, dv_strength, log_g
+from .maths import DV_MIN_ESS_SHARE, dv_strength, ess_share, log_g, log_r
+from .targets import parse_target
 
 __all__ = [
     "PRESENCE_RECALL",
@@ -190,14 +191,6 @@ def _strictest_negation(
     return float(chosen), {"from": start, "factor": chosen / start, "least_support_kept": kept}
 
 
-def ess_share(log_weights: torch.Tensor) -> float:
-    """Effective sample size of normalised ``exp(log_weights)`` as a share of all the weights (``-inf`` are zeros)."""
-    lw = log_weights.double().flatten()
-    if lw.numel() == 0 or not torch.isfinite(lw).any():
-        return 0.0
-    return float(1.0 / torch.softmax(lw, 0).pow(2).sum()) / lw.numel()
-
-
 def choose_dv_strength(dv_logits_generated: torch.Tensor, min_ess_share: float = DV_MIN_ESS_SHARE) -> float:
     """``beta``: the largest strength in [0, 1] whose weights ``exp(beta logit D_v)`` keep an effective sample size
     of `min_ess_share` over held-out generated images ([`s2m_diffusers.maths.dv_strength`])."""
@@ -254,15 +247,15 @@ def support_shares(
     n = len(attribute_names)
     if n > _MAX_SUPPORT_ATTRIBUTES:
         return {}
-    lr = log_ratios.double()
+    # The ratios are log g_c up to a common shift: read them as the sampler reads D_r (no priors), with log_r itself.
+    lr, no_shift = log_ratios.double(), torch.zeros(n, dtype=torch.float64)
     out = {}
     for size in range(1, n + 1):
         for chosen in itertools.combinations(range(n), size):
-            rest = [j for j in range(n) if j not in chosen]
-            low = lr[:, list(chosen)].amin(1)
-            keep = low >= math.log(presence_margin) if presence_margin > 0 else torch.ones_like(low, dtype=torch.bool)
-            if rest:
-                keep &= low > lr[:, rest].amax(1) + math.log(negation_margin)
-            name = " & ".join([attribute_names[i] for i in chosen] + [f"~{attribute_names[j]}" for j in rest])
+            literals = [attribute_names[i] for i in chosen]
+            literals += [f"~{attribute_names[j]}" for j in range(n) if j not in chosen]
+            name = " & ".join(literals)
+            target = parse_target(name, list(attribute_names))
+            keep = torch.isfinite(log_r(target, lr, no_shift, None, negation_margin, presence_margin))
             out[name] = float(keep.double().mean())
     return out

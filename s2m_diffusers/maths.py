@@ -33,6 +33,7 @@ __all__ = [
     "log_w",
     "log_weight",
     "dv_strength",
+    "ess_share",
     "temper_dr",
     "auto_dr_temperature",
     "imh_accept",
@@ -399,6 +400,14 @@ def fit_exponent(log_weights: torch.Tensor, min_ess: float, iterations: int = 40
     return lo
 
 
+def ess_share(log_weights: torch.Tensor) -> float:
+    """Effective sample size of normalised ``exp(log_weights)`` as a share of all the weights (``-inf`` are zeros)."""
+    lw = log_weights.double().flatten()
+    if lw.numel() == 0 or not torch.isfinite(lw).any():
+        return 0.0
+    return float(1.0 / torch.softmax(lw, 0).pow(2).sum()) / lw.numel()
+
+
 def dv_strength(
     dv_logits: torch.Tensor, log_rest: torch.Tensor | None = None, min_ess_share: float = DV_MIN_ESS_SHARE
 ) -> float:
@@ -430,15 +439,15 @@ def dv_strength(
     if dv.numel() < 2:
         return 1.0
 
-    def ess_share(beta: float) -> float:
-        return float(1.0 / torch.softmax(rest + beta * dv, 0).pow(2).sum()) / dv.numel()
+    def share(beta: float) -> float:
+        return ess_share(rest + beta * dv)
 
-    if ess_share(1.0) >= min_ess_share:
+    if share(1.0) >= min_ess_share:
         return 1.0
     lo, hi = 0.0, 1.0
-    if ess_share(0.0) < min_ess_share:  # the rest alone is already heavier: use as little of D_v as possible
+    if share(0.0) < min_ess_share:  # the rest alone is already heavier: use as little of D_v as possible
         return 0.0
     for _ in range(40):
         mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if ess_share(mid) >= min_ess_share else (lo, mid)
+        lo, hi = (mid, hi) if share(mid) >= min_ess_share else (lo, mid)
     return lo

@@ -1089,8 +1089,9 @@ def choose_sampling_settings(
         return calibration.log_attribute_ratios(dr, heads.log_p_data(), heads.log_priors(), heads.config.labelling)
 
     metrics: dict = {}
+    fake_ratios = ratios(dr_fake)
     lam, kappa, report = calibration.choose_margins(
-        ratios(dr_fake), ratios(dr_real), real_labels, attribute_names=heads.attribute_names
+        fake_ratios, ratios(dr_real), real_labels, attribute_names=heads.attribute_names
     )
     lam = lam if negation_margin == "auto" else float(negation_margin)
     kappa = kappa if presence_margin == "auto" else float(presence_margin)
@@ -1108,7 +1109,7 @@ def choose_sampling_settings(
         dv_degenerate=degenerate,
         dv_report=sentence,
         dv_ess_share=calibration.ess_share(beta * dv_fake.double()),
-        generated_support=calibration.support_shares(ratios(dr_fake), heads.attribute_names, lam, kappa),
+        generated_support=calibration.support_shares(fake_ratios, heads.attribute_names, lam, kappa),
     )
     if degenerate:
         logging.getLogger(__name__).warning(sentence)

@@ -123,7 +123,8 @@ def test_sample_memory_options(saved, tmp_path):
     assert main(sample_args(saved, tmp_path / "d", "--num-chains", "0")) == 2
 
 
-def test_train_heads_sample_size_must_not_exceed_the_generator(tmp_path, capsys):
+def _tiny_gan_and_data(tmp_path):
+    """A tiny saved DCGAN and two 4-image attribute folders (`a`, `b`) under `tmp_path`: their paths."""
     gan = tmp_path / "gan"
     torch.manual_seed(0)
     DCGANGenerator(latent_dim=8, sample_size=8, out_channels=1, base_channels=4).save_pretrained(gan)
@@ -132,6 +133,11 @@ def test_train_heads_sample_size_must_not_exceed_the_generator(tmp_path, capsys)
         os.makedirs(data / name)
         for i in range(4):
             Image.new("L", (8, 8), 40 * i + (100 if name == "a" else 0)).save(data / name / f"{i}.png")
+    return gan, data
+
+
+def test_train_heads_sample_size_must_not_exceed_the_generator(tmp_path, capsys):
+    gan, data = _tiny_gan_and_data(tmp_path)
     args = ["train-heads", "--generator", str(gan), "--data-dir", str(data), "--output", str(tmp_path / "out")]
     assert main([*args, "--sample-size", "16", "--quiet"]) == 2
     assert "--resolution (--sample-size) must be between 1 and the generator's image size 8" in capsys.readouterr().err
@@ -190,14 +196,7 @@ def test_train_heads_with_diffusers_flag_names_checkpoints_and_resume(tmp_path, 
 
 def _tiny_train_heads_args(tmp_path) -> list[str]:
     """`s2m train-heads` arguments for one step on a tiny DCGAN and two 4-image attribute folders under `tmp_path`."""
-    gan = tmp_path / "gan"
-    torch.manual_seed(0)
-    DCGANGenerator(latent_dim=8, sample_size=8, out_channels=1, base_channels=4).save_pretrained(gan)
-    data = tmp_path / "data"
-    for name in ("a", "b"):
-        os.makedirs(data / name)
-        for i in range(4):
-            Image.new("L", (8, 8), 40 * i + (100 if name == "a" else 0)).save(data / name / f"{i}.png")
+    gan, data = _tiny_gan_and_data(tmp_path)
     args = ["train-heads", "--generator", str(gan), "--train_data_dir", str(data), "--output_dir", str(tmp_path / "o")]
     args += ["--max_train_steps", "1", "--train_batch_size", "4", "--num_heldout_samples", "8", "--priors", "none"]
     return args

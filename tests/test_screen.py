@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from test_pipeline import tiny_unet
+from test_pipeline import spread_heads, tiny_unet
 
 from s2m_diffusers.densities import StandardNormal
 from s2m_diffusers.models.heads import S2MHeads
@@ -140,16 +140,6 @@ def test_ddim_start_then_finish_is_generate():
         proposal.start(z, None, 4)
 
 
-def _spread(heads: S2MHeads, images: torch.Tensor, scale: float = 3.0) -> S2MHeads:
-    """Untrained heads made selective (as `tests/test_pipeline.py` does)."""
-    with torch.no_grad():
-        logits = heads.dr_head(heads.backbones["dr"](images))
-        std = logits.std(0).clamp_min(1e-8)
-        heads.dr_head.weight.mul_(scale / std[:, None])
-        heads.dr_head.bias.copy_(-logits.mean(0) * scale / std)
-    return heads.eval()
-
-
 def test_screened_pipeline_returns_on_target_images_and_counts_unet_calls():
     unet = tiny_unet()
     torch.manual_seed(1)
@@ -157,7 +147,7 @@ def test_screened_pipeline_returns_on_target_images_and_counts_unet_calls():
     pipe = S2MPipeline(heads=heads, unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100), num_inference_steps=4)
     pipe.set_progress_bar_config(disable=True)
     proposal = pipe.get_proposal()
-    _spread(heads, proposal.generate(proposal.p_z().sample(128, gen(1))), scale=6.0)
+    spread_heads(heads, proposal.generate(proposal.p_z().sample(128, gen(1))), scale=6.0)
     calls = []
     hook = unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     try:
