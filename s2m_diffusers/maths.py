@@ -37,6 +37,8 @@ __all__ = [
     "temper_dr",
     "auto_dr_temperature",
     "imh_accept",
+    "imh_distance",
+    "imh_steps",
     "importance_resample",
     "fit_exponent",
 ]
@@ -345,6 +347,85 @@ def imh_accept(
     log_alpha = torch.where(empty, torch.zeros_like(log_ratio_proposed), log_ratio_proposed - log_ratio_current)
     log_alpha = torch.where(finite_new, log_alpha, torch.full_like(log_alpha, -math.inf))
     return torch.log(u) < log_alpha
+
+
+def imh_distance(log_ratios: torch.Tensor, steps: Sequence[int]) -> list[float]:
+    """Total variation distance to the target of an independent-MH chain after each of ``steps`` steps, started from
+    the proposal ``q`` restricted to the target, when the importance ratios ``r = pi / q`` are distributed as the
+    given draws' (spec §5): exact for that empirical distribution.
+
+    It uses Smith and Tierney's exact ``n``-step transition of the independence sampler (1996): with ``r`` normalised
+    to mean 1 over ``q``, ``lambda(v) = 1 - E_q min(1, r / v)`` the rejection probability at a state of ratio ``v`` and
+    ``T_n(v) = int_v^inf n lambda(u)^(n-1) / u^2 du``,
+
+        P^n(x, dy) = T_n(max(r(x), r(y))) pi(dy) + lambda(r(x))^n delta_x(dy).
+
+    A chain enters the target with a draw of ``q`` restricted to it (``mu_0 = q 1[r > 0] / s``, ``s`` the on-target
+    share), so ``mu_0 P^n`` has the density ``f_n(y) = E_{mu_0}[T_n(max(r(x), r(y)))] + lambda(r(y))^n / (s r(y))``
+    against ``pi``, a function of ``r(y)`` alone, and the distance is ``E_pi |f_n - 1| / 2``. ``lambda`` is piecewise
+    ``1 - a - b / v`` between consecutive sorted ratios, so ``T_n`` has a closed form on each piece. It is far below
+    the uniform bound ``(1 - 1/W)^n`` (``W = sup r``), which holds from the worst state: a chain that enters with a
+    typical state leaves it at the typical acceptance rate.
+
+    Args:
+        log_ratios (`torch.Tensor` of shape `(N,)`): ``log r`` of ``N`` draws of ``q`` (``-inf`` off the target), up
+            to a constant.
+        steps (`Sequence[int]`): the numbers of steps ``n >= 0``.
+
+    Returns:
+        `list[float]`: the distance after each number of steps (1.0 each when no draw is on the target).
+    """
+    lr = log_ratios.double().flatten().cpu()
+    total = lr.numel()
+    on = torch.isfinite(lr)
+    if not on.any():
+        return [1.0 for _ in steps]
+    # Ratios below 1e-300 of the largest (an underflow to 0) count as ties at that level: a chain leaves them at once.
+    r, _ = torch.sort(torch.exp(lr[on] - lr[on].max()).clamp_min(1e-300))
+    r = r / (r.sum() / total)  # mean 1 over all N draws of q
+    m = r.numel()
+    share = m / total
+    cum = torch.cat([r.new_zeros(1), torch.cumsum(r, 0)])
+    a = (m - torch.arange(m, dtype=torch.float64)) / total  # P_q(r >= r_j)
+    b = cum[:m] / total  # E_q[r 1(r < r_j)]
+    lam = (1 - a - b / r).clamp(0, 1)  # lambda(r_j)
+    # The piece of T_n over (r_j, r_(j+1)]: lambda = 1 - a - b u with u = 1/v, a and b of index j + 1.
+    a_up, b_up, du = a[1:], b[1:], 1 / r[:-1] - 1 / r[1:]
+    lam_hi = (1 - a_up - b_up / r[1:]).clamp(0, 1)  # at v = r_(j+1)
+    lam_lo = (1 - a_up - b_up / r[:-1]).clamp(0, 1)  # at v = r_j
+    pi_share = r / r.sum()  # pi's mass on each draw
+    ranks = torch.arange(1, m + 1, dtype=torch.float64)
+    out = []
+    for n in steps:
+        # pi_j f_j, with pi_j / (s r_j) = 1 / (s sum r) written out so that tiny ratios do not overflow.
+        if n == 0:
+            pif = torch.full_like(r, 1 / (share * float(r.sum())))
+        else:
+            # int_{u_lo}^{u_hi} n lambda^(n-1) du = (lam_hi^n - lam_lo^n) / b, in a form without cancellation.
+            ratio = torch.where(lam_lo > 0, torch.log1p(b_up * du / lam_lo.clamp_min(1e-300)), lam_lo.new_zeros(1))
+            piece = torch.where(
+                lam_lo > 0,
+                lam_lo.pow(n) * torch.expm1(n * ratio) / b_up,
+                lam_hi.pow(n) / b_up,
+            )
+            top = -torch.expm1(n * torch.log1p(-1 / r[-1])) if r[-1] > 1 else r.new_tensor(1.0)  # v >= max r
+            t_n = top + torch.cat([torch.flip(torch.cumsum(torch.flip(piece, [0]), 0), [0]), r.new_zeros(1)])
+            above = torch.cat([torch.flip(torch.cumsum(torch.flip(t_n, [0]), 0), [0])[1:], r.new_zeros(1)])
+            pif = pi_share * (ranks * t_n + above) / m + lam.pow(n) / (share * float(r.sum()))
+        out.append(min(1.0, 0.5 * float((pif - pi_share).abs().sum())))
+    return out
+
+
+def imh_steps(log_ratios: torch.Tensor, tolerance: float, min_steps: int = 0, max_steps: int = 200) -> int:
+    """The fewest steps ``n`` in ``[min_steps, max_steps]`` after which [`imh_distance`] is at most ``tolerance``
+    (``max_steps`` when none is); the distance never grows with ``n``, so a bisection finds it."""
+    lo, hi = min_steps, max_steps
+    if imh_distance(log_ratios, [lo])[0] <= tolerance:
+        return lo
+    while hi - lo > 1:  # distance(lo) > tolerance; hi is the answer or max_steps
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if imh_distance(log_ratios, [mid])[0] <= tolerance else (mid, hi)
+    return hi
 
 
 def importance_resample(

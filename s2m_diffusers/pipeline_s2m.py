@@ -824,7 +824,7 @@ class S2MPipeline(DiffusionPipeline):
             "dv_strength": config.dv_strength,  # beta: the weights target p_G^(1 - beta) p_data^beta on the target
             "negation_margin": config.negation_margin,  # lambda and kappa as used (the heads' own unless set)
             "presence_margin": config.presence_margin,
-            "mixing": stats.mixing,  # T, the bound (1 - 1/W)^T reached, W and how it was estimated, the thinning
+            "mixing": stats.mixing,  # T, the distance bound reached and how, W, the thinning
             # UNet calls (denoising steps) per returned image, fitting included; None for a GAN proposal
             "unet_calls": stats.unet_calls if self.proposal_kind != "gan" else None,
             "unet_calls_per_image": (stats.unet_calls / n if n else math.inf) if self.proposal_kind != "gan" else None,

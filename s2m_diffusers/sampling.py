@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from .densities import LowRankGaussianMixture, StandardNormal
-from .maths import fit_exponent, imh_accept, importance_resample
+from .maths import fit_exponent, imh_accept, imh_distance, imh_steps, importance_resample
 
 __all__ = [
     "REFIT_MODES",
@@ -131,11 +131,14 @@ class S2MSamplingConfig:
 
     - ``refit`` (`str`, defaults to `"sequential"`): latent refitting; ``"sequential"`` fits ``q`` one literal of
       the target at a time (``a``, then ``a & b``, ...), ``"once"`` on the full target, ``"off"`` proposes from
-      ``p_z``. A fit is kept only where it beats the prior on the full target ([`fit_latent`]).
+      ``p_z``. A fit is kept only where its pilot predicts fewer proposals per sample than the prior's
+      ([`fit_latent`]).
     - ``mixing_tolerance`` (`float`, defaults to 0.01): every returned sample is at least ``T`` MH steps past its
-      chain's entry into the target, with ``T`` the fewest steps whose bound ``(1 - 1/W)^T`` on its distance to the
-      target (total variation; ``W`` estimated from the run, spec §5) falls below this. `None`: exactly
-      ``steps_after_entry`` steps, with no stated bound.
+      chain's entry into the target, with ``T`` the fewest steps after which its distance to the target (total
+      variation) falls below this: the independence sampler's exact distance from an entry drawn from ``q`` on the
+      target (`s2m_diffusers.maths.imh_distance`, Smith and Tierney 1996) for the importance ratios seen in the run
+      (under a screen, the uniform bound ``(1 - 1/W)^T``, spec §5). `None`: exactly ``steps_after_entry`` steps, with
+      no stated bound.
     - ``steps_after_entry`` (`int`, defaults to 1): the least ``T``.
     - ``max_steps_after_entry`` (`int`, defaults to 200): the most ``T`` (the official recipe's 200); ``stats``
       report the bound actually reached.
@@ -579,12 +582,16 @@ def sample_official(
 
 
 class _MixingBound:
-    """How many MH steps after entry make the independent sampler's bound ``(1 - 1/W)^T`` (spec §5) fall below a
-    tolerance, and how many steps apart a chain's returned samples are.
+    """How many MH steps after entry bring a chain within a tolerance of the target (spec §5), and how many steps apart
+    a chain's returned samples are.
 
-    ``W = sup pi / q`` is estimated as the largest importance ratio ``w p_z / q`` among all proposals seen (the fit's
-    pilot draws, then every proposal of the run) over their mean: one global figure, so that no chain's own path
-    decides its length. ``T`` stays in ``[steps_after_entry, max_steps_after_entry]``. Nothing is returned before
+    The distance is `s2m_diffusers.maths.imh_distance`: the independence sampler's exact total variation distance after
+    ``T`` steps from an entry drawn from ``q`` on the target (Smith and Tierney's transition), for the empirical
+    distribution of the importance ratios ``w p_z / q`` of all proposals seen (the fit's pilot draws, then every
+    proposal of the run): one global figure, so that no chain's own path decides its length. Under a screen (delayed
+    acceptance, whose kernel is not an independence sampler's) it is the uniform bound ``(1 - 1/W_bound)^T``, with
+    ``W = sup pi / q`` estimated as the largest ratio seen over the mean (see ``w_bound``). ``T`` stays in
+    ``[steps_after_entry, max_steps_after_entry]``. Nothing is returned before
     ``min_seen`` proposals have entered the estimate. The thinning ``k`` between two samples of one chain is the
     fewest steps after which the chain has moved with probability 0.95 at the observed acceptance rate (at most ``T``),
     so that consecutive samples of a chain are rarely the same image; it decides correlation, not bias, since every
@@ -600,6 +607,7 @@ class _MixingBound:
         # the max of the true ratio over the surrogate's among the fully evaluated ones.
         self.screened, self.seen_s = False, 0
         self.log_sum_s, self.log_max_s, self.log_max_rho = -math.inf, -math.inf, -math.inf
+        self.log_ratios: list[torch.Tensor] = []  # every proposal's log ratio (unscreened): the exact bound's input
 
     def update(
         self,
@@ -632,10 +640,16 @@ class _MixingBound:
             rho = log_ratio - log_ratio_s.double().cpu()
             if torch.isfinite(rho).any():
                 self.log_max_rho = max(self.log_max_rho, float(rho[torch.isfinite(rho)].max()))
+        else:
+            self.log_ratios.append(log_ratio)
         if self.tolerance is not None and self.log_max > -math.inf:
-            w = self.w_bound
-            wanted = math.ceil(math.log(self.tolerance) / math.log1p(-1 / w)) if w > 1 else 1
-            self.steps = max(self.min_steps, min(wanted, self.max_steps))
+            if self.screened:
+                w = self.w_bound
+                wanted = math.ceil(math.log(self.tolerance) / math.log1p(-1 / w)) if w > 1 else 1
+                self.steps = max(self.min_steps, min(wanted, self.max_steps))
+            else:
+                self.log_ratios = [torch.cat(self.log_ratios)]
+                self.steps = imh_steps(self.log_ratios[0], self.tolerance, self.min_steps, self.max_steps)
         return self.steps
 
     @property
@@ -675,10 +689,19 @@ class _MixingBound:
 
     def report(self) -> dict:
         w = self.w_bound
+        uniform = (1 - 1 / w) ** self.steps if math.isfinite(w) and w >= 1 else None
+        exact = not self.screened and self.log_ratios
         out = {
             "tolerance": self.tolerance,
             "steps_after_entry": self.steps,
-            "bound": (1 - 1 / w) ** self.steps if math.isfinite(w) and w >= 1 else None,
+            "bound": imh_distance(torch.cat(self.log_ratios), [self.steps])[0] if exact else uniform,
+            "bound_from": (
+                f"the independence sampler's exact distance after T steps from an entry drawn from q on the target "
+                f"(Smith and Tierney 1996), for the importance ratios of the {self.seen} proposals seen"
+                if exact
+                else "(1 - 1/W)^T"
+            ),
+            "uniform_bound": uniform,
             "w_estimate": w if math.isfinite(w) else None,
             "w_estimated_from": f"max / mean of the importance ratios of {self.seen} proposals",
             "thinning": self.thinning,
@@ -809,6 +832,15 @@ def _steps_for(w: float, config: S2MSamplingConfig) -> int:
     return max(config.steps_after_entry, min(wanted, config.max_steps_after_entry))
 
 
+def _steps_unscreened(log_ratio: torch.Tensor, config: S2MSamplingConfig) -> int:
+    """``T`` of [`_MixingBound`] without a screen, for draws of ``q`` with these log importance ratios."""
+    if config.mixing_tolerance is None:
+        return config.steps_after_entry
+    if not torch.isfinite(log_ratio).any():
+        return config.max_steps_after_entry
+    return imh_steps(log_ratio, config.mixing_tolerance, config.steps_after_entry, config.max_steps_after_entry)
+
+
 def _thinning_for(rate: float, steps: int) -> int:
     """The thinning of [`_MixingBound`] at an acceptance rate."""
     if rate >= 1.0:
@@ -869,13 +901,12 @@ def calibrate_screen(
     log_z = float(torch.logsumexp(lr[on], 0)) - math.log(n)
     share_on = float(on.double().mean())
 
-    def chain_cost(w: float, rate: float, entry: float, per_step: float) -> float:
-        t = _steps_for(w, config)
+    def chain_cost(t: int, rate: float, entry: float, per_step: float) -> float:
         return entry + (t + (per_chain - 1) * _thinning_for(rate, t)) * per_step
 
     rate = _pair_means(p, lr)
-    w_unscreened = math.exp(float(lr[on].max()) - log_z)
-    base, base_steps = chain_cost(w_unscreened, rate, k / share_on, k), _steps_for(w_unscreened, config)
+    base_steps = _steps_unscreened(lr, config)
+    base = chain_cost(base_steps, rate, k / share_on, k)
     best, candidates = None, []
     for col, step in enumerate(steps):
         raw = ls_all[:, col]
@@ -896,7 +927,7 @@ def calibrate_screen(
             entry = (step + float(entry_pass.mean()) * (k - step)) / enter if enter > 0 else math.inf
             if _steps_for(w, config) == config.max_steps_after_entry > base_steps and config.screen == "auto":
                 continue  # it would lengthen the chains past the cap that the unscreened bound stays under
-            cost = chain_cost(w, da_rate, entry, step + pass_rate * (k - step)) / base
+            cost = chain_cost(_steps_for(w, config), da_rate, entry, step + pass_rate * (k - step)) / base
             if step_best is None or cost < step_best[0]:
                 step_best = (cost, floor)
         if step_best is None:
@@ -1060,8 +1091,9 @@ def sample_imh(
 
     A chain starts empty (weight 0), so its first proposal of finite weight is accepted: the chain has *entered* the
     target with a draw of ``q`` restricted to it. It returns its state once it is ``T`` MH steps past its entry, with
-    ``T`` the fewest steps whose bound ``(1 - 1/W)^T`` on the distance to the target falls below
-    ``mixing_tolerance`` (`_MixingBound`), then again every ``thinning`` steps, ``samples_per_chain`` times in all.
+    ``T`` the fewest steps whose distance to the target (exact for the importance ratios seen: `maths.imh_distance`)
+    falls below ``mixing_tolerance`` (`_MixingBound`), then again every ``thinning`` steps, ``samples_per_chain``
+    times in all.
     Every returned state is at least ``T`` steps past its chain's entry, so its law is within the bound of the target
     ``pi ∝ p_z w`` whatever the entry time; a chain that never entered returns nothing. At most ``num_chains`` chains
     run at once; a finished chain's slot goes to a new chain while samples are owed.
@@ -1240,7 +1272,7 @@ class LatentFit:
         pilot_log_ratios (`torch.Tensor` of shape `(pilot_size,)`): log importance ratios ``w p_z / q`` of
             ``pilot_size`` draws of ``q`` on the full target, from which the sampler estimates ``W``.
         stats ([`SamplerStats`]): the fitting's proposals and its ``stages``: per stage the fit's record, and per
-            candidate density its pilot's on-target share and efficiency.
+            candidate density its pilot's on-target share, efficiency and predicted proposals per sample.
         chosen (`str`): ``"prior"`` or ``"stage k"``.
         pilot_log_surrogates (`torch.Tensor` of shape `(pilot_size, S)`, *optional*): the surrogate's log ratios of
             the same draws at ``pilot_screen_steps`` (recorded when ``screen`` is set), to calibrate the screen.
@@ -1252,6 +1284,27 @@ class LatentFit:
     chosen: str = "prior"
     pilot_log_surrogates: torch.Tensor | None = None
     pilot_screen_steps: tuple[int, ...] = ()
+
+
+# A pilot with fewer on-target draws than this predicts the chains' length no better than the cap.
+_MIN_PILOT_ON_TARGET = 16
+
+
+def _predicted_cost(log_ratio: torch.Tensor, config: S2MSamplingConfig) -> tuple[float, int]:
+    """Proposals per sample that [`sample_imh`] would pay with draws of ``q`` like the pilot's ``log_ratio``: a chain
+    pays its entry (one over the on-target share), ``T`` steps (the exact bound of [`_MixingBound`];
+    ``max_steps_after_entry`` when fewer than 16 pilot draws are on the target, too few to see the ratios' spread) and
+    a thinning between its ``samples_per_chain`` samples at the acceptance rate the pilot predicts. Returns (cost,
+    ``T``)."""
+    lr = log_ratio.double().cpu()
+    on = torch.isfinite(lr)
+    if not on.any():
+        return math.inf, config.max_steps_after_entry
+    steps = _steps_unscreened(lr, config) if int(on.sum()) >= _MIN_PILOT_ON_TARGET else config.max_steps_after_entry
+    rate = _pair_means(torch.softmax(torch.where(on, lr, -math.inf), 0), lr)
+    per_chain = config.samples_per_chain
+    chain = lr.numel() / int(on.sum()) + steps + (per_chain - 1) * _thinning_for(rate, steps)
+    return chain / per_chain, steps
 
 
 def _pilot(
@@ -1279,14 +1332,15 @@ def fit_latent(
     **overrides: Any,
 ) -> LatentFit:
     """Refitting that never hurts (spec §6): fit ``q`` stage by stage ([`fit_stage`]), and keep the candidate, the
-    prior included, that puts the most draws on the full target without losing its effective sample size.
+    prior included, with which the sampler is predicted to pay the fewest proposals per sample.
 
     Every candidate (``p_z``, then each stage's fit) is measured by a pilot of ``pilot_size`` draws on the full target
-    (``stage_evaluates[-1]``): its on-target share, and the effective sample size of the importance ratios
-    ``w p_z / q``. A candidate beats another when its share is higher and its effective sample size at least half the
-    other's or 2 (the ESS of a few hundred draws of heavy-tailed weights is too noisy to rank on alone). A fit that
-    does not beat the density it was drawn from is not built on: the next stage fits from that density again. A
-    stage that cannot find 2 on-target latents within the budget ends the refitting with the best candidate so far.
+    (``stage_evaluates[-1]``): from their importance ratios ``w p_z / q``, the proposals per sample of [`sample_imh`]
+    (the entry, the steps its exact bound asks for, the thinning; `_predicted_cost`), so that a fit that puts more
+    draws on the target with weights too uneven to use (a narrow fit in a 32-dimensional latent: Digits-7to3's GAN)
+    loses to a wider one or to the prior. A fit that does not beat the density it was drawn from is not built on: the
+    next stage fits from that density again. A stage that cannot find 2 on-target latents within the budget ends the
+    refitting with the best candidate so far.
     With ``refit="off"`` only the prior's pilot is drawn (it estimates ``W`` for the sampler).
 
     Returns:
@@ -1303,24 +1357,31 @@ def fit_latent(
     views = _screen_steps(full, config)  # the screen's candidate steps: each pilot records the surrogate there
     surrogates = {}
 
-    def measure(q, name: str) -> tuple[torch.Tensor | None, tuple[float, float]]:
-        """A pilot of ``q`` on the full target: its log ratios and (on-target share, effective sample size)."""
+    def measure(q, name: str) -> tuple[torch.Tensor | None, float]:
+        """A pilot of ``q`` on the full target: its log ratios and the proposals per sample it predicts."""
         n = config.pilot_size if max_proposals is None else min(config.pilot_size, left())
         if n <= 0:
-            return None, (0.0, 0.0)
+            return None, math.inf
         log_ratio, share, efficiency, surrogates[name] = _pilot(full, q, n, generator, parts[-1], views)
-        parts[-1].stages.append({"pilot": name, "proposals": n, "on_target_share": share, "efficiency": efficiency})
-        return log_ratio, (share, efficiency * n)
+        cost, steps = _predicted_cost(log_ratio, config)
+        parts[-1].stages.append(
+            {
+                "pilot": name,
+                "proposals": n,
+                "on_target_share": share,
+                "efficiency": efficiency,
+                "steps_after_entry": steps,
+                "predicted_proposals_per_sample": cost,
+            }
+        )
+        return log_ratio, cost
 
-    def beats(new: tuple[float, float], old: tuple[float, float]) -> bool:
-        # More of the draws on the target, keeping half the effective sample size or at least 2 (more than one latent
-        # carries the weight): with heavy-tailed weights the ESS of a few hundred draws is a few weights' worth, too
-        # noisy to rank candidates on its own (Digits-7to3: 6.9 for the prior, 2.1 for a fit with 6x the share).
-        return new[0] > old[0] and new[1] >= min(2.0, 0.5 * old[1])
+    def beats(new: float, old: float) -> bool:
+        return new < old
 
     if not fits and config.mixing_tolerance is None and not views:  # nothing to choose or estimate: no pilot
         return LatentFit(p_z, torch.zeros(0, dtype=torch.float64), SamplerStats(), "prior")
-    best = (p_z, *measure(p_z, "prior"), "prior")  # (q, pilot log ratios, (share, ESS), name)
+    best = (p_z, *measure(p_z, "prior"), "prior")  # (q, pilot log ratios, predicted cost, name)
     base, base_score = p_z, best[2]  # the density the next stage fits from
     for s, evaluate in enumerate(fits):
         density, stage = fit_stage(evaluate, base, config, left(), generator)

@@ -242,6 +242,43 @@ def test_adaptive_steps_from_the_estimated_bound_reach_the_target():
         sample_imh(TOY.evaluate_fn("A"), PRIOR, 10, mixing_tolerance=1.5)
 
 
+def _exact_imh_distance(q: torch.Tensor, w: torch.Tensor, steps: list[int]) -> list[float]:
+    """Total variation distance to pi ∝ q w after n independence-sampler steps from q restricted to {w > 0}, on a
+    finite state space, by powers of the transition matrix."""
+    pi = q * w / (q * w).sum()
+    accept = torch.where(w[:, None] > 0, (w[None, :] / w[:, None]).clamp(max=1.0), torch.ones(len(q), len(q)).double())
+    kernel = q[None, :] * accept
+    kernel.fill_diagonal_(0.0)
+    kernel += torch.diag(1 - kernel.sum(1))
+    start = torch.where(w > 0, q, 0.0) / q[w > 0].sum()
+    return [0.5 * float((start @ torch.linalg.matrix_power(kernel, n) - pi).abs().sum()) for n in steps]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_imh_distance_is_the_independence_samplers_exact_distance(seed):
+    """`maths.imh_distance` (Smith and Tierney's transition, from an empirical distribution of ratios) against the
+    exact distance of a finite chain whose proposal puts the same masses on the same ratios (ties included), and
+    `imh_steps` the fewest steps under a tolerance; both far below the uniform bound (1 - 1/W)^n."""
+    g = gen(seed)
+    q = torch.rand(30, generator=g, dtype=torch.float64) + 0.1
+    q = (q * 20_000 / q.sum()).round()  # counts: the empirical distribution is exactly q / sum(q)
+    w = torch.rand(30, generator=g, dtype=torch.float64) ** (3 + seed) * 10
+    w[: 10 + 5 * seed] = 0.0  # off target
+    w[-3:] = w[-4]  # ties
+    log_ratios = torch.repeat_interleave(torch.where(w > 0, w.log(), -math.inf), q.long())
+    steps = [0, 1, 3, 10, 30, 100]
+    exact = _exact_imh_distance(q / q.sum(), w, steps)
+    assert maths.imh_distance(log_ratios, steps) == pytest.approx(exact, abs=1e-6)
+    t = maths.imh_steps(log_ratios, 0.01, 0, 1000)
+    before, at = _exact_imh_distance(q / q.sum(), w, [t - 1, t])
+    assert before > 0.01 >= at
+    # A draw whose ratio underflows (1e-347 of the largest) is a tie at the smallest level, not a NaN.
+    tiny = torch.cat([log_ratios, log_ratios.new_tensor([float(log_ratios[torch.isfinite(log_ratios)].max()) - 800])])
+    assert maths.imh_distance(tiny, steps) == pytest.approx(exact, abs=1e-3)
+    big_w = float((w / (q * w).sum() * q.sum()).max())
+    assert at < (1 - 1 / big_w) ** t
+
+
 def test_fit_exponent_keeps_the_asked_effective_sample_size():
     from s2m_diffusers.maths import fit_exponent
 
