@@ -94,8 +94,8 @@ def _sample_worker(folder: str) -> None:
         "gathered_bool": gather_rows(torch.ones(0 if rank else 2, dtype=torch.bool), state),
     }
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, f"sample{rank}.st"))
-    try:  # a budget too small for either process: every process raises (none waits forever)
-        pipe(TARGET, num_images=4, generator=seeded(0), distributed=True, max_proposals=8, **FAST)
+    try:  # a budget below the 4 images asked for: every process raises (none waits forever)
+        pipe(TARGET, num_images=4, generator=seeded(0), distributed=True, max_proposals=3, **FAST)
         budget = "returned"
     except BudgetExhaustedError as err:
         budget = str(err)
@@ -174,7 +174,7 @@ def test_two_process_sampling_gathers_every_image_and_sums_the_statistics(tmp_pa
     assert torch.equal(out["listed"], single.latents)
     # The budget ran out on a process: both raised, with the totals.
     for r in records:
-        assert r["budget"].startswith("The proposal budget of 8 ran out"), r["budget"]
+        assert r["budget"].startswith("The proposal budget of 3 ran out"), r["budget"]
 
 
 def test_one_process_distributed_call_equals_the_plain_call():
