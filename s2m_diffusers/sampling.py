@@ -684,8 +684,8 @@ class _MixingBound:
         rate = self.moves / self.tries if self.tries else 0.0
         if rate >= 1.0:
             return 1
-        k = math.ceil(math.log(_STUCK_SHARE) / math.log1p(-rate)) if rate > 0 else self.steps
-        return max(1, min(k, self.steps))
+        k = math.ceil(math.log(_STUCK_SHARE) / math.log1p(-rate)) if rate > 0 else self.max_steps
+        return max(1, min(k, self.max_steps))  # not capped by T: a short T must not return a stuck chain twice
 
     def report(self) -> dict:
         w = self.w_bound
