@@ -681,11 +681,7 @@ class _MixingBound:
 
     @property
     def thinning(self) -> int:
-        rate = self.moves / self.tries if self.tries else 0.0
-        if rate >= 1.0:
-            return 1
-        k = math.ceil(math.log(_STUCK_SHARE) / math.log1p(-rate)) if rate > 0 else self.max_steps
-        return max(1, min(k, self.max_steps))  # not capped by T: a short T must not return a stuck chain twice
+        return _thinning_for(self.moves / self.tries if self.tries else 0.0, self.max_steps)
 
     def report(self) -> dict:
         w = self.w_bound
@@ -841,12 +837,13 @@ def _steps_unscreened(log_ratio: torch.Tensor, config: S2MSamplingConfig) -> int
     return imh_steps(log_ratio, config.mixing_tolerance, config.steps_after_entry, config.max_steps_after_entry)
 
 
-def _thinning_for(rate: float, steps: int) -> int:
-    """The thinning of [`_MixingBound`] at an acceptance rate."""
+def _thinning_for(rate: float, max_steps: int) -> int:
+    """The thinning of [`_MixingBound`] at an acceptance rate: capped by ``max_steps_after_entry``, not by ``T`` (a
+    short ``T`` must not return a stuck chain twice)."""
     if rate >= 1.0:
         return 1
-    k = math.ceil(math.log(_STUCK_SHARE) / math.log1p(-rate)) if rate > 0 else steps
-    return max(1, min(k, steps))
+    k = math.ceil(math.log(_STUCK_SHARE) / math.log1p(-rate)) if rate > 0 else max_steps
+    return max(1, min(k, max_steps))
 
 
 def _pair_means(p: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor | None = None) -> float:
@@ -902,7 +899,7 @@ def calibrate_screen(
     share_on = float(on.double().mean())
 
     def chain_cost(t: int, rate: float, entry: float, per_step: float) -> float:
-        return entry + (t + (per_chain - 1) * _thinning_for(rate, t)) * per_step
+        return entry + (t + (per_chain - 1) * _thinning_for(rate, config.max_steps_after_entry)) * per_step
 
     rate = _pair_means(p, lr)
     base_steps = _steps_unscreened(lr, config)
@@ -1303,7 +1300,7 @@ def _predicted_cost(log_ratio: torch.Tensor, config: S2MSamplingConfig) -> tuple
     steps = _steps_unscreened(lr, config) if int(on.sum()) >= _MIN_PILOT_ON_TARGET else config.max_steps_after_entry
     rate = _pair_means(torch.softmax(torch.where(on, lr, -math.inf), 0), lr)
     per_chain = config.samples_per_chain
-    chain = lr.numel() / int(on.sum()) + steps + (per_chain - 1) * _thinning_for(rate, steps)
+    chain = lr.numel() / int(on.sum()) + steps + (per_chain - 1) * _thinning_for(rate, config.max_steps_after_entry)
     return chain / per_chain, steps
 
 
