@@ -10,7 +10,7 @@ library never imports them.
 # that is already in sys.modules.
 from . import distributed, hub
 from .data import ImageBank, ImageBankProposal, SinglePositiveDataset, prepare_images
-from .densities import LowRankGaussianMixture, StandardNormal
+from .densities import LowRankGaussianMixture, StandardNormal, TiltedNormal
 from .evaluation import AttributeEvaluator
 from .maths import auto_dr_temperature, log_r, log_w, log_weight, temper_dr
 from .models.gan import DCGANDiscriminator, DCGANGenerator
@@ -42,6 +42,7 @@ __all__ = [
     "ImageBank",
     "ImageBankProposal",
     "LowRankGaussianMixture",
+    "TiltedNormal",
     "PipelineProposal",
     "ProposalSample",
     "S2MHeads",

@@ -82,6 +82,7 @@ _FIT_SETTINGS = (
     "n_components",
     "defensive",
     "covariance_scale",
+    "fit_families",
     "pilot_size",
     "fit_seed",
 )

@@ -6,7 +6,7 @@ The sampler never sees a model. It is given
   (a tensor with batch dimension first) and their log weights ``log w(x) = log p_T(x) / p_G(x)`` up to a
   constant (B,), ``-inf`` off target;
 - a latent density ``q`` (``densities.StandardNormal``, i.e. ``p_z`` itself, or a refitted
-  ``densities.LowRankGaussianMixture``) with ``sample(n, generator)`` and
+  ``densities.LowRankGaussianMixture`` or ``densities.TiltedNormal``) with ``sample(n, generator)`` and
   ``log_prior_ratio(z) = log p_z(z) - log q(z)``.
 
 The chain state is ``(z, x, log_w)``. The chain targets ``pi(z) ∝ p_z(z) w(G(z))``, whose push-forward
@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from .densities import LowRankGaussianMixture, StandardNormal
+from .densities import LowRankGaussianMixture, StandardNormal, TiltedNormal
 from .maths import fit_exponent, imh_accept, imh_distance, imh_steps, importance_resample
 
 __all__ = [
@@ -75,6 +75,8 @@ Evaluate = Callable[[torch.Tensor], tuple[Any, torch.Tensor]]
 Callback = Callable[[int, dict], None]
 
 REFIT_MODES = ("off", "once", "sequential")
+# The density families a refitting stage fits (`fit_stage`); the pilots choose among them.
+FIT_FAMILIES = ("gaussian", "tilted")
 # Settings for which `None` is a value of its own, not "keep the default" (see `S2MSamplingConfig.resolve`).
 _NONE_IS_A_VALUE = ("class_label", "mixing_tolerance", "screen")
 # Screening (delayed acceptance, `sample_imh`): the candidate screen steps "auto" calibrates, as shares of the K steps,
@@ -166,6 +168,10 @@ class S2MSamplingConfig:
       0.1), ``covariance_scale`` (defaults to 2.0): the refitted density, see
       `s2m_diffusers.densities.LowRankGaussianMixture.fit`. ``covariance_scale=2.0`` (a proposal wider than the fit)
       was chosen on the analytic problem: with 1.0 the fit sometimes missed part of the target.
+    - ``fit_families`` (`tuple[str, ...]`, defaults to ``("gaussian", "tilted")``): the densities each refitting
+      stage fits, each measured by its own pilot: ``"gaussian"`` (above) and ``"tilted"``, the prior reweighted by a
+      classifier of the stage's latents (`s2m_diffusers.densities.TiltedNormal`), which keeps the prior's shape where
+      the target's region is not Gaussian-shaped.
     """
 
     negation_margin: float | None = None
@@ -188,6 +194,7 @@ class S2MSamplingConfig:
     n_components: int | tuple[int, ...] = (1, 2, 4, 8)
     defensive: float = 0.1
     covariance_scale: float = 2.0
+    fit_families: tuple[str, ...] = ("gaussian", "tilted")
     screen: int | str | None = None
 
     def __post_init__(self) -> None:
@@ -228,6 +235,14 @@ class S2MSamplingConfig:
             )
         if self.priors is not None:
             object.__setattr__(self, "priors", tuple(float(p) for p in self.priors))
+        families = (self.fit_families,) if isinstance(self.fit_families, str) else tuple(self.fit_families)
+        unknown = [f for f in families if f not in FIT_FAMILIES]
+        if unknown or not families:
+            raise ValueError(
+                f"fit_families must name one or more of {list(FIT_FAMILIES)}, got {self.fit_families!r}: 'gaussian' "
+                "fits a Gaussian mixture to the on-target latents, 'tilted' tilts the prior by a classifier of them."
+            )
+        object.__setattr__(self, "fit_families", families)
         if self.screen == "off":
             object.__setattr__(self, "screen", None)
         sc = self.screen
@@ -1097,7 +1112,7 @@ def sample_imh(
 
     Args:
         evaluate (`Callable`): ``z -> (x, log_w)`` with ``log_w`` of shape `(B,)`, ``-inf`` off target.
-        q: the latent proposal density (``StandardNormal`` or a refitted ``LowRankGaussianMixture``).
+        q: the latent proposal density (``StandardNormal``, a refitted ``LowRankGaussianMixture`` or ``TiltedNormal``).
         num_samples (`int`): samples to return.
         config ([`S2MSamplingConfig`] or `dict`, *optional*), overrides: ``steps_after_entry`` (the least ``T``),
             ``mixing_tolerance`` (`None`: exactly ``steps_after_entry`` steps), ``max_steps_after_entry``,
@@ -1213,14 +1228,21 @@ def fit_stage(
     config: S2MSamplingConfig,
     max_proposals: int | None,
     generator: torch.Generator | None,
-) -> tuple[LowRankGaussianMixture | None, SamplerStats]:
-    """One refitting stage (spec §6): draw from ``q`` until ``fit_size`` proposals satisfy the stage's target,
-    resample them in proportion to their (tempered, [`fit_exponent`]) importance ratios ``w p_z / q``, and fit a
-    [`LowRankGaussianMixture`] to the result.
+    negatives: torch.Tensor | None = None,
+) -> tuple[dict[str, Any], SamplerStats, torch.Tensor | None]:
+    """One refitting stage (spec §6): draw from ``q`` until ``fit_size`` proposals satisfy the stage's target, then fit
+    each density family of ``config.fit_families`` to them:
+
+    - ``"gaussian"``: resample the on-target draws in proportion to their (tempered, [`fit_exponent`]) importance
+      ratios ``w p_z / q`` and fit a [`LowRankGaussianMixture`];
+    - ``"tilted"``: train the classifier of a [`TiltedNormal`] on all the stage's draws, on or off its target, and on
+      ``negatives`` (latents an earlier stage found off its own target, so off this one too: the stages add
+      literals).
 
     Returns:
-        The fitted density (`None` when fewer than 2 proposals reached the stage's target within ``max_proposals``)
-        and the stage's statistics, whose ``stages`` holds one record: proposals, on-target share, ESS, ...
+        The fitted densities by family (none when fewer than 2 proposals reached the stage's target within
+        ``max_proposals``), the stage's statistics, whose ``stages`` holds one record (proposals, on-target share,
+        ESS, ...), and the stage's off-target latents.
     """
     stats, start = SamplerStats(), time.perf_counter()
     fit_batch = config.fit_batch or config.fit_size
@@ -1230,34 +1252,43 @@ def fit_stage(
         if n <= 0:
             break
         new = _propose(evaluate, q, n, generator, stats)
-        zs.append(new.z)
-        ratios.append(new.log_ratio)
+        zs.append(new.z.cpu())
+        ratios.append(new.log_ratio.cpu())
         n_on += int(torch.isfinite(new.log_ratio).sum())
     stats.seconds_total = time.perf_counter() - start
     record = {"proposals": stats.proposals, "on_target": n_on}
     stats.stages.append(record)
     if n_on < 2:
         stats.budget_exhausted = True
-        return None, stats
+        return {}, stats, None
     z, log_ratio = torch.cat(zs), torch.cat(ratios)
-    beta = fit_exponent(log_ratio, FIT_MIN_ESS * n_on)
-    idx, ess = importance_resample(beta * log_ratio, min(config.fit_size, n_on), generator)
-    density = LowRankGaussianMixture.fit(
-        z[idx.to(z.device)].cpu(),
-        rank=config.rank,
-        n_components=config.n_components,
-        defensive=config.defensive,
-        covariance_scale=config.covariance_scale,
-        seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=_gen_device(generator))),
-    )
-    record.update(
-        on_target_share=n_on / stats.proposals,
-        ess=ess,
-        fit_exponent=beta,
-        n_components=density.n_components,
-        rank=density.rank,
-    )
-    return density, stats
+    on = torch.isfinite(log_ratio)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=_gen_device(generator)))
+    densities: dict[str, Any] = {}
+    record["on_target_share"] = n_on / stats.proposals
+    if "gaussian" in config.fit_families:
+        beta = fit_exponent(log_ratio, FIT_MIN_ESS * n_on)
+        idx, ess = importance_resample(beta * log_ratio, min(config.fit_size, n_on), generator)
+        densities["gaussian"] = LowRankGaussianMixture.fit(
+            z[idx.cpu()],
+            rank=config.rank,
+            n_components=config.n_components,
+            defensive=config.defensive,
+            covariance_scale=config.covariance_scale,
+            seed=seed,
+        )
+        record.update(ess=ess, fit_exponent=beta, n_components=densities["gaussian"].n_components)
+        record["rank"] = densities["gaussian"].rank
+    off = z[~on]
+    if "tilted" in config.fit_families:
+        train_z, train_on = z, on
+        if negatives is not None and negatives.numel():
+            train_z = torch.cat([z, negatives.to(z.dtype)])
+            train_on = torch.cat([on, torch.zeros(negatives.shape[0], dtype=torch.bool)])
+        if int(train_on.sum()) <= train_on.numel() - 2:  # the classifier needs both labels
+            densities["tilted"] = TiltedNormal.fit(train_z, train_on, rank=config.rank, seed=seed)
+            record["tilted_training_latents"] = int(train_on.numel())
+    return densities, stats, off
 
 
 @dataclass
@@ -1380,19 +1411,28 @@ def fit_latent(
         return LatentFit(p_z, torch.zeros(0, dtype=torch.float64), SamplerStats(), "prior")
     best = (p_z, *measure(p_z, "prior"), "prior")  # (q, pilot log ratios, predicted cost, name)
     base, base_score = p_z, best[2]  # the density the next stage fits from
+    negatives = []  # latents off an earlier stage's target: off every later one's
     for s, evaluate in enumerate(fits):
-        density, stage = fit_stage(evaluate, base, config, left(), generator)
+        densities, stage, off = fit_stage(
+            evaluate, base, config, left(), generator, torch.cat(negatives) if negatives else None
+        )
         stage.stages[0] = {"stage": s, **stage.stages[0]}
         parts.append(stage)
-        if density is None:
+        if not densities:
             stage.budget_exhausted = False  # the refitting ends here; the sampler goes on with the best candidate
             stage.stages[0]["kept"] = best[3]
             break
-        log_ratio, score = measure(density, f"stage {s}")
-        if log_ratio is not None and beats(score, best[2]):
-            best = (density, log_ratio, score, f"stage {s}")
-        if beats(score, base_score):
-            base, base_score = density, score
+        negatives.append(off)
+        stage_best = (None, math.inf)
+        for family, density in densities.items():
+            name = f"stage {s}" if family == "gaussian" else f"stage {s} {family}"
+            log_ratio, score = measure(density, name)
+            if log_ratio is not None and beats(score, best[2]):
+                best = (density, log_ratio, score, name)
+            if beats(score, stage_best[1]):
+                stage_best = (density, score)
+        if beats(stage_best[1], base_score):
+            base, base_score = stage_best
         stage.stages[0]["kept"] = best[3]
         if callback is not None:
             callback(-1, {"stage": s, "num_stages": len(fits), "on_target_share": stage.stages[0]["on_target_share"]})
@@ -1495,6 +1535,8 @@ def save_fits(fits: dict[str, LatentFit], folder: str | os.PathLike) -> None:
             tensors["pilot_screen_steps"] = torch.tensor(fit.pilot_screen_steps, dtype=torch.long)
         if isinstance(fit.q, LowRankGaussianMixture):
             tensors.update({f"q.{k}": v.cpu().contiguous() for k, v in fit.q.state_dict().items()})
+        elif isinstance(fit.q, TiltedNormal):
+            tensors.update({f"tilted.{k}": v.cpu().contiguous() for k, v in fit.q.state_dict().items()})
         else:
             tensors["p_z.latent_shape"] = torch.tensor(fit.q.latent_shape, dtype=torch.long)
         name = f"fit_{i:03d}.safetensors"
@@ -1518,6 +1560,8 @@ def load_fits(folder: str | os.PathLike) -> dict[str, LatentFit]:
         tensors = load_file(os.path.join(folder, entry["file"]))
         if "p_z.latent_shape" in tensors:
             q = StandardNormal(tensors["p_z.latent_shape"].tolist())
+        elif any(k.startswith("tilted.") for k in tensors):
+            q = TiltedNormal.from_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("tilted.")})
         else:
             q = LowRankGaussianMixture.from_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("q.")})
         stats = SamplerStats(stages=list(entry.get("stages", [])))

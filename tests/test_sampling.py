@@ -74,7 +74,8 @@ def test_statistics_add_up_and_seed_reproduces():
     final_stage = s.proposals - sum(st["proposals"] for st in s.stages)
     chains = int(a.chain.unique().numel())
     assert chains == math.ceil(300 / 8) and final_stage >= chains  # every chain needed at least its entry proposal
-    assert sum("stage" in st for st in s.stages) == 3 and sum("pilot" in st for st in s.stages) == 4
+    # 3 stages, each fitting both families (a Gaussian mixture and a tilted prior), and 1 + 3 * 2 pilots
+    assert sum("stage" in st for st in s.stages) == 3 and sum("pilot" in st for st in s.stages) == 7
     assert 0 < s.acceptance_rate <= 1 and s.mixing["bound"] <= 0.01
     assert torch.allclose(TOY.generate(a.z), a.x)
 
@@ -106,6 +107,8 @@ def test_bad_arguments():
         sample_imh(ev, PRIOR, 0)
     with pytest.raises(ValueError, match="refit must be"):
         sample_s2m([ev], PRIOR, 10, refit="always")
+    with pytest.raises(ValueError, match="fit_families must name one or more of.*'flow'"):
+        sample_s2m([ev], PRIOR, 10, fit_families=("gaussian", "flow"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -199,8 +202,31 @@ def test_broken_missing_proposal_correction_is_rejected(monkeypatch):
     from s2m_diffusers.densities import LowRankGaussianMixture
 
     monkeypatch.setattr(LowRankGaussianMixture, "log_prior_ratio", lambda self, z: torch.zeros(z.shape[0]))
-    res = sample_s2m(TOY.stage_evaluates("B & ~A & ~C"), PRIOR, N, steps_after_entry=10, generator=gen(3))
+    res = sample_s2m(
+        TOY.stage_evaluates("B & ~A & ~C"), PRIOR, N, steps_after_entry=10, fit_families="gaussian", generator=gen(3)
+    )
     assert p_value("B & ~A & ~C", res.x) < ALPHA
+
+
+def test_tilted_fits_are_exact_and_their_correction_matters(monkeypatch):
+    """Refitting with the classifier-tilted prior only: the rare conjunction's samples pass the exactness test, and
+    with the tilt's correction ``p_z / q`` inverted the same run is rejected."""
+    from s2m_diffusers.densities import TiltedNormal
+
+    text = "A & B & C"  # rho = 1 %
+
+    def run():
+        return sample_s2m(TOY.stage_evaluates(text), PRIOR, N, fit_families=("tilted",), generator=gen(8))
+
+    res = run()
+    assert res.stats.fit.endswith("tilted") and isinstance(res.q, TiltedNormal), res.stats.fit
+    assert p_value(text, res.x) > ALPHA
+    pilots = [st for st in res.stats.stages if "pilot" in st]
+    assert min(p["predicted_proposals_per_sample"] for p in pilots[1:]) < pilots[0]["predicted_proposals_per_sample"]
+    # The tilt is nearly flat on the target (its point), so dropping the correction biases little; flipping it does.
+    right = TiltedNormal.log_prior_ratio
+    monkeypatch.setattr(TiltedNormal, "log_prior_ratio", lambda self, z: -right(self, z))
+    assert p_value(text, run().x) < ALPHA
 
 
 def test_broken_missing_df_correction_is_rejected():
