@@ -341,7 +341,8 @@ def print_table(rows: list[dict], dataset: str, kind: str, methods: list[str], n
         )
         short = [r for r in selected if r.get("budget_exhausted")]
         if short:  # the budget ran out: say how many images were found
-            text += " (budget: " + ", ".join(f"{r['num_images']}/{num_images}" for r in short) + " images)"
+            found = [f"{r['num_images']}/{r.get('num_images_asked', num_images)}" for r in short]
+            text += f" (budget: {', '.join(found)} images)"
         return text
 
     for target in SEVEN_TARGETS:
@@ -436,6 +437,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             settings,
                         )
                         found = len(images)
+                        asked = AGAIN_IMAGES if method == "ours_again" else args.num_images
                         row = {
                             "dataset": dataset,
                             "proposal": kind,
@@ -443,7 +445,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             "method": method,
                             "seed": seed,
                             "num_images": found,
-                            "budget_exhausted": found < args.num_images,
+                            "num_images_asked": asked,
+                            "budget_exhausted": found < asked,
                             "accuracy": formula_accuracy(evaluator, images, target) if found else float("nan"),
                             "frechet": (
                                 frechet_distance(evaluator_features(evaluator, images), real)
