@@ -44,6 +44,20 @@ def _standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (flat.pow(2).sum(1) + flat.shape[1] * math.log(2 * math.pi))
 
 
+def _cpu_generator(
+    generator: torch.Generator | None, device: torch.device | str | None
+) -> tuple[torch.device | str, torch.Generator | None]:
+    """The device a density's draws go to (``device``, else the generator's), and the CPU generator that draws them:
+    all randomness comes from ``generator``, drawn on CPU in float64 for reproducibility across devices (a generator
+    on another device seeds a CPU one)."""
+    device = device if device is not None else (generator.device if generator is not None else "cpu")
+    g = generator if generator is not None and generator.device.type == "cpu" else None
+    if generator is not None and g is None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+        g = torch.Generator().manual_seed(seed)
+    return device, g
+
+
 class StandardNormal:
     """The latent prior ``p_z = N(0, I)`` over latents of shape ``latent_shape``.
 
@@ -234,12 +248,7 @@ class LowRankGaussianMixture:
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Draw ``n`` latents: from the prior with probability ``eps``, else ``P^T u + (I - P^T P) e``."""
-        device = device if device is not None else (generator.device if generator is not None else "cpu")
-        # All randomness comes from `generator`, drawn on CPU in float64 for reproducibility across devices.
-        g = generator if generator is not None and generator.device.type == "cpu" else None
-        if generator is not None and g is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-            g = torch.Generator().manual_seed(seed)
+        device, g = _cpu_generator(generator, device)
         e = torch.randn((n, self.dim), generator=g, dtype=torch.float64)  # (n, d)
         from_prior = torch.rand(n, generator=g, dtype=torch.float64) < self.defensive
         probs = self.mixture.mixture_distribution.probs
@@ -404,11 +413,7 @@ class TiltedNormal:
     ) -> torch.Tensor:
         """Draw ``n`` latents by rejection from the prior: a draw of the view is kept with probability
         ``(c^gamma + tau) / (1 + tau)`` (at least ``tau / (1 + tau)``), the rest of the latent is standard normal."""
-        device = device if device is not None else (generator.device if generator is not None else "cpu")
-        g = generator if generator is not None and generator.device.type == "cpu" else None
-        if generator is not None and g is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-            g = torch.Generator().manual_seed(seed)
+        device, g = _cpu_generator(generator, device)
         kept, found = [], 0
         chunk = max(1024, 4 * n)
         while found < n:
