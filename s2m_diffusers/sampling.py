@@ -1413,9 +1413,9 @@ def fit_latent(
     base, base_score = p_z, best[2]  # the density the next stage fits from
     negatives = []  # latents off an earlier stage's target: off every later one's
     for s, evaluate in enumerate(fits):
-        densities, stage, off = fit_stage(
-            evaluate, base, config, left(), generator, torch.cat(negatives) if negatives else None
-        )
+        # the latest negatives, at most 16 * fit_size: they bound the classifier's training set and the memory kept
+        known = torch.cat(negatives)[-16 * config.fit_size :] if negatives else None
+        densities, stage, off = fit_stage(evaluate, base, config, left(), generator, known)
         stage.stages[0] = {"stage": s, **stage.stages[0]}
         parts.append(stage)
         if not densities:
