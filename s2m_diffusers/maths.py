@@ -375,56 +375,87 @@ def imh_distance(log_ratios: torch.Tensor, steps: Sequence[int]) -> list[float]:
     Returns:
         `list[float]`: the distance after each number of steps (1.0 each when no draw is on the target).
     """
+    pieces = _imh_pieces(log_ratios)
+    return [_imh_distance_at(pieces, n) for n in steps]
+
+
+def _imh_pieces(log_ratios: torch.Tensor) -> dict[str, torch.Tensor | float] | None:
+    """What [`imh_distance`] computes once for every number of steps: the sorted, normalised ratios and the pieces of
+    ``lambda`` between them (`None` when no draw is on the target)."""
     lr = log_ratios.double().flatten().cpu()
     total = lr.numel()
     on = torch.isfinite(lr)
     if not on.any():
-        return [1.0 for _ in steps]
+        return None
     # Ratios below 1e-300 of the largest (an underflow to 0) count as ties at that level: a chain leaves them at once.
     r, _ = torch.sort(torch.exp(lr[on] - lr[on].max()).clamp_min(1e-300))
     r = r / (r.sum() / total)  # mean 1 over all N draws of q
     m = r.numel()
-    share = m / total
     cum = torch.cat([r.new_zeros(1), torch.cumsum(r, 0)])
     a = (m - torch.arange(m, dtype=torch.float64)) / total  # P_q(r >= r_j)
     b = cum[:m] / total  # E_q[r 1(r < r_j)]
-    lam = (1 - a - b / r).clamp(0, 1)  # lambda(r_j)
     # The piece of T_n over (r_j, r_(j+1)]: lambda = 1 - a - b u with u = 1/v, a and b of index j + 1.
     a_up, b_up, du = a[1:], b[1:], 1 / r[:-1] - 1 / r[1:]
-    lam_hi = (1 - a_up - b_up / r[1:]).clamp(0, 1)  # at v = r_(j+1)
     lam_lo = (1 - a_up - b_up / r[:-1]).clamp(0, 1)  # at v = r_j
-    pi_share = r / r.sum()  # pi's mass on each draw
-    ranks = torch.arange(1, m + 1, dtype=torch.float64)
-    out = []
-    for n in steps:
-        # pi_j f_j, with pi_j / (s r_j) = 1 / (s sum r) written out so that tiny ratios do not overflow.
-        if n == 0:
-            pif = torch.full_like(r, 1 / (share * float(r.sum())))
-        else:
-            # int_{u_lo}^{u_hi} n lambda^(n-1) du = (lam_hi^n - lam_lo^n) / b, in a form without cancellation.
-            ratio = torch.where(lam_lo > 0, torch.log1p(b_up * du / lam_lo.clamp_min(1e-300)), lam_lo.new_zeros(1))
-            piece = torch.where(
-                lam_lo > 0,
-                lam_lo.pow(n) * torch.expm1(n * ratio) / b_up,
-                lam_hi.pow(n) / b_up,
-            )
-            top = -torch.expm1(n * torch.log1p(-1 / r[-1])) if r[-1] > 1 else r.new_tensor(1.0)  # v >= max r
-            t_n = top + torch.cat([torch.flip(torch.cumsum(torch.flip(piece, [0]), 0), [0]), r.new_zeros(1)])
-            above = torch.cat([torch.flip(torch.cumsum(torch.flip(t_n, [0]), 0), [0])[1:], r.new_zeros(1)])
-            pif = pi_share * (ranks * t_n + above) / m + lam.pow(n) / (share * float(r.sum()))
-        out.append(min(1.0, 0.5 * float((pif - pi_share).abs().sum())))
-    return out
+    return {
+        "r": r,
+        "lam": (1 - a - b / r).clamp(0, 1),  # lambda(r_j)
+        "b_up": b_up,
+        "lam_hi": (1 - a_up - b_up / r[1:]).clamp(0, 1),  # at v = r_(j+1)
+        "lam_lo": lam_lo,
+        # int_{u_lo}^{u_hi} n lambda^(n-1) du = (lam_hi^n - lam_lo^n) / b = lam_lo^n expm1(n log1p(b du / lam_lo)) / b
+        "log_step": torch.where(lam_lo > 0, torch.log1p(b_up * du / lam_lo.clamp_min(1e-300)), lam_lo.new_zeros(1)),
+        "pi_share": r / r.sum(),  # pi's mass on each draw
+        "ranks": torch.arange(1, m + 1, dtype=torch.float64),
+        "entry": m / total * float(r.sum()),  # s sum r, with s the on-target share
+    }
 
 
-def imh_steps(log_ratios: torch.Tensor, tolerance: float, min_steps: int = 0, max_steps: int = 200) -> int:
+def _imh_distance_at(pieces: dict | None, n: int) -> float:
+    """[`imh_distance`] after ``n`` steps, from [`_imh_pieces`]."""
+    if pieces is None:
+        return 1.0
+    r, lam, pi_share = pieces["r"], pieces["lam"], pieces["pi_share"]
+    # pi_j f_j, with pi_j / (s r_j) = 1 / (s sum r) written out so that tiny ratios do not overflow.
+    if n == 0:
+        pif = torch.full_like(r, 1 / pieces["entry"])
+    else:
+        lam_lo, lam_hi, b_up = pieces["lam_lo"], pieces["lam_hi"], pieces["b_up"]
+        inner = lam_lo.pow(n) * torch.expm1(n * pieces["log_step"])
+        piece = torch.where(lam_lo > 0, inner, lam_hi.pow(n)) / b_up
+        top = -torch.expm1(n * torch.log1p(-1 / r[-1])) if r[-1] > 1 else r.new_tensor(1.0)  # v >= max r
+        t_n = top + torch.cat([torch.flip(torch.cumsum(torch.flip(piece, [0]), 0), [0]), r.new_zeros(1)])
+        above = torch.cat([torch.flip(torch.cumsum(torch.flip(t_n, [0]), 0), [0])[1:], r.new_zeros(1)])
+        pif = pi_share * (pieces["ranks"] * t_n + above) / r.numel() + lam.pow(n) / pieces["entry"]
+    return min(1.0, 0.5 * float((pif - pi_share).abs().sum()))
+
+
+def imh_steps(
+    log_ratios: torch.Tensor, tolerance: float, min_steps: int = 0, max_steps: int = 200, hint: int | None = None
+) -> int:
     """The fewest steps ``n`` in ``[min_steps, max_steps]`` after which [`imh_distance`] is at most ``tolerance``
-    (``max_steps`` when none is); the distance never grows with ``n``, so a bisection finds it."""
+    (``max_steps`` when none is); the distance never grows with ``n``, so a bisection finds it. ``hint`` (a previous
+    answer, e.g. before more ratios were seen) is tried first: the answer is the same, found in 2-3 evaluations when
+    it has not moved."""
+    pieces = _imh_pieces(log_ratios)
+
+    def within(n: int) -> bool:
+        return _imh_distance_at(pieces, n) <= tolerance
+
     lo, hi = min_steps, max_steps
-    if imh_distance(log_ratios, [lo])[0] <= tolerance:
+    if within(lo):
         return lo
-    while hi - lo > 1:  # distance(lo) > tolerance; hi is the answer or max_steps
+    # Invariant: the distance after lo steps is above the tolerance; hi is the answer or max_steps.
+    if hint is not None and lo < hint <= hi:
+        if not within(hint):
+            lo = hint
+        elif hint - 1 == lo or not within(hint - 1):
+            return hint
+        else:
+            hi = hint - 1
+    while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if imh_distance(log_ratios, [mid])[0] <= tolerance else (mid, hi)
+        lo, hi = (lo, mid) if within(mid) else (mid, hi)
     return hi
 
 

@@ -608,9 +608,9 @@ class _MixingBound:
     ``W = sup pi / q`` estimated as the largest ratio seen over the mean (see ``w_bound``). ``T`` stays in
     ``[steps_after_entry, max_steps_after_entry]``. Nothing is returned before
     ``min_seen`` proposals have entered the estimate. The thinning ``k`` between two samples of one chain is the
-    fewest steps after which the chain has moved with probability 0.95 at the observed acceptance rate (at most ``T``),
-    so that consecutive samples of a chain are rarely the same image; it decides correlation, not bias, since every
-    returned state is at least ``T`` steps past its chain's entry.
+    fewest steps after which the chain has moved with probability 0.95 at the observed acceptance rate (at most
+    ``max_steps_after_entry``), so that consecutive samples of a chain are rarely the same image; it decides
+    correlation, not bias, since every returned state is at least ``T`` steps past its chain's entry.
     """
 
     def __init__(self, tolerance: float | None, min_steps: int, max_steps: int, min_seen: int = 0):
@@ -659,12 +659,12 @@ class _MixingBound:
             self.log_ratios.append(log_ratio)
         if self.tolerance is not None and self.log_max > -math.inf:
             if self.screened:
-                w = self.w_bound
-                wanted = math.ceil(math.log(self.tolerance) / math.log1p(-1 / w)) if w > 1 else 1
-                self.steps = max(self.min_steps, min(wanted, self.max_steps))
+                self.steps = _uniform_steps(self.w_bound, self.tolerance, self.min_steps, self.max_steps)
             else:
                 self.log_ratios = [torch.cat(self.log_ratios)]
-                self.steps = imh_steps(self.log_ratios[0], self.tolerance, self.min_steps, self.max_steps)
+                self.steps = imh_steps(
+                    self.log_ratios[0], self.tolerance, self.min_steps, self.max_steps, hint=self.steps
+                )
         return self.steps
 
     @property
@@ -835,12 +835,20 @@ class _ChainPool:
         return out, ids
 
 
+def _uniform_steps(w: float, tolerance: float, min_steps: int, max_steps: int) -> int:
+    """The fewest ``T`` in ``[min_steps, max_steps]`` with ``(1 - 1/W)^T <= tolerance`` (``max_steps`` for an infinite
+    ``W``): the uniform bound's ``T``."""
+    if not math.isfinite(w):
+        return max_steps
+    wanted = math.ceil(math.log(tolerance) / math.log1p(-1 / w)) if w > 1 else 1
+    return max(min_steps, min(wanted, max_steps))
+
+
 def _steps_for(w: float, config: S2MSamplingConfig) -> int:
-    """``T`` of [`_MixingBound`] for a given ``W``."""
-    if config.mixing_tolerance is None or not math.isfinite(w):
-        return config.steps_after_entry if config.mixing_tolerance is None else config.max_steps_after_entry
-    wanted = math.ceil(math.log(config.mixing_tolerance) / math.log1p(-1 / w)) if w > 1 else 1
-    return max(config.steps_after_entry, min(wanted, config.max_steps_after_entry))
+    """``T`` of [`_MixingBound`] under a screen, for a given ``W``."""
+    if config.mixing_tolerance is None:
+        return config.steps_after_entry
+    return _uniform_steps(w, config.mixing_tolerance, config.steps_after_entry, config.max_steps_after_entry)
 
 
 def _steps_unscreened(log_ratio: torch.Tensor, config: S2MSamplingConfig) -> int:
@@ -1301,7 +1309,7 @@ class LatentFit:
             ``pilot_size`` draws of ``q`` on the full target, from which the sampler estimates ``W``.
         stats ([`SamplerStats`]): the fitting's proposals and its ``stages``: per stage the fit's record, and per
             candidate density its pilot's on-target share, efficiency and predicted proposals per sample.
-        chosen (`str`): ``"prior"`` or ``"stage k"``.
+        chosen (`str`): ``"prior"``, ``"stage k"`` (its Gaussian mixture) or ``"stage k tilted"``.
         pilot_log_surrogates (`torch.Tensor` of shape `(pilot_size, S)`, *optional*): the surrogate's log ratios of
             the same draws at ``pilot_screen_steps`` (recorded when ``screen`` is set), to calibrate the screen.
     """
@@ -1404,9 +1412,6 @@ def fit_latent(
         )
         return log_ratio, cost
 
-    def beats(new: float, old: float) -> bool:
-        return new < old
-
     if not fits and config.mixing_tolerance is None and not views:  # nothing to choose or estimate: no pilot
         return LatentFit(p_z, torch.zeros(0, dtype=torch.float64), SamplerStats(), "prior")
     best = (p_z, *measure(p_z, "prior"), "prior")  # (q, pilot log ratios, predicted cost, name)
@@ -1427,11 +1432,11 @@ def fit_latent(
         for family, density in densities.items():
             name = f"stage {s}" if family == "gaussian" else f"stage {s} {family}"
             log_ratio, score = measure(density, name)
-            if log_ratio is not None and beats(score, best[2]):
+            if log_ratio is not None and score < best[2]:
                 best = (density, log_ratio, score, name)
-            if beats(score, stage_best[1]):
+            if score < stage_best[1]:
                 stage_best = (density, score)
-        if beats(stage_best[1], base_score):
+        if stage_best[1] < base_score:
             base, base_score = stage_best
         stage.stages[0]["kept"] = best[3]
         if callback is not None:
