@@ -114,6 +114,13 @@ def _sample_parser(subparsers) -> argparse.ArgumentParser:
         default="sequential",
         help="latent refitting: one literal at a time (default), once on the full target, or off",
     )
+    p.add_argument(
+        "--fit-spend",
+        choices=("call", "full"),
+        default="call",
+        help="what refitting may spend: at most what a fit could save on these images (default: 'call'), or every "
+        "stage ('full')",
+    )
     p.add_argument("--max-proposals", type=int, default=None, metavar="N", help="proposal budget (generator calls)")
     p.add_argument(
         "--micro-batch-size",
@@ -189,6 +196,7 @@ def sample(args: argparse.Namespace) -> int:
             micro_batch_size=args.micro_batch_size,
             num_chains=args.num_chains,
             fit_size=args.fit_size,
+            fit_spend=args.fit_spend,
             negation_margin=args.negation_margin,
             presence_margin=args.presence_margin,
             class_label=_class_label(args.class_label),
@@ -265,6 +273,7 @@ _CLI_OPTIONS = {
         "max_proposals",
         "num_chains",
         "fit_size",
+        "fit_spend",
         "micro_batch_size",
         "negation_margin",
         "presence_margin",

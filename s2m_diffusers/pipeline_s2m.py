@@ -517,8 +517,9 @@ class S2MPipeline(DiffusionPipeline):
         max_proposals: int | None = None,
         **sampling_kwargs,
     ) -> LatentFit:
-        """Fit the latent proposal density of ``target`` now (`sampling.fit_latent`) and cache it in [`fits`]; a call
-        for the same target and settings then starts sampling at once. Arguments as in [`__call__`].
+        """Fit the latent proposal density of ``target`` now (`sampling.fit_latent`), every refitting stage (a call
+        fits only as far as its images are worth), and cache it in [`fits`]; a call for the same target and settings
+        then starts sampling at once, whatever its number of images. Arguments as in [`__call__`].
 
         Returns:
             [`~s2m_diffusers.sampling.LatentFit`]: the chosen density (``chosen``: ``"prior"`` or ``"stage k"``) and,
@@ -531,18 +532,22 @@ class S2MPipeline(DiffusionPipeline):
             target, config, micro_batch_size, num_inference_steps, None, ["latents"]
         )
         with eval_mode(self.heads):
-            return self._cached_fit(target, config, plan, weigher, runs, num_inference_steps)
+            return self._cached_fit(target, config, plan, weigher, runs, num_inference_steps, None)
 
     def _fit_key(self, target: Target, config: S2MSamplingConfig, plan: ClassPlan, steps: int | None) -> str:
         fields = {name: getattr(config, name) for name in _FIT_SETTINGS}
         steps = steps or self.config.num_inference_steps if self.proposal_kind != "gan" else None
         return json.dumps({"target": str(target), "class": plan.describe(), "steps": steps, **fields}, sort_keys=True)
 
-    def _cached_fit(self, target, config, plan, weigher, runs, steps) -> LatentFit:
+    def _cached_fit(self, target, config, plan, weigher, runs, steps, num_images: int | None) -> LatentFit:
         """The cached fit for this target and settings, or a new one (made by the main process with its own generator,
-        seeded by ``config.fit_seed``, and shared with the others); a new fit's cost is added to ``runs.results``."""
+        seeded by ``config.fit_seed``, and shared with the others); a new fit's cost is added to ``runs.results``.
+
+        A call fits for its ``num_images`` (`sampling.fit_latent`: the stages spend at most what they could save on
+        them); a cached fit that this limit stopped early serves calls for as many images or fewer, and a call for
+        more fits again. ``num_images=None`` (`fit`): every stage runs."""
         key = self._fit_key(target, config, plan, steps)
-        if key in self.fits:
+        if key in self.fits and self.fits[key].serves(num_images):
             return self.fits[key]
         fit = None
         if runs.is_main_process:
@@ -555,6 +560,7 @@ class S2MPipeline(DiffusionPipeline):
                     evaluates,
                     p_z,
                     config,
+                    num_samples=num_images,
                     max_proposals=runs.remaining,
                     generator=generator,
                     callback=_ProgressCallback(bar, weigher=weigher),
@@ -720,7 +726,8 @@ class S2MPipeline(DiffusionPipeline):
         start = time.perf_counter()
         with eval_mode(self.heads):
             try:
-                fit = self._cached_fit(target, config, plan, weigher, runs, num_inference_steps)
+                fit_for = num_images if config.fit_spend == "call" else None
+                fit = self._cached_fit(target, config, plan, weigher, runs, num_inference_steps, fit_for)
             except _Interrupted:  # during refitting: no image is finished yet, and the fit is not cached
                 fit = None
             if fit is not None:

@@ -77,6 +77,8 @@ Callback = Callable[[int, dict], None]
 REFIT_MODES = ("off", "once", "sequential")
 # The density families a refitting stage fits (`fit_stage`); the pilots choose among them.
 FIT_FAMILIES = ("gaussian", "tilted")
+# What a call's refitting may spend (`S2MSamplingConfig.fit_spend`): what a fit could save on its samples, or all.
+FIT_SPENDS = ("call", "full")
 # Settings for which `None` is a value of its own, not "keep the default" (see `S2MSamplingConfig.resolve`).
 _NONE_IS_A_VALUE = ("class_label", "mixing_tolerance", "screen")
 # Screening (delayed acceptance, `sample_imh`): the candidate screen steps "auto" calibrates, as shares of the K steps,
@@ -135,6 +137,10 @@ class S2MSamplingConfig:
       the target at a time (``a``, then ``a & b``, ...), ``"once"`` on the full target, ``"off"`` proposes from
       ``p_z``. A fit is kept only where its pilot predicts fewer proposals per sample than the prior's
       ([`fit_latent`]).
+    - ``fit_spend`` (`str`, defaults to `"call"`): what a call's refitting may spend. ``"call"``: at most what a fit
+      could save on the call's samples, ``num_samples * (c_prior - 1)`` proposals with ``c_prior`` the prior's
+      predicted proposals per sample ([`fit_latent`]), so that a call pays at most about twice what the prior alone
+      would; ``"full"``: every stage runs, for a fit that later calls reuse (`S2MPipeline.fit` always fits in full).
     - ``mixing_tolerance`` (`float`, defaults to 0.01): every returned sample is at least ``T`` MH steps past its
       chain's entry into the target, with ``T`` the fewest steps after which its distance to the target (total
       variation) falls below this: the independence sampler's exact distance from an entry drawn from ``q`` on the
@@ -181,6 +187,7 @@ class S2MSamplingConfig:
     class_label: int | str | None = "auto"
     dv_strength: float | str | None = None
     refit: str = "sequential"
+    fit_spend: str = "call"
     mixing_tolerance: float | None = 0.01
     steps_after_entry: int = 1
     max_steps_after_entry: int = 200
@@ -202,6 +209,11 @@ class S2MSamplingConfig:
             raise ValueError(
                 f"refit must be one of {list(REFIT_MODES)}, got {self.refit!r}: 'sequential' refits one literal of "
                 "the target at a time (the default), 'once' on the full target, 'off' samples from the prior."
+            )
+        if self.fit_spend not in FIT_SPENDS:
+            raise ValueError(
+                f"fit_spend must be one of {list(FIT_SPENDS)}, got {self.fit_spend!r}: 'call' spends on refitting at "
+                "most what a fit could save on the call's samples (the default), 'full' runs every stage."
             )
         if not isinstance(self.steps_after_entry, int) or self.steps_after_entry < 0:
             raise ValueError(f"steps_after_entry must be a non-negative integer, got {self.steps_after_entry!r}.")
@@ -1312,6 +1324,8 @@ class LatentFit:
         chosen (`str`): ``"prior"``, ``"stage k"`` (its Gaussian mixture) or ``"stage k tilted"``.
         pilot_log_surrogates (`torch.Tensor` of shape `(pilot_size, S)`, *optional*): the surrogate's log ratios of
             the same draws at ``pilot_screen_steps`` (recorded when ``screen`` is set), to calibrate the screen.
+        limited_to (`int`, *optional*): the ``num_samples`` whose spend limit stopped the refitting before its last
+            stage ([`fit_latent`]); `None` when every stage ran.
     """
 
     q: Any
@@ -1320,6 +1334,13 @@ class LatentFit:
     chosen: str = "prior"
     pilot_log_surrogates: torch.Tensor | None = None
     pilot_screen_steps: tuple[int, ...] = ()
+    limited_to: int | None = None
+
+    def serves(self, num_samples: int | None) -> bool:
+        """Whether this fit is as complete as [`fit_latent`] would make it for ``num_samples`` samples: a fit whose
+        refitting was stopped by its spend limit (``limited_to``: the samples it was made for) serves calls for at
+        most as many samples; a complete fit serves any call."""
+        return self.limited_to is None or (num_samples is not None and num_samples <= self.limited_to)
 
 
 # A pilot with fewer on-target draws than this predicts the chains' length no better than the cap.
@@ -1362,6 +1383,7 @@ def fit_latent(
     p_z: StandardNormal,
     config: S2MSamplingConfig | dict | None = None,
     *,
+    num_samples: int | None = None,
     max_proposals: int | None = None,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
@@ -1379,8 +1401,30 @@ def fit_latent(
     refitting with the best candidate so far.
     With ``refit="off"`` only the prior's pilot is drawn (it estimates ``W`` for the sampler).
 
+    A fit made for a call is worth at most what it saves on that call's samples: every sample costs at least one
+    proposal, so no density saves more than ``c_prior - 1`` per sample, ``c_prior`` the prior's predicted proposals
+    per sample. With ``num_samples`` given, the stages and their pilots spend at most ``num_samples * (c_prior - 1)``
+    proposals beyond the prior's pilot (the rule of renting before buying: a call then pays at most about twice what
+    sampling from the prior alone would, and the fit only where it is predicted to pay), and, within
+    ``max_proposals``, leave what sampling ``num_samples`` with the best candidate so far is predicted to cost, or
+    half the budget left where that is more (a fit is then the only hope, but not a sure one). A stage that would
+    not fit in what is left is not started (a stage stopped by the limit fits on what it found), and the fit records
+    ``limited_to = num_samples``, so that a later call for more samples fits again (`LatentFit.serves`). Where the
+    prior's pilot finds no sample on the target, ``c_prior`` is infinite and every stage runs.
+
+    Args:
+        stage_evaluates (`Sequence[Callable]`): ``z -> (x, log_w)`` per refitting stage; the last is the full target.
+        p_z ([`StandardNormal`]): the latent prior.
+        config ([`S2MSamplingConfig`] or `dict`, *optional*): the settings; ``overrides`` names single fields.
+        num_samples (`int`, *optional*): the samples the fit is for (a sampling call's); `None`: no spend limit,
+            every stage runs (`S2MPipeline.fit`).
+        max_proposals (`int`, *optional*): the proposal budget of the whole fitting.
+        generator (`torch.Generator`, *optional*): the randomness.
+        callback (`Callable`, *optional*): ``callback(-1, {"stage": s, ...})`` after each stage.
+
     Returns:
-        [`LatentFit`]; ``stats.stages`` records each fitting stage and each pilot.
+        [`LatentFit`]; ``stats.stages`` records each fitting stage and each pilot (and a stage not started for the
+        spend limit, as ``{"stage": s, "skipped": ...}``).
     """
     config = S2MSamplingConfig.resolve(config, **overrides)
     full = stage_evaluates[-1]
@@ -1417,12 +1461,28 @@ def fit_latent(
     best = (p_z, *measure(p_z, "prior"), "prior")  # (q, pilot log ratios, predicted cost, name)
     base, base_score = p_z, best[2]  # the density the next stage fits from
     negatives = []  # latents off an earlier stage's target: off every later one's
+    limit = _fit_spend_limit(num_samples, best[2])
+    spent_before, limited = sum(p.proposals for p in parts), False
     for s, evaluate in enumerate(fits):
+        cap = left()
+        if limit is not None:
+            spare = int(limit - (sum(p.proposals for p in parts) - spent_before))
+            if cap is not None:  # leave what sampling with the best density so far is predicted to need, or half
+                spare = min(spare, cap - math.ceil(min(num_samples * best[2], cap / 2)))
+            allowed = spare - config.pilot_size * len(config.fit_families)  # the stage's pilots set aside
+            if allowed < config.fit_size:  # not even fit_size draws: the stage could not find its fit_size latents
+                parts[-1].stages.append({"stage": s, "skipped": f"spend limit {limit:.0f} for {num_samples} samples"})
+                limited = True
+                break
+            cap = allowed if cap is None else min(cap, allowed)
         # the latest negatives, at most 16 * fit_size: they bound the classifier's training set and the memory kept
         known = torch.cat(negatives)[-16 * config.fit_size :] if negatives else None
-        densities, stage, off = fit_stage(evaluate, base, config, left(), generator, known)
+        densities, stage, off = fit_stage(evaluate, base, config, cap, generator, known)
         stage.stages[0] = {"stage": s, **stage.stages[0]}
         parts.append(stage)
+        if limit is not None and stage.stages[0]["on_target"] < config.fit_size and (left() is None or left() > 0):
+            stage.stages[0]["stopped"] = f"spend limit {limit:.0f} for {num_samples} samples"
+            limited = True
         if not densities:
             stage.budget_exhausted = False  # the refitting ends here; the sampler goes on with the best candidate
             stage.stages[0]["kept"] = best[3]
@@ -1441,11 +1501,25 @@ def fit_latent(
         stage.stages[0]["kept"] = best[3]
         if callback is not None:
             callback(-1, {"stage": s, "num_stages": len(fits), "on_target_share": stage.stages[0]["on_target_share"]})
+        if limited:
+            break
     stats = SamplerStats.merge(parts)
     if best[1] is None:  # not even the prior's pilot fitted in the budget
         stats.budget_exhausted = True
         return LatentFit(p_z, torch.zeros(0, dtype=torch.float64), stats, "prior")
-    return LatentFit(best[0], best[1], stats, best[3], surrogates.get(best[3]), tuple(views))
+    return LatentFit(
+        best[0], best[1], stats, best[3], surrogates.get(best[3]), tuple(views), num_samples if limited else None
+    )
+
+
+def _fit_spend_limit(num_samples: int | None, prior_cost: float) -> float | None:
+    """The most proposals [`fit_latent`]'s stages may spend for ``num_samples`` samples: what the best possible
+    density (one proposal per sample) would save on them against the prior's predicted ``prior_cost`` per sample.
+    `None` (no limit) without ``num_samples`` or where the prior's cost is unknown (infinite: no pilot draw on the
+    target)."""
+    if num_samples is None or not math.isfinite(prior_cost):
+        return None
+    return num_samples * max(0.0, prior_cost - 1.0)
 
 
 def sample_s2m(
@@ -1476,6 +1550,7 @@ def sample_s2m(
         generator, allow_partial, callback: see [`sample_imh`]; ``callback(-1, {"stage": s, ...})`` after each
             refitting stage.
         fit ([`LatentFit`], *optional*): a fit made before (for this target and settings): no fitting is done.
+            Without it, [`fit_latent`] fits for ``num_samples`` (its spend limit).
         fit_generator (`torch.Generator`, *optional*): the randomness of the fitting (defaults to ``generator``).
 
     Returns:
@@ -1491,6 +1566,7 @@ def sample_s2m(
             stage_evaluates,
             p_z,
             config,
+            num_samples=num_samples if config.fit_spend == "call" else None,
             max_proposals=max_proposals,
             generator=fit_generator if fit_generator is not None else generator,
             callback=callback,
@@ -1546,7 +1622,10 @@ def save_fits(fits: dict[str, LatentFit], folder: str | os.PathLike) -> None:
             tensors["p_z.latent_shape"] = torch.tensor(fit.q.latent_shape, dtype=torch.long)
         name = f"fit_{i:03d}.safetensors"
         save_file(tensors, os.path.join(folder, name))
-        index.append({"key": key, "file": name, "chosen": fit.chosen, "stages": fit.stats.stages})
+        entry = {"key": key, "file": name, "chosen": fit.chosen, "stages": fit.stats.stages}
+        if fit.limited_to is not None:
+            entry["limited_to"] = fit.limited_to
+        index.append(entry)
     with open(os.path.join(folder, "index.json"), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=1, default=float)
 
@@ -1580,5 +1659,6 @@ def load_fits(folder: str | os.PathLike) -> dict[str, LatentFit]:
             entry.get("chosen", "prior"),
             tensors.get("pilot_log_surrogates"),
             steps,
+            entry.get("limited_to"),
         )
     return fits

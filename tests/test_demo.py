@@ -14,6 +14,7 @@ from test_pipeline import dcgan, spread_heads, tiny_unet
 from s2m_diffusers.cli import main
 from s2m_diffusers.demo import (
     ATTRIBUTE_NAMES,
+    DEMO_RECIPE,
     DEMO_SETTINGS,
     DIGITS_7TO3_PRETRAINED,
     SOURCE_CLASS_ATTRIBUTES,
@@ -88,7 +89,10 @@ def test_run_demo_writes_grid_and_reports(demo_run):
         assert r["accuracy"] in (0.0, 0.5, 1.0)
         assert r["proposals_per_image"] == pytest.approx(r["proposals"] / 2)
         assert 0 < r["acceptance_rate"] <= 1 and r["seconds"] > 0
-    assert [r["refit"] for r in rows] == [DEMO_SETTINGS[g]["refit"] for g in ("gan", "ddpm") for _ in TARGETS]
+    # one recipe for both generators, refitting at the pipeline's default
+    assert [r["refit"] for r in rows] == ["sequential"] * (2 * len(TARGETS))
+    assert "fit_spend" not in DEMO_SETTINGS["ddpm"]  # the DDPM fits as far as its 16 images are worth
+    assert DEMO_SETTINGS["gan"].items() & DEMO_SETTINGS["ddpm"].items() >= DEMO_RECIPE.items()
     assert saved["settings"]["ddpm"]["num_inference_steps"] == 2
     assert set(saved["summary"]) == {"gan", "ddpm"} and saved["num_images"] == 2 and saved["wall_seconds"] > 0
 

@@ -161,8 +161,9 @@ def test_two_process_sampling_gathers_every_image_and_sums_the_statistics(tmp_pa
     for key in ("proposals", "accepted", "chains_started", "rounds"):
         assert stats[key] == sum(p.stats[key] for p in parts), key
     assert stats["proposals_per_image"] == pytest.approx(stats["proposals"] / 5)
-    # sequential refitting, 2 stages, done once by the main process and shared: every stage and pilot is process 0's
-    assert {s["process"] for s in stats["stages"]} == {0} and sum("stage" in s for s in stats["stages"]) == 2
+    # sequential refitting (2 stages at most; 5 images may not be worth both), done once by the main process and
+    # shared: every stage and pilot is process 0's
+    assert {s["process"] for s in stats["stages"]} == {0} and 1 <= sum("stage" in s for s in stats["stages"]) <= 2
     assert stats["seconds_total"] == pytest.approx(
         stats["seconds_generator"] + stats["seconds_heads"] + stats["seconds_sampler"]
     )

@@ -139,7 +139,9 @@ def test_tempered_dr_keeps_exact_heads_on_target_and_bad_temperatures_are_refuse
 @pytest.mark.parametrize("refit", ["off", "once", "sequential"])
 def test_gan_end_to_end_and_the_statistics_add_up(refit):
     pipe = gan_pipeline()
-    out = pipe("A & ~B", num_images=5, generator=seeded(), refit=refit, negation_margin=1.0, **FAST)
+    # every stage runs (fit_spend="full"; "A & ~B" is so common here that 5 images are worth no stage)
+    kwargs = dict(refit=refit, negation_margin=1.0, fit_spend="full", **FAST)
+    out = pipe("A & ~B", num_images=5, generator=seeded(), **kwargs)
     assert isinstance(out, S2MPipelineOutput)
     assert len(out.images) == 5 and out.latents.shape == (5, 8) and out.on_target.all()
     s = out.stats
@@ -153,7 +155,7 @@ def test_gan_end_to_end_and_the_statistics_add_up(refit):
     assert s["fit"] in ("prior", "stage 0", "stage 1") and s["mixing"]["bound"] <= 0.01
     # the images are the generator's images of the returned latents
     again = pipe.get_proposal().generate(out.latents)
-    pt = pipe("A & ~B", num_images=5, generator=seeded(), refit=refit, negation_margin=1.0, output_type="pt", **FAST)
+    pt = pipe("A & ~B", num_images=5, generator=seeded(), output_type="pt", **kwargs)
     assert torch.allclose(pt.images, (again / 2 + 0.5).clamp(0, 1), atol=1e-6)
 
 
@@ -460,6 +462,27 @@ def test_save_and_load_in_this_process(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["s2m"]  # no temporary folder left behind
 
 
+def test_a_call_fits_for_its_images_and_a_call_for_more_fits_again(tmp_path):
+    """A call's fit spends at most what it could save on the call's images (`sampling.fit_latent`); the cache hands
+    that fit to calls for as many images or fewer, a call for more fits again, and `pipe.fit` fits in full. Saving
+    keeps the limit."""
+    pipe = gan_pipeline()
+    kwargs = dict(negation_margin=1.0, output_type="pt", **FAST)
+    first = pipe("A & ~B & ~C", num_images=2, generator=seeded(), **kwargs)
+    (key,) = pipe.fits
+    assert first.stats["fit_proposals"] > 0 and pipe.fits[key].limited_to == 2
+    assert pipe("A & ~B & ~C", num_images=2, generator=seeded(), **kwargs).stats["fit_proposals"] == 0
+    assert pipe("A & ~B & ~C", num_images=1, generator=seeded(), **kwargs).stats["fit_proposals"] == 0
+    pipe.save_pretrained(tmp_path / "s2m")
+    loaded = S2MPipeline.from_pretrained(tmp_path / "s2m")
+    assert loaded.fits[key].limited_to == 2
+    more = pipe("A & ~B & ~C", num_images=3, generator=seeded(), **kwargs)
+    assert more.stats["fit_proposals"] > 0 and pipe.fits[key].limited_to in (None, 3)
+    fit = pipe.fit("A & ~B & ~C", negation_margin=1.0, **FAST)
+    assert fit.limited_to is None and pipe.fits[key] is fit
+    assert pipe("A & ~B & ~C", num_images=50, generator=seeded(), **kwargs).stats["fit_proposals"] == 0
+
+
 def test_save_and_load_in_a_fresh_process_that_imports_only_diffusers(tmp_path):
     pipe = gan_pipeline()
     kwargs = dict(num_images=3, negation_margin=1.0, output_type="pt", **FAST)
@@ -608,7 +631,8 @@ def test_refitting_stages_keep_images_only_when_a_callback_asks(monkeypatch):
         module, "sample_s2m", lambda evaluates, *a, **k: sample_s2m([wrap(e) for e in evaluates], *a, **k)
     )
     pipe = gan_pipeline()
-    out = pipe("A & ~B", num_images=2, generator=seeded(), negation_margin=1.0, output_type="pt", **FAST)
+    kwargs = dict(negation_margin=1.0, output_type="pt", fit_spend="full", **FAST)  # every stage runs
+    out = pipe("A & ~B", num_images=2, generator=seeded(), **kwargs)
     assert sum("stage" in st for st in out.stats["stages"]) == 2 and out.images.shape == (2, 1, 8, 8)
     n_fit = sum(not k for k in kept)
     assert n_fit >= 2 and kept == [False] * n_fit + [True] * (len(kept) - n_fit)  # refitting, then sampling
@@ -619,6 +643,7 @@ def test_refitting_stages_keep_images_only_when_a_callback_asks(monkeypatch):
         num_images=2,
         generator=seeded(),
         negation_margin=1.0,
+        fit_spend="full",
         callback_on_step_end=lambda p, r, phase, kw: phases.append((phase, kw["images"] is not None)),
         callback_on_step_end_tensor_inputs=["images"],
         **FAST,

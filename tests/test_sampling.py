@@ -94,11 +94,38 @@ def test_budget_exhausted_is_clear_or_partial():
 
 def test_fits_that_spend_the_whole_budget_raise_the_budget_error_not_a_value_error():
     ev = TOY.evaluate_fn("A")  # half the prior holds A: the one fit finds ~150 latents in its 300 proposals
-    kwargs = dict(refit="once", fit_size=256, fit_batch=300, max_proposals=300, generator=gen(0))
+    # fit_spend="full": the fit may spend the whole budget (by default it leaves the sampling its share)
+    kwargs = dict(refit="once", fit_size=256, fit_batch=300, max_proposals=300, fit_spend="full", generator=gen(0))
     with pytest.raises(BudgetExhaustedError, match="budget of 300 ran out.*refitting stages spent the whole budget"):
         sample_s2m([ev], PRIOR, 10, **kwargs)
     part = sample_s2m([ev], PRIOR, 10, allow_partial=True, **kwargs)
     assert part.stats.budget_exhausted and part.z.shape[0] == 0 and part.stats.proposals == 300
+
+
+def test_a_fit_for_a_few_samples_spends_at_most_what_it_could_save_on_them():
+    """`fit_latent(num_samples=n)`: beyond the prior's pilot, the stages and their pilots spend at most
+    ``n * (c_prior - 1)`` proposals (no density saves more than that on n samples); without ``num_samples`` every
+    stage runs. The limited fit says so (``limited_to``) and serves calls for at most as many samples."""
+    evaluates = TOY.stage_evaluates("A & B & C")  # 5% of the prior: the prior costs ~200 proposals per sample
+    full = sampling.fit_latent(evaluates, PRIOR, generator=gen(0))
+    assert full.limited_to is None and full.serves(None) and full.serves(10**6)
+    assert [s["stage"] for s in full.stats.stages if "stage" in s] == [0, 1, 2]
+    for n in (1, 4, 16):
+        fit = sampling.fit_latent(evaluates, PRIOR, num_samples=n, generator=gen(0))
+        prior = fit.stats.stages[0]
+        assert prior["pilot"] == "prior"
+        limit = n * (prior["predicted_proposals_per_sample"] - 1)
+        assert fit.stats.proposals - prior["proposals"] <= limit
+        assert fit.stats.proposals < full.stats.proposals and fit.limited_to == n
+        assert fit.serves(n) and fit.serves(1) and not fit.serves(n + 1) and not fit.serves(None)
+        last = [s for s in fit.stats.stages if "stage" in s][-1]
+        assert "spend limit" in last.get("skipped", last.get("stopped", ""))
+    # A call for a few samples fits for them.
+    few = sample_s2m(evaluates, PRIOR, 4, generator=gen(0), fit_generator=gen(0))
+    limited = sampling.fit_latent(evaluates, PRIOR, num_samples=4, generator=gen(0))
+    assert few.stats.stages == limited.stats.stages and bool(TOY.holds("A & B & C", few.x).all())
+    # fit_spend="full": every stage, whatever the call's size
+    assert sample_s2m(evaluates, PRIOR, 4, generator=gen(0), fit_spend="full").stats.stages == full.stats.stages
 
 
 def test_bad_arguments():
@@ -109,6 +136,8 @@ def test_bad_arguments():
         sample_s2m([ev], PRIOR, 10, refit="always")
     with pytest.raises(ValueError, match="fit_families must name one or more of.*'flow'"):
         sample_s2m([ev], PRIOR, 10, fit_families=("gaussian", "flow"))
+    with pytest.raises(ValueError, match="fit_spend must be one of.*'all'"):
+        sample_s2m([ev], PRIOR, 10, fit_spend="all")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ Examples:
 
 from .run import (
     DDIM_STEPS,
+    DEMO_RECIPE,
     DEMO_SETTINGS,
     GENERATOR_KINDS,
     GENERATORS,
@@ -64,6 +65,7 @@ __all__ = [
     "ATTRIBUTE_TABLE",
     "DATASETS",
     "DDIM_STEPS",
+    "DEMO_RECIPE",
     "DEMO_SETTINGS",
     "DIGITS_7TO3_PRETRAINED",
     "FASHION_MNIST_ENV",
