@@ -1406,11 +1406,12 @@ def fit_latent(
     per sample. With ``num_samples`` given, the stages and their pilots spend at most ``num_samples * (c_prior - 1)``
     proposals beyond the prior's pilot (the rule of renting before buying: a call then pays at most about twice what
     sampling from the prior alone would, and the fit only where it is predicted to pay), and, within
-    ``max_proposals``, leave what sampling ``num_samples`` with the best candidate so far is predicted to cost, or
-    half the budget left where that is more (a fit is then the only hope, but not a sure one). A stage that would
-    not fit in what is left is not started (a stage stopped by the limit fits on what it found), and the fit records
-    ``limited_to = num_samples``, so that a later call for more samples fits again (`LatentFit.serves`). Where the
-    prior's pilot finds no sample on the target, ``c_prior`` is infinite and every stage runs.
+    ``max_proposals``, leave what sampling ``num_samples`` with the best candidate so far is predicted to cost where
+    the budget holds it (so that a fit never spends what the call needs to finish without it; where it cannot finish
+    without a better density, the fit may spend up to the limit). A stage that would not fit in what is left is
+    not started (a stage stopped by the limit fits on what it found), and the fit records ``limited_to =
+    num_samples``, so that a later call for more samples fits again (`LatentFit.serves`). Where the prior's pilot
+    finds no sample on the target, ``c_prior`` is infinite and every stage runs.
 
     Args:
         stage_evaluates (`Sequence[Callable]`): ``z -> (x, log_w)`` per refitting stage; the last is the full target.
@@ -1467,8 +1468,9 @@ def fit_latent(
         cap = left()
         if limit is not None:
             spare = int(limit - (sum(p.proposals for p in parts) - spent_before))
-            if cap is not None:  # leave what sampling with the best density so far is predicted to need, or half
-                spare = min(spare, cap - math.ceil(min(num_samples * best[2], cap / 2)))
+            need = num_samples * best[2]  # what sampling with the best density so far is predicted to need
+            if cap is not None and need <= cap:  # leave it (where it cannot finish anyway, only a fit can help)
+                spare = min(spare, cap - math.ceil(need))
             allowed = spare - config.pilot_size * len(config.fit_families)  # the stage's pilots set aside
             if allowed < config.fit_size:  # not even fit_size draws: the stage could not find its fit_size latents
                 parts[-1].stages.append({"stage": s, "skipped": f"spend limit {limit:.0f} for {num_samples} samples"})
