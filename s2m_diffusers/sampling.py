@@ -1350,14 +1350,16 @@ _MIN_PILOT_ON_TARGET = 16
 def _predicted_cost(log_ratio: torch.Tensor, config: S2MSamplingConfig) -> tuple[float, int]:
     """Proposals per sample that [`sample_imh`] would pay with draws of ``q`` like the pilot's ``log_ratio``: a chain
     pays its entry (one over the on-target share), ``T`` steps (the exact bound of [`_MixingBound`];
-    ``max_steps_after_entry`` when fewer than 16 pilot draws are on the target, too few to see the ratios' spread) and
+    ``max_steps_after_entry`` when fewer than 16 pilot draws are on the target, too few to see the ratios' spread;
+    ``steps_after_entry`` without a tolerance, whatever the pilot) and
     a thinning between its ``samples_per_chain`` samples at the acceptance rate the pilot predicts. Returns (cost,
     ``T``)."""
     lr = log_ratio.double().cpu()
     on = torch.isfinite(lr)
     if not on.any():
         return math.inf, config.max_steps_after_entry
-    steps = _steps_unscreened(lr, config) if int(on.sum()) >= _MIN_PILOT_ON_TARGET else config.max_steps_after_entry
+    seen = int(on.sum()) >= _MIN_PILOT_ON_TARGET or config.mixing_tolerance is None  # None: T is fixed, not estimated
+    steps = _steps_unscreened(lr, config) if seen else config.max_steps_after_entry
     rate = _pair_means(torch.softmax(torch.where(on, lr, -math.inf), 0), lr)
     per_chain = config.samples_per_chain
     chain = lr.numel() / int(on.sum()) + steps + (per_chain - 1) * _thinning_for(rate, config.max_steps_after_entry)

@@ -87,6 +87,7 @@ def test_refitting_in_4x64x64_diffusion_noise_is_exact_and_raises_the_on_target_
     exact_means = u[(u > thresholds).all(1)][:60_000]
     exact_diff = torch.randn(exact_means.shape[0], generator=g, dtype=torch.float64) * c * math.sqrt(2)
     assert chi_square_cells(means, exact_means)[2] > ALPHA
-    assert chi_square_cells(torch.stack([means[:, 0], diff], 1), torch.stack([exact_means[:, 0], exact_diff], 1))[
-        2
-    ] > ALPHA
+    assert (
+        chi_square_cells(torch.stack([means[:, 0], diff], 1), torch.stack([exact_means[:, 0], exact_diff], 1))[2]
+        > ALPHA
+    )

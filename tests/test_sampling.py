@@ -128,6 +128,17 @@ def test_a_fit_for_a_few_samples_spends_at_most_what_it_could_save_on_them():
     assert sample_s2m(evaluates, PRIOR, 4, generator=gen(0), fit_spend="full").stats.stages == full.stats.stages
 
 
+def test_predicted_cost_without_a_tolerance_takes_the_fixed_steps_however_few_draws_hit():
+    """With ``mixing_tolerance=None`` a chain takes exactly ``steps_after_entry`` steps, so the pilot's prediction
+    uses them even when too few draws hit the target to estimate a bound (that case predicts the cap otherwise)."""
+    few = torch.full((256,), -math.inf, dtype=torch.float64)
+    few[:4] = 0.0  # 4 of 256 draws on the target, equal weights
+    fixed = S2MSamplingConfig(mixing_tolerance=None, steps_after_entry=3, samples_per_chain=1)
+    assert sampling._predicted_cost(few, fixed) == (256 / 4 + 3, 3)
+    cost, steps = sampling._predicted_cost(few, S2MSamplingConfig(samples_per_chain=1))
+    assert steps == 200 and cost == 256 / 4 + 200
+
+
 def test_bad_arguments():
     ev = TOY.evaluate_fn("A")
     with pytest.raises(ValueError, match="num_samples must be a positive integer"):
