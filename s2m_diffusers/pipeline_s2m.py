@@ -726,8 +726,9 @@ class S2MPipeline(DiffusionPipeline):
         start = time.perf_counter()
         with eval_mode(self.heads):
             try:
-                fit_for = num_images if config.fit_spend == "call" else None
-                fit = self._cached_fit(target, config, plan, weigher, runs, num_inference_steps, fit_for)
+                fit = self._cached_fit(
+                    target, config, plan, weigher, runs, num_inference_steps, config.fit_for(num_images)
+                )
             except _Interrupted:  # during refitting: no image is finished yet, and the fit is not cached
                 fit = None
             if fit is not None:

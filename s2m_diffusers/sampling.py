@@ -287,6 +287,11 @@ class S2MSamplingConfig:
             raise TypeError(f"sampling must be an S2MSamplingConfig or a dict of its fields, got {type(config)}.")
         return config.replace(**{k: v for k, v in overrides.items() if v is not None or k in _NONE_IS_A_VALUE})
 
+    def fit_for(self, num_samples: int | None) -> int | None:
+        """The samples a call's fit is made for under ``fit_spend`` ([`fit_latent`]'s ``num_samples``): the call's
+        for ``"call"``, `None` (every stage) for ``"full"``."""
+        return num_samples if self.fit_spend == "call" else None
+
     def num_fit_stages(self, num_target_stages: int) -> int:
         """Refitting stages before the final sampling, for a target of ``num_target_stages`` stages."""
         return {"off": 0, "once": 1, "sequential": num_target_stages}[self.refit]
@@ -1469,11 +1474,8 @@ def fit_latent(
     for s, evaluate in enumerate(fits):
         cap = left()
         if limit is not None:
-            spare = int(limit - (sum(p.proposals for p in parts) - spent_before))
-            need = num_samples * best[2]  # what sampling with the best density so far is predicted to need
-            if cap is not None and need <= cap:  # leave it (where it cannot finish anyway, only a fit can help)
-                spare = min(spare, cap - math.ceil(need))
-            allowed = spare - config.pilot_size * len(config.fit_families)  # the stage's pilots set aside
+            spent = sum(p.proposals for p in parts) - spent_before
+            allowed = _stage_allowance(limit, spent, cap, num_samples * best[2], config)
             if allowed < config.fit_size:  # not even fit_size draws: the stage could not find its fit_size latents
                 parts[-1].stages.append({"stage": s, "skipped": f"spend limit {limit:.0f} for {num_samples} samples"})
                 limited = True
@@ -1514,6 +1516,16 @@ def fit_latent(
     return LatentFit(
         best[0], best[1], stats, best[3], surrogates.get(best[3]), tuple(views), num_samples if limited else None
     )
+
+
+def _stage_allowance(limit: float, spent: int, cap: int | None, need: float, config: S2MSamplingConfig) -> int:
+    """The draws the next refitting stage may make: what the spend ``limit`` leaves after ``spent``, less the
+    sampling's predicted ``need`` where the budget left (``cap``) holds it (where it cannot finish anyway, only a fit
+    can help), less the stage's pilots (one per family)."""
+    spare = int(limit - spent)
+    if cap is not None and need <= cap:
+        spare = min(spare, cap - math.ceil(need))
+    return spare - config.pilot_size * len(config.fit_families)
 
 
 def _fit_spend_limit(num_samples: int | None, prior_cost: float) -> float | None:
@@ -1570,7 +1582,7 @@ def sample_s2m(
             stage_evaluates,
             p_z,
             config,
-            num_samples=num_samples if config.fit_spend == "call" else None,
+            num_samples=config.fit_for(num_samples),
             max_proposals=max_proposals,
             generator=fit_generator if fit_generator is not None else generator,
             callback=callback,
