@@ -85,13 +85,18 @@ METHODS = (
     "ours",
     "ours_full_fit",
     "ours_screen",
+    "ours_screen_heads",
     "ours_again",
     "ours_conditional",
     "oracle",
 )
 # `ours_screen`: ours with delayed-acceptance screening of the diffusion proposals (`screen="auto"`: the step and the
-# surrogate's floor calibrated on the pilot; a no-op for the GAN).
+# surrogate's floor calibrated on the pilot; a no-op for the GAN), the heads reading the predicted clean images;
+# `ours_screen_heads`: the same with the DDPM's screen heads reading them (`screen_heads_ddpm/`, distilled by
+# `examples/distil_screen_heads.py`). `ours` never screens, and no method but `ours_screen_heads` sees screen heads.
 SCREEN_SETTINGS = {"screen": "auto"}
+NO_SCREEN_SETTINGS = {"screen": None}
+SCREEN_METHODS = ("ours_screen", "ours_screen_heads")
 PROPOSALS = ("gan", "ddpm")
 COLUMNS = ("accuracy", "frechet", "proposals_per_image")
 # Ours: the pipeline's keyword arguments per proposal (see the module docstring and benchmarks/RESULTS.md).
@@ -226,16 +231,24 @@ def run_method(
         extra = {"fit_proposals": fit.stats.proposals, "fit": out.stats["fit"], "mixing": out.stats["mixing"]}
         if out.stats.get("unet_calls") is not None:
             extra["unet_calls"] = out.stats["unet_calls"] + fit.stats.unet_calls
-    elif method in ("previous", "ours", "ours_screen", "ours_again", "ours_conditional"):
+    elif method in ("previous", "ours", *SCREEN_METHODS, "ours_again", "ours_conditional"):
         # The budget is the official recipe's cost (201 proposals per image); allow_partial: a combination the heads
         # can barely reach is reported (fewer images), not a crash. Every seed fits anew (`fit_seed`), and its fit's
         # proposals count in its call; `ours_again` is a later call of AGAIN_IMAGES images that reuses that fit.
         n = AGAIN_IMAGES if method == "ours_again" else num_images
-        settings = {"max_proposals": (OFFICIAL_STEPS + 1) * n, "fit_seed": seed, **(ours or {})}
-        if method == "ours_screen":  # it pays its own fit, as ours does (the cache would hand it ours')
+        settings = {"max_proposals": (OFFICIAL_STEPS + 1) * n, "fit_seed": seed, **NO_SCREEN_SETTINGS, **(ours or {})}
+        if method in SCREEN_METHODS:  # it pays its own fit, as ours does (the cache would hand it ours')
             settings.update(SCREEN_SETTINGS)
             pipe.fits.clear()
-        out = pipe(target, num_images=n, generator=generator, output_type="pt", allow_partial=True, **settings)
+        screen_heads = getattr(pipe, "screen_heads", None)
+        if method != "ours_screen_heads":
+            pipe.register_modules(screen_heads=None)
+        elif screen_heads is None:
+            raise ValueError("ours_screen_heads needs the DDPM's screen heads: run examples/distil_screen_heads.py.")
+        try:
+            out = pipe(target, num_images=n, generator=generator, output_type="pt", allow_partial=True, **settings)
+        finally:
+            pipe.register_modules(screen_heads=screen_heads)
         images, proposals = out.images * 2 - 1, out.stats["proposals"]
         extra = {"fit_proposals": out.stats["fit_proposals"], "fit": out.stats["fit"], "mixing": out.stats["mixing"]}
         if out.stats.get("unet_calls") is not None:  # a diffusion proposal: its UNet calls, screening included
@@ -460,7 +473,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         if method == "official" and seed not in (args.official_seeds or args.seeds):
                             continue
                         settings = (PREVIOUS_SETTINGS if method == "previous" else OURS_SETTINGS)[kind]
-                        if method in ("ours", "ours_screen") and args.ours_overrides:
+                        if method in ("ours", *SCREEN_METHODS) and args.ours_overrides:
                             settings = {**settings, **args.ours_overrides}
                         images, proposals, seconds, extra = run_method(
                             method,

@@ -121,6 +121,15 @@ def _sample_parser(subparsers) -> argparse.ArgumentParser:
         help="what refitting may spend: at most what a fit could save on these images (default: 'call'), or every "
         "stage ('full')",
     )
+    p.add_argument(
+        "--screen",
+        type=_screen_value,
+        default=None,
+        metavar="{auto,off,S}",
+        help="for a diffusion generator: judge each proposal on its predicted clean image after S denoising steps "
+        "and stop those rejected there (exact: delayed acceptance); 'auto' picks S from a calibration, 'off' never "
+        "screens (default: the pipeline's)",
+    )
     p.add_argument("--max-proposals", type=int, default=None, metavar="N", help="proposal budget (generator calls)")
     p.add_argument(
         "--micro-batch-size",
@@ -197,6 +206,7 @@ def sample(args: argparse.Namespace) -> int:
             num_chains=args.num_chains,
             fit_size=args.fit_size,
             fit_spend=args.fit_spend,
+            **({} if args.screen is None else {"screen": args.screen}),
             negation_margin=args.negation_margin,
             presence_margin=args.presence_margin,
             class_label=_class_label(args.class_label),
@@ -274,6 +284,7 @@ _CLI_OPTIONS = {
         "num_chains",
         "fit_size",
         "fit_spend",
+        "screen",
         "micro_batch_size",
         "negation_margin",
         "presence_margin",
@@ -345,6 +356,19 @@ def _sample_seed(seed: int | None, state) -> int:
 
         seed = int(broadcast(torch.tensor([seed], device=state.device), from_process=0).item())
     return seed
+
+
+def _screen_value(value: str) -> str | int:
+    """`--screen`: ``auto``, ``off``, or a positive number of denoising steps."""
+    if value in ("auto", "off"):
+        return value
+    try:
+        step = int(value)
+    except ValueError:
+        step = 0
+    if step < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'off' or a positive number of steps, got {value!r}")
+    return step
 
 
 def _class_label(value: str) -> str | int | None:
@@ -645,6 +669,19 @@ def _train_heads_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument(
+        "--screen_heads_samples",
+        "--screen-heads-samples",
+        dest="screen_heads_samples",
+        type=int,
+        default=4096,
+        metavar="N",
+        help=(
+            "for a diffusion generator, also distil screen heads on N denoising runs: heads that read the predicted "
+            "clean image part-way through the denoising, which `s2m sample --screen auto` uses to stop most "
+            "off-target proposals early (default 4096; 0: none)"
+        ),
+    )
+    p.add_argument(
         "--heldout_fraction",
         "--heldout-fraction",
         dest="heldout_fraction",
@@ -797,6 +834,13 @@ def train_heads_command(args: argparse.Namespace) -> int:
         if not main_process:
             return EXIT_OK
         pipe = S2MPipeline(heads=heads, **components, default_target=args.default_target, **extra)
+        if kind == "ddim" and args.screen_heads_samples:
+            from .screen_heads import distil_screen_heads
+
+            screen_heads, metrics["screen_heads"] = distil_screen_heads(
+                pipe, num_samples=args.screen_heads_samples, seed=args.seed, progress=not args.quiet
+            )
+            pipe.register_modules(screen_heads=screen_heads)
         training_data = _training_data(args, kind)
         save_pipeline(  # the pipeline and metrics.json, as one folder
             pipe,
@@ -844,6 +888,9 @@ def _check_train_heads_arguments(args: argparse.Namespace) -> str | None:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             alias = " (--num-threads)" if name == "num_threads" else ""
             return f"--{name}{alias} must be at least 1, got {getattr(args, name)}."
+    if args.screen_heads_samples != 0 and args.screen_heads_samples < 10:
+        n = args.screen_heads_samples
+        return f"--screen_heads_samples (--screen-heads-samples) must be 0 (none) or at least 10, got {n}."
     if args.bank_size is not None and args.bank_size < 0:
         return f"--bank_size (--bank-size) must be 0 or more, got {args.bank_size}."
     if not 0.0 < args.heldout_fraction < 1.0:

@@ -40,6 +40,7 @@ from .proposals import (
     PipelineProposal,
     ProposalAdapter,
     check_components,
+    check_screen_heads,
     describe_proposal,
     eval_mode,
     make_proposal,
@@ -161,6 +162,9 @@ class S2MPipeline(DiffusionPipeline):
             ``proposal_pipeline`` unless ``proposal_kwargs`` sets them.
         default_target (`str`, *optional*): the target used when a call names none (e.g. by `diffusers-cli run`
             without `--pipeline-kwargs`).
+        screen_heads ([`~s2m_diffusers.models.heads.S2MHeads`], *optional*): heads distilled to read ``unet``'s
+            predicted clean images part-way through the denoising (`s2m_diffusers.screen_heads.distil_screen_heads`),
+            which the screen (``screen="auto"``) reads instead of ``heads`` at the timesteps they were trained on.
 
     Large generators: a call runs the generator and the heads ``micro_batch_size`` images at a time, keeps only one
     micro-batch of generated images on the execution device, and lets heads trained on smaller images see a
@@ -172,8 +176,8 @@ class S2MPipeline(DiffusionPipeline):
 
     # diffusers' `enable_model_cpu_offload` order: the generator, then the heads. `proposal_pipeline` is a pipeline,
     # not a module: diffusers skips it here, and `enable_model_cpu_offload` below offloads its own models.
-    model_cpu_offload_seq = "proposal_pipeline->unet->gan->heads"
-    _optional_components = ["heads", "gan", "unet", "scheduler", "proposal_pipeline"]
+    model_cpu_offload_seq = "proposal_pipeline->unet->gan->heads->screen_heads"
+    _optional_components = ["heads", "gan", "unet", "scheduler", "proposal_pipeline", "screen_heads"]
     _callback_tensor_inputs = ["latents", "images", "log_w"]
 
     def __init__(
@@ -187,11 +191,18 @@ class S2MPipeline(DiffusionPipeline):
         latent_shape: list[int] | None = None,
         num_inference_steps: int = 25,
         default_target: str | None = None,
+        screen_heads: S2MHeads | None = None,
     ):
         super().__init__()
         check_components(heads, gan, unet, scheduler, proposal_pipeline)
+        check_screen_heads(screen_heads, heads, unet)
         self.register_modules(
-            heads=heads, gan=gan, unet=unet, scheduler=scheduler, proposal_pipeline=proposal_pipeline
+            heads=heads,
+            gan=gan,
+            unet=unet,
+            scheduler=scheduler,
+            proposal_pipeline=proposal_pipeline,
+            screen_heads=screen_heads,
         )
         self.register_to_config(
             proposal_kwargs=dict(proposal_kwargs) if proposal_kwargs else None,

@@ -492,6 +492,12 @@ class DDIMProposal(ProposalAdapter):
             images.append(self._checked(self._denoise(chunk, labels, step, self.num_steps)[0].float()).clamp(-1, 1))
         return torch.cat(images)
 
+    def view_timestep(self, step: int) -> int:
+        """The scheduler timestep of the predicted clean image after ``step`` steps (that of the ``step``-th step):
+        what screen heads trained at one number of steps are matched by at another."""
+        self._check_step(step)
+        return int(self.scheduler.timesteps[step - 1])
+
     def _check_step(self, step: int) -> None:
         if not (isinstance(step, int) and 1 <= step < self.num_steps):
             raise ValueError(f"A screen step must lie in 1..{self.num_steps - 1} (of {self.num_steps}), got {step!r}.")
@@ -922,6 +928,30 @@ def check_components(heads, gan, unet, scheduler, proposal_pipeline, need_heads:
         raise ValueError("`unet=` needs the `scheduler=` it was trained with (any diffusers noise scheduler).")
     if scheduler is not None and unet is None:
         raise ValueError("`scheduler=` belongs to a `unet=` proposal; a `gan` or `proposal_pipeline` takes none.")
+
+
+def check_screen_heads(screen_heads, heads, unet) -> None:
+    """Screen heads belong beside heads of the same attributes, for a UNet proposal, and say where they were
+    trained (`s2m_diffusers.screen_heads.distil_screen_heads` sets ``screen_timesteps``)."""
+    if screen_heads is None:
+        return
+    if unet is None:
+        raise ValueError(
+            "`screen_heads=` read a diffusion model's predicted clean images part-way through its denoising; this "
+            "pipeline has no `unet=`. Leave screen_heads out for a GAN or a wrapped pipeline."
+        )
+    if not getattr(screen_heads.config, "screen_timesteps", None):
+        raise ValueError(
+            "`screen_heads=` has no `screen_timesteps` in its config: these are ordinary heads. Make screen heads "
+            "with `s2m_diffusers.screen_heads.distil_screen_heads(pipe)`."
+        )
+    theirs = list(screen_heads.config.attribute_names)
+    names = theirs if heads is None else list(heads.config.attribute_names)
+    if names != theirs:
+        raise ValueError(
+            f"`screen_heads=` read the attributes {theirs}, but the heads read {names}: distil screen heads from "
+            "these heads (`s2m_diffusers.screen_heads.distil_screen_heads`)."
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------------

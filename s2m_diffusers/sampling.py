@@ -1105,6 +1105,9 @@ def _prepare_screen(
         if config.screen != "auto":
             raise ValueError(f"screen={config.screen} cannot be used: {record.get('reason')}.")
         return None, record, [*seeds, (log_ratio, None)]
+    namer = getattr(evaluate, "surrogate_name", None)  # what reads the views: the heads, or screen heads
+    if callable(namer):
+        record["surrogate"] = namer(record["step"])
     screen = _Screen(record["step"], record["log_floor"], _num_steps(evaluate), record)
     return screen, record, [*seeds, (log_ratio, screen.floored(log_ratio_s[:, steps.index(record["step"])]))]
 

@@ -49,6 +49,7 @@ class Weigher:
         t = config.dr_temperature
         self.dr_temperature = maths.auto_dr_temperature(target) if t == "auto" else float(t if t is not None else 1.0)
         self.heads_device, self.heads_dtype = execution_device(pipe.heads), module_device_dtype(pipe.heads)[1]
+        self.screen_heads = getattr(pipe, "screen_heads", None)  # heads distilled for the screen, if any
         self.generator_name = pipe.proposal_description()["class"]  # for error messages, named once per call
         self.seconds_generator = self.seconds_heads = 0.0
         self.rounds, self.phase, self.checked_shape = 0, 0, False
@@ -83,14 +84,16 @@ class Weigher:
         self.seconds_generator += time.perf_counter() - t0
         return self._read(x)
 
-    def _read(self, x: torch.Tensor, check_shape: bool = True):
-        """Images `(b, C, H, W)` through the heads, timed and checked: (images, heads' output, ``log D_f(c|x)``)."""
+    def _read(self, x: torch.Tensor, check_shape: bool = True, heads=None):
+        """Images `(b, C, H, W)` through the heads (or the given ones: screen heads), timed and checked: (images,
+        heads' output, ``log D_f(c|x)``)."""
         t1 = time.perf_counter()
         _check_finite(x, f"The generator {self.generator_name} returned images with", "images")
         if check_shape and not self.checked_shape:
             self.pipe.check_image_shape(tuple(x.shape[1:]), self.proposal)
             self.checked_shape = True
-        out = self.pipe.heads(self.pipe.heads_view(x.to(self.heads_device)).to(dtype=self.heads_dtype))
+        heads = self.pipe.heads if heads is None else heads
+        out = heads(self.pipe.heads_view(x.to(self.heads_device)).to(dtype=self.heads_dtype))
         _sync(self.heads_device)
         self.seconds_heads += time.perf_counter() - t1
         df = out.df_log_probs[:, self.plan.index] if self.plan.mode == "fixed" else None
@@ -168,10 +171,27 @@ class StageEvaluate:
         lw = w.on_round(z, x, lw)
         return x, lw
 
-    def _surrogate(self, view: torch.Tensor) -> torch.Tensor:
+    def _surrogate(self, view: torch.Tensor, step: int) -> torch.Tensor:
+        """The surrogate ``log w_s`` of the predicted clean images ``view`` after ``step`` steps: the screen heads'
+        reading where they were trained for that timestep (`s2m_diffusers.screen_heads`), else the heads'; with the
+        soft margins either way."""
         w = self.weigher
-        _, out, df = w._read(view, check_shape=False)
+        _, out, df = w._read(view, check_shape=False, heads=self._screen_heads_at(step))
         return w._log_weight(self.stage, out, df, w.dv_strength, soft=True)
+
+    def surrogate_name(self, step: int) -> str:
+        """What reads the predicted clean images after ``step`` steps: ``"screen_heads"`` or ``"heads"``."""
+        return "heads" if self._screen_heads_at(step) is None else "screen_heads"
+
+    def _screen_heads_at(self, step: int):
+        """The pipeline's screen heads when the view after ``step`` steps lies within the timesteps they were
+        distilled at, else `None` (the heads)."""
+        heads = self.weigher.screen_heads
+        if heads is None:
+            return None
+        trained = list(getattr(heads.config, "screen_timesteps", None) or [])
+        t = self.weigher.proposal.view_timestep(step)
+        return heads if trained and min(trained) <= t <= max(trained) else None
 
     def _timed(self, run):
         t0 = time.perf_counter()
@@ -185,7 +205,7 @@ class StageEvaluate:
         x, views = self._timed(lambda: w.proposal.generate_views(latents, labels, steps))
         _, out, df = w._read(x)
         log_w = w._log_weight(self.stage, out, df, w.dv_strength)
-        log_w_s = torch.stack([self._surrogate(views[s]) for s in steps], 1)  # (n, S)
+        log_w_s = torch.stack([self._surrogate(views[s], s) for s in steps], 1)  # (n, S)
         x = x.cpu()
         return x, w.on_round(z, x, log_w), log_w_s
 
@@ -193,7 +213,7 @@ class StageEvaluate:
         w = self.weigher
         latents, labels = w.plan.split(z, w.proposal.latent_shape)
         states, views = self._timed(lambda: w.proposal.start(latents, labels, step))
-        return (z, states, labels, step), self._surrogate(views)
+        return (z, states, labels, step), self._surrogate(views, step)
 
     def _finish(self, handle: tuple, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.weigher

@@ -74,7 +74,7 @@ def workspace(tmp_path_factory):
     return {"root": root, "data": write_data(root / "data")}
 
 
-def sample_and_check(pipeline: str, images_dir, target="top", num_images=3) -> dict:
+def sample_and_check(pipeline: str, images_dir, target="top", num_images=3, extra=()) -> dict:
     code = main(
         [
             "sample",
@@ -91,6 +91,7 @@ def sample_and_check(pipeline: str, images_dir, target="top", num_images=3) -> d
             "--refit",
             "off",
             "--quiet",
+            *extra,
         ]
     )
     assert code == 0
@@ -110,7 +111,9 @@ def sample_and_check(pipeline: str, images_dir, target="top", num_images=3) -> d
 def test_train_heads_sample_evaluate(workspace, tmp_path, kind, capsys):
     root = workspace["root"]
     out = tmp_path / "s2m"
-    extra = ["--num-inference-steps", "2", "--bank-size", "32"] if kind == "ddpm" else []
+    extra = (
+        ["--num-inference-steps", "2", "--bank-size", "32", "--screen-heads-samples", "32"] if kind == "ddpm" else []
+    )
     args = ["train-heads", "--generator", str(root / kind), "--data-dir", workspace["data"], "--output", str(out)]
     assert main(args + TINY_TRAINING + extra) == 0
     printed = capsys.readouterr()
@@ -127,9 +130,16 @@ def test_train_heads_sample_evaluate(workspace, tmp_path, kind, capsys):
     assert pipe.heads.attribute_names == ["bottom", "top"]
     if kind == "ddpm":
         assert pipe.config.num_inference_steps == 2
+        # screen heads, distilled on the predicted clean image after the first of the 2 steps
+        assert pipe.screen_heads.config.screen_steps == [1] and (out / "screen_heads" / "config.json").is_file()
+        assert metrics["screen_heads"]["num_samples"] == 32
+    else:
+        assert pipe.screen_heads is None and not (out / "screen_heads").exists()
 
     images_dir = tmp_path / "images"
-    sample_and_check(str(out), images_dir)
+    stats = sample_and_check(str(out), images_dir, extra=["--screen", "1"] if kind == "ddpm" else [])
+    if kind == "ddpm":
+        assert stats["screen"]["step"] == 1 and stats["screen"]["surrogate"] == "screen_heads"
 
     assert main(["evaluate", "--images", str(images_dir), "--target", "top & ~bottom", "--evaluator",
                  str(root / "evaluator"), "--reference", str(root / "data" / "top")]) == 0  # fmt: skip

@@ -158,8 +158,12 @@ def train_demo_heads(
     return heads, metrics
 
 
-def load_demo_pipeline(kind: str, root: str = DIGITS_7TO3_PRETRAINED, heads_root: str | None = None):
-    """`S2MPipeline` of a shipped generator with its heads (`heads_root/heads_KIND`, default `root`)."""
+def load_demo_pipeline(
+    kind: str, root: str = DIGITS_7TO3_PRETRAINED, heads_root: str | None = None, screen_heads: bool = True
+):
+    """`S2MPipeline` of a shipped generator with its heads (`heads_root/heads_KIND`, default `root`), and for the
+    DDPM its screen heads (`heads_root/screen_heads_ddpm`, `examples/distil_screen_heads.py`) where they exist and
+    ``screen_heads`` is true."""
     from ..models.heads import S2MHeads
     from ..pipeline_s2m import S2MPipeline
 
@@ -171,6 +175,9 @@ def load_demo_pipeline(kind: str, root: str = DIGITS_7TO3_PRETRAINED, heads_root
         )
     heads = S2MHeads.from_pretrained(heads_dir).eval()
     extra = {"num_inference_steps": DDIM_STEPS} if kind == "ddpm" else {}
+    screen_dir = os.path.join(heads_root or root, f"screen_heads_{kind}")
+    if screen_heads and os.path.isfile(os.path.join(screen_dir, "config.json")):
+        extra["screen_heads"] = S2MHeads.from_pretrained(screen_dir).eval()
     return S2MPipeline(heads=heads, **load_generator(kind, root), **extra)
 
 

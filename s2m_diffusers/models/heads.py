@@ -230,6 +230,10 @@ class S2MHeads(ModelMixin, ConfigMixin):
             §1): ``"independent"`` (each attribute's folder samples the images that hold it; an image may be in
             several) or ``"one_label_per_image"`` (each image in one folder, labelled with one of its attributes).
             It decides how ``D_r`` is read (`s2m_diffusers.maths.log_g`).
+        screen_steps (`list[int]`, *optional*), screen_num_steps (`int`, *optional*), screen_timesteps (`list[int]`,
+            *optional*): set on *screen heads* only (`s2m_diffusers.screen_heads.distil_screen_heads`): heads
+            distilled to read a diffusion proposal's predicted clean image after these steps of ``screen_num_steps``,
+            at these scheduler timesteps. The sampler's screen uses them for views within those timesteps.
 
     Examples:
 
@@ -267,6 +271,9 @@ class S2MHeads(ModelMixin, ConfigMixin):
         labelling: str = "independent",
         presence_margin: float | None = None,
         dv_strength: float | None = None,
+        screen_steps: Sequence[int] | None = None,
+        screen_num_steps: int | None = None,
+        screen_timesteps: Sequence[int] | None = None,
     ):
         super().__init__()
         names = list(attribute_names)
