@@ -84,7 +84,8 @@ from s2m_diffusers.pipeline_s2m import S2MPipeline
 pipe = S2MPipeline.from_pretrained(sys.argv[1])
 pipe.set_progress_bar_config(disable=True)
 assert pipe.screen_heads is not None and pipe.screen_heads.config.screen_steps == [1, 2]
-settings = dict(refit="off", pilot_size=64, mixing_tolerance=None, steps_after_entry=5, samples_per_chain=1, negation_margin=1.0)
+settings = dict(refit="off", pilot_size=64, mixing_tolerance=None, steps_after_entry=5, samples_per_chain=1)
+settings["negation_margin"] = 1.0
 out = pipe("A & B", num_images=4, generator=torch.Generator().manual_seed(0), output_type="pt", screen=1, **settings)
 screen = out.stats["screen"]
 print(screen["surrogate"], screen["step"], bool(out.on_target.all()), out.images.shape[0])
