@@ -176,7 +176,7 @@ class S2MPipeline(DiffusionPipeline):
 
     # diffusers' `enable_model_cpu_offload` order: the generator, then the heads. `proposal_pipeline` is a pipeline,
     # not a module: diffusers skips it here, and `enable_model_cpu_offload` below offloads its own models.
-    model_cpu_offload_seq = "proposal_pipeline->unet->gan->heads->screen_heads"
+    model_cpu_offload_seq = "proposal_pipeline->unet->screen_heads->gan->heads"
     _optional_components = ["heads", "gan", "unet", "scheduler", "proposal_pipeline", "screen_heads"]
     _callback_tensor_inputs = ["latents", "images", "log_w"]
 

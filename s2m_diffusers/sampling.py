@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from .densities import LowRankGaussianMixture, StandardNormal, TiltedNormal
-from .maths import fit_exponent, imh_accept, imh_distance, imh_steps, importance_resample
+from .maths import da_imh_steps, fit_exponent, imh_accept, imh_distance, imh_steps, importance_resample
 
 __all__ = [
     "REFIT_MODES",
@@ -87,6 +87,8 @@ _SCREEN_SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 _SCREEN_FLOOR_QUANTILES = (0.02, 0.1, 0.25, 0.5)
 # "auto" screens only where the calibration predicts at most this share of the unscreened UNet calls per sample.
 _SCREEN_MAX_COST = 0.9
+# The on-target atoms the screened chain's exact distance is computed on (the latest): it costs their square times T.
+_MAX_ATOMS = 2048
 # Two samples of one chain are this many steps apart that the chain has moved in between with probability
 # 1 - _STUCK_SHARE at the observed acceptance rate (see `_MixingBound.thinning`).
 _STUCK_SHARE = 0.05
@@ -202,7 +204,7 @@ class S2MSamplingConfig:
     defensive: float = 0.1
     covariance_scale: float = 2.0
     fit_families: tuple[str, ...] = ("gaussian", "tilted")
-    screen: int | str | None = None
+    screen: int | str | None = "auto"
 
     def __post_init__(self) -> None:
         if self.refit not in REFIT_MODES:
@@ -621,8 +623,11 @@ class _MixingBound:
     ``T`` steps from an entry drawn from ``q`` on the target (Smith and Tierney's transition), for the empirical
     distribution of the importance ratios ``w p_z / q`` of all proposals seen (the fit's pilot draws, then every
     proposal of the run): one global figure, so that no chain's own path decides its length. Under a screen (delayed
-    acceptance, whose kernel is not an independence sampler's) it is the uniform bound ``(1 - 1/W_bound)^T``, with
-    ``W = sup pi / q`` estimated as the largest ratio seen over the mean (see ``w_bound``). ``T`` stays in
+    acceptance, whose kernel is not an independence sampler's) it is `s2m_diffusers.maths.da_imh_distances`: the
+    delayed-acceptance chain's exact distance for the empirical distribution of the pilot's draws (fully evaluated
+    whatever their surrogate; the proposals that passed the screen are a biased sample of ``q``, and weighting them
+    by ``1 / P(pass)`` leaves the off-target proposals the screen stops unseen, which makes the chain look far faster
+    than it is), with the bar of the proposals seen. ``T`` stays in
     ``[steps_after_entry, max_steps_after_entry]``. Nothing is returned before
     ``min_seen`` proposals have entered the estimate. The thinning ``k`` between two samples of one chain is the
     fewest steps after which the chain has moved with probability 0.95 at the observed acceptance rate (at most
@@ -640,6 +645,9 @@ class _MixingBound:
         self.screened, self.seen_s = False, 0
         self.log_sum_s, self.log_max_s, self.log_max_rho = -math.inf, -math.inf, -math.inf
         self.log_ratios: list[torch.Tensor] = []  # every proposal's log ratio (unscreened): the exact bound's input
+        # under a screen, the fully evaluated proposals: (log r, log s, weight 1 / P(pass)), the exact bound's input
+        self.atoms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.atoms_used, self.distance = 0, None  # atoms when T was last computed, and its distance then
 
     def update(
         self,
@@ -672,17 +680,36 @@ class _MixingBound:
             rho = log_ratio - log_ratio_s.double().cpu()
             if torch.isfinite(rho).any():
                 self.log_max_rho = max(self.log_max_rho, float(rho[torch.isfinite(rho)].max()))
+            if log_pass is None:  # draws of q fully evaluated whatever their surrogate: the exact bound's input
+                self.atoms.append((log_ratio, log_ratio_s.double().cpu(), torch.ones_like(log_ratio)))
         else:
             self.log_ratios.append(log_ratio)
         if self.tolerance is not None and self.log_max > -math.inf:
             if self.screened:
-                self.steps = _uniform_steps(self.w_bound, self.tolerance, self.min_steps, self.max_steps)
+                self._screened_steps()
             else:
                 self.log_ratios = [torch.cat(self.log_ratios)]
                 self.steps = imh_steps(
                     self.log_ratios[0], self.tolerance, self.min_steps, self.max_steps, hint=self.steps
                 )
         return self.steps
+
+    def _screened_steps(self, force: bool = False) -> None:
+        """``T`` under a screen from the delayed-acceptance chain's exact distance on the pilot's draws, when they have
+        grown by a quarter since it was last computed (at most the latest ``_MAX_ATOMS`` on-target ones: the cost is
+        their square times ``T``)."""
+        count = sum(a[0].numel() for a in self.atoms)
+        if not force and self.distance is not None and count < 1.25 * self.atoms_used:
+            return
+        lr, ls, weight = (torch.cat([a[i] for a in self.atoms]) for i in range(3))
+        on = torch.isfinite(lr).nonzero().flatten()
+        if on.numel() > _MAX_ATOMS:  # the off-target atoms only carry weight: keep them all, and the latest on-target
+            keep = torch.ones_like(lr, dtype=torch.bool)
+            keep[on[:-_MAX_ATOMS]] = False
+            lr, ls, weight = lr[keep], ls[keep], weight[keep]
+        bar = self.log_mean_s if self.seen_s else None
+        self.steps, self.distance = da_imh_steps(lr, ls, self.tolerance, self.min_steps, self.max_steps, weight, bar)
+        self.atoms_used = count
 
     @property
     def w_estimate(self) -> float:
@@ -719,16 +746,25 @@ class _MixingBound:
         w = self.w_bound
         uniform = (1 - 1 / w) ** self.steps if math.isfinite(w) and w >= 1 else None
         exact = not self.screened and self.log_ratios
+        bound, bound_from = uniform, "(1 - 1/W)^T"
+        if exact:
+            bound = imh_distance(torch.cat(self.log_ratios), [self.steps])[0]
+            bound_from = (
+                f"the independence sampler's exact distance after T steps from an entry drawn from q on the target "
+                f"(Smith and Tierney 1996), for the importance ratios of the {self.seen} proposals seen"
+            )
+        elif self.screened and self.tolerance is not None and self.atoms:
+            self._screened_steps(force=True)
+            bound = self.distance
+            bound_from = (
+                f"the delayed-acceptance chain's exact distance after T steps from its entry (Christen and Fox 2005), "
+                f"for the importance and surrogate ratios of the pilot's {self.atoms_used} draws"
+            )
         out = {
             "tolerance": self.tolerance,
             "steps_after_entry": self.steps,
-            "bound": imh_distance(torch.cat(self.log_ratios), [self.steps])[0] if exact else uniform,
-            "bound_from": (
-                f"the independence sampler's exact distance after T steps from an entry drawn from q on the target "
-                f"(Smith and Tierney 1996), for the importance ratios of the {self.seen} proposals seen"
-                if exact
-                else "(1 - 1/W)^T"
-            ),
+            "bound": bound,
+            "bound_from": bound_from,
             "uniform_bound": uniform,
             "w_estimate": w if math.isfinite(w) else None,
             "w_estimated_from": f"max / mean of the importance ratios of {self.seen} proposals",
@@ -852,20 +888,15 @@ class _ChainPool:
         return out, ids
 
 
-def _uniform_steps(w: float, tolerance: float, min_steps: int, max_steps: int) -> int:
-    """The fewest ``T`` in ``[min_steps, max_steps]`` with ``(1 - 1/W)^T <= tolerance`` (``max_steps`` for an infinite
-    ``W``): the uniform bound's ``T``."""
-    if not math.isfinite(w):
-        return max_steps
-    wanted = math.ceil(math.log(tolerance) / math.log1p(-1 / w)) if w > 1 else 1
-    return max(min_steps, min(wanted, max_steps))
-
-
-def _steps_for(w: float, config: S2MSamplingConfig) -> int:
-    """``T`` of [`_MixingBound`] under a screen, for a given ``W``."""
+def _steps_screened(log_ratio: torch.Tensor, log_ratio_s: torch.Tensor, config: S2MSamplingConfig) -> int:
+    """``T`` of [`_MixingBound`] under a screen, for draws of ``q`` with these log ratios and (floored) surrogate log
+    ratios: the delayed-acceptance chain's exact distance on them."""
     if config.mixing_tolerance is None:
         return config.steps_after_entry
-    return _uniform_steps(w, config.mixing_tolerance, config.steps_after_entry, config.max_steps_after_entry)
+    if not torch.isfinite(log_ratio).any():
+        return config.max_steps_after_entry
+    tol, low, high = config.mixing_tolerance, config.steps_after_entry, config.max_steps_after_entry
+    return da_imh_steps(log_ratio, log_ratio_s, tol, low, high)[0]
 
 
 def _steps_unscreened(log_ratio: torch.Tensor, config: S2MSamplingConfig) -> int:
@@ -908,9 +939,10 @@ def calibrate_screen(
     For each candidate step ``s`` and floor ``f`` (a quantile of the surrogate's finite log ratios at ``s``) it
     predicts the UNet calls per chain, against the unscreened sampler's, from the pilot alone: a chain pays its entry,
     then ``T + (samples_per_chain - 1) * thinning`` MH steps, each of ``s + P(pass) (K - s)`` UNet calls (``K``
-    unscreened), with ``T`` from the bound of [`_MixingBound`] (under the screen ``W_bound``, at least ``W`` times the
-    surrogate's range ``max r_s / f``: a screen saves only where ``T`` is capped by ``max_steps_after_entry`` either
-    way, or the surrogate is nearly flat), the thinning from the acceptance rate, and the pass and acceptance
+    unscreened), with ``T`` from the bound of [`_MixingBound`] (under the screen the delayed-acceptance chain's exact
+    distance on the pilot, `maths.da_imh_distances`: a screen that would push ``T`` to ``max_steps_after_entry``
+    where the unscreened chain stays below it is not considered), the thinning from the acceptance rate, and the
+    pass and acceptance
     probabilities averaged over current states drawn from the pilot reweighted to the target and proposals drawn
     from the pilot.
 
@@ -935,7 +967,6 @@ def calibrate_screen(
     if not on.any():
         return {"step": None, "reason": "no pilot draw on the target"}
     p = torch.softmax(torch.where(on, lr, -math.inf), 0)  # current states: the pilot reweighted to the target
-    log_z = float(torch.logsumexp(lr[on], 0)) - math.log(n)
     share_on = float(on.double().mean())
 
     def chain_cost(t: int, rate: float, entry: float, per_step: float) -> float:
@@ -956,15 +987,15 @@ def calibrate_screen(
             floor = float(torch.quantile(raw[seen if seen.any() else finite], quantile))
             ls = torch.clamp(raw, min=floor)
             rho = lr - ls
-            w = math.exp(float(ls.max()) + float(rho[on].max()) - log_z)  # W_bound = sup r_s sup(r / r_s) / E r
+            steps_s = _steps_screened(lr, ls, config)
             pass_rate = _pair_means(p, ls)
             da_rate = _pair_means(p, ls, rho)
             entry_pass = torch.clamp(ls - float(torch.logsumexp(ls, 0) - math.log(n)), max=0.0).exp()
             enter = float((entry_pass * on).mean())
             entry = (step + float(entry_pass.mean()) * (k - step)) / enter if enter > 0 else math.inf
-            if _steps_for(w, config) == config.max_steps_after_entry > base_steps and config.screen == "auto":
+            if steps_s == config.max_steps_after_entry > base_steps and config.screen == "auto":
                 continue  # it would lengthen the chains past the cap that the unscreened bound stays under
-            cost = chain_cost(_steps_for(w, config), da_rate, entry, step + pass_rate * (k - step)) / base
+            cost = chain_cost(steps_s, da_rate, entry, step + pass_rate * (k - step)) / base
             if step_best is None or cost < step_best[0]:
                 step_best = (cost, floor)
         if step_best is None:
