@@ -164,14 +164,15 @@ class S2MSamplingConfig:
     - ``fit_seed`` (`int`, defaults to 0): the pipeline fits with its own generator seeded by this, so that a fit is a
       function of the target and the settings alone and a call returns the same images whether it fitted or reused
       a fit.
-    - ``screen`` (`int`, `"auto"` or `None`, defaults to `None`): delayed-acceptance screening of diffusion proposals
-      (Christen and Fox, 2005; [`sample_imh`]). After ``screen`` of the K denoising steps the heads judge the predicted
-      clean image (``pred_original_sample``); a proposal rejected there stops denoising, and the acceptance is
-      corrected at the end by the ratio of the true weight to the surrogate's, so the chain's target is unchanged.
-      ``"auto"`` chooses the step, and the floor that keeps the surrogate positive, from the fit's pilot (the one
-      whose UNet calls per sample it predicts lowest), and screens only where that saves at least 10%; `None` (or
-      ``"off"``) never screens. A no-op for proposals without denoising steps (GANs) and for pipelines that cannot be
-      stopped and resumed at a step.
+    - ``screen`` (`int`, `"auto"` or `None`, defaults to `"auto"`): delayed-acceptance screening of diffusion
+      proposals (Christen and Fox, 2005; [`sample_imh`]). After ``screen`` of the K denoising steps the heads (or the
+      pipeline's screen heads, `s2m_diffusers.screen_heads`) judge the predicted clean image
+      (``pred_original_sample``); a proposal rejected there stops denoising, and the acceptance is corrected at the
+      end by the ratio of the true weight to the surrogate's, so the chain's target is unchanged. ``"auto"`` chooses
+      the step, and the floor that keeps the surrogate positive, from the fit's pilot (the one whose UNet calls per
+      sample it predicts lowest), and screens only where that saves at least 10% without pushing ``T`` to its cap;
+      `None` (or ``"off"``) never screens. A no-op for proposals without denoising steps (GANs) and for pipelines that
+      cannot be stopped and resumed at a step.
     - ``rank`` (`int`, defaults to 32), ``n_components`` (defaults to ``(1, 2, 4, 8)``), ``defensive`` (defaults to
       0.1), ``covariance_scale`` (defaults to 2.0): the refitted density, see
       `s2m_diffusers.densities.LowRankGaussianMixture.fit`. ``covariance_scale=2.0`` (a proposal wider than the fit)
@@ -1124,6 +1125,9 @@ def _prepare_screen(
     if given and pilot_log_surrogates is not None and all(s in list(pilot_steps or ()) for s in steps):
         log_ratio, log_ratio_s = pilot_log_ratios, pilot_log_surrogates[:, [list(pilot_steps).index(s) for s in steps]]
         seeds = []
+    elif config.screen == "auto" and config.mixing_tolerance is None:  # a pilot only to calibrate: not by default
+        reason = "no pilot to calibrate on (without a tolerance and a fit none is drawn); pass a step (screen=S)"
+        return None, {"step": None, "reason": reason}, seeds
     else:
         pilot = _propose(evaluate, q, config.pilot_size, generator, stats, views=steps)
         log_ratio, log_ratio_s = pilot.log_ratio.cpu(), pilot.log_ratio_s
@@ -1498,7 +1502,7 @@ def fit_latent(
         )
         return log_ratio, cost
 
-    if not fits and config.mixing_tolerance is None and not views:  # nothing to choose or estimate: no pilot
+    if not fits and config.mixing_tolerance is None:  # nothing to choose or estimate: no pilot (nor a screen's)
         return LatentFit(p_z, torch.zeros(0, dtype=torch.float64), SamplerStats(), "prior")
     best = (p_z, *measure(p_z, "prior"), "prior")  # (q, pilot log ratios, predicted cost, name)
     base, base_score = p_z, best[2]  # the density the next stage fits from
