@@ -142,7 +142,8 @@ def test_ddim_start_then_finish_is_generate():
         proposal.start(z, None, 4)
 
 
-def test_screened_pipeline_returns_on_target_images_and_counts_unet_calls():
+def tiny_pipeline() -> S2MPipeline:
+    """A 4-step DDIM proposal around a tiny untrained UNet, with untrained heads made selective on its images."""
     unet = tiny_unet()
     torch.manual_seed(1)
     heads = S2MHeads(["A", "B", "C"], sample_size=8, in_channels=1, cnn_channels=(4, 8))
@@ -150,6 +151,12 @@ def test_screened_pipeline_returns_on_target_images_and_counts_unet_calls():
     pipe.set_progress_bar_config(disable=True)
     proposal = pipe.get_proposal()
     spread_heads(heads, proposal.generate(proposal.p_z().sample(128, gen(1))), scale=6.0)
+    return pipe
+
+
+def test_screened_pipeline_returns_on_target_images_and_counts_unet_calls():
+    pipe = tiny_pipeline()
+    unet, proposal = pipe.unet, pipe.get_proposal()
     calls = []
     hook = unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     try:

@@ -11,8 +11,7 @@ import sys
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
-from test_pipeline import spread_heads, tiny_unet
+from test_screen import tiny_pipeline
 
 from s2m_diffusers.models.heads import S2MHeads, S2MHeadsOutput
 from s2m_diffusers.pipeline_s2m import S2MPipeline
@@ -65,17 +64,6 @@ def test_screen_heads_read_the_digits_ddpm_early_views_better_than_the_heads():
     assert cfg.screen_steps == [1, 3] and cfg.screen_num_steps == 10
     assert cfg.screen_timesteps == [int(t) for t in pipe.get_proposal().scheduler.timesteps[[0, 2]]]
     assert not any(p.requires_grad for p in screen_heads.parameters())
-
-
-def tiny_pipeline() -> S2MPipeline:
-    unet = tiny_unet()
-    torch.manual_seed(1)
-    heads = S2MHeads(["A", "B", "C"], sample_size=8, in_channels=1, cnn_channels=(4, 8))
-    pipe = S2MPipeline(heads=heads, unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100), num_inference_steps=4)
-    pipe.set_progress_bar_config(disable=True)
-    proposal = pipe.get_proposal()
-    spread_heads(heads, proposal.generate(proposal.p_z().sample(128, gen(1))), scale=6.0)
-    return pipe
 
 
 RELOAD = """
