@@ -646,7 +646,7 @@ class _MixingBound:
         self.screened, self.seen_s = False, 0
         self.log_sum_s, self.log_max_s, self.log_max_rho = -math.inf, -math.inf, -math.inf
         self.log_ratios: list[torch.Tensor] = []  # every proposal's log ratio (unscreened): the exact bound's input
-        # under a screen, the fully evaluated proposals: (log r, log s, weight 1 / P(pass)), the exact bound's input
+        # under a screen, the pilot's draws: (log r, log s, weight), the exact bound's input
         self.atoms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.atoms_used, self.distance = 0, None  # atoms when T was last computed, and its distance then
 
@@ -695,12 +695,12 @@ class _MixingBound:
                 )
         return self.steps
 
-    def _screened_steps(self, force: bool = False) -> None:
+    def _screened_steps(self) -> None:
         """``T`` under a screen from the delayed-acceptance chain's exact distance on the pilot's draws, when they have
         grown by a quarter since it was last computed (at most the latest ``_MAX_ATOMS`` on-target ones: the cost is
         their square times ``T``)."""
         count = sum(a[0].numel() for a in self.atoms)
-        if not force and self.distance is not None and count < 1.25 * self.atoms_used:
+        if self.distance is not None and count < 1.25 * self.atoms_used:
             return
         lr, ls, weight = (torch.cat([a[i] for a in self.atoms]) for i in range(3))
         on = torch.isfinite(lr).nonzero().flatten()
@@ -754,8 +754,7 @@ class _MixingBound:
                 f"the independence sampler's exact distance after T steps from an entry drawn from q on the target "
                 f"(Smith and Tierney 1996), for the importance ratios of the {self.seen} proposals seen"
             )
-        elif self.screened and self.tolerance is not None and self.atoms:
-            self._screened_steps(force=True)
+        elif self.screened and self.distance is not None:  # the distance T was chosen with (and the bar then)
             bound = self.distance
             bound_from = (
                 f"the delayed-acceptance chain's exact distance after T steps from its entry (Christen and Fox 2005), "
