@@ -646,8 +646,8 @@ class _MixingBound:
         self.screened, self.seen_s = False, 0
         self.log_sum_s, self.log_max_s, self.log_max_rho = -math.inf, -math.inf, -math.inf
         self.log_ratios: list[torch.Tensor] = []  # every proposal's log ratio (unscreened): the exact bound's input
-        # under a screen, the pilot's draws: (log r, log s, weight), the exact bound's input
-        self.atoms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # under a screen, the pilot's draws: (log r, log s), the exact bound's input
+        self.atoms: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.atoms_used, self.distance = 0, None  # atoms when T was last computed, and its distance then
 
     def update(
@@ -682,7 +682,7 @@ class _MixingBound:
             if torch.isfinite(rho).any():
                 self.log_max_rho = max(self.log_max_rho, float(rho[torch.isfinite(rho)].max()))
             if log_pass is None:  # draws of q fully evaluated whatever their surrogate: the exact bound's input
-                self.atoms.append((log_ratio, log_ratio_s.double().cpu(), torch.ones_like(log_ratio)))
+                self.atoms.append((log_ratio, log_ratio_s.double().cpu()))
         else:
             self.log_ratios.append(log_ratio)
         if self.tolerance is not None and self.log_max > -math.inf:
@@ -696,20 +696,19 @@ class _MixingBound:
         return self.steps
 
     def _screened_steps(self) -> None:
-        """``T`` under a screen from the delayed-acceptance chain's exact distance on the pilot's draws, when they have
-        grown by a quarter since it was last computed (at most the latest ``_MAX_ATOMS`` on-target ones: the cost is
-        their square times ``T``)."""
+        """``T`` under a screen from the delayed-acceptance chain's exact distance on the pilot's draws, computed once
+        per pilot (on at most the latest ``_MAX_ATOMS`` on-target ones: the cost is their square times ``T``)."""
         count = sum(a[0].numel() for a in self.atoms)
-        if self.distance is not None and count < 1.25 * self.atoms_used:
+        if self.distance is not None and count == self.atoms_used:
             return
-        lr, ls, weight = (torch.cat([a[i] for a in self.atoms]) for i in range(3))
+        lr, ls = (torch.cat([a[i] for a in self.atoms]) for i in range(2))
         on = torch.isfinite(lr).nonzero().flatten()
         if on.numel() > _MAX_ATOMS:  # the off-target atoms only carry weight: keep them all, and the latest on-target
             keep = torch.ones_like(lr, dtype=torch.bool)
             keep[on[:-_MAX_ATOMS]] = False
-            lr, ls, weight = lr[keep], ls[keep], weight[keep]
+            lr, ls = lr[keep], ls[keep]
         bar = self.log_mean_s if self.seen_s else None
-        self.steps, self.distance = da_imh_steps(lr, ls, self.tolerance, self.min_steps, self.max_steps, weight, bar)
+        self.steps, self.distance = da_imh_steps(lr, ls, self.tolerance, self.min_steps, self.max_steps, None, bar)
         self.atoms_used = count
 
     @property

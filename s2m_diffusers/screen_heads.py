@@ -72,11 +72,11 @@ def _trajectories(pipe, proposal, num_samples: int, steps: list[int], generator,
             rows = slice(first, first + proposal.micro_batch_size)
             x, seen = proposal.generate_views(latents[rows], None if labels is None else labels[rows], steps)
             out = heads(pipe.heads_view(x.float()).to(device))
-            teacher.append([None if t is None else t.float().cpu() for t in out.to_tuple()] + [None] * (3 - len(out)))
+            teacher.append(_rows(out, slice(None), "cpu"))
             views.append(torch.stack([pipe.heads_view(seen[s].float()).cpu() for s in steps]))
             bar.update(x.shape[0])
-    fields = [torch.cat([t[i] for t in teacher]) if teacher[0][i] is not None else None for i in range(3)]
-    return torch.cat(views, 1), S2MHeadsOutput(*fields)
+    fields = zip(*((t.dv_logit, t.dr_log_probs, t.df_log_probs) for t in teacher))
+    return torch.cat(views, 1), S2MHeadsOutput(*(None if f[0] is None else torch.cat(f) for f in fields))
 
 
 def _mean_loss(model: S2MHeads, views: torch.Tensor, teacher: S2MHeadsOutput, batch_size: int) -> float:
@@ -181,7 +181,8 @@ def distil_screen_heads(
     model = accelerator.unwrap_model(student)
     model.eval()
     before = held_losses(pipe.heads)
-    best = (math.fsum(held_losses(model)), 0, copy.deepcopy(model.state_dict()))
+    losses = held_losses(model)
+    best = (math.fsum(losses), 0, copy.deepcopy(model.state_dict()), losses)
     total = train_views.shape[0]
     bar = tqdm(total=num_epochs, desc="distilling screen heads: training", unit="epoch", disable=not progress)
     with bar:
@@ -197,22 +198,22 @@ def distil_screen_heads(
                 optimizer.step()
             model = accelerator.unwrap_model(student)
             model.eval()
-            score = math.fsum(held_losses(model))
+            losses = held_losses(model)
+            score = math.fsum(losses)
             if score < best[0]:
-                best = (score, epoch, copy.deepcopy(model.state_dict()))
+                best = (score, epoch, copy.deepcopy(model.state_dict()), losses)
             bar.update(1)
             bar.set_postfix(heldout_loss=f"{score / len(steps):.4f}")
     model = accelerator.unwrap_model(student)
     model.load_state_dict(best[2])
     model.eval().requires_grad_(False)
-    after = held_losses(model)
     metrics = {
         "screen_steps": steps,
         "screen_num_steps": k,
         "num_samples": num_samples,
         "epoch_kept": best[1],
         "heldout_loss_heads": dict(zip(map(str, steps), before)),
-        "heldout_loss_screen_heads": dict(zip(map(str, steps), after)),
+        "heldout_loss_screen_heads": dict(zip(map(str, steps), best[3])),
     }
     return model.to(next(pipe.heads.parameters()).device), metrics
 
