@@ -22,6 +22,7 @@ What a seed reproduces across process counts (see [`process_generator`] and `S2M
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -188,7 +189,9 @@ class RunPlan:
 
     @property
     def remaining(self) -> int:
-        return self.budget - sum(r.stats.proposals for r in self.results)
+        """The whole proposals left of this process's budget (a proposal screened out after ``s`` of ``K`` steps
+        counts ``s / K``: `SamplerStats.cost`)."""
+        return max(0, math.floor(self.budget - sum(r.stats.cost for r in self.results) + 1e-9))
 
     @property
     def is_main_process(self) -> bool:

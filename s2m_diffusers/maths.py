@@ -351,7 +351,7 @@ def imh_accept(
     return torch.log(u) < log_alpha
 
 
-def imh_distance(log_ratios: torch.Tensor, steps: Sequence[int]) -> list[float]:
+def imh_distance(log_ratios: torch.Tensor, steps: Sequence[int], weights: torch.Tensor | None = None) -> list[float]:
     """Total variation distance to the target of an independent-MH chain after each of ``steps`` steps, started from
     the proposal ``q`` restricted to the target, when the importance ratios ``r = pi / q`` are distributed as the
     given draws' (spec §5): exact for that empirical distribution.
@@ -373,28 +373,36 @@ def imh_distance(log_ratios: torch.Tensor, steps: Sequence[int]) -> list[float]:
         log_ratios (`torch.Tensor` of shape `(N,)`): ``log r`` of ``N`` draws of ``q`` (``-inf`` off the target), up
             to a constant.
         steps (`Sequence[int]`): the numbers of steps ``n >= 0``.
+        weights (`torch.Tensor` of shape `(N,)`, *optional*): the draws' weights (``1 / P(finished)`` of a screened
+            pilot's draws: a Horvitz-Thompson picture of ``q``); default equal. Integer weights give the distance of
+            the draws repeated that often.
 
     Returns:
         `list[float]`: the distance after each number of steps (1.0 each when no draw is on the target).
     """
-    pieces = _imh_pieces(log_ratios)
+    pieces = _imh_pieces(log_ratios, weights)
     return [_imh_distance_at(pieces, n) for n in steps]
 
 
-def _imh_pieces(log_ratios: torch.Tensor) -> dict[str, torch.Tensor | float] | None:
-    """What [`imh_distance`] computes once for every number of steps: the sorted, normalised ratios and the pieces of
-    ``lambda`` between them (`None` when no draw is on the target)."""
+def _imh_pieces(
+    log_ratios: torch.Tensor, weights: torch.Tensor | None = None
+) -> dict[str, torch.Tensor | float] | None:
+    """What [`imh_distance`] computes once for every number of steps: the sorted, normalised ratios, their weights and
+    the pieces of ``lambda`` between them (`None` when no draw is on the target)."""
     lr = log_ratios.double().flatten().cpu()
-    total = lr.numel()
+    w_all = torch.ones_like(lr) if weights is None else weights.double().flatten().cpu()
+    total = float(w_all.sum())
     on = torch.isfinite(lr)
     if not on.any():
         return None
     # Ratios below 1e-300 of the largest (an underflow to 0) count as ties at that level: a chain leaves them at once.
-    r, _ = torch.sort(torch.exp(lr[on] - lr[on].max()).clamp_min(1e-300))
-    r = r / (r.sum() / total)  # mean 1 over all N draws of q
+    r, order = torch.sort(torch.exp(lr[on] - lr[on].max()).clamp_min(1e-300))
+    w = w_all[on][order]
+    r = r / (float((w * r).sum()) / total)  # mean 1 over q
     m = r.numel()
-    cum = torch.cat([r.new_zeros(1), torch.cumsum(r, 0)])
-    a = (m - torch.arange(m, dtype=torch.float64)) / total  # P_q(r >= r_j)
+    cum = torch.cat([r.new_zeros(1), torch.cumsum(w * r, 0)])
+    cum_w = torch.cat([r.new_zeros(1), torch.cumsum(w, 0)])
+    a = (cum_w[m] - cum_w[:m]) / total  # P_q(r >= r_j)
     b = cum[:m] / total  # E_q[r 1(r < r_j)]
     # The piece of T_n over (r_j, r_(j+1)]: lambda = 1 - a - b u with u = 1/v, a and b of index j + 1.
     a_up, b_up, du = a[1:], b[1:], 1 / r[:-1] - 1 / r[1:]
@@ -407,9 +415,9 @@ def _imh_pieces(log_ratios: torch.Tensor) -> dict[str, torch.Tensor | float] | N
         "lam_lo": lam_lo,
         # int_{u_lo}^{u_hi} n lambda^(n-1) du = (lam_hi^n - lam_lo^n) / b = lam_lo^n expm1(n log1p(b du / lam_lo)) / b
         "log_step": torch.where(lam_lo > 0, torch.log1p(b_up * du / lam_lo.clamp_min(1e-300)), lam_lo.new_zeros(1)),
-        "pi_share": r / r.sum(),  # pi's mass on each draw
-        "ranks": torch.arange(1, m + 1, dtype=torch.float64),
-        "entry": m / total * float(r.sum()),  # s sum r, with s the on-target share
+        "pi_share": w * r / (w * r).sum(),  # pi's mass on each draw
+        "mu_share": w / cum_w[m],  # the entry's mass on each draw: q restricted to the target
+        "below": cum_w[1:] / cum_w[m],  # the entry's mass at or below each draw
     }
 
 
@@ -417,29 +425,35 @@ def _imh_distance_at(pieces: dict | None, n: int) -> float:
     """[`imh_distance`] after ``n`` steps, from [`_imh_pieces`]."""
     if pieces is None:
         return 1.0
-    r, lam, pi_share = pieces["r"], pieces["lam"], pieces["pi_share"]
-    # pi_j f_j, with pi_j / (s r_j) = 1 / (s sum r) written out so that tiny ratios do not overflow.
+    r, lam, pi_share, mu_share = pieces["r"], pieces["lam"], pieces["pi_share"], pieces["mu_share"]
+    # pi_j f_j = pi_j E_mu0[T_n(max(r_x, r_j))] + mu0_j lambda_j^n, with mu0 the entry's law.
     if n == 0:
-        pif = torch.full_like(r, 1 / pieces["entry"])
+        pif = mu_share
     else:
         lam_lo, lam_hi, b_up = pieces["lam_lo"], pieces["lam_hi"], pieces["b_up"]
         inner = lam_lo.pow(n) * torch.expm1(n * pieces["log_step"])
         piece = torch.where(lam_lo > 0, inner, lam_hi.pow(n)) / b_up
         top = -torch.expm1(n * torch.log1p(-1 / r[-1])) if r[-1] > 1 else r.new_tensor(1.0)  # v >= max r
         t_n = top + torch.cat([torch.flip(torch.cumsum(torch.flip(piece, [0]), 0), [0]), r.new_zeros(1)])
-        above = torch.cat([torch.flip(torch.cumsum(torch.flip(t_n, [0]), 0), [0])[1:], r.new_zeros(1)])
-        pif = pi_share * (pieces["ranks"] * t_n + above) / r.numel() + lam.pow(n) / pieces["entry"]
+        mu_t = mu_share * t_n
+        above = torch.cat([torch.flip(torch.cumsum(torch.flip(mu_t, [0]), 0), [0])[1:], r.new_zeros(1)])
+        pif = pi_share * (pieces["below"] * t_n + above) + mu_share * lam.pow(n)
     return min(1.0, 0.5 * float((pif - pi_share).abs().sum()))
 
 
 def imh_steps(
-    log_ratios: torch.Tensor, tolerance: float, min_steps: int = 0, max_steps: int = 200, hint: int | None = None
+    log_ratios: torch.Tensor,
+    tolerance: float,
+    min_steps: int = 0,
+    max_steps: int = 200,
+    hint: int | None = None,
+    weights: torch.Tensor | None = None,
 ) -> int:
     """The fewest steps ``n`` in ``[min_steps, max_steps]`` after which [`imh_distance`] is at most ``tolerance``
     (``max_steps`` when none is); the distance never grows with ``n``, so a bisection finds it. ``hint`` (a previous
     answer, e.g. before more ratios were seen) is tried first: the answer is the same, found in 2-3 evaluations when
-    it has not moved."""
-    pieces = _imh_pieces(log_ratios)
+    it has not moved. ``weights``: see [`imh_distance`]."""
+    pieces = _imh_pieces(log_ratios, weights)
 
     def within(n: int) -> bool:
         return _imh_distance_at(pieces, n) <= tolerance

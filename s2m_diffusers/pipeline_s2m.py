@@ -645,9 +645,10 @@ class S2MPipeline(DiffusionPipeline):
             return_dict (`bool`, defaults to `True`): return an [`S2MPipelineOutput`]; otherwise the tuple
                 ``(images, latents, on_target, stats)``.
             num_inference_steps (`int`, *optional*): steps of a diffusion proposal; defaults to the config's.
-            max_proposals (`int`, *optional*): the proposal budget (generator calls, refitting included). Defaults to
-                ``max(10000, 1000 * num_images + 20 * fit_size * stages)``. When it runs out first, a
-                `BudgetExhaustedError` says how far the sampler got and what to try.
+            max_proposals (`int`, *optional*): the proposal budget (generator calls, refitting included; for a
+                diffusion proposal, whole denoising runs: one screened out after ``s`` of its ``K`` steps counts
+                ``s / K``). Defaults to ``max(10000, 1000 * num_images + 20 * fit_size * stages)``. When it runs
+                out first, a `BudgetExhaustedError` says how far the sampler got and what to try.
             allow_partial (`bool`, defaults to `False`): when the budget runs out, return the images found (with
                 ``stats["budget_exhausted"] = True``) instead of raising.
             micro_batch_size (`int`, defaults to 64): latents per generator call and images per heads call; the
@@ -698,6 +699,8 @@ class S2MPipeline(DiffusionPipeline):
             ``proposals`` (generator calls), ``accepted``, ``acceptance_rate``, ``proposals_per_image``,
             ``on_target_images``, ``unique_images``, ``chains_started``, ``chains_entered``, ``rounds``, ``stages``
             (per refitting stage: proposals, on-target share, ESS), ``budget_exhausted``, ``max_proposals``,
+            ``budget_spent`` (what the budget counts: proposals, one screened out after ``s`` of ``K`` steps counting
+            ``s / K``),
             ``class_label``, ``proposal``, ``seconds_generator``, ``seconds_heads``, ``seconds_sampler`` (the rest),
             ``seconds_total`` (their sum), ``num_processes``, ``seconds_wall`` and ``interrupted``; for a diffusion
             proposal ``unet_calls`` and ``unet_calls_per_image`` (denoising steps, fitting included), and ``screen``
@@ -732,7 +735,9 @@ class S2MPipeline(DiffusionPipeline):
         )
         if measured is not None and runs.is_main_process:  # "auto" measured beta in this call: its cost counts
             calls = (getattr(proposal, "num_steps", None) or 0) * measured["proposals"]  # its UNet calls count too
-            measured_stats = SamplerStats(proposals=measured["proposals"], unet_calls=calls, stages=[measured])
+            measured_stats = SamplerStats(
+                proposals=measured["proposals"], unet_calls=calls, cost=measured["proposals"], stages=[measured]
+            )
             runs.results.append(SampleResult.empty(measured_stats))
         start = time.perf_counter()
         with eval_mode(self.heads):
@@ -851,6 +856,7 @@ class S2MPipeline(DiffusionPipeline):
             "screen": stats.screen,  # delayed acceptance: the step, floor, calibration, share screened out
             "budget_exhausted": stats.budget_exhausted,
             "max_proposals": timings["max_proposals"],
+            "budget_spent": stats.cost,  # in proposals, one screened out after s of K steps counting s / K
             "class_label": plan.describe(),
             "proposal": self.proposal_kind,
             "seconds_generator": timings["seconds_generator"],

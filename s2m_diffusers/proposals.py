@@ -483,14 +483,22 @@ class DDIMProposal(ProposalAdapter):
         return torch.cat(states), torch.cat(views)
 
     @torch.no_grad()
-    def finish(self, states: torch.Tensor, class_labels: torch.Tensor | None, step: int) -> torch.Tensor:
+    def finish(
+        self, states: torch.Tensor, class_labels: torch.Tensor | None, step: int, views: Sequence[int] | None = None
+    ):
         """The remaining ``K - step`` steps from [`start`]'s intermediate samples: images `(n, C, H, W)` in [-1, 1],
-        equal to [`generate`]'s for the same latents."""
+        equal to [`generate`]'s for the same latents; with ``views`` (steps after ``step``), also the predicted clean
+        image after each of them (a dict, as [`generate_views`] gives)."""
         self._check_step(step)
-        images = []
+        images, seen = [], {s: [] for s in views or ()}
         for chunk, labels in self._chunks(states, class_labels, check=False):
-            images.append(self._checked(self._denoise(chunk, labels, step, self.num_steps)[0].float()).clamp(-1, 1))
-        return torch.cat(images)
+            x, chunk_seen = self._denoise(chunk, labels, step, self.num_steps, tuple(views or ()))
+            images.append(self._checked(x.float()).clamp(-1, 1))
+            for s in seen:
+                seen[s].append(chunk_seen[s])
+        if views is None:
+            return torch.cat(images)
+        return torch.cat(images), {s: torch.cat(v) for s, v in seen.items()}
 
     def view_timestep(self, step: int) -> int:
         """The scheduler timestep of the predicted clean image after ``step`` steps (that of the ``step``-th step):

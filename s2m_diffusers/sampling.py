@@ -172,7 +172,15 @@ class S2MSamplingConfig:
       the step, and the floor that keeps the surrogate positive, from the fit's pilot (the one whose UNet calls per
       sample it predicts lowest), and screens only where that saves at least 10% without pushing ``T`` to its cap;
       `None` (or ``"off"``) never screens. A no-op for proposals without denoising steps (GANs) and for pipelines that
-      cannot be stopped and resumed at a step.
+      cannot be stopped and resumed at a step. Unless `None`, the fit's draws (its stages and pilots) are screened
+      too, after the first candidate step (``screen`` itself when a step is given): each draw is finished with a
+      probability that grows with its surrogate ratio, at least ``screen_min_finish``, and weighted by its inverse
+      (Horvitz-Thompson), so that the finished draws, weighted, stand for all of them (`_finish_log_probs`); the
+      chosen density's pilot, which seeds the sampler's bound, is then finished whole (the bound's risk lies in the
+      on-target draws the surrogate rates low, which a screened pilot sees only at rate ``screen_min_finish``).
+    - ``screen_min_finish`` (`float`, defaults to 0.2): the least probability with which a screened fit draw is
+      finished whatever its surrogate: the weights stay below ``1 / screen_min_finish``, so a pilot keeps at least
+      that share of its precision where the surrogate tells nothing. 1 does not screen the fit's draws.
     - ``rank`` (`int`, defaults to 32), ``n_components`` (defaults to ``(1, 2, 4, 8)``), ``defensive`` (defaults to
       0.1), ``covariance_scale`` (defaults to 2.0): the refitted density, see
       `s2m_diffusers.densities.LowRankGaussianMixture.fit`. ``covariance_scale=2.0`` (a proposal wider than the fit)
@@ -206,6 +214,7 @@ class S2MSamplingConfig:
     covariance_scale: float = 2.0
     fit_families: tuple[str, ...] = ("gaussian", "tilted")
     screen: int | str | None = "auto"
+    screen_min_finish: float = 0.2
 
     def __post_init__(self) -> None:
         if self.refit not in REFIT_MODES:
@@ -266,6 +275,12 @@ class S2MSamplingConfig:
                 f"screen must be None (or 'off'), 'auto' or a positive number of denoising steps after which the "
                 f"heads screen a proposal on its predicted clean image, got {sc!r}."
             )
+        m = self.screen_min_finish
+        if not (isinstance(m, int | float) and not isinstance(m, bool) and 0 < m <= 1):
+            raise ValueError(
+                f"screen_min_finish must be a probability in (0, 1] (1 finishes every fit draw: no screening of the "
+                f"fit), got {m!r}."
+            )
 
     def replace(self, **overrides: Any) -> S2MSamplingConfig:
         """A copy with some fields changed; an unknown name is an error that lists the fields."""
@@ -307,11 +322,14 @@ class S2MSamplingConfig:
 @dataclass
 class SamplerStats:
     """Diagnostics of one sampler call (spec §5). ``proposals`` counts generator calls (one per latent), ``unet_calls``
-    the denoising steps they ran (latents times steps; 0 for a generator without steps), ``screen`` the delayed
-    acceptance of the final sampling (see [`sample_imh`]; empty when it did not screen)."""
+    the denoising steps they ran (latents times steps; 0 for a generator without steps), ``cost`` what the budget
+    ``max_proposals`` counts: whole proposals, one screened out after ``s`` of its ``K`` denoising steps counting
+    ``s / K`` (so ``unet_calls / K`` for a diffusion proposal), ``screen`` the delayed acceptance of the final sampling
+    (see [`sample_imh`]; empty when it did not screen)."""
 
     proposals: int = 0
     unet_calls: int = 0
+    cost: float = 0.0
     accepted: int = 0
     rounds: int = 0
     num_returned: int = 0
@@ -368,6 +386,8 @@ class ChainState:
     log_w: torch.Tensor  # (B,)
     log_ratio: torch.Tensor  # (B,)
     log_ratio_s: torch.Tensor | None = None  # (B, S): the surrogate's log ratios at S screen steps (pilots only)
+    log_weight: torch.Tensor | None = None  # (B,): a screened fit draw's -log P(finished) (`_finish_log_probs`)
+    pending: Callable | None = None  # a screened pilot's: finish the draws screened out too (`_propose_screened`)
 
 
 @dataclass
@@ -464,7 +484,8 @@ def budget_error(
     never = not s.chains_entered and not any(st.get("on_target") for st in fits)
     for_target = f" for target {target!r}" if target else ""
     message = (
-        f"The proposal budget of {budget} ran out after {s.proposals} proposals with {n_found} of {num_requested} "
+        f"The proposal budget of {budget} ran out after {s.proposals} proposals{_screened_cost(s)} with {n_found} of "
+        f"{num_requested} "
         f"on-target {unit}{for_target} ({'; '.join(progress)}). Try " + "; ".join(tries) + "."
     )
     if never:
@@ -473,6 +494,13 @@ def budget_error(
             "heads recognise it."
         )
     return BudgetExhaustedError(message, result, budget)
+
+
+def _screened_cost(stats: SamplerStats) -> str:
+    """`` (costing N: some were screened out part-way)`` where the budget's count differs from the proposals'."""
+    return (
+        f" (costing {stats.cost:.1f}: some were screened out part-way)" if stats.cost < stats.proposals - 0.05 else ""
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -486,10 +514,23 @@ def _select(mask: torch.Tensor, new: Any, old: Any) -> Any:
 
 
 def _propose(
-    evaluate: Evaluate, q, n: int, generator, stats: SamplerStats, views: Sequence[int] | None = None
+    evaluate: Evaluate,
+    q,
+    n: int,
+    generator,
+    stats: SamplerStats,
+    views: Sequence[int] | None = None,
+    screen: tuple[int, float] | None = None,
 ) -> ChainState:
     """Draw ``n`` latents from ``q``, run ``evaluate`` on them, and give their chain states; with ``views`` (screen
-    steps), also the surrogate's log ratios at those steps (``evaluate.views``, see [`sample_imh`])."""
+    steps), also the surrogate's log ratios at those steps (``evaluate.views``, see [`sample_imh`]).
+
+    With ``screen = (s, min_finish)`` (a fit's draws, [`_fit_screen_step`]) each draw runs ``s`` steps, is
+    finished with the probability [`_finish_log_probs`] gives its surrogate (``views`` must then lie at or after
+    ``s``), and only the finished draws are returned, with ``log_weight = -log P(finished)``; the others cost
+    ``s / K`` (`_propose_screened`)."""
+    if screen is not None:
+        return _propose_screened(evaluate, q, n, generator, stats, views or (), *screen)
     z = q.sample(n, generator=generator)
     t0 = time.perf_counter()
     if views:
@@ -499,12 +540,104 @@ def _propose(
     stats.seconds_evaluate += time.perf_counter() - t0
     stats.proposals += n
     stats.unet_calls += n * _num_steps(evaluate)
+    stats.cost += n
     log_w = log_w.to(torch.float64)
     correction = q.log_prior_ratio(z).to(log_w.device, torch.float64)
     state = ChainState(z, x, log_w, log_w + correction)
     if views:
         state.log_ratio_s = log_w_s.to(torch.float64).cpu() + correction.cpu()[:, None]
     return state
+
+
+def _propose_screened(evaluate, q, n, generator, stats, views, step, min_finish) -> ChainState:
+    """[`_propose`] with a screen after ``step`` steps: the finished draws, weighted, and in ``pending`` a function
+    ``pending(stats) -> ChainState`` that finishes the others too (counted in ``stats``) and gives all ``n`` draws in
+    their order, unweighted: what a pilot that seeds the sampler's bound must be (see [`fit_latent`])."""
+    z = q.sample(n, generator=generator)
+    t0 = time.perf_counter()
+    handle, log_w_s = evaluate.start(z, step)
+    correction = q.log_prior_ratio(z).double().cpu()
+    ls = log_w_s.double().cpu() + correction
+    log_p = _finish_log_probs(ls, min_finish)
+    keep = imh_accept(torch.zeros_like(log_p), log_p, generator).cpu().nonzero().flatten()
+    later = [v for v in views if v > step]
+    k = _num_steps(evaluate)
+
+    def finished(idx: torch.Tensor, counted: SamplerStats) -> ChainState:
+        """The draws ``idx`` run to the end, with the surrogate at ``views``."""
+        t1 = time.perf_counter()
+        if idx.numel():
+            x, log_w, log_w_later = evaluate.finish(handle, idx, later)
+            log_w = log_w.double().cpu()
+        else:
+            x, log_w, log_w_later = None, torch.zeros(0, dtype=torch.float64), torch.zeros(0, len(later))
+        counted.seconds_evaluate += time.perf_counter() - t1
+        state = ChainState(z[idx.to(z.device)], x, log_w, log_w + correction[idx])
+        if views:
+            columns = {step: ls[idx]}
+            columns.update({v: log_w_later[:, i].double().cpu() + correction[idx] for i, v in enumerate(later)})
+            state.log_ratio_s = torch.stack([columns[v] for v in views], 1)
+        return state
+
+    def pending(counted: SamplerStats) -> ChainState:
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[keep] = False
+        rest = rest.nonzero().flatten()
+        done = finished(rest, counted)
+        counted.unet_calls += rest.numel() * (k - step)
+        counted.cost += rest.numel() * (k - step) / k
+        order = torch.cat([keep, rest]).argsort()
+        parts = [s_ for s_ in (state, done) if s_.z.shape[0]]
+
+        def joined(name: str):
+            values = [getattr(s_, name) for s_ in parts]
+            if any(v is None for v in values):
+                return None
+            return torch.cat([v.cpu() for v in values])[order]
+
+        return ChainState(joined("z"), joined("x"), joined("log_w"), joined("log_ratio"), joined("log_ratio_s"))
+
+    stats.seconds_evaluate += time.perf_counter() - t0
+    state = finished(keep, stats)
+    _count_screened(stats, n, keep.numel(), step, k)
+    state.log_weight, state.pending = -log_p[keep], pending
+    return state
+
+
+def _count_screened(stats: SamplerStats, n: int, finished: int, step: int, num_steps: int) -> None:
+    """Count ``n`` proposals screened after ``step`` of ``num_steps`` denoising steps, ``finished`` of them run to the
+    end: their UNet calls, and their cost (a proposal screened out counts ``step / num_steps``)."""
+    stats.proposals += n
+    stats.unet_calls += n * step + finished * (num_steps - step)
+    stats.cost += (n * step + finished * (num_steps - step)) / num_steps
+
+
+def _left(budget: float | None, spent: float) -> int | None:
+    """The whole proposals a budget still holds after ``spent`` (`None`: no budget)."""
+    return None if budget is None else max(0, math.floor(budget - spent + 1e-9))
+
+
+def _finish_log_probs(log_ratio_s: torch.Tensor, min_finish: float) -> torch.Tensor:
+    """The log probabilities with which screened fit draws are finished, from their surrogate log ratios:
+    ``p = min(1, max(min_finish, s / mean s))`` (a draw the surrogate rates above average is always finished; a
+    surrogate of 0 gets ``min_finish``). A finished draw weighs ``1 / p`` (Poisson sampling, Horvitz-Thompson): any
+    mean over ``q`` estimated from the finished draws so weighted is unbiased, whatever the surrogate, and the
+    weights stay below ``1 / min_finish``."""
+    ls = log_ratio_s.double().cpu()
+    finite = torch.isfinite(ls)
+    if not finite.any():
+        return torch.full_like(ls, math.log(min_finish))
+    log_mean = float(torch.logsumexp(ls[finite], 0)) - math.log(ls.numel())
+    return torch.clamp(ls - log_mean, min=math.log(min_finish), max=0.0)
+
+
+def _fit_screen_step(evaluate: Evaluate, config: S2MSamplingConfig) -> int | None:
+    """The step after which a fit's draws are screened (the first candidate step of ``config.screen``; [`_propose`]),
+    `None` when they are not (no screen, a proposal that cannot screen, or ``screen_min_finish`` 1)."""
+    if config.screen_min_finish >= 1:
+        return None
+    steps = _screen_steps(evaluate, config)
+    return steps[0] if steps else None
 
 
 def _num_steps(evaluate: Evaluate) -> int:
@@ -898,13 +1031,15 @@ def _steps_screened(log_ratio: torch.Tensor, log_ratio_s: torch.Tensor, config: 
     return da_imh_steps(log_ratio, log_ratio_s, tol, low, high)[0]
 
 
-def _steps_unscreened(log_ratio: torch.Tensor, config: S2MSamplingConfig) -> int:
-    """``T`` of [`_MixingBound`] without a screen, for draws of ``q`` with these log importance ratios."""
+def _steps_unscreened(log_ratio: torch.Tensor, config: S2MSamplingConfig, weights: torch.Tensor | None = None) -> int:
+    """``T`` of [`_MixingBound`] without a screen, for draws of ``q`` with these log importance ratios (and
+    ``weights``)."""
     if config.mixing_tolerance is None:
         return config.steps_after_entry
     if not torch.isfinite(log_ratio).any():
         return config.max_steps_after_entry
-    return imh_steps(log_ratio, config.mixing_tolerance, config.steps_after_entry, config.max_steps_after_entry)
+    tol, low, high = config.mixing_tolerance, config.steps_after_entry, config.max_steps_after_entry
+    return imh_steps(log_ratio, tol, low, high, weights=weights)
 
 
 def _thinning_for(rate: float, max_steps: int) -> int:
@@ -916,14 +1051,16 @@ def _thinning_for(rate: float, max_steps: int) -> int:
     return max(1, min(k, max_steps))
 
 
-def _pair_means(p: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor | None = None) -> float:
-    """``sum_i p_i mean_j min(1, exp(a_j - a_i)) [min(1, exp(b_j - b_i))]``: an acceptance probability with the current
-    state ``i`` drawn from ``p`` and the proposal ``j`` uniform over the same draws."""
+def _pair_means(
+    p: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor | None = None, q: torch.Tensor | None = None
+) -> float:
+    """``sum_i p_i sum_j q_j min(1, exp(a_j - a_i)) [min(1, exp(b_j - b_i))]``: an acceptance probability with the
+    current state ``i`` drawn from ``p`` and the proposal ``j`` from ``q`` over the same draws (default uniform)."""
     i = p > 0
     acc = torch.clamp(log_a[None, :] - log_a[i][:, None], max=0.0).nan_to_num(nan=-math.inf).exp()  # (I, n)
     if log_b is not None:
         acc = acc * torch.clamp(log_b[None, :] - log_b[i][:, None], max=0.0).nan_to_num(nan=-math.inf).exp()
-    return float((p[i] * acc.mean(1)).sum())
+    return float((p[i] * (acc.mean(1) if q is None else acc @ q.double())).sum())
 
 
 def calibrate_screen(
@@ -1074,8 +1211,7 @@ class _Screen:
             self.entered_passed += int(entered[keep].sum())
             self.entered_accepted += int((ok & entered[keep]).sum())
         stats.seconds_evaluate += time.perf_counter() - t0
-        stats.proposals += n
-        stats.unet_calls += n * self.step + keep.numel() * (k - self.step)
+        _count_screened(stats, n, keep.numel(), self.step, k)
         self.proposed += n
         moved = pool.move(active, accept, rows, ratio_s[accept])
         first = bound.update(new_ratio, ratio_s[keep], log_pass[keep], ratio_s)
@@ -1237,7 +1373,7 @@ def sample_imh(
         stats.chains_started += pool.start_chains(num_samples - n_done, per_chain)
         active = pool.alive.nonzero().flatten()
         if max_proposals is not None:
-            active = active[: max(0, max_proposals - stats.proposals)]
+            active = active[: _left(max_proposals, stats.cost)]  # each costs at most one proposal
         if active.numel() == 0:
             stats.budget_exhausted = True
             break
@@ -1290,6 +1426,7 @@ def fit_stage(
     max_proposals: int | None,
     generator: torch.Generator | None,
     negatives: torch.Tensor | None = None,
+    screen: tuple[int, float] | None = None,
 ) -> tuple[dict[str, Any], SamplerStats, torch.Tensor | None]:
     """One refitting stage (spec §6): draw from ``q`` until ``fit_size`` proposals satisfy the stage's target, then fit
     each density family of ``config.fit_families`` to them:
@@ -1300,6 +1437,11 @@ def fit_stage(
       ``negatives`` (latents an earlier stage found off its own target, so off this one too: the stages add
       literals).
 
+    With ``screen = (s, min_finish)`` the draws are screened after ``s`` denoising steps ([`_propose`]): the stage
+    runs until ``fit_size`` finished draws are on its target, the Gaussian's resampling weighs each by ``1 /
+    P(finished)`` too, and the classifier learns from the finished draws (it is measured by its pilot like any fit:
+    a fit only has to propose well, the sampler stays exact whatever it is).
+
     Returns:
         The fitted densities by family (none when fewer than 2 proposals reached the stage's target within
         ``max_proposals``), the stage's statistics, whose ``stages`` holds one record (proposals, on-target share,
@@ -1307,29 +1449,35 @@ def fit_stage(
     """
     stats, start = SamplerStats(), time.perf_counter()
     fit_batch = config.fit_batch or config.fit_size
-    zs, ratios, n_on = [], [], 0
+    zs, ratios, weights, n_on, share = [], [], [], 0, 0.0
     while n_on < config.fit_size:
-        n = fit_batch if max_proposals is None else min(fit_batch, max_proposals - stats.proposals)
+        n = fit_batch if max_proposals is None else min(fit_batch, _left(max_proposals, stats.cost))
         if n <= 0:
             break
-        new = _propose(evaluate, q, n, generator, stats)
+        new = _propose(evaluate, q, n, generator, stats, screen=screen)
+        lr = new.log_ratio.double().cpu()
+        lw = torch.zeros_like(lr) if new.log_weight is None else new.log_weight
         zs.append(new.z.cpu())
-        ratios.append(new.log_ratio.cpu())
-        n_on += int(torch.isfinite(new.log_ratio).sum())
+        ratios.append(lr)
+        weights.append(lw)
+        n_on += int(torch.isfinite(lr).sum())
+        share += float(lw[torch.isfinite(lr)].exp().sum())
     stats.seconds_total = time.perf_counter() - start
     record = {"proposals": stats.proposals, "on_target": n_on}
+    if screen is not None:
+        record.update(screen_step=screen[0], finished=sum(r.numel() for r in ratios), cost=stats.cost)
     stats.stages.append(record)
     if n_on < 2:
         stats.budget_exhausted = True
         return {}, stats, None
-    z, log_ratio = torch.cat(zs), torch.cat(ratios)
+    z, log_ratio, log_weight = torch.cat(zs), torch.cat(ratios), torch.cat(weights)
     on = torch.isfinite(log_ratio)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=_gen_device(generator)))
     densities: dict[str, Any] = {}
-    record["on_target_share"] = n_on / stats.proposals
+    record["on_target_share"] = share / stats.proposals
     if "gaussian" in config.fit_families:
         beta = fit_exponent(log_ratio, FIT_MIN_ESS * n_on)
-        idx, ess = importance_resample(beta * log_ratio, min(config.fit_size, n_on), generator)
+        idx, ess = importance_resample(beta * log_ratio + log_weight, min(config.fit_size, n_on), generator)
         densities["gaussian"] = LowRankGaussianMixture.fit(
             z[idx.cpu()],
             rank=config.rank,
@@ -1388,37 +1536,50 @@ class LatentFit:
 _MIN_PILOT_ON_TARGET = 16
 
 
-def _predicted_cost(log_ratio: torch.Tensor, config: S2MSamplingConfig) -> tuple[float, int]:
+def _predicted_cost(
+    log_ratio: torch.Tensor, config: S2MSamplingConfig, log_weight: torch.Tensor | None = None
+) -> tuple[float, int]:
     """Proposals per sample that [`sample_imh`] would pay with draws of ``q`` like the pilot's ``log_ratio``: a chain
     pays its entry (one over the on-target share), ``T`` steps (the exact bound of [`_MixingBound`];
     ``max_steps_after_entry`` when fewer than 16 pilot draws are on the target, too few to see the ratios' spread;
     ``steps_after_entry`` without a tolerance, whatever the pilot) and
-    a thinning between its ``samples_per_chain`` samples at the acceptance rate the pilot predicts. Returns (cost,
-    ``T``)."""
+    a thinning between its ``samples_per_chain`` samples at the acceptance rate the pilot predicts. ``log_weight``:
+    the draws' log weights, for a screened pilot ([`_finish_log_probs`]). Returns (cost, ``T``)."""
     lr = log_ratio.double().cpu()
+    lw = torch.zeros_like(lr) if log_weight is None else log_weight.double().cpu()
     on = torch.isfinite(lr)
     if not on.any():
         return math.inf, config.max_steps_after_entry
     seen = int(on.sum()) >= _MIN_PILOT_ON_TARGET or config.mixing_tolerance is None  # None: T is fixed, not estimated
-    steps = _steps_unscreened(lr, config) if seen else config.max_steps_after_entry
-    rate = _pair_means(torch.softmax(torch.where(on, lr, -math.inf), 0), lr)
+    steps = _steps_unscreened(lr, config, lw.exp()) if seen else config.max_steps_after_entry
+    q = torch.softmax(lw, 0)
+    rate = _pair_means(torch.softmax(torch.where(on, lr + lw, -math.inf), 0), lr, q=q)
     per_chain = config.samples_per_chain
-    chain = lr.numel() / int(on.sum()) + steps + (per_chain - 1) * _thinning_for(rate, config.max_steps_after_entry)
+    chain = 1 / float(q[on].sum()) + steps + (per_chain - 1) * _thinning_for(rate, config.max_steps_after_entry)
     return chain / per_chain, steps
 
 
 def _pilot(
-    evaluate: Evaluate, q, n: int, generator, stats: SamplerStats, views: Sequence[int] | None = None
-) -> tuple[torch.Tensor, float, float, torch.Tensor | None]:
-    """``n`` draws of ``q`` on the full target: their log ratios, on-target share, efficiency ``ESS / n``, and the
-    surrogate's log ratios at the screen steps ``views`` (`None` without)."""
-    drawn = _propose(evaluate, q, n, generator, stats, views=views)
-    log_ratio = drawn.log_ratio.cpu()
+    evaluate: Evaluate,
+    q,
+    n: int,
+    generator,
+    stats: SamplerStats,
+    views: Sequence[int] | None = None,
+    screen: tuple[int, float] | None = None,
+) -> tuple[ChainState, float, float]:
+    """``n`` draws of ``q`` on the full target (screened with ``screen``: see [`_propose`]): their states (log
+    ratios, the surrogate's log ratios at the screen steps ``views``, the log weights of a screened pilot), on-target
+    share and efficiency ``ESS / n``."""
+    drawn = _propose(evaluate, q, n, generator, stats, views=views, screen=screen)
+    log_ratio = drawn.log_ratio.double().cpu()
+    lw = torch.zeros_like(log_ratio) if drawn.log_weight is None else drawn.log_weight
     finite = torch.isfinite(log_ratio)
     if not finite.any():
-        return log_ratio, 0.0, 0.0, drawn.log_ratio_s
-    p = torch.softmax(torch.where(finite, log_ratio, -math.inf).double(), 0)
-    return log_ratio, float(finite.float().mean()), float(1.0 / p.pow(2).sum()) / n, drawn.log_ratio_s
+        return drawn, 0.0, 0.0
+    p = torch.softmax(torch.where(finite, log_ratio + lw, -math.inf), 0)
+    share = float(lw[finite].exp().sum()) / n
+    return drawn, share, float(1.0 / p.pow(2).sum()) / n
 
 
 def fit_latent(
@@ -1476,28 +1637,34 @@ def fit_latent(
     parts = [SamplerStats()]
 
     def left() -> int | None:
-        return None if max_proposals is None else max_proposals - sum(p.proposals for p in parts)
+        return _left(max_proposals, sum(p.cost for p in parts))
 
     views = _screen_steps(full, config)  # the screen's candidate steps: each pilot records the surrogate there
-    surrogates = {}
+    step = _fit_screen_step(full, config)
+    screen = None if step is None else (step, config.screen_min_finish)  # the fit's draws are screened there
+    drawn_by = {}
 
     def measure(q, name: str) -> tuple[torch.Tensor | None, float]:
         """A pilot of ``q`` on the full target: its log ratios and the proposals per sample it predicts."""
         n = config.pilot_size if max_proposals is None else min(config.pilot_size, left())
         if n <= 0:
             return None, math.inf
-        log_ratio, share, efficiency, surrogates[name] = _pilot(full, q, n, generator, parts[-1], views)
-        cost, steps = _predicted_cost(log_ratio, config)
-        parts[-1].stages.append(
-            {
-                "pilot": name,
-                "proposals": n,
-                "on_target_share": share,
-                "efficiency": efficiency,
-                "steps_after_entry": steps,
-                "predicted_proposals_per_sample": cost,
-            }
-        )
+        before = parts[-1].cost
+        drawn, share, efficiency = _pilot(full, q, n, generator, parts[-1], views, screen)
+        drawn_by[name] = drawn
+        log_ratio = drawn.log_ratio.double().cpu()
+        cost, steps = _predicted_cost(log_ratio, config, drawn.log_weight)
+        record = {
+            "pilot": name,
+            "proposals": n,
+            "on_target_share": share,
+            "efficiency": efficiency,
+            "steps_after_entry": steps,
+            "predicted_proposals_per_sample": cost,
+        }
+        if screen is not None:
+            record.update(screen_step=step, finished=int(log_ratio.numel()), cost=parts[-1].cost - before)
+        parts[-1].stages.append(record)
         return log_ratio, cost
 
     if not fits and config.mixing_tolerance is None:  # nothing to choose or estimate: no pilot (nor a screen's)
@@ -1506,11 +1673,11 @@ def fit_latent(
     base, base_score = p_z, best[2]  # the density the next stage fits from
     negatives = []  # latents off an earlier stage's target: off every later one's
     limit = _fit_spend_limit(num_samples, best[2])
-    spent_before, limited = sum(p.proposals for p in parts), False
+    spent_before, limited = sum(p.cost for p in parts), False
     for s, evaluate in enumerate(fits):
         cap = left()
         if limit is not None:
-            spent = sum(p.proposals for p in parts) - spent_before
+            spent = sum(p.cost for p in parts) - spent_before
             allowed = _stage_allowance(limit, spent, cap, num_samples * best[2], config)
             if allowed < config.fit_size:  # not even fit_size draws: the stage could not find its fit_size latents
                 parts[-1].stages.append({"stage": s, "skipped": f"spend limit {limit:.0f} for {num_samples} samples"})
@@ -1519,7 +1686,7 @@ def fit_latent(
             cap = allowed if cap is None else min(cap, allowed)
         # the latest negatives, at most 16 * fit_size: they bound the classifier's training set and the memory kept
         known = torch.cat(negatives)[-16 * config.fit_size :] if negatives else None
-        densities, stage, off = fit_stage(evaluate, base, config, cap, generator, known)
+        densities, stage, off = fit_stage(evaluate, base, config, cap, generator, known, screen)
         stage.stages[0] = {"stage": s, **stage.stages[0]}
         parts.append(stage)
         if limit is not None and stage.stages[0]["on_target"] < config.fit_size and (left() is None or left() > 0):
@@ -1549,12 +1716,25 @@ def fit_latent(
     if best[1] is None:  # not even the prior's pilot fitted in the budget
         stats.budget_exhausted = True
         return LatentFit(p_z, torch.zeros(0, dtype=torch.float64), stats, "prior")
+    drawn = drawn_by[best[3]]
+    if drawn.pending is not None:  # the chosen density's pilot seeds the sampler's bound: it must be whole
+        completion = SamplerStats()
+        drawn = drawn.pending(completion)
+        stats = SamplerStats.merge([stats, completion])
+        pilot = next(st for st in stats.stages if st.get("pilot") == best[3])
+        pilot.update(finished=pilot["proposals"], completed_cost=completion.cost)
     return LatentFit(
-        best[0], best[1], stats, best[3], surrogates.get(best[3]), tuple(views), num_samples if limited else None
+        best[0],
+        drawn.log_ratio.double().cpu(),
+        stats,
+        best[3],
+        drawn.log_ratio_s,
+        tuple(views),
+        num_samples if limited else None,
     )
 
 
-def _stage_allowance(limit: float, spent: int, cap: int | None, need: float, config: S2MSamplingConfig) -> int:
+def _stage_allowance(limit: float, spent: float, cap: int | None, need: float, config: S2MSamplingConfig) -> int:
     """The draws the next refitting stage may make: what the spend ``limit`` leaves after ``spent``, less the
     sampling's predicted ``need`` where the budget left (``cap``) holds it (where it cannot finish anyway, only a fit
     can help), less the stage's pilots (one per family)."""
@@ -1624,7 +1804,7 @@ def sample_s2m(
             callback=callback,
         )
         parts.append(fit.stats)
-    remaining = None if max_proposals is None else max_proposals - sum(p.proposals for p in parts)
+    remaining = _left(max_proposals, sum(p.cost for p in parts))
     if fit.stats.budget_exhausted or (remaining is not None and remaining <= 0):
         result = _finish(SampleResult.empty(SamplerStats.merge(parts)), start)
         result.stats.budget_exhausted = True

@@ -10,6 +10,7 @@ that `sampling.sample_s2m` receives for each refitting stage of the target (spec
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -215,15 +216,22 @@ class StageEvaluate:
         states, views = self._timed(lambda: w.proposal.start(latents, labels, step))
         return (z, states, labels, step), self._surrogate(views, step)
 
-    def _finish(self, handle: tuple, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _finish(self, handle: tuple, keep: torch.Tensor, views: Sequence[int] | None = None) -> tuple:
+        """The rest of the run for the latents ``keep`` of ``handle``: ``(x, log w)``, and with ``views`` (steps
+        after the handle's) the surrogate ``log w_s`` `(n, S)` at each of them too."""
         w = self.weigher
         z, states, labels, step = handle
         labels = None if labels is None else labels[keep.to(labels.device)]
-        x = self._timed(lambda: w.proposal.finish(states[keep.to(states.device)], labels, step))
+        later = list(views or ())
+        x, seen = self._timed(lambda: w.proposal.finish(states[keep.to(states.device)], labels, step, later))
         _, out, df = w._read(x)
         log_w = w._log_weight(self.stage, out, df, w.dv_strength)
         x = x.cpu()
-        return x, w.on_round(z[keep.to(z.device)], x, log_w)
+        log_w = w.on_round(z[keep.to(z.device)], x, log_w)
+        if views is None:
+            return x, log_w
+        log_w_s = [self._surrogate(seen[s], s) for s in later]
+        return x, log_w, torch.stack(log_w_s, 1) if log_w_s else log_w.new_zeros(log_w.shape[0], 0)
 
 
 def _sync(device: torch.device) -> None:

@@ -22,11 +22,11 @@ from diffusers import DDPMScheduler
 from test_pipeline import spread_heads, tiny_unet
 
 from s2m_diffusers.densities import StandardNormal
-from s2m_diffusers.maths import da_imh_distances, imh_distance
+from s2m_diffusers.maths import da_imh_distances, imh_distance, imh_steps
 from s2m_diffusers.models.heads import S2MHeads
 from s2m_diffusers.pipeline_s2m import S2MPipeline
 from s2m_diffusers.proposals import DDIMProposal
-from s2m_diffusers.sampling import S2MSamplingConfig, sample_s2m
+from s2m_diffusers.sampling import S2MSamplingConfig, SamplerStats, _propose, fit_latent, sample_s2m
 from s2m_diffusers.testing.toy import ToyProblem, chi_square_cells
 
 ALPHA = 1e-3
@@ -113,7 +113,7 @@ def test_auto_is_a_no_op_without_steps_and_a_given_step_is_checked():
 
 
 def test_fit_pilot_carries_the_surrogate_and_saved_fits_keep_it(tmp_path):
-    from s2m_diffusers.sampling import fit_latent, load_fits, save_fits
+    from s2m_diffusers.sampling import load_fits, save_fits
 
     toy = ToyProblem(offset=FAR)
     evaluates = toy.stage_evaluates("A & B", screened=True)
@@ -225,3 +225,79 @@ def test_delayed_acceptance_distance_is_that_of_the_simulated_chain():
     simulated = 0.5 * float((law - torch.softmax(log_r, 0)).abs().sum())
     computed = float(da_imh_distances(log_r, log_s, steps)[steps])
     assert abs(simulated - computed) < 0.01, (simulated, computed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Screening the fit's draws, and a budget that counts a proposal screened out after s of K steps as s / K
+
+
+def test_weighted_smith_tierney_distance_is_that_of_the_draws_repeated():
+    log_r, _ = _atoms(3, 80)
+    counts = torch.randint(1, 4, (80,), generator=gen(4))
+    steps = [0, 1, 5, 20, 60]
+    weighted = imh_distance(log_r, steps, counts.double())
+    assert weighted == pytest.approx(imh_distance(log_r.repeat_interleave(counts), steps), abs=1e-12)
+    assert imh_steps(log_r, 0.05, weights=counts.double()) == imh_steps(log_r.repeat_interleave(counts), 0.05)
+
+
+def test_screened_fit_draws_weighted_are_unbiased_and_a_completed_pilot_is_the_unscreened_one():
+    toy = ToyProblem(offset=FAR)
+    evaluate = toy.stage_evaluates("A & B", screened=True)[-1]
+    q = StandardNormal((2,))
+    truth = float(torch.isfinite(evaluate(q.sample(200_000, generator=gen(99)))[1]).double().mean())
+    stats, shares = SamplerStats(), []
+    for seed in range(200):  # Horvitz-Thompson: the weighted on-target share estimates the true one without bias
+        drawn = _propose(evaluate, q, 256, gen(seed), stats, screen=(5, 0.2))
+        shares.append(float(drawn.log_weight[torch.isfinite(drawn.log_ratio)].exp().sum()) / 256)
+        assert float(drawn.log_weight.max()) <= math.log(1 / 0.2) + 1e-9  # the weights stay below 1 / min_finish
+    shares = torch.tensor(shares, dtype=torch.float64)
+    assert abs(float(shares.mean()) - truth) < 4 * float(shares.std()) / math.sqrt(200)
+    assert stats.proposals == 200 * 256 and stats.cost < 0.8 * stats.proposals  # screened out: 5 of 10 steps each
+    assert stats.cost == pytest.approx(stats.unet_calls / 10)
+    # finishing the screened-out draws gives the unscreened pilot: the same latents, weights and surrogates, in order
+    drawn = _propose(evaluate, q, 64, gen(1), SamplerStats(), views=[5, 7], screen=(5, 0.2))
+    assert drawn.z.shape[0] < 64
+    whole = drawn.pending(SamplerStats())
+    z = q.sample(64, generator=gen(1))
+    _, log_w, log_w_s = evaluate.views(z, [5, 7])
+    assert torch.equal(whole.z, z) and whole.log_weight is None
+    assert torch.equal(whole.log_w, log_w.double()) and torch.equal(whole.log_ratio_s, log_w_s.double())
+
+
+def test_the_fit_screens_its_draws_and_finishes_the_chosen_pilot():
+    toy = ToyProblem(offset=FAR)
+    evaluates = toy.stage_evaluates("A & B", screened=True)
+    fit = fit_latent(evaluates, StandardNormal((2,)), refit="once", screen="auto", fit_size=64, generator=gen(0))
+    stage = next(s for s in fit.stats.stages if "stage" in s and "on_target" in s)
+    assert stage["screen_step"] == 1 and stage["cost"] < stage["proposals"] and stage["on_target"] >= 64
+    chosen = next(s for s in fit.stats.stages if s.get("pilot") == fit.chosen)
+    assert chosen["finished"] == chosen["proposals"] == fit.pilot_log_ratios.numel()  # whole: it seeds the bound
+    others = [s for s in fit.stats.stages if "pilot" in s and s["pilot"] != fit.chosen]
+    assert others and all(s["finished"] < s["proposals"] for s in others)
+    assert fit.stats.cost == pytest.approx(sum(e.calls for e in evaluates) / 10)
+    # screen_min_finish=1 finishes every fit draw: no screening of the fit
+    whole = fit_latent(
+        evaluates, StandardNormal((2,)), refit="once", screen_min_finish=1.0, fit_size=64, generator=gen(0)
+    )
+    assert whole.stats.cost == whole.stats.proposals and not any("screen_step" in s for s in whole.stats.stages)
+
+
+def test_the_budget_counts_a_screened_out_proposal_as_its_share_of_the_steps():
+    toy = ToyProblem(offset=FAR)
+    evaluates = toy.stage_evaluates("A & B", screened=True)
+    result = sample_s2m(
+        evaluates,
+        StandardNormal((2,)),
+        10_000,
+        generator=gen(0),
+        refit="off",
+        screen=3,
+        max_proposals=3000,
+        allow_partial=True,
+    )
+    s = result.stats
+    assert s.budget_exhausted and result.num_samples < 10_000
+    assert s.unet_calls == sum(e.calls for e in evaluates) and s.cost == pytest.approx(s.unet_calls / 10)
+    assert 2990 < s.cost <= 3000 < s.proposals  # more proposals than the budget: those screened out cost 3 / 10
+    with pytest.raises(ValueError, match="screen_min_finish"):
+        S2MSamplingConfig(screen_min_finish=0.0)

@@ -265,12 +265,15 @@ class ToyScreenedEvaluate:
         self.calls += z.shape[0] * step
         return (z, step), self.log_w(self.toy.view(z, step, self.num_steps, self.noise), 1.0)
 
-    def finish(self, handle: tuple[torch.Tensor, int], keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def finish(self, handle: tuple[torch.Tensor, int], keep: torch.Tensor, views=None):
         z, step = handle
         z = z[keep]
         self.calls += z.shape[0] * (self.num_steps - step)
         x = self.toy.generate(z)
-        return x, self.log_w(x)
+        if views is None:
+            return x, self.log_w(x)
+        log_w_s = [self.log_w(self.toy.view(z, s, self.num_steps, self.noise), 1.0) for s in views]
+        return x, self.log_w(x), torch.stack(log_w_s, 1) if log_w_s else torch.zeros(z.shape[0], 0)
 
 
 # --------------------------------------------------------------------------------------------------------------
