@@ -231,6 +231,7 @@ def run_method(
         extra = {"fit_proposals": fit.stats.proposals, "fit": out.stats["fit"], "mixing": out.stats["mixing"]}
         if out.stats.get("unet_calls") is not None:
             extra["unet_calls"] = out.stats["unet_calls"] + fit.stats.unet_calls
+            extra["fit_unet_calls"] = fit.stats.unet_calls
     elif method in ("previous", "ours", *SCREEN_METHODS, "ours_again", "ours_conditional"):
         # The budget is the official recipe's cost (201 proposals per image); allow_partial: a combination the heads
         # can barely reach is reported (fewer images), not a crash. Every seed fits anew (`fit_seed`), and its fit's
@@ -252,7 +253,7 @@ def run_method(
         images, proposals = out.images * 2 - 1, out.stats["proposals"]
         extra = {"fit_proposals": out.stats["fit_proposals"], "fit": out.stats["fit"], "mixing": out.stats["mixing"]}
         if out.stats.get("unet_calls") is not None:  # a diffusion proposal: its UNet calls, screening included
-            extra["unet_calls"] = out.stats["unet_calls"]
+            extra["unet_calls"], extra["fit_unet_calls"] = out.stats["unet_calls"], out.stats["fit_unet_calls"]
             extra["screen"] = {k: v for k, v in out.stats["screen"].items() if k != "candidates"}
     elif method == "oracle":
         parsed = parse_target(target, list(evaluator.config.attribute_names))
@@ -509,9 +510,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         }
                         if "unet_calls" in extra:
                             row["unet_calls_per_image"] = extra["unet_calls"] / found if found else float("inf")
-                            if "fit_proposals" in extra:  # the fit is never screened: K UNet calls per proposal
-                                fit_calls = extra["fit_proposals"] * pipe.config.num_inference_steps
-                                sampling_calls = extra["unet_calls"] - fit_calls
+                            if "fit_unet_calls" in extra:  # the fit's UNet calls, its screened draws included
+                                sampling_calls = extra["unet_calls"] - extra["fit_unet_calls"]
                                 row["sampling_unet_calls_per_image"] = sampling_calls / found if found else math.inf
                         if "fit_proposals" in extra:
                             sampling = proposals - extra["fit_proposals"]

@@ -703,7 +703,8 @@ class S2MPipeline(DiffusionPipeline):
             ``s / K``),
             ``class_label``, ``proposal``, ``seconds_generator``, ``seconds_heads``, ``seconds_sampler`` (the rest),
             ``seconds_total`` (their sum), ``num_processes``, ``seconds_wall`` and ``interrupted``; for a diffusion
-            proposal ``unet_calls`` and ``unet_calls_per_image`` (denoising steps, fitting included), and ``screen``
+            proposal ``unet_calls`` and ``unet_calls_per_image`` (denoising steps, fitting included; the fitting's
+            alone in ``fit_unet_calls``, with ``fit_proposals`` its proposals), and ``screen``
             (with ``screen=``: the step, the surrogate's floor, the calibration, the share screened out).
 
         Raises:
@@ -846,6 +847,7 @@ class S2MPipeline(DiffusionPipeline):
             "stages": stats.stages,
             "fit": stats.fit,  # the latent density sampled from: "prior" or "stage k" (see `fit_latent`)
             "fit_proposals": sum(stage.get("proposals", 0) for stage in stats.stages),  # 0 when the fit was cached
+            "fit_unet_calls": sum(stage.get("unet_calls", 0) for stage in stats.stages),  # its screened draws too
             "dv_strength": config.dv_strength,  # beta: the weights target p_G^(1 - beta) p_data^beta on the target
             "negation_margin": config.negation_margin,  # lambda and kappa as used (the heads' own unless set)
             "presence_margin": config.presence_margin,

@@ -1463,7 +1463,7 @@ def fit_stage(
         n_on += int(torch.isfinite(lr).sum())
         share += float(lw[torch.isfinite(lr)].exp().sum())
     stats.seconds_total = time.perf_counter() - start
-    record = {"proposals": stats.proposals, "on_target": n_on}
+    record = {"proposals": stats.proposals, "on_target": n_on, "unet_calls": stats.unet_calls}
     if screen is not None:
         record.update(screen_step=screen[0], finished=sum(r.numel() for r in ratios), cost=stats.cost)
     stats.stages.append(record)
@@ -1649,7 +1649,7 @@ def fit_latent(
         n = config.pilot_size if max_proposals is None else min(config.pilot_size, left())
         if n <= 0:
             return None, math.inf
-        before = parts[-1].cost
+        before, calls_before = parts[-1].cost, parts[-1].unet_calls
         drawn, share, efficiency = _pilot(full, q, n, generator, parts[-1], views, screen)
         drawn_by[name] = drawn
         log_ratio = drawn.log_ratio.double().cpu()
@@ -1661,6 +1661,7 @@ def fit_latent(
             "efficiency": efficiency,
             "steps_after_entry": steps,
             "predicted_proposals_per_sample": cost,
+            "unet_calls": parts[-1].unet_calls - calls_before,
         }
         if screen is not None:
             record.update(screen_step=step, finished=int(log_ratio.numel()), cost=parts[-1].cost - before)
@@ -1723,6 +1724,7 @@ def fit_latent(
         stats = SamplerStats.merge([stats, completion])
         pilot = next(st for st in stats.stages if st.get("pilot") == best[3])
         pilot.update(finished=pilot["proposals"], completed_cost=completion.cost)
+        pilot["unet_calls"] += completion.unet_calls
     return LatentFit(
         best[0],
         drawn.log_ratio.double().cpu(),

@@ -275,6 +275,11 @@ def test_the_fit_screens_its_draws_and_finishes_the_chosen_pilot():
     others = [s for s in fit.stats.stages if "pilot" in s and s["pilot"] != fit.chosen]
     assert others and all(s["finished"] < s["proposals"] for s in others)
     assert fit.stats.cost == pytest.approx(sum(e.calls for e in evaluates) / 10)
+    assert (
+        sum(s.get("unet_calls", 0) for s in fit.stats.stages)
+        == fit.stats.unet_calls
+        == sum(e.calls for e in evaluates)
+    )
     # screen_min_finish=1 finishes every fit draw: no screening of the fit
     whole = fit_latent(
         evaluates, StandardNormal((2,)), refit="once", screen_min_finish=1.0, fit_size=64, generator=gen(0)
