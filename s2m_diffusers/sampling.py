@@ -1708,6 +1708,8 @@ def fit_latent(
                 stage_best = (density, score)
         if stage_best[1] < base_score:
             base, base_score = stage_best
+        for name in [k for k in drawn_by if k != best[3]]:  # only the best pilot may be finished later: free the rest
+            del drawn_by[name]
         stage.stages[0]["kept"] = best[3]
         if callback is not None:
             callback(-1, {"stage": s, "num_stages": len(fits), "on_target_share": stage.stages[0]["on_target_share"]})
