@@ -22,7 +22,6 @@ What a seed reproduces across process counts (see [`process_generator`] and `S2M
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -191,7 +190,9 @@ class RunPlan:
     def remaining(self) -> int:
         """The whole proposals left of this process's budget (a proposal screened out after ``s`` of ``K`` steps
         counts ``s / K``: `SamplerStats.cost`)."""
-        return max(0, math.floor(self.budget - sum(r.stats.cost for r in self.results) + 1e-9))
+        from .sampling import _left
+
+        return _left(self.budget, sum(r.stats.cost for r in self.results))
 
     @property
     def is_main_process(self) -> bool:

@@ -584,8 +584,7 @@ def _propose_screened(evaluate, q, n, generator, stats, views, step, min_finish)
         rest[keep] = False
         rest = rest.nonzero().flatten()
         done = finished(rest, counted)
-        counted.unet_calls += rest.numel() * (k - step)
-        counted.cost += rest.numel() * (k - step) / k
+        _count_screened(counted, 0, rest.numel(), step, k)  # their first steps are counted already
         order = torch.cat([keep, rest]).argsort()
         parts = [s_ for s_ in (state, done) if s_.z.shape[0]]
 
