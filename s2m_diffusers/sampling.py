@@ -1019,15 +1019,17 @@ class _ChainPool:
         return out, ids
 
 
-def _steps_screened(log_ratio: torch.Tensor, log_ratio_s: torch.Tensor, config: S2MSamplingConfig) -> int:
+def _steps_screened(
+    log_ratio: torch.Tensor, log_ratio_s: torch.Tensor, config: S2MSamplingConfig, weights: torch.Tensor | None = None
+) -> int:
     """``T`` of [`_MixingBound`] under a screen, for draws of ``q`` with these log ratios and (floored) surrogate log
-    ratios: the delayed-acceptance chain's exact distance on them."""
+    ratios (and ``weights``): the delayed-acceptance chain's exact distance on them."""
     if config.mixing_tolerance is None:
         return config.steps_after_entry
     if not torch.isfinite(log_ratio).any():
         return config.max_steps_after_entry
     tol, low, high = config.mixing_tolerance, config.steps_after_entry, config.max_steps_after_entry
-    return da_imh_steps(log_ratio, log_ratio_s, tol, low, high)[0]
+    return da_imh_steps(log_ratio, log_ratio_s, tol, low, high, weights=weights)[0]
 
 
 def _steps_unscreened(log_ratio: torch.Tensor, config: S2MSamplingConfig, weights: torch.Tensor | None = None) -> int:
@@ -1062,12 +1064,46 @@ def _pair_means(
     return float((p[i] * (acc.mean(1) if q is None else acc @ q.double())).sum())
 
 
+def _chain_cost(
+    log_ratio: torch.Tensor,
+    log_ratio_s: torch.Tensor | None,
+    step: int,
+    num_steps: int,
+    config: S2MSamplingConfig,
+    log_weight: torch.Tensor | None = None,
+) -> tuple[float, int]:
+    """The UNet calls one chain of [`sample_imh`] is predicted to pay with draws of ``q`` like a pilot's (log ratios
+    ``log_ratio``, log weights ``log_weight`` for a screened pilot), and its ``T``: unscreened (``log_ratio_s``
+    `None`: ``K`` calls per proposal), or screened after ``step`` of the ``K = num_steps`` steps with the floored
+    surrogate log ratios ``log_ratio_s`` (see [`calibrate_screen`]). Weighted draws count as repeated draws."""
+    lr = log_ratio.double().cpu()
+    lw = torch.zeros_like(lr) if log_weight is None else log_weight.double().cpu()
+    weights = None if log_weight is None else lw.exp()
+    k, on = num_steps, torch.isfinite(lr)
+    p = torch.softmax(torch.where(on, lr + lw, -math.inf), 0)  # current states: the pilot reweighted to the target
+    q = torch.softmax(lw, 0)  # proposals: the pilot's draws as q makes them
+    if log_ratio_s is None:
+        t, rate, per_step = _steps_unscreened(lr, config, weights), _pair_means(p, lr, q=q), k
+        entry = k / float(q[on].sum())
+    else:
+        ls = log_ratio_s.double().cpu()
+        t = _steps_screened(lr, ls, config, weights)
+        rate = _pair_means(p, ls, lr - ls, q=q)  # both stages of delayed acceptance
+        per_step = step + _pair_means(p, ls, q=q) * (k - step)
+        entry_pass = torch.clamp(ls - float(torch.logsumexp(ls + q.log(), 0)), max=0.0).exp()
+        enter = float((entry_pass * on * q).sum())
+        entry = (step + float((entry_pass * q).sum()) * (k - step)) / enter if enter > 0 else math.inf
+    thinning = _thinning_for(rate, config.max_steps_after_entry)
+    return entry + (t + (config.samples_per_chain - 1) * thinning) * per_step, t
+
+
 def calibrate_screen(
     log_ratio: torch.Tensor,
     log_ratio_s: torch.Tensor,
     steps: Sequence[int],
     num_steps: int,
     config: S2MSamplingConfig,
+    log_weight: torch.Tensor | None = None,
 ) -> dict:
     """Choose the screen step and the surrogate's floor from a pilot of ``n`` fully evaluated draws of ``q``.
 
@@ -1088,6 +1124,9 @@ def calibrate_screen(
         steps (`Sequence[int]`): the candidate steps.
         num_steps (`int`): ``K``.
         config ([`S2MSamplingConfig`]): the tolerance, the steps and the samples per chain.
+        log_weight (`torch.Tensor` of shape `(n,)`, *optional*): the draws' log weights, for a screened pilot (the
+            finished draws of [`_propose`] with a screen, weighted by their inverse finishing probability): every
+            mean over ``q`` is then taken with these weights (equal to repeating the draws).
 
     Returns:
         `dict`: ``step`` and ``log_floor`` of the cheapest candidate, ``predicted_cost`` (its UNet calls over the
@@ -1097,19 +1136,10 @@ def calibrate_screen(
     """
     lr = log_ratio.double().cpu()
     ls_all = log_ratio_s.double().cpu()
-    n, k, per_chain = lr.numel(), num_steps, config.samples_per_chain
     on = torch.isfinite(lr)
     if not on.any():
         return {"step": None, "reason": "no pilot draw on the target"}
-    p = torch.softmax(torch.where(on, lr, -math.inf), 0)  # current states: the pilot reweighted to the target
-    share_on = float(on.double().mean())
-
-    def chain_cost(t: int, rate: float, entry: float, per_step: float) -> float:
-        return entry + (t + (per_chain - 1) * _thinning_for(rate, config.max_steps_after_entry)) * per_step
-
-    rate = _pair_means(p, lr)
-    base_steps = _steps_unscreened(lr, config)
-    base = chain_cost(base_steps, rate, k / share_on, k)
+    base, base_steps = _chain_cost(lr, None, 0, num_steps, config, log_weight)
     best, candidates = None, []
     for col, step in enumerate(steps):
         raw = ls_all[:, col]
@@ -1120,19 +1150,11 @@ def calibrate_screen(
         seen = torch.isfinite(raw) & on  # floors among the on-target draws' surrogates, which decide sup(r / r_s)
         for quantile in _SCREEN_FLOOR_QUANTILES:
             floor = float(torch.quantile(raw[seen if seen.any() else finite], quantile))
-            ls = torch.clamp(raw, min=floor)
-            rho = lr - ls
-            steps_s = _steps_screened(lr, ls, config)
-            pass_rate = _pair_means(p, ls)
-            da_rate = _pair_means(p, ls, rho)
-            entry_pass = torch.clamp(ls - float(torch.logsumexp(ls, 0) - math.log(n)), max=0.0).exp()
-            enter = float((entry_pass * on).mean())
-            entry = (step + float(entry_pass.mean()) * (k - step)) / enter if enter > 0 else math.inf
+            cost, steps_s = _chain_cost(lr, torch.clamp(raw, min=floor), step, num_steps, config, log_weight)
             if steps_s == config.max_steps_after_entry > base_steps and config.screen == "auto":
                 continue  # it would lengthen the chains past the cap that the unscreened bound stays under
-            cost = chain_cost(steps_s, da_rate, entry, step + pass_rate * (k - step)) / base
-            if step_best is None or cost < step_best[0]:
-                step_best = (cost, floor)
+            if step_best is None or cost / base < step_best[0]:
+                step_best = (cost / base, floor)
         if step_best is None:
             continue
         candidates.append({"step": step, "predicted_cost": step_best[0]})
@@ -1616,6 +1638,15 @@ def fit_latent(
     num_samples``, so that a later call for more samples fits again (`LatentFit.serves`). Where the prior's pilot
     finds no sample on the target, ``c_prior`` is infinite and every stage runs.
 
+    Where the sampler screens (``config.screen``, a diffusion proposal), every cost above is counted as the budget
+    counts it (a proposal screened out after ``s`` of ``K`` steps as ``s / K``): a candidate's predicted cost per
+    sample is its proposals per sample times the share of them the screen would leave, calibrated on its screened
+    pilot ([`calibrate_screen`] with the pilot's weights; the record's ``predicted_cost_per_sample``), and the
+    sampling's need includes finishing the chosen pilot. A screen that makes the prior cheap leaves a fit less to
+    save, so the fit spends less, and a fit never spends what the screened sampler needs to finish (counted in
+    unscreened proposals, a call whose prior predicted more than the budget let the fit spend all of it and return
+    no sample).
+
     Args:
         stage_evaluates (`Sequence[Callable]`): ``z -> (x, log_w)`` per refitting stage; the last is the full target.
         p_z ([`StandardNormal`]): the latent prior.
@@ -1652,18 +1683,22 @@ def fit_latent(
         drawn, share, efficiency = _pilot(full, q, n, generator, parts[-1], views, screen)
         drawn_by[name] = drawn
         log_ratio = drawn.log_ratio.double().cpu()
-        cost, steps = _predicted_cost(log_ratio, config, drawn.log_weight)
+        proposals, steps = _predicted_cost(log_ratio, config, drawn.log_weight)
         record = {
             "pilot": name,
             "proposals": n,
             "on_target_share": share,
             "efficiency": efficiency,
             "steps_after_entry": steps,
-            "predicted_proposals_per_sample": cost,
+            "predicted_proposals_per_sample": proposals,
             "unet_calls": parts[-1].unet_calls - calls_before,
         }
+        cost = proposals
         if screen is not None:
             record.update(screen_step=step, finished=int(log_ratio.numel()), cost=parts[-1].cost - before)
+            kept = _screened_share(log_ratio, drawn, views, full, config)
+            cost = proposals * kept
+            record.update(screen_predicted_share=kept, predicted_cost_per_sample=cost)
         parts[-1].stages.append(record)
         return log_ratio, cost
 
@@ -1674,11 +1709,13 @@ def fit_latent(
     negatives = []  # latents off an earlier stage's target: off every later one's
     limit = _fit_spend_limit(num_samples, best[2])
     spent_before, limited = sum(p.cost for p in parts), False
+    completion = config.pilot_size - parts[0].cost  # finishing a screened pilot's screened-out draws, about
     for s, evaluate in enumerate(fits):
         cap = left()
         if limit is not None:
             spent = sum(p.cost for p in parts) - spent_before
-            allowed = _stage_allowance(limit, spent, cap, num_samples * best[2], config)
+            need = num_samples * best[2] + completion
+            allowed = _stage_allowance(limit, spent, cap, need, config.pilot_size * len(config.fit_families))
             if allowed < config.fit_size:  # not even fit_size draws: the stage could not find its fit_size latents
                 parts[-1].stages.append({"stage": s, "skipped": f"spend limit {limit:.0f} for {num_samples} samples"})
                 limited = True
@@ -1737,14 +1774,26 @@ def fit_latent(
     )
 
 
-def _stage_allowance(limit: float, spent: float, cap: int | None, need: float, config: S2MSamplingConfig) -> int:
+def _stage_allowance(limit: float, spent: float, cap: int | None, need: float, pilots: float) -> int:
     """The draws the next refitting stage may make: what the spend ``limit`` leaves after ``spent``, less the
     sampling's predicted ``need`` where the budget left (``cap``) holds it (where it cannot finish anyway, only a fit
-    can help), less the stage's pilots (one per family)."""
+    can help), less the stage's ``pilots`` (one per family, reserved whole: a screened pilot costs less)."""
     spare = int(limit - spent)
     if cap is not None and need <= cap:
         spare = min(spare, cap - math.ceil(need))
-    return spare - config.pilot_size * len(config.fit_families)
+    return spare - math.ceil(pilots)
+
+
+def _screened_share(log_ratio: torch.Tensor, drawn: ChainState, views: Sequence[int], evaluate, config) -> float:
+    """The share of a candidate's predicted sampling cost that the sampler's screen would leave, from its screened
+    pilot (``drawn``: finished draws, weighted, with the surrogate at the candidate ``views``): the calibration's
+    predicted cost ([`calibrate_screen`]) where ``config.screen`` would screen with it, else 1."""
+    if drawn.log_ratio_s is None or not views:
+        return 1.0
+    record = calibrate_screen(log_ratio, drawn.log_ratio_s, views, _num_steps(evaluate), config, drawn.log_weight)
+    if record["step"] is None or (config.screen == "auto" and record["predicted_cost"] > _SCREEN_MAX_COST):
+        return 1.0
+    return float(record["predicted_cost"])
 
 
 def _fit_spend_limit(num_samples: int | None, prior_cost: float) -> float | None:

@@ -26,7 +26,15 @@ from s2m_diffusers.maths import da_imh_distances, imh_distance, imh_steps
 from s2m_diffusers.models.heads import S2MHeads
 from s2m_diffusers.pipeline_s2m import S2MPipeline
 from s2m_diffusers.proposals import DDIMProposal
-from s2m_diffusers.sampling import S2MSamplingConfig, SamplerStats, _propose, fit_latent, sample_s2m
+from s2m_diffusers.sampling import (
+    S2MSamplingConfig,
+    SamplerStats,
+    _chain_cost,
+    _propose,
+    calibrate_screen,
+    fit_latent,
+    sample_s2m,
+)
 from s2m_diffusers.testing.toy import ToyProblem, chi_square_cells
 
 ALPHA = 1e-3
@@ -306,3 +314,41 @@ def test_the_budget_counts_a_screened_out_proposal_as_its_share_of_the_steps():
     assert 2990 < s.cost <= 3000 < s.proposals  # more proposals than the budget: those screened out cost 3 / 10
     with pytest.raises(ValueError, match="screen_min_finish"):
         S2MSamplingConfig(screen_min_finish=0.0)
+
+
+def test_a_screened_pilot_predicts_the_chains_cost_as_its_draws_repeated_would():
+    """`calibrate_screen` on a screened pilot (finished draws weighted by their inverse finishing probability, as the
+    fit measures its candidates): a chain's predicted UNet calls, screened or not, equal those of the draws repeated
+    as often as their weights say."""
+    log_r, log_s = _atoms(5, 80)
+    counts = torch.randint(1, 4, (80,), generator=gen(6))
+    config = S2MSamplingConfig()
+    for surrogate, step in ((None, 0), (torch.clamp(log_s, min=-1.0), 3)):
+        weighted = _chain_cost(log_r, surrogate, step, 10, config, counts.double().log())
+        rep = None if surrogate is None else surrogate.repeat_interleave(counts)
+        repeated = _chain_cost(log_r.repeat_interleave(counts), rep, step, 10, config)
+        assert weighted[1] == repeated[1] and weighted[0] == pytest.approx(repeated[0], rel=1e-9)
+    unweighted = calibrate_screen(log_r, log_s[:, None], [3], 10, config)
+    assert calibrate_screen(log_r, log_s[:, None], [3], 10, config, torch.zeros(80)) == unweighted
+
+
+def test_a_screened_fit_counts_its_candidates_and_its_spend_in_screened_cost():
+    """Where the sampler screens, the fit predicts each candidate's cost per sample as the budget counts it (its
+    proposals times the share the screen leaves), chooses by that, and spends at most ``n * (c - 1)`` of it beyond
+    the prior's pilot, ``c`` the prior's screened cost per sample: a cheap screened prior leaves a fit less to buy."""
+    toy = ToyProblem(offset=FAR)
+    evaluates = toy.stage_evaluates("A & B & ~C", screened=True)
+    fit = fit_latent(evaluates, StandardNormal((2,)), num_samples=32, screen="auto", generator=gen(0))
+    pilots = [s for s in fit.stats.stages if "pilot" in s]
+    for pilot in pilots:
+        share = pilot["screen_predicted_share"]
+        assert 0 < share <= 1
+        assert pilot["predicted_cost_per_sample"] == pytest.approx(pilot["predicted_proposals_per_sample"] * share)
+    assert pilots[0]["screen_predicted_share"] < 0.9  # the screen saves on this target: the prior is cheaper
+    best = min(pilots, key=lambda s: s["predicted_cost_per_sample"])
+    assert fit.chosen == best["pilot"]
+    limit = 32 * (pilots[0]["predicted_cost_per_sample"] - 1)
+    completed = sum(s.get("completed_cost", 0) for s in fit.stats.stages)
+    assert fit.stats.cost - pilots[0]["cost"] - completed <= limit
+    unscreened = fit_latent(evaluates, StandardNormal((2,)), num_samples=32, screen=None, generator=gen(0))
+    assert fit.stats.cost < unscreened.stats.cost
