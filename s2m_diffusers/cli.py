@@ -130,6 +130,14 @@ def _sample_parser(subparsers) -> argparse.ArgumentParser:
         "and stop those rejected there (exact: delayed acceptance); 'auto' picks S from a calibration, 'off' never "
         "screens (default: the pipeline's)",
     )
+    p.add_argument(
+        "--screen-min-finish",
+        type=float,
+        default=None,
+        metavar="P",
+        help="with a screen, the least probability (in (0, 1]) with which a refitting draw is run to the end "
+        "whatever its screen says; 1 does not screen the fit's draws (default: 0.2)",
+    )
     p.add_argument("--max-proposals", type=int, default=None, metavar="N", help="proposal budget (generator calls)")
     p.add_argument(
         "--micro-batch-size",
@@ -207,6 +215,7 @@ def sample(args: argparse.Namespace) -> int:
             fit_size=args.fit_size,
             fit_spend=args.fit_spend,
             **({} if args.screen is None else {"screen": args.screen}),
+            **({} if args.screen_min_finish is None else {"screen_min_finish": args.screen_min_finish}),
             negation_margin=args.negation_margin,
             presence_margin=args.presence_margin,
             class_label=_class_label(args.class_label),
@@ -285,6 +294,7 @@ _CLI_OPTIONS = {
         "fit_size",
         "fit_spend",
         "screen",
+        "screen_min_finish",
         "micro_batch_size",
         "negation_margin",
         "presence_margin",

@@ -87,6 +87,8 @@ _FIT_SETTINGS = (
     "pilot_size",
     "fit_seed",
 )
+# A UNet + scheduler proposal's fit screens its draws and weighs its candidates by the screened cost: these key it too.
+_SCREENED_FIT_SETTINGS = ("screen", "screen_min_finish")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -546,7 +548,8 @@ class S2MPipeline(DiffusionPipeline):
             return self._cached_fit(target, config, plan, weigher, runs, num_inference_steps, None)
 
     def _fit_key(self, target: Target, config: S2MSamplingConfig, plan: ClassPlan, steps: int | None) -> str:
-        fields = {name: getattr(config, name) for name in _FIT_SETTINGS}
+        names = _FIT_SETTINGS + (_SCREENED_FIT_SETTINGS if self.proposal_kind == "ddim" else ())
+        fields = {name: getattr(config, name) for name in names}
         steps = steps or self.config.num_inference_steps if self.proposal_kind != "gan" else None
         return json.dumps({"target": str(target), "class": plan.describe(), "steps": steps, **fields}, sort_keys=True)
 

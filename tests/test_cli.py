@@ -103,6 +103,8 @@ def test_sample_presence_margin_reaches_the_pipeline(saved, tmp_path, capsys):
     assert main(sample_args(saved, tmp_path / "a", "--seed", "0", "--presence-margin", "0.3")) == 0
     assert main(sample_args(saved, tmp_path / "b", "--presence-margin", "2")) == 2
     assert "--presence-margin must lie in [0, 1]" in capsys.readouterr().err
+    assert main(sample_args(saved, tmp_path / "c", "--screen-min-finish", "0")) == 2
+    assert "--screen-min-finish must be a probability in (0, 1]" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shutil.which("s2m") is None, reason="the console script is not installed")

@@ -182,6 +182,13 @@ def test_screened_pipeline_returns_on_target_images_and_counts_unet_calls():
     assert stats["unet_calls_per_image"] == pytest.approx(sum(calls) / 8)
     # the returned images are what the UNet makes of their latents, to the end
     assert torch.allclose(out.images * 2 - 1, proposal.generate(out.latents), atol=1e-5)
+    # the fit depends on the screen (its draws are screened, its candidates weighed by the screened cost): a call with
+    # other screen settings fits anew, one with the same reuses the fit
+    fit = dict(refit="off", pilot_size=16, negation_margin=1.0)  # with a tolerance: the prior's pilot is drawn
+    pipe.fits.clear()
+    for screen, min_finish in ((2, 0.2), (2, 0.2), (2, 0.5), (None, 0.2)):
+        pipe.fit("A & B", screen=screen, screen_min_finish=min_finish, **fit)
+    assert len(pipe.fits) == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------
