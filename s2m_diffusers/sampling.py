@@ -141,8 +141,9 @@ class S2MSamplingConfig:
       ([`fit_latent`]).
     - ``fit_spend`` (`str`, defaults to `"call"`): what a call's refitting may spend. ``"call"``: at most what a fit
       could save on the call's samples, ``num_samples * (c_prior - 1)`` proposals with ``c_prior`` the prior's
-      predicted proposals per sample ([`fit_latent`]), so that a call pays at most about twice what the prior alone
-      would; ``"full"``: every stage runs, for a fit that later calls reuse (`S2MPipeline.fit` always fits in full).
+      predicted proposals per sample (under a screen, its predicted cost as the budget counts it; [`fit_latent`]),
+      so that a call pays at most about twice what the prior alone would; ``"full"``: every stage runs, for a fit
+      that later calls reuse (`S2MPipeline.fit` always fits in full).
     - ``mixing_tolerance`` (`float`, defaults to 0.01): every returned sample is at least ``T`` MH steps past its
       chain's entry into the target, with ``T`` the fewest steps after which its distance to the target (total
       variation) falls below this: the independence sampler's exact distance from an entry drawn from ``q`` on the
@@ -180,7 +181,9 @@ class S2MSamplingConfig:
       on-target draws the surrogate rates low, which a screened pilot sees only at rate ``screen_min_finish``).
     - ``screen_min_finish`` (`float`, defaults to 0.2): the least probability with which a screened fit draw is
       finished whatever its surrogate: the weights stay below ``1 / screen_min_finish``, so a pilot keeps at least
-      that share of its precision where the surrogate tells nothing. 1 does not screen the fit's draws.
+      that share of its precision where the surrogate tells nothing. 1 does not screen the fit's draws. A screened
+      fit weighs its candidates by their screened cost ([`fit_latent`]); the pipeline caches fits per ``screen`` and
+      ``screen_min_finish``.
     - ``rank`` (`int`, defaults to 32), ``n_components`` (defaults to ``(1, 2, 4, 8)``), ``defensive`` (defaults to
       0.1), ``covariance_scale`` (defaults to 2.0): the refitted density, see
       `s2m_diffusers.densities.LowRankGaussianMixture.fit`. ``covariance_scale=2.0`` (a proposal wider than the fit)
