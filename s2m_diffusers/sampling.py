@@ -1177,6 +1177,12 @@ def calibrate_screen(
     }
 
 
+def _saves_too_little(record: dict, config: S2MSamplingConfig) -> bool:
+    """Whether ``"auto"`` declines the screen a [`calibrate_screen`] record chose: it predicts more than
+    ``_SCREEN_MAX_COST`` of the unscreened UNet calls (a given step is always used)."""
+    return config.screen == "auto" and record["predicted_cost"] > _SCREEN_MAX_COST
+
+
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
     """Spearman's rank correlation (ties broken by order), `None` for fewer than 3 values or a constant one."""
     if a.numel() < 3:
@@ -1291,7 +1297,7 @@ def _prepare_screen(
         log_ratio, log_ratio_s = pilot.log_ratio.cpu(), pilot.log_ratio_s
     record = calibrate_screen(log_ratio, log_ratio_s, steps, _num_steps(evaluate), config)
     record["chosen"] = "auto" if config.screen == "auto" else "given"
-    if record["step"] is not None and config.screen == "auto" and record["predicted_cost"] > _SCREEN_MAX_COST:
+    if record["step"] is not None and _saves_too_little(record, config):
         record["reason"] = f"the calibration predicts {record['predicted_cost']:.2f} of the unscreened UNet calls"
         record["step"] = None
     if record["step"] is None:
@@ -1570,17 +1576,13 @@ def _predicted_cost(
     a thinning between its ``samples_per_chain`` samples at the acceptance rate the pilot predicts. ``log_weight``:
     the draws' log weights, for a screened pilot ([`_finish_log_probs`]). Returns (cost, ``T``)."""
     lr = log_ratio.double().cpu()
-    lw = torch.zeros_like(lr) if log_weight is None else log_weight.double().cpu()
     on = torch.isfinite(lr)
     if not on.any():
         return math.inf, config.max_steps_after_entry
-    seen = int(on.sum()) >= _MIN_PILOT_ON_TARGET or config.mixing_tolerance is None  # None: T is fixed, not estimated
-    steps = _steps_unscreened(lr, config, lw.exp()) if seen else config.max_steps_after_entry
-    q = torch.softmax(lw, 0)
-    rate = _pair_means(torch.softmax(torch.where(on, lr + lw, -math.inf), 0), lr, q=q)
-    per_chain = config.samples_per_chain
-    chain = 1 / float(q[on].sum()) + steps + (per_chain - 1) * _thinning_for(rate, config.max_steps_after_entry)
-    return chain / per_chain, steps
+    if int(on.sum()) < _MIN_PILOT_ON_TARGET and config.mixing_tolerance is not None:  # too few to see the spread
+        config = config.replace(steps_after_entry=config.max_steps_after_entry)  # T at its cap
+    chain, steps = _chain_cost(lr, None, 0, 1, config, log_weight)  # one "UNet call" per proposal: proposals
+    return chain / config.samples_per_chain, steps
 
 
 def _pilot(
@@ -1794,7 +1796,7 @@ def _screened_share(log_ratio: torch.Tensor, drawn: ChainState, views: Sequence[
     if drawn.log_ratio_s is None or not views:
         return 1.0
     record = calibrate_screen(log_ratio, drawn.log_ratio_s, views, _num_steps(evaluate), config, drawn.log_weight)
-    if record["step"] is None or (config.screen == "auto" and record["predicted_cost"] > _SCREEN_MAX_COST):
+    if record["step"] is None or _saves_too_little(record, config):
         return 1.0
     return float(record["predicted_cost"])
 
