@@ -74,6 +74,7 @@ from s2m_diffusers.evaluation import (  # noqa: E402
     frechet_distance,
 )
 from s2m_diffusers.maths import log_p_data, log_weight  # noqa: E402
+from s2m_diffusers.pipeline_s2m import S2MPipeline  # noqa: E402
 from s2m_diffusers.sampling import sample_official  # noqa: E402
 from s2m_diffusers.targets import Target, parse_target  # noqa: E402
 from s2m_diffusers.utils import write_json_atomically  # noqa: E402
@@ -86,6 +87,7 @@ METHODS = (
     "ours_full_fit",
     "ours_screen",
     "ours_screen_heads",
+    "ours_wrapped",
     "ours_again",
     "ours_conditional",
     "oracle",
@@ -94,9 +96,13 @@ METHODS = (
 # surrogate's floor calibrated on the pilot; a no-op for the GAN), the heads reading the predicted clean images;
 # `ours_screen_heads`: the same with the DDPM's screen heads reading them (`screen_heads_ddpm/`, distilled by
 # `examples/distil_screen_heads.py`). `ours` never screens, and no method but `ours_screen_heads` sees screen heads.
+# `ours_wrapped`: `ours_screen` with the same UNet taken as a wrapped diffusers pipeline (`PipelineProposal` around
+# `s2m_diffusers.testing.pipelines.LatentsDDIMPipeline`, the text-to-image pipelines' step-callback contract): it is
+# stopped after the screen step through its callback and a proposal that passes is rerun whole (K UNet calls, not
+# K - s), the path every wrapped pipeline takes (DDPM only).
 SCREEN_SETTINGS = {"screen": "auto"}
 NO_SCREEN_SETTINGS = {"screen": None}
-SCREEN_METHODS = ("ours_screen", "ours_screen_heads")
+SCREEN_METHODS = ("ours_screen", "ours_screen_heads", "ours_wrapped")
 PROPOSALS = ("gan", "ddpm")
 COLUMNS = ("accuracy", "frechet", "proposals_per_image")
 # Ours: the pipeline's keyword arguments per proposal (see the module docstring and benchmarks/RESULTS.md).
@@ -185,6 +191,25 @@ def official_evaluate(heads, proposal, target: Target, micro_batch_size: int = 2
 
 
 @torch.no_grad()
+def wrapped_pipeline(pipe):
+    """``pipe``'s UNet and heads with the UNet taken as a wrapped diffusers pipeline (`ours_wrapped`); made once."""
+    if getattr(pipe, "_wrapped", None) is None:
+        from diffusers import DDIMScheduler
+
+        from s2m_diffusers.testing.pipelines import LatentsDDIMPipeline
+
+        if pipe.unet is None:
+            raise ValueError("ours_wrapped needs a UNet + scheduler pipeline (--proposals ddpm).")
+        inner = LatentsDDIMPipeline(pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config))
+        wrapped = S2MPipeline(
+            heads=pipe.heads, proposal_pipeline=inner, num_inference_steps=pipe.config.num_inference_steps
+        )
+        wrapped.set_progress_bar_config(disable=True)
+        pipe._wrapped = wrapped
+    pipe._wrapped.register_to_config(num_inference_steps=pipe.config.num_inference_steps)
+    return pipe._wrapped
+
+
 def run_method(
     method: str, pipe, evaluator, target: str, num_images: int, seed: int, max_oracle: int, ours: dict | None = None
 ):
@@ -238,6 +263,8 @@ def run_method(
         # proposals count in its call; `ours_again` is a later call of AGAIN_IMAGES images that reuses that fit.
         n = AGAIN_IMAGES if method == "ours_again" else num_images
         settings = {"max_proposals": (OFFICIAL_STEPS + 1) * n, "fit_seed": seed, **NO_SCREEN_SETTINGS, **(ours or {})}
+        if method == "ours_wrapped":
+            pipe = wrapped_pipeline(pipe)
         if method in SCREEN_METHODS:  # it pays its own fit, as ours does (the cache would hand it ours')
             settings.update(SCREEN_SETTINGS)
             pipe.fits.clear()

@@ -87,7 +87,7 @@ _FIT_SETTINGS = (
     "pilot_size",
     "fit_seed",
 )
-# A UNet + scheduler proposal's fit screens its draws and weighs its candidates by the screened cost: these key it too.
+# A diffusion proposal's fit screens its draws and weighs its candidates by the screened cost: these key it too.
 _SCREENED_FIT_SETTINGS = ("screen", "screen_min_finish")
 
 EXAMPLE_DOC_STRING = """
@@ -213,6 +213,7 @@ class S2MPipeline(DiffusionPipeline):
             default_target=default_target,
         )
         self._deterministic_checked: set[int] = set()
+        self._screen_checks: dict[int, dict] = {}  # a wrapped pipeline's `check_screen`, by pipeline and setting
 
     # ----- proposal -----------------------------------------------------------------------------------------------
     @property
@@ -509,6 +510,8 @@ class S2MPipeline(DiffusionPipeline):
         if isinstance(proposal, PipelineProposal) and id(self.proposal_pipeline) not in self._deterministic_checked:
             proposal.check_deterministic()
             self._deterministic_checked.add(id(self.proposal_pipeline))
+        if isinstance(proposal, PipelineProposal):
+            proposal.screen_checks = self._screen_checks.setdefault(id(self.proposal_pipeline), {})
         return proposal
 
     # ----- fitting the latent density: once per target -----------------------------------------------------------
@@ -548,7 +551,7 @@ class S2MPipeline(DiffusionPipeline):
             return self._cached_fit(target, config, plan, weigher, runs, num_inference_steps, None)
 
     def _fit_key(self, target: Target, config: S2MSamplingConfig, plan: ClassPlan, steps: int | None) -> str:
-        names = _FIT_SETTINGS + (_SCREENED_FIT_SETTINGS if self.proposal_kind == "ddim" else ())
+        names = _FIT_SETTINGS + (_SCREENED_FIT_SETTINGS if self.proposal_kind != "gan" else ())
         fields = {name: getattr(config, name) for name in names}
         steps = steps or self.config.num_inference_steps if self.proposal_kind != "gan" else None
         return json.dumps({"target": str(target), "class": plan.describe(), "steps": steps, **fields}, sort_keys=True)

@@ -5,9 +5,11 @@ an image, and ``z`` is *all* the randomness of one sample. Each adapter wraps on
 
 - [`DDIMProposal`]: a diffusers `UNet2DModel` with its scheduler, run as DDIM with ``eta = 0``; the latent is the
   initial noise ``x_T`` `(C, H, W)`. It can stop after a step and resume (``start``, ``finish``, ``generate_views``),
-  which screening needs (`S2MSamplingConfig.screen`); a [`PipelineProposal`] cannot, and is never screened.
+  which screening needs (`S2MSamplingConfig.screen`).
 - [`PipelineProposal`]: any diffusers pipeline that accepts ``latents=`` and ``output_type="pt"`` (e.g.
-  text-to-image with a fixed prompt, decoded by its VAE); the latent is the pipeline's initial latents.
+  text-to-image with a fixed prompt, decoded by its VAE); the latent is the pipeline's initial latents. Where its
+  step callback allows ([`PipelineProposal.check_screen`]) it is screened too: stopped after a step, read on its
+  predicted clean image, and rerun whole when it passes (``screen_restarts``).
 - [`GeneratorProposal`]: a GAN generator, [`~s2m_diffusers.models.gan.DCGANGenerator`] or any `ModelMixin` whose
   forward maps latents (and optionally class labels) to images; the latent is the generator's latent.
 
@@ -156,6 +158,9 @@ class ProposalAdapter:
     # the adapter cannot stop after a step and resume (`None`: it can, with `start`, `finish` and `generate_views`).
     num_steps: int | None = None
     screen_unavailable: str | None = "a GAN generator has no denoising steps to screen after."
+    # Whether finishing a screened proposal reruns it from its latent (``K`` UNet calls) instead of resuming it after
+    # the screen step (``K - s``): the sampler's cost accounting and calibration follow it.
+    screen_restarts: bool = False
 
     # --- what subclasses provide -----------------------------------------------------------------------------
     @property
@@ -289,6 +294,21 @@ class ProposalAdapter:
                 )
             self.range_checked = True
         return images
+
+    def _check_step(self, step: int) -> None:
+        if not (isinstance(step, int) and 1 <= step < self.num_steps):
+            raise ValueError(f"A screen step must lie in 1..{self.num_steps - 1} (of {self.num_steps}), got {step!r}.")
+
+    def _chunks(self, latents: torch.Tensor, class_labels: torch.Tensor | None, check: bool = True):
+        """``(micro-batch, its labels)`` pairs, in `eval()` mode, with the latents checked as [`generate`] checks
+        them."""
+        if check and tuple(latents.shape[1:]) != self.latent_shape:
+            raise ValueError(f"{type(self).__name__} expects latents of shape (n, {self.latent_shape}).")
+        class_labels = self._check_labels(class_labels, latents.shape[0])
+        with eval_mode(*self._models()):
+            for start in range(0, latents.shape[0], self.micro_batch_size):
+                labels = None if class_labels is None else class_labels[start : start + self.micro_batch_size]
+                yield latents[start : start + self.micro_batch_size], labels
 
     def draw_class_labels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """``n`` classes drawn from ``class_probs`` (uniform by default); `None` for an unconditional generator."""
@@ -506,21 +526,6 @@ class DDIMProposal(ProposalAdapter):
         self._check_step(step)
         return int(self.scheduler.timesteps[step - 1])
 
-    def _check_step(self, step: int) -> None:
-        if not (isinstance(step, int) and 1 <= step < self.num_steps):
-            raise ValueError(f"A screen step must lie in 1..{self.num_steps - 1} (of {self.num_steps}), got {step!r}.")
-
-    def _chunks(self, latents: torch.Tensor, class_labels: torch.Tensor | None, check: bool = True):
-        """``(micro-batch, its labels)`` pairs, in `eval()` mode, with the latents checked as [`generate`] checks
-        them."""
-        if check and tuple(latents.shape[1:]) != self.latent_shape:
-            raise ValueError(f"{type(self).__name__} expects latents of shape (n, {self.latent_shape}).")
-        class_labels = self._check_labels(class_labels, latents.shape[0])
-        with eval_mode(*self._models()):
-            for start in range(0, latents.shape[0], self.micro_batch_size):
-                labels = None if class_labels is None else class_labels[start : start + self.micro_batch_size]
-                yield latents[start : start + self.micro_batch_size], labels
-
 
 # ------------------------------------------------------------------------------------------------------------------
 # Any diffusers pipeline that accepts `latents=`
@@ -554,6 +559,12 @@ class PipelineProposal(ProposalAdapter):
     The pipeline must be deterministic given its latents (an ODE sampler such as DDIM with ``eta = 0``, Euler,
     DPM-Solver++, flow matching): a sampler that adds fresh noise at each step makes the image depend on more than
     its latent and biases S2M. [`check_deterministic`] tests this on one latent; [`~S2MPipeline`] calls it once.
+
+    Screening (`S2MSamplingConfig.screen`): the adapter watches the pipeline's denoising loop through
+    ``callback_on_step_end`` and a wrapper around ``scheduler.step`` (for the step's ``pred_original_sample``), stops
+    it after the screen step with ``interrupt``, decodes the predicted clean latents with the pipeline's VAE, and
+    reruns a proposal that passes from its latent ([`start`], [`finish`]; ``screen_restarts``). [`check_screen`] says,
+    once, whether the pipeline allows it.
 
     Args:
         pipeline (`DiffusionPipeline`): the loaded pipeline; its weights are used, not copied.
@@ -601,15 +612,6 @@ class PipelineProposal(ProposalAdapter):
         steps = getattr(steps, "default", steps)
         self.num_steps = int(steps) if isinstance(steps, int) and not isinstance(steps, bool) else None
 
-    # A diffusers pipeline runs its denoising loop to the end in one call: its step callback shows the latents, but
-    # not the predicted clean image, and the loop cannot be resumed from a step; so a wrapped pipeline is not screened
-    # (`screen="auto"` samples without; a given step is refused with this reason).
-    screen_unavailable = (
-        "a wrapped diffusers pipeline (PipelineProposal) runs its denoising loop to the end in one call and cannot "
-        "be stopped after a step and resumed: screening needs a UNet and scheduler proposal (`unet=`, `scheduler=`, "
-        "or S2MPipeline.from_pipe on a pipeline with a pixel-space UNet2DModel)."
-    )
-
     @property
     def device(self) -> torch.device:
         device = getattr(self.pipeline, "_execution_device", None) or getattr(self.pipeline, "device", None)
@@ -644,23 +646,30 @@ class PipelineProposal(ProposalAdapter):
             return {"batch_size": n}
         return {}
 
-    def _generate(self, latents: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+    def _call(self, latents: torch.Tensor, **call_kwargs):
+        """One pipeline call on the latents ``(b, *latent_shape)`` with the fixed arguments, its progress bar off."""
         config = getattr(self.pipeline, "_progress_bar_config", None)
         self.pipeline.set_progress_bar_config(disable=True)
         try:
-            out = self.pipeline(
+            return self.pipeline(
                 **self.pipeline_kwargs,
                 **self._batch_kwargs(latents.shape[0]),
                 latents=latents.to(self.device, self._dtype()),
-                output_type="pt",
                 return_dict=True,
+                **call_kwargs,
             )
         finally:
             if config is None:
                 del self.pipeline._progress_bar_config
             else:
                 self.pipeline._progress_bar_config = config
-        images = out.images
+
+    def _generate(self, latents: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        return self._library_range(self._call(latents, output_type="pt").images)
+
+    def _library_range(self, images) -> torch.Tensor:
+        """The pipeline's ``output_type="pt"`` images `(b, C, H, W)` (or channels-last) mapped from ``output_range``
+        to [-1, 1]."""
         if not isinstance(images, torch.Tensor):
             raise ValueError(
                 f"{type(self.pipeline).__name__} returned {type(images).__name__} for output_type='pt'; a tensor "
@@ -671,6 +680,174 @@ class PipelineProposal(ProposalAdapter):
         low, high = self.output_range
         # The one place where a pipeline's output range is brought to the library's [-1, 1].
         return (2.0 * (images.float() - low) / (high - low) - 1.0).to(images.device)
+
+    # --- screening (delayed acceptance, `s2m_diffusers.sampling.sample_imh`) -----------------------------------------
+    # A pipeline runs its denoising loop in one call, so the adapter watches it: a wrapper around `scheduler.step`
+    # keeps each step's `pred_original_sample` (the predicted clean latents), the step callback
+    # (`callback_on_step_end`) picks it up after the screen step and stops the loop there (`pipe._interrupt`), and
+    # the predicted clean latents are decoded by the pipeline's VAE. A pipeline cannot be resumed from a step, so a
+    # proposal that passes the screen is rerun from its latent (`screen_restarts`): K UNet calls, not K - s.
+    screen_restarts = True
+    # [`check_screen`]'s answers, by number of steps and scheduler (`S2MPipeline` keeps one per pipeline)
+    screen_checks: dict | None = None
+
+    @property
+    def screen_unavailable(self) -> str | None:
+        """Why this pipeline cannot be screened, `None` when it can ([`check_screen`], run once per number of steps
+        and scheduler)."""
+        if not hasattr(self, "_screen_reason"):
+            checks = self.screen_checks if self.screen_checks is not None else {}
+            key = (self.num_steps, type(getattr(self.pipeline, "scheduler", None)).__name__)
+            if key not in checks:
+                checks[key] = self.check_screen()
+            self._screen_reason = checks[key]
+        return self._screen_reason
+
+    @torch.no_grad()
+    def check_screen(self, atol: float = 1e-3) -> str | None:
+        """Whether the pipeline can be stopped after a denoising step and its predicted clean image read: `None`
+        when it can, else the reason, naming what is missing.
+
+        It needs a known number of steps (at least 2), a ``callback_on_step_end`` argument and an ``interrupt``
+        property (diffusers' step-callback contract), a scheduler whose ``step`` output has ``pred_original_sample``
+        (DDIM, Euler, DDPM do; DPM-Solver does not), and final images that equal its VAE's plain decode of its final
+        latents (``vae.decode(latents / scaling_factor + shift_factor)``, as Stable Diffusion, SD 2, SD 3 and PixArt
+        decode; a pipeline that unpacks or rescales its latents first is refused). One latent is run twice to check
+        the last two, once whole and once stopped after a step.
+        """
+        name = type(self.pipeline).__name__
+        if self.num_steps is None or self.num_steps < 2:
+            return (
+                f"{name}'s number of denoising steps is not known or below 2 (give `num_inference_steps=` of at least "
+                "2) so there is no step to screen after."
+            )
+        if "callback_on_step_end" not in self.parameters or "callback_on_step_end" in self.pipeline_kwargs:
+            return (
+                f"{name} takes no `callback_on_step_end=` (or pipeline_kwargs sets its own), so the adapter cannot "
+                "watch its denoising loop."
+            )
+        if not isinstance(getattr(type(self.pipeline), "interrupt", None), property):
+            return f"{name} has no `interrupt` property, so its denoising loop cannot be stopped after a step."
+        scheduler = getattr(self.pipeline, "scheduler", None)
+        if not callable(getattr(scheduler, "step", None)):
+            return f"{name} has no `scheduler` with a `step` method to read the predicted clean latents from."
+        z = self.p_z().sample(1, generator=torch.Generator().manual_seed(0))
+        with eval_mode(*self._models()):
+            images, seen, final, _ = self._run(z, views=(1,), final=True)
+            if seen.get(1) is None:
+                return (
+                    f"its scheduler {type(scheduler).__name__} does not return `pred_original_sample` from `step`, so "
+                    "the predicted clean image is unknown part-way: use DDIMScheduler or EulerDiscreteScheduler, e.g. "
+                    "`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`."
+                )
+            decoded = self._decode(final)
+            if decoded.shape != images.shape or not torch.allclose(decoded, images.float(), atol=atol):
+                return (
+                    f"{name}'s final images are not its VAE's plain decode of its final latents (it unpacks or "
+                    "rescales them first), so its predicted clean latents cannot be decoded as it would decode them."
+                )
+            _, _, _, calls = self._run(z, views=(1,), stop=1)
+        if calls != 1:
+            return f"{name} ran {calls} denoising steps when stopped after 1: it does not honour `interrupt`."
+        return None
+
+    def _run(self, latents: torch.Tensor, views: Sequence[int] = (), stop: int | None = None, final: bool = False):
+        """One pipeline call on one micro-batch, watched: its images (``output_type="pt"``, as the pipeline returns
+        them; `None` when stopped), the predicted clean latents after each of ``views`` steps, the final latents
+        (with ``final``) and the number of scheduler steps it ran. With ``stop``, the loop is stopped after that many
+        steps and nothing is decoded."""
+        scheduler = self.pipeline.scheduler
+        own = vars(scheduler).get("step")
+        step = scheduler.step
+        last: dict = {"calls": 0}
+        seen: dict[int, torch.Tensor | None] = {}
+
+        def watched(*args, **kwargs):
+            return_dict = kwargs.pop("return_dict", True)
+            out = step(*args, **kwargs, return_dict=True)
+            last["x0"], last["calls"] = getattr(out, "pred_original_sample", None), last["calls"] + 1
+            return out if return_dict else out.to_tuple()
+
+        def on_step_end(pipe, i, t, tensors):
+            if i + 1 in views:
+                seen[i + 1] = last.get("x0")
+            if final and i + 1 == self.num_steps:
+                last["final"] = tensors["latents"]
+            if stop is not None and i + 1 >= stop:
+                pipe._interrupt = True
+            return {}
+
+        scheduler.step = watched
+        try:
+            out = self._call(latents, output_type="latent" if stop else "pt", callback_on_step_end=on_step_end)
+        finally:
+            if own is None:
+                del scheduler.step
+            else:
+                scheduler.step = own
+        return (None if stop else out.images), seen, last.get("final"), last["calls"]
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents decoded as the pipeline decodes its final latents: its VAE (none: a pixel-space pipeline), then
+        [0, 1], in the pipeline's ``output_type="pt"`` range."""
+        vae = getattr(self.pipeline, "vae", None)
+        if vae is None:
+            image = latents
+        else:
+            config = vae.config
+            latents = latents.to(vae.dtype) / config.scaling_factor
+            if getattr(config, "shift_factor", None):
+                latents = latents + config.shift_factor
+            image = vae.decode(latents, return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def _view(self, latents: torch.Tensor) -> torch.Tensor:
+        """Predicted clean latents as the library's images in [-1, 1]."""
+        return self._library_range(self._decode(latents)).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def generate_views(
+        self, latents: torch.Tensor, class_labels: torch.Tensor | None = None, steps: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """As [`generate`], and the predicted clean image after each of ``steps`` (of the K) steps `(n, C, H, W)`
+        (one run per latent; each view costs a VAE decode)."""
+        images, views = [], {s: [] for s in steps}
+        for chunk, _ in self._chunks(latents, class_labels):
+            raw, seen, _, _ = self._run(chunk, views=tuple(steps))
+            images.append(self._checked(self._library_range(raw)).clamp(-1.0, 1.0))
+            for s in steps:
+                views[s].append(self._view(seen[s]))
+        return torch.cat(images), {s: torch.cat(v) for s, v in views.items()}
+
+    @torch.no_grad()
+    def start(
+        self, latents: torch.Tensor, class_labels: torch.Tensor | None, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``step`` denoising steps, the pipeline stopped there: the states to finish from (the latents
+        themselves: [`finish`] reruns them) and the predicted clean images after ``step`` steps `(n, C, H, W)`."""
+        self._check_step(step)
+        views = []
+        for chunk, _ in self._chunks(latents, class_labels):
+            views.append(self._view(self._run(chunk, views=(step,), stop=step)[1][step]))
+        return latents, torch.cat(views)
+
+    @torch.no_grad()
+    def finish(
+        self, states: torch.Tensor, class_labels: torch.Tensor | None, step: int, views: Sequence[int] | None = None
+    ):
+        """The images of [`start`]'s states, rerun whole (K steps): `(n, C, H, W)` in [-1, 1], equal to
+        [`generate`]'s; with ``views`` (steps after ``step``), also the predicted clean image after each of them."""
+        self._check_step(step)
+        later = tuple(views or ())
+        images, seen = [], {s: [] for s in later}
+        for chunk, _ in self._chunks(states, class_labels):
+            raw, chunk_seen, _, _ = self._run(chunk, views=later)
+            images.append(self._checked(self._library_range(raw)).clamp(-1.0, 1.0))
+            for s in later:
+                seen[s].append(self._view(chunk_seen[s]))
+        if views is None:
+            return torch.cat(images)
+        return torch.cat(images), {s: torch.cat(v) for s, v in seen.items()}
 
     @torch.no_grad()
     def check_deterministic(self, atol: float = 1e-4) -> None:

@@ -32,6 +32,8 @@ Three entry points:
 For a diffusion proposal, [`sample_imh`] can screen each proposal on its predicted clean image part-way through the
 denoising (``screen``; delayed acceptance, Christen and Fox 2005): a proposal rejected there stops denoising, and a
 second stage corrects with the true weight, so the chain's target is unchanged ([`calibrate_screen`] picks the step).
+A UNet + scheduler proposal resumes a proposal that passes after the screen step; a wrapped diffusers pipeline is
+stopped through its step callback and reruns it whole (``screen_restarts``).
 
 Its settings are one dataclass, [`S2MSamplingConfig`]; the acceptance itself is `s2m_diffusers.maths.imh_accept`.
 """
@@ -84,6 +86,10 @@ _NONE_IS_A_VALUE = ("class_label", "mixing_tolerance", "screen")
 # Screening (delayed acceptance, `sample_imh`): the candidate screen steps "auto" calibrates, as shares of the K steps,
 # and the floors it tries for the surrogate's log ratio, as quantiles of its values on the pilot's on-target draws.
 _SCREEN_SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# A proposal that restarts (a wrapped pipeline) pays s + P(pass) K UNet calls per screened proposal: "auto" tries steps
+# up to this share of K (past it a screen saves less than it would resume-free, and each candidate costs the
+# calibration pilot a VAE decode per draw).
+_RESTART_MAX_SHARE = 0.5
 _SCREEN_FLOOR_QUANTILES = (0.02, 0.1, 0.25, 0.5)
 # "auto" screens only where the calibration predicts at most this share of the unscreened UNet calls per sample.
 _SCREEN_MAX_COST = 0.9
@@ -165,20 +171,22 @@ class S2MSamplingConfig:
     - ``fit_seed`` (`int`, defaults to 0): the pipeline fits with its own generator seeded by this, so that a fit is a
       function of the target and the settings alone and a call returns the same images whether it fitted or reused
       a fit.
-    - ``screen`` (`int`, `"auto"` or `None`, defaults to `"auto"`): delayed-acceptance screening of diffusion
-      proposals (Christen and Fox, 2005; [`sample_imh`]). After ``screen`` of the K denoising steps the heads (or the
-      pipeline's screen heads, `s2m_diffusers.screen_heads`) judge the predicted clean image
-      (``pred_original_sample``); a proposal rejected there stops denoising, and the acceptance is corrected at the
-      end by the ratio of the true weight to the surrogate's, so the chain's target is unchanged. ``"auto"`` chooses
-      the step, and the floor that keeps the surrogate positive, from the fit's pilot (the one whose UNet calls per
-      sample it predicts lowest), and screens only where that saves at least 10% without pushing ``T`` to its cap;
-      `None` (or ``"off"``) never screens. A no-op for proposals without denoising steps (GANs) and for pipelines that
-      cannot be stopped and resumed at a step. Unless `None`, the fit's draws (its stages and pilots) are screened
-      too, after the first candidate step (``screen`` itself when a step is given): each draw is finished with a
-      probability that grows with its surrogate ratio, at least ``screen_min_finish``, and weighted by its inverse
-      (Horvitz-Thompson), so that the finished draws, weighted, stand for all of them (`_finish_log_probs`); the
-      chosen density's pilot, which seeds the sampler's bound, is then finished whole (the bound's risk lies in the
-      on-target draws the surrogate rates low, which a screened pilot sees only at rate ``screen_min_finish``).
+    - ``screen`` (`int`, `"auto"` or `None`, defaults to `"auto"`): delayed-acceptance screening of diffusion proposals
+      (Christen and Fox, 2005; [`sample_imh`]). After ``screen`` of the K denoising steps the heads (or the pipeline's
+      screen heads, `s2m_diffusers.screen_heads`) judge the predicted clean image (``pred_original_sample``); a
+      proposal rejected there stops denoising, and the acceptance is corrected at the end by the ratio of the true
+      weight to the surrogate's, so the chain's target is unchanged. ``"auto"`` chooses the step, and the floor that
+      keeps the surrogate positive, from the fit's pilot (the one whose UNet calls per sample it predicts lowest), and
+      screens only where that saves at least 10% without pushing ``T`` to its cap; `None` (or ``"off"``) never screens.
+      A no-op for proposals without denoising steps (GANs) and for wrapped pipelines whose step callback does not allow
+      it (`proposals.PipelineProposal.check_screen`). A wrapped pipeline cannot be resumed after the step, so a
+      proposal that passes its screen is rerun whole (``s + K`` UNet calls, counted so, and the calibration predicts
+      with it; ``"auto"`` tries steps up to K / 2 there). Unless `None`, the fit's draws (its stages and pilots) are
+      screened too, after the first candidate step (``screen`` itself when a step is given): each draw is finished with
+      a probability that grows with its surrogate ratio, at least ``screen_min_finish``, and weighted by its inverse
+      (Horvitz-Thompson), so that the finished draws, weighted, stand for all of them (`_finish_log_probs`); the chosen
+      density's pilot, which seeds the sampler's bound, is then finished whole (the bound's risk lies in the on-target
+      draws the surrogate rates low, which a screened pilot sees only at rate ``screen_min_finish``).
     - ``screen_min_finish`` (`float`, defaults to 0.2): the least probability with which a screened fit draw is
       finished whatever its surrogate: the weights stay below ``1 / screen_min_finish``, so a pilot keeps at least
       that share of its precision where the surrogate tells nothing. 1 does not screen the fit's draws. A screened
@@ -587,7 +595,7 @@ def _propose_screened(evaluate, q, n, generator, stats, views, step, min_finish)
         rest[keep] = False
         rest = rest.nonzero().flatten()
         done = finished(rest, counted)
-        _count_screened(counted, 0, rest.numel(), step, k)  # their first steps are counted already
+        _count_screened(counted, 0, rest.numel(), step, k, _restarts(evaluate))  # their first steps are counted
         order = torch.cat([keep, rest]).argsort()
         parts = [s_ for s_ in (state, done) if s_.z.shape[0]]
 
@@ -601,17 +609,41 @@ def _propose_screened(evaluate, q, n, generator, stats, views, step, min_finish)
 
     stats.seconds_evaluate += time.perf_counter() - t0
     state = finished(keep, stats)
-    _count_screened(stats, n, keep.numel(), step, k)
+    _count_screened(stats, n, keep.numel(), step, k, _restarts(evaluate))
     state.log_weight, state.pending = -log_p[keep], pending
     return state
 
 
-def _count_screened(stats: SamplerStats, n: int, finished: int, step: int, num_steps: int) -> None:
+def _count_screened(
+    stats: SamplerStats, n: int, finished: int, step: int, num_steps: int, restarts: bool = False
+) -> None:
     """Count ``n`` proposals screened after ``step`` of ``num_steps`` denoising steps, ``finished`` of them run to the
-    end: their UNet calls, and their cost (a proposal screened out counts ``step / num_steps``)."""
+    end: their UNet calls, and their cost (a proposal screened out counts ``step / num_steps``; one finished by a
+    proposal that ``restarts`` counts ``(step + num_steps) / num_steps``)."""
+    calls = n * step + finished * _finish_calls(step, num_steps, restarts)
     stats.proposals += n
-    stats.unet_calls += n * step + finished * (num_steps - step)
-    stats.cost += (n * step + finished * (num_steps - step)) / num_steps
+    stats.unet_calls += calls
+    stats.cost += calls / num_steps
+
+
+def _finish_calls(step: int, num_steps: int, restarts: bool) -> int:
+    """The UNet calls that finish a proposal screened after ``step`` steps: the rest (``K - s``), or all ``K`` for a
+    proposal that ``restarts`` (a wrapped pipeline, rerun from its latent: `proposals.PipelineProposal`)."""
+    return num_steps if restarts else num_steps - step
+
+
+def _within(budget_left: int | None, evaluate: Evaluate, step: int | None) -> int | None:
+    """The proposals that ``budget_left`` whole proposals pay for at most, screened after ``step`` steps (`None`:
+    unscreened, one each): a proposal that restarts costs up to ``(s + K) / K`` (screened, then rerun whole)."""
+    if budget_left is None or step is None or not _restarts(evaluate):
+        return budget_left
+    k = _num_steps(evaluate)
+    return math.floor(budget_left * k / (step + k))
+
+
+def _restarts(evaluate: Evaluate) -> bool:
+    """Whether ``evaluate`` finishes a screened proposal by rerunning it whole (``screen_restarts``)."""
+    return bool(getattr(evaluate, "screen_restarts", False))
 
 
 def _left(budget: float | None, spent: float) -> int | None:
@@ -663,7 +695,8 @@ def _screen_steps(evaluate: Evaluate, config: S2MSamplingConfig) -> list[int]:
             return []
         raise ValueError(f"screen={config.screen!r} was asked for, but {why} Use screen=None (or 'auto').")
     if config.screen == "auto":
-        return sorted({min(k - 1, max(1, round(share * k))) for share in _SCREEN_SHARES})
+        shares = [s for s in _SCREEN_SHARES if s <= _RESTART_MAX_SHARE or not _restarts(evaluate)]
+        return sorted({min(k - 1, max(1, round(share * k))) for share in shares})
     if not config.screen < k:
         raise ValueError(
             f"screen={config.screen} must be below the proposal's {k} denoising steps (the heads screen the "
@@ -1074,11 +1107,13 @@ def _chain_cost(
     num_steps: int,
     config: S2MSamplingConfig,
     log_weight: torch.Tensor | None = None,
+    restarts: bool = False,
 ) -> tuple[float, int]:
     """The UNet calls one chain of [`sample_imh`] is predicted to pay with draws of ``q`` like a pilot's (log ratios
     ``log_ratio``, log weights ``log_weight`` for a screened pilot), and its ``T``: unscreened (``log_ratio_s``
     `None`: ``K`` calls per proposal), or screened after ``step`` of the ``K = num_steps`` steps with the floored
-    surrogate log ratios ``log_ratio_s`` (see [`calibrate_screen`]). Weighted draws count as repeated draws."""
+    surrogate log ratios ``log_ratio_s`` (see [`calibrate_screen`]; ``restarts``: a proposal that passes the screen
+    costs ``K`` more, not ``K - s``). Weighted draws count as repeated draws."""
     lr = log_ratio.double().cpu()
     lw = torch.zeros_like(lr) if log_weight is None else log_weight.double().cpu()
     weights = None if log_weight is None else lw.exp()
@@ -1092,10 +1127,11 @@ def _chain_cost(
         ls = log_ratio_s.double().cpu()
         t = _steps_screened(lr, ls, config, weights)
         rate = _pair_means(p, ls, lr - ls, q=q)  # both stages of delayed acceptance
-        per_step = step + _pair_means(p, ls, q=q) * (k - step)
+        rest = _finish_calls(step, k, restarts)
+        per_step = step + _pair_means(p, ls, q=q) * rest
         entry_pass = torch.clamp(ls - float(torch.logsumexp(ls + q.log(), 0)), max=0.0).exp()
         enter = float((entry_pass * on * q).sum())
-        entry = (step + float((entry_pass * q).sum()) * (k - step)) / enter if enter > 0 else math.inf
+        entry = (step + float((entry_pass * q).sum()) * rest) / enter if enter > 0 else math.inf
     thinning = _thinning_for(rate, config.max_steps_after_entry)
     return entry + (t + (config.samples_per_chain - 1) * thinning) * per_step, t
 
@@ -1107,6 +1143,7 @@ def calibrate_screen(
     num_steps: int,
     config: S2MSamplingConfig,
     log_weight: torch.Tensor | None = None,
+    restarts: bool = False,
 ) -> dict:
     """Choose the screen step and the surrogate's floor from a pilot of ``n`` fully evaluated draws of ``q``.
 
@@ -1130,6 +1167,8 @@ def calibrate_screen(
         log_weight (`torch.Tensor` of shape `(n,)`, *optional*): the draws' log weights, for a screened pilot (the
             finished draws of [`_propose`] with a screen, weighted by their inverse finishing probability): every
             mean over ``q`` is then taken with these weights (equal to repeating the draws).
+        restarts (`bool`, defaults to `False`): the proposal finishes a screened proposal by rerunning it whole
+            (``s + P(pass) K`` UNet calls per MH step: a wrapped pipeline, `proposals.PipelineProposal`).
 
     Returns:
         `dict`: ``step`` and ``log_floor`` of the cheapest candidate, ``predicted_cost`` (its UNet calls over the
@@ -1153,7 +1192,8 @@ def calibrate_screen(
         seen = torch.isfinite(raw) & on  # floors among the on-target draws' surrogates, which decide sup(r / r_s)
         for quantile in _SCREEN_FLOOR_QUANTILES:
             floor = float(torch.quantile(raw[seen if seen.any() else finite], quantile))
-            cost, steps_s = _chain_cost(lr, torch.clamp(raw, min=floor), step, num_steps, config, log_weight)
+            floored = torch.clamp(raw, min=floor)
+            cost, steps_s = _chain_cost(lr, floored, step, num_steps, config, log_weight, restarts)
             if steps_s == config.max_steps_after_entry > base_steps and config.screen == "auto":
                 continue  # it would lengthen the chains past the cap that the unscreened bound stays under
             if step_best is None or cost / base < step_best[0]:
@@ -1200,8 +1240,9 @@ class _Screen:
     stage, the ratio of the true weight to the surrogate's. The surrogate's log ratio is floored at ``log_floor``, so
     it is positive wherever the true weight is: the chain's target is unchanged whatever the surrogate."""
 
-    def __init__(self, step: int, log_floor: float, num_steps: int, record: dict):
+    def __init__(self, step: int, log_floor: float, num_steps: int, record: dict, restarts: bool = False):
         self.step, self.log_floor, self.num_steps, self.record = step, log_floor, num_steps, record
+        self.restarts = restarts  # a proposal that passes is rerun whole (a wrapped pipeline)
         self.proposed = self.finished = self.finished_on_target = 0
         self.entered_passed = self.entered_accepted = 0
 
@@ -1241,7 +1282,7 @@ class _Screen:
             self.entered_passed += int(entered[keep].sum())
             self.entered_accepted += int((ok & entered[keep]).sum())
         stats.seconds_evaluate += time.perf_counter() - t0
-        _count_screened(stats, n, keep.numel(), self.step, k)
+        _count_screened(stats, n, keep.numel(), self.step, k, self.restarts)
         self.proposed += n
         moved = pool.move(active, accept, rows, ratio_s[accept])
         first = bound.update(new_ratio, ratio_s[keep], log_pass[keep], ratio_s)
@@ -1252,6 +1293,7 @@ class _Screen:
             **{k: v for k, v in self.record.items() if k != "step"},
             "step": self.step,
             "num_steps": self.num_steps,
+            "restarts": self.restarts,
             "log_floor": self.log_floor,
             "proposals": self.proposed,
             "finished": self.finished,
@@ -1295,7 +1337,7 @@ def _prepare_screen(
     else:
         pilot = _propose(evaluate, q, config.pilot_size, generator, stats, views=steps)
         log_ratio, log_ratio_s = pilot.log_ratio.cpu(), pilot.log_ratio_s
-    record = calibrate_screen(log_ratio, log_ratio_s, steps, _num_steps(evaluate), config)
+    record = calibrate_screen(log_ratio, log_ratio_s, steps, _num_steps(evaluate), config, None, _restarts(evaluate))
     record["chosen"] = "auto" if config.screen == "auto" else "given"
     if record["step"] is not None and _saves_too_little(record, config):
         record["reason"] = f"the calibration predicts {record['predicted_cost']:.2f} of the unscreened UNet calls"
@@ -1307,7 +1349,7 @@ def _prepare_screen(
     namer = getattr(evaluate, "surrogate_name", None)  # what reads the views: the heads, or screen heads
     if callable(namer):
         record["surrogate"] = namer(record["step"])
-    screen = _Screen(record["step"], record["log_floor"], _num_steps(evaluate), record)
+    screen = _Screen(record["step"], record["log_floor"], _num_steps(evaluate), record, _restarts(evaluate))
     return screen, record, [*seeds, (log_ratio, screen.floored(log_ratio_s[:, steps.index(record["step"])]))]
 
 
@@ -1403,7 +1445,8 @@ def sample_imh(
         stats.chains_started += pool.start_chains(num_samples - n_done, per_chain)
         active = pool.alive.nonzero().flatten()
         if max_proposals is not None:
-            active = active[: _left(max_proposals, stats.cost)]  # each costs at most one proposal
+            # each costs at most one proposal (one that restarts: (s + K) / K)
+            active = active[: _within(_left(max_proposals, stats.cost), evaluate, screen and screen.step)]
         if active.numel() == 0:
             stats.budget_exhausted = True
             break
@@ -1481,7 +1524,8 @@ def fit_stage(
     fit_batch = config.fit_batch or config.fit_size
     zs, ratios, weights, n_on, share = [], [], [], 0, 0.0
     while n_on < config.fit_size:
-        n = fit_batch if max_proposals is None else min(fit_batch, _left(max_proposals, stats.cost))
+        left = _within(_left(max_proposals, stats.cost), evaluate, screen and screen[0])
+        n = fit_batch if left is None else min(fit_batch, left)
         if n <= 0:
             break
         new = _propose(evaluate, q, n, generator, stats, screen=screen)
@@ -1681,7 +1725,7 @@ def fit_latent(
 
     def measure(q, name: str) -> tuple[torch.Tensor | None, float]:
         """A pilot of ``q`` on the full target: its log ratios and the proposals per sample it predicts."""
-        n = config.pilot_size if max_proposals is None else min(config.pilot_size, left())
+        n = config.pilot_size if max_proposals is None else min(config.pilot_size, _within(left(), full, step))
         if n <= 0:
             return None, math.inf
         before, calls_before = parts[-1].cost, parts[-1].unet_calls
@@ -1714,7 +1758,12 @@ def fit_latent(
     negatives = []  # latents off an earlier stage's target: off every later one's
     limit = _fit_spend_limit(num_samples, best[2])
     spent_before, limited = sum(p.cost for p in parts), False
-    completion = config.pilot_size - parts[0].cost  # finishing a screened pilot's screened-out draws, about
+    # finishing the chosen screened pilot's screened-out draws (in proposals)
+    completion = 0.0
+    if screen is not None and parts[0].stages and "finished" in parts[0].stages[0]:
+        first = parts[0].stages[0]
+        rest = _finish_calls(step, _num_steps(full), _restarts(full)) / _num_steps(full)
+        completion = (first["proposals"] - first["finished"]) * rest
     for s, evaluate in enumerate(fits):
         cap = left()
         if limit is not None:
@@ -1795,7 +1844,8 @@ def _screened_share(log_ratio: torch.Tensor, drawn: ChainState, views: Sequence[
     predicted cost ([`calibrate_screen`]) where ``config.screen`` would screen with it, else 1."""
     if drawn.log_ratio_s is None or not views:
         return 1.0
-    record = calibrate_screen(log_ratio, drawn.log_ratio_s, views, _num_steps(evaluate), config, drawn.log_weight)
+    k, restarts = _num_steps(evaluate), _restarts(evaluate)
+    record = calibrate_screen(log_ratio, drawn.log_ratio_s, views, k, config, drawn.log_weight, restarts)
     if record["step"] is None or _saves_too_little(record, config):
         return 1.0
     return float(record["predicted_cost"])

@@ -118,7 +118,7 @@ def distil_screen_heads(
 
     Args:
         pipe ([`S2MPipeline`]): with ``heads`` and a UNet + scheduler proposal (a GAN has no steps to screen after;
-            a wrapped pipeline cannot be stopped after a step).
+            a wrapped pipeline's screen reads its views with the heads: screen heads are not distilled for it).
         num_samples (`int`, defaults to 4096): denoising runs to distil on.
         steps (`list[int]`, *optional*): the screen steps (of ``num_inference_steps``); default
             [`screen_train_steps`], the early shares ``SCREEN_TRAIN_SHARES`` of the steps.
@@ -139,7 +139,7 @@ def distil_screen_heads(
     if pipe.proposal_kind != "ddim":
         raise ValueError(
             f"Screen heads are for a UNet + scheduler proposal; this pipeline's proposal is a {pipe.proposal_kind!r} "
-            "(a GAN has no denoising steps to screen after, and a wrapped pipeline cannot be stopped after a step)."
+            "(a GAN has no denoising steps to screen after; a wrapped pipeline is screened with the heads themselves)."
         )
     for name, value, low in (
         ("num_samples", num_samples, 10),

@@ -157,6 +157,7 @@ class StageEvaluate:
         proposal = weigher.proposal
         self.num_steps = getattr(proposal, "num_steps", None)
         self.screen_unavailable = getattr(proposal, "screen_unavailable", "this proposal cannot be screened.")
+        self.screen_restarts = bool(getattr(proposal, "screen_restarts", False))  # finishing reruns a proposal whole
         if self.screen_unavailable is None:  # the screen's methods exist only where the proposal can screen
             self.start, self.finish, self.views = self._start, self._finish, self._views
 

@@ -18,14 +18,14 @@ import os
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from test_pipeline import spread_heads, tiny_unet
 
 from s2m_diffusers.densities import StandardNormal
 from s2m_diffusers.maths import da_imh_distances, imh_distance, imh_steps
 from s2m_diffusers.models.heads import S2MHeads
 from s2m_diffusers.pipeline_s2m import S2MPipeline
-from s2m_diffusers.proposals import DDIMProposal
+from s2m_diffusers.proposals import DDIMProposal, PipelineProposal
 from s2m_diffusers.sampling import (
     S2MSamplingConfig,
     SamplerStats,
@@ -40,12 +40,13 @@ from s2m_diffusers.testing.toy import ToyProblem, chi_square_cells
 ALPHA = 1e-3
 FAR = (-0.8, -0.8)
 SLOW = os.environ.get("S2M_SLOW_TESTS") == "1"
-DEFAULT_CASES = {("A & B", "off", 5), ("A & ~B", "sequential", 3)}
+DEFAULT_CASES = {("A & B", "off", 5, False), ("A & ~B", "sequential", 3, False), ("A & ~B", "sequential", 3, True)}
 CASES = [
-    (target, refit, step)
+    (target, refit, step, restarts)
     for target in ("A & B", "A & ~B", "~A", "B & ~A & ~C")
     for refit in ("off", "sequential")
     for step in (3, 5)
+    for restarts in (False, True)
 ]
 
 
@@ -66,13 +67,16 @@ def slot_p_values(toy: ToyProblem, target: str, result) -> list[float]:
 def _cases():
     for case in CASES:
         marks = [] if SLOW or case in DEFAULT_CASES else [pytest.mark.skip(reason="S2M_SLOW_TESTS=1 runs it")]
-        yield pytest.param(*case, marks=marks, id=f"{case[0]}-{case[1]}-screen{case[2]}")
+        restarts = "-restarts" if case[3] else ""
+        yield pytest.param(*case, marks=marks, id=f"{case[0]}-{case[1]}-screen{case[2]}{restarts}")
 
 
-@pytest.mark.parametrize("target, refit, step", list(_cases()))
-def test_screened_sampler_is_exact(target, refit, step):
+@pytest.mark.parametrize("target, refit, step, restarts", list(_cases()))
+def test_screened_sampler_is_exact(target, refit, step, restarts):
+    """With ``restarts`` a proposal that passes the screen is rerun whole (a wrapped pipeline): the same chain, more
+    steps counted."""
     toy = ToyProblem(offset=FAR)
-    evaluates = toy.stage_evaluates(target, screened=True)
+    evaluates = toy.stage_evaluates(target, screened=True, restarts=restarts)
     n = 20_000 if SLOW else 8_000
     result = sample_s2m(
         evaluates, StandardNormal((2,)), n, generator=gen(7), refit=refit, screen=step, max_steps_after_entry=2000
@@ -84,8 +88,9 @@ def test_screened_sampler_is_exact(target, refit, step):
     assert mixing["bound"] <= 0.01 or mixing["steps_after_entry"] == 2000, mixing
     p_values = slot_p_values(toy, target, result)
     assert min(p_values) > ALPHA / len(p_values), (p_values, screen, mixing)
-    # every step the toy ran is counted: s per proposal, K - s more per proposal that passed the screen
+    # every step the toy ran is counted: s per proposal, K - s (restarts: K) more per proposal that passed the screen
     assert result.stats.unet_calls == sum(e.calls for e in evaluates)
+    assert screen["restarts"] is restarts
 
 
 def test_a_faithful_surrogate_is_chosen_and_saves_calls_at_the_same_exactness():
@@ -189,6 +194,102 @@ def test_screened_pipeline_returns_on_target_images_and_counts_unet_calls():
     for screen, min_finish in ((2, 0.2), (2, 0.2), (2, 0.5), (None, 0.2)):
         pipe.fit("A & B", screen=screen, screen_min_finish=min_finish, **fit)
     assert len(pipe.fits) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A wrapped diffusers pipeline (`PipelineProposal`): watched through its step callback, stopped, rerun whole
+
+
+def _unet_counter(unet, calls: list):
+    """A forward hook that records each UNet call's batch size."""
+    return unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+
+
+def test_a_wrapped_pipeline_is_stopped_after_a_step_and_rerun_whole(tmp_path):
+    from test_proposals import tiny_sd_pipeline
+
+    sd = tiny_sd_pipeline(tmp_path)
+    proposal = PipelineProposal(sd, pipeline_kwargs={"prompt": "a cat"}, num_inference_steps=4, micro_batch_size=3)
+    assert proposal.screen_unavailable is None and proposal.screen_restarts
+    z = proposal.p_z().sample(5, gen(0))
+    calls = []
+    hook = _unet_counter(sd.unet, calls)
+    try:
+        images = proposal.generate(z)
+        per_latent = sum(calls) / (4 * 5)  # UNet batch rows per latent and step (2 with classifier-free guidance)
+        x, views = proposal.generate_views(z, None, [1, 2])
+        calls.clear()
+        states, view = proposal.start(z, None, 1)
+        assert sum(calls) == per_latent * 5  # stopped after one step
+        calls.clear()
+        keep = torch.tensor([0, 3])
+        finished, later = proposal.finish(states[keep], None, 1, [2])
+        assert sum(calls) == per_latent * 2 * 4  # rerun whole
+    finally:
+        hook.remove()
+    assert torch.equal(x, images) and torch.allclose(finished, images[keep], atol=1e-5)
+    assert view.shape == images.shape and torch.allclose(view, views[1], atol=1e-5)
+    assert torch.allclose(later[2], views[2][keep], atol=1e-5)
+    # the predicted clean latents after the last step, decoded by the adapter, are the pipeline's own images
+    assert not torch.allclose(views[1], images, atol=1e-2)
+    assert "step" not in vars(sd.scheduler)  # the scheduler is left as it was
+    with pytest.raises(ValueError, match="1..3"):
+        proposal.start(z, None, 4)
+    # a multistep solver gives no predicted clean image part-way: refused with the reason, and a given step says it
+    sd.scheduler = DPMSolverMultistepScheduler.from_config(sd.scheduler.config)
+    solver = PipelineProposal(sd, pipeline_kwargs={"prompt": "a cat"}, num_inference_steps=4)
+    assert "DPMSolverMultistepScheduler" in solver.screen_unavailable
+    assert "pred_original_sample" in solver.screen_unavailable
+
+
+def test_a_pixel_unet_wrapped_as_a_pipeline_screens_as_its_ddim_proposal():
+    """The benchmarks' wrapped path (`testing.pipelines.LatentsDDIMPipeline`): the same images and views as the UNet
+    as a `DDIMProposal`, only rerun whole after the screen."""
+    from diffusers import DDIMScheduler
+
+    from s2m_diffusers.testing.pipelines import LatentsDDIMPipeline
+
+    unet, scheduler = tiny_unet(), DDPMScheduler(num_train_timesteps=100)
+    ddim = DDIMProposal(unet, scheduler, 4, micro_batch_size=3)
+    wrapped = PipelineProposal(LatentsDDIMPipeline(unet, DDIMScheduler.from_config(scheduler.config)), None, None, 4)
+    assert wrapped.latent_shape == ddim.latent_shape and wrapped.screen_unavailable is None
+    z = ddim.p_z().sample(5, gen(0))
+    assert torch.allclose(wrapped.generate(z), ddim.generate(z), atol=1e-5)
+    assert torch.allclose(wrapped.start(z, None, 2)[1], ddim.start(z, None, 2)[1], atol=1e-5)
+
+
+def test_a_screened_wrapped_pipeline_returns_its_own_images_and_counts_its_unet_calls(tmp_path):
+    from test_proposals import tiny_sd_pipeline
+
+    sd = tiny_sd_pipeline(tmp_path)
+    torch.manual_seed(1)
+    heads = S2MHeads(["A", "B", "C"], sample_size=16, in_channels=1, cnn_channels=(4, 8))
+    pipe = S2MPipeline.from_pipe(sd, heads=heads, proposal_kwargs={"prompt": "a cat"}, num_inference_steps=4)
+    pipe.set_progress_bar_config(disable=True)
+    proposal = pipe.get_proposal()
+    spread_heads(heads, proposal.generate(proposal.p_z().sample(64, gen(1))), scale=6.0)
+    settings = dict(refit="off", pilot_size=32, mixing_tolerance=None, steps_after_entry=10, samples_per_chain=4)
+    settings.update(screen=2, negation_margin=1.0)
+    pipe("A & B", num_images=2, generator=gen(0), **settings)  # the pipeline's checks run once
+    calls = []
+    hook = _unet_counter(sd.unet, calls)
+    try:
+        out = pipe("A & B", num_images=8, generator=gen(0), output_type="pt", **settings)
+    finally:
+        hook.remove()
+    stats, per_latent = out.stats, 2  # classifier-free guidance: two UNet rows per latent
+    assert stats["proposal"] == "pipeline" and bool(out.on_target.all())
+    assert stats["screen"]["step"] == 2 and stats["screen"]["restarts"] is True
+    assert 0 < stats["screen"]["screened_out_share"] < 1
+    screened, finished = stats["screen"]["proposals"], stats["screen"]["finished"]
+    # the unscreened calibration pilot's 4 steps each, 2 per screened proposal, and 4 more for each one rerun whole
+    expected = 4 * (stats["proposals"] - screened) + 2 * screened + 4 * finished
+    assert stats["unet_calls"] == sum(calls) / per_latent == expected
+    # the returned images are the pipeline's own for their latents
+    reference = sd(
+        prompt="a cat", num_images_per_prompt=8, latents=out.latents, output_type="pt", num_inference_steps=4
+    )
+    assert torch.allclose(out.images, reference.images, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,9 +403,10 @@ def test_the_fit_screens_its_draws_and_finishes_the_chosen_pilot():
     assert whole.stats.cost == whole.stats.proposals and not any("screen_step" in s for s in whole.stats.stages)
 
 
-def test_the_budget_counts_a_screened_out_proposal_as_its_share_of_the_steps():
+@pytest.mark.parametrize("restarts", [False, True])
+def test_the_budget_counts_a_screened_out_proposal_as_its_share_of_the_steps(restarts):
     toy = ToyProblem(offset=FAR)
-    evaluates = toy.stage_evaluates("A & B", screened=True)
+    evaluates = toy.stage_evaluates("A & B", screened=True, restarts=restarts)
     result = sample_s2m(
         evaluates,
         StandardNormal((2,)),
@@ -318,7 +420,8 @@ def test_the_budget_counts_a_screened_out_proposal_as_its_share_of_the_steps():
     s = result.stats
     assert s.budget_exhausted and result.num_samples < 10_000
     assert s.unet_calls == sum(e.calls for e in evaluates) and s.cost == pytest.approx(s.unet_calls / 10)
-    assert 2990 < s.cost <= 3000 < s.proposals  # more proposals than the budget: those screened out cost 3 / 10
+    # more proposals than the budget: those screened out cost 3 / 10 (those rerun whole, restarts, 13 / 10)
+    assert 2990 < s.cost <= 3000 < s.proposals
     with pytest.raises(ValueError, match="screen_min_finish"):
         S2MSamplingConfig(screen_min_finish=0.0)
 

@@ -203,14 +203,20 @@ class ToyProblem:
         return self.generate(z) + noise * (1.0 - step / num_steps) * self.view_noise(z)
 
     def screened_evaluate_fn(
-        self, target: Target | str, num_steps: int = 10, noise: float = 0.6, negation_margin: float = 1.0
+        self,
+        target: Target | str,
+        num_steps: int = 10,
+        noise: float = 0.6,
+        negation_margin: float = 1.0,
+        restarts: bool = False,
     ) -> ToyScreenedEvaluate:
         """``evaluate_fn`` of the unconditional generator, with the screen's interface (`sampling.sample_imh`): a
         "denoising" run of ``num_steps`` steps whose intermediate views the same exact heads judge, with the negation
         margin 1 and no floor (the surrogate is 0 wherever the view is off target: the sampler's floor must make up
-        for it)."""
+        for it). With ``restarts`` a screened proposal is finished by rerunning it whole (``num_steps`` more steps), as
+        a wrapped diffusers pipeline is (`proposals.PipelineProposal`)."""
         target = self.target(target) if isinstance(target, str) else target
-        return ToyScreenedEvaluate(self, target, num_steps, noise, negation_margin)
+        return ToyScreenedEvaluate(self, target, num_steps, noise, negation_margin, restarts)
 
     def holds(self, target: Target | str, x: torch.Tensor) -> torch.Tensor:
         """Whether each ``x`` satisfies the target (B,) bool."""
@@ -237,10 +243,20 @@ class ToyProblem:
 class ToyScreenedEvaluate:
     """``z -> (x, log w)`` of the toy's unconditional generator with ``num_steps`` "denoising" steps: ``views`` (full
     runs, surrogate log weights at given steps), ``start`` (the first steps and the surrogate) and ``finish`` (the
-    rest), as `s2m_diffusers.sampling.sample_imh` screens them. ``calls`` counts the steps run, per latent."""
+    rest, or all of them again with ``screen_restarts``), as `s2m_diffusers.sampling.sample_imh` screens them.
+    ``calls`` counts the steps run, per latent."""
 
-    def __init__(self, toy: ToyProblem, target: Target, num_steps: int, noise: float, negation_margin: float):
+    def __init__(
+        self,
+        toy: ToyProblem,
+        target: Target,
+        num_steps: int,
+        noise: float,
+        negation_margin: float,
+        restarts: bool = False,
+    ):
         self.toy, self.target, self.num_steps, self.noise = toy, target, num_steps, noise
+        self.screen_restarts = restarts
         self.settings = dict(negation_margin=negation_margin, labelling=toy.labelling)
         self.calls = 0
 
@@ -268,7 +284,7 @@ class ToyScreenedEvaluate:
     def finish(self, handle: tuple[torch.Tensor, int], keep: torch.Tensor, views=None):
         z, step = handle
         z = z[keep]
-        self.calls += z.shape[0] * (self.num_steps - step)
+        self.calls += z.shape[0] * (self.num_steps if self.screen_restarts else self.num_steps - step)
         x = self.toy.generate(z)
         if views is None:
             return x, self.log_w(x)
