@@ -712,7 +712,8 @@ class PipelineProposal(ProposalAdapter):
         property (diffusers' step-callback contract), a scheduler whose ``step`` output has ``pred_original_sample``
         (DDIM, Euler, DDPM do; DPM-Solver does not), and final images that equal its VAE's plain decode of its final
         latents (``vae.decode(latents / scaling_factor + shift_factor)``, as Stable Diffusion, SD 2, SD 3 and PixArt
-        decode; a pipeline that unpacks or rescales its latents first is refused). One latent is run twice to check
+        decode, or with the VAE's ``latents_mean`` and ``latents_std`` as SD XL does; a pipeline that unpacks its
+        latents first, or upcasts its VAE to decode, is refused). One latent is run twice to check
         the last two, once whole and once stopped after a step.
         """
         name = type(self.pipeline).__name__
@@ -795,7 +796,14 @@ class PipelineProposal(ProposalAdapter):
             image = latents
         else:
             config = vae.config
-            latents = latents.to(vae.dtype) / config.scaling_factor
+            latents = latents.to(vae.dtype)
+            mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+            if mean is not None and std is not None:  # as Stable Diffusion XL decodes with such a VAE
+                shape = (1, len(mean), *[1] * (latents.ndim - 2))
+                mean, std = (torch.tensor(v).view(shape).to(latents) for v in (mean, std))
+                latents = latents * std / config.scaling_factor + mean
+            else:
+                latents = latents / config.scaling_factor
             if getattr(config, "shift_factor", None):
                 latents = latents + config.shift_factor
             image = vae.decode(latents, return_dict=False)[0]

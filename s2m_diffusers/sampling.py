@@ -87,8 +87,8 @@ _NONE_IS_A_VALUE = ("class_label", "mixing_tolerance", "screen")
 # and the floors it tries for the surrogate's log ratio, as quantiles of its values on the pilot's on-target draws.
 _SCREEN_SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # A proposal that restarts (a wrapped pipeline) pays s + P(pass) K UNet calls per screened proposal: "auto" tries steps
-# up to this share of K (past it a screen saves less than it would resume-free, and each candidate costs the
-# calibration pilot a VAE decode per draw).
+# up to this share of K (past it a screen costs over half an unscreened proposal before anything passes, and each
+# candidate step costs the calibration pilot a VAE decode per draw).
 _RESTART_MAX_SHARE = 0.5
 _SCREEN_FLOOR_QUANTILES = (0.02, 0.1, 0.25, 0.5)
 # "auto" screens only where the calibration predicts at most this share of the unscreened UNet calls per sample.
