@@ -707,12 +707,16 @@ def _screen_steps(evaluate: Evaluate, config: S2MSamplingConfig) -> list[int]:
 
 
 def _cannot_screen(evaluate: Evaluate) -> str | None:
-    """Why ``evaluate`` cannot screen its proposals, or `None` when it can (``start``/``finish``/``views``)."""
+    """Why ``evaluate`` cannot screen its proposals, or `None` when it can (``start``/``finish``/``views``, and no
+    ``screen_unavailable`` reason)."""
+    why = getattr(evaluate, "screen_unavailable", None)
+    if why:
+        return why
     if all(callable(getattr(evaluate, name, None)) for name in ("start", "finish", "views")):
         return (
             None if _num_steps(evaluate) >= 2 else "the proposal has fewer than 2 denoising steps to screen between."
         )
-    return getattr(evaluate, "screen_unavailable", None) or (
+    return (
         "this proposal cannot be stopped after a denoising step and resumed (a GAN, or an evaluate function without "
         "start/finish/views)."
     )

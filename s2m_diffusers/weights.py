@@ -145,21 +145,26 @@ class Weigher:
 
 
 class StageEvaluate:
-    """``evaluate(z) -> (x, log w)`` of one stage of a call's target (`sampling.sample_imh`'s callable), and, for a
-    proposal that can stop after a denoising step and resume (`proposals.DDIMProposal`), the screen's methods:
+    """``evaluate(z) -> (x, log w)`` of one stage of a call's target (`sampling.sample_imh`'s callable), and the
+    screen's methods, for a proposal that can stop after a denoising step (``screen_unavailable`` is `None`:
+    `proposals.DDIMProposal`, and `proposals.PipelineProposal` where its step callback allows):
     ``start(z, s) -> (handle, log w_s)`` runs the first ``s`` of the K steps and weighs the predicted clean image
     with the soft margins (the surrogate), ``finish(handle, keep) -> (x, log w)`` runs the rest for the latents
-    ``keep`` of that handle, and ``views(z, steps)`` runs whole images with the surrogate at each of ``steps`` (the
-    calibration pilot). ``num_steps`` is K (the UNet calls of one image), `None` for a GAN."""
+    ``keep`` of that handle (reruns them whole where ``screen_restarts``), and ``views(z, steps)`` runs whole images
+    with the surrogate at each of ``steps`` (the calibration pilot). ``num_steps`` is K (the UNet calls of one
+    image), `None` for a GAN."""
 
     def __init__(self, weigher: Weigher, stage: Target):
         self.weigher, self.stage = weigher, stage
         proposal = weigher.proposal
         self.num_steps = getattr(proposal, "num_steps", None)
-        self.screen_unavailable = getattr(proposal, "screen_unavailable", "this proposal cannot be screened.")
         self.screen_restarts = bool(getattr(proposal, "screen_restarts", False))  # finishing reruns a proposal whole
-        if self.screen_unavailable is None:  # the screen's methods exist only where the proposal can screen
-            self.start, self.finish, self.views = self._start, self._finish, self._views
+
+    @property
+    def screen_unavailable(self) -> str | None:
+        """Why the proposal cannot be screened (`None`: it can); read only where a call screens (a wrapped pipeline
+        runs a check on its first reading: `proposals.PipelineProposal.check_screen`)."""
+        return getattr(self.weigher.proposal, "screen_unavailable", "this proposal cannot be screened.")
 
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         w = self.weigher
@@ -201,7 +206,7 @@ class StageEvaluate:
         self.weigher.seconds_generator += time.perf_counter() - t0
         return out
 
-    def _views(self, z: torch.Tensor, steps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def views(self, z: torch.Tensor, steps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         w = self.weigher
         latents, labels = w.plan.split(z, w.proposal.latent_shape)
         x, views = self._timed(lambda: w.proposal.generate_views(latents, labels, steps))
@@ -211,13 +216,13 @@ class StageEvaluate:
         x = x.cpu()
         return x, w.on_round(z, x, log_w), log_w_s
 
-    def _start(self, z: torch.Tensor, step: int) -> tuple[tuple, torch.Tensor]:
+    def start(self, z: torch.Tensor, step: int) -> tuple[tuple, torch.Tensor]:
         w = self.weigher
         latents, labels = w.plan.split(z, w.proposal.latent_shape)
         states, views = self._timed(lambda: w.proposal.start(latents, labels, step))
         return (z, states, labels, step), self._surrogate(views, step)
 
-    def _finish(self, handle: tuple, keep: torch.Tensor, views: Sequence[int] | None = None) -> tuple:
+    def finish(self, handle: tuple, keep: torch.Tensor, views: Sequence[int] | None = None) -> tuple:
         """The rest of the run for the latents ``keep`` of ``handle``: ``(x, log w)``, and with ``views`` (steps
         after the handle's) the surrogate ``log w_s`` `(n, S)` at each of them too."""
         w = self.weigher

@@ -270,7 +270,10 @@ def test_a_screened_wrapped_pipeline_returns_its_own_images_and_counts_its_unet_
     spread_heads(heads, proposal.generate(proposal.p_z().sample(64, gen(1))), scale=6.0)
     settings = dict(refit="off", pilot_size=32, mixing_tolerance=None, steps_after_entry=10, samples_per_chain=4)
     settings.update(screen=2, negation_margin=1.0)
+    pipe("A & B", num_images=2, generator=gen(0), **{**settings, "screen": None})
+    assert not any(pipe._screen_checks.values())  # no screen asked for: the pipeline is not checked for one
     pipe("A & B", num_images=2, generator=gen(0), **settings)  # the pipeline's checks run once
+    assert list(pipe._screen_checks.values()) == [{(4, "DDIMScheduler"): None}]
     calls = []
     hook = _unet_counter(sd.unet, calls)
     try:
