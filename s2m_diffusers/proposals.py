@@ -713,8 +713,8 @@ class PipelineProposal(ProposalAdapter):
         (DDIM, Euler, DDPM do; DPM-Solver does not), and final images that equal its VAE's plain decode of its final
         latents (``vae.decode(latents / scaling_factor + shift_factor)``, as Stable Diffusion, SD 2, SD 3 and PixArt
         decode, or with the VAE's ``latents_mean`` and ``latents_std`` as SD XL does; a pipeline that unpacks its
-        latents first, or upcasts its VAE to decode, is refused). One latent is run twice to check
-        the last two, once whole and once stopped after a step.
+        latents first, or upcasts its VAE to decode, is refused). One latent is run twice to check the last two, once
+        whole and once stopped after a step.
         """
         name = type(self.pipeline).__name__
         if self.num_steps is None or self.num_steps < 2:
