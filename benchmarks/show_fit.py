@@ -18,11 +18,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from bench_7to3 import OFFICIAL_STEPS  # noqa: E402  (the same folder: the budget of its rows)
 from pretrained_roots import PRETRAINED_ROOTS  # noqa: E402  (the same folder)
 
 from s2m_diffusers.demo import load_demo_pipeline  # noqa: E402
 
-OFFICIAL_STEPS = 200  # the budget: the official recipe's 201 proposals per image
 KEYS = (
     "pilot",
     "stage",

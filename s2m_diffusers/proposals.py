@@ -846,16 +846,8 @@ class PipelineProposal(ProposalAdapter):
         """The images of [`start`]'s states, rerun whole (K steps): `(n, C, H, W)` in [-1, 1], equal to
         [`generate`]'s; with ``views`` (steps after ``step``), also the predicted clean image after each of them."""
         self._check_step(step)
-        later = tuple(views or ())
-        images, seen = [], {s: [] for s in later}
-        for chunk, _ in self._chunks(states, class_labels):
-            raw, chunk_seen, _, _ = self._run(chunk, views=later)
-            images.append(self._checked(self._library_range(raw)).clamp(-1.0, 1.0))
-            for s in later:
-                seen[s].append(self._view(chunk_seen[s]))
-        if views is None:
-            return torch.cat(images)
-        return torch.cat(images), {s: torch.cat(v) for s, v in seen.items()}
+        images, seen = self.generate_views(states, class_labels, tuple(views or ()))
+        return images if views is None else (images, seen)
 
     @torch.no_grad()
     def check_deterministic(self, atol: float = 1e-4) -> None:
