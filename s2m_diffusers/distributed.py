@@ -167,7 +167,7 @@ class RunPlan:
     results: list[SampleResult] = field(default_factory=list)
 
     @classmethod
-    def plan(cls, generator, num_images, distributed, max_proposals, config, num_fit_stages) -> RunPlan:
+    def plan(cls, generator, num_images, distributed, max_proposals) -> RunPlan:
         generators = generator_list(generator, num_images)
         dist_state, share = None, range(num_images)
         if distributed:
@@ -176,7 +176,7 @@ class RunPlan:
         if max_proposals is not None and (not isinstance(max_proposals, int) or max_proposals < 1):
             raise ValueError(f"max_proposals must be a positive integer, got {max_proposals!r}.")
         if max_proposals is None:
-            budget = max(10_000, 1_000 * len(share) + 20 * config.fit_size * num_fit_stages)
+            budget = max(10_000, 1_000 * len(share))
         elif dist_state is None:
             budget = max_proposals
         else:  # this process's part of the budget, in proportion to its images
@@ -187,12 +187,10 @@ class RunPlan:
         return cls([gen] if len(share) else [], len(share), share, budget, dist_state)
 
     @property
-    def remaining(self) -> int:
-        """The whole proposals left of this process's budget (a proposal screened out after ``s`` of ``K`` steps
+    def remaining(self) -> float:
+        """What is left of this process's budget, in proposals (a proposal screened out after ``s`` of ``K`` steps
         counts ``s / K``: `SamplerStats.cost`)."""
-        from .sampling import _left
-
-        return _left(self.budget, sum(r.stats.cost for r in self.results))
+        return max(0.0, self.budget - sum(r.stats.cost for r in self.results))
 
     @property
     def is_main_process(self) -> bool:

@@ -39,7 +39,6 @@ versions.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import importlib
@@ -942,9 +941,7 @@ def model_card(
             ``"apache-2.0"``), which include the generator's. Left out when not given.
         base_model (`str`, *optional*): the Hub repo of the generator; by default the one the generator was loaded
             from (its ``_name_or_path``) when that names a Hub repo.
-        sampling (`Mapping`, *optional*): call settings for the snippets (e.g. ``{"negation_margin": 30.0}``),
-            added to those of the pipeline's first cached fit (its target and the settings that differ from the
-            defaults, so that the snippet reuses that fit).
+        sampling (`Mapping`, *optional*): call settings for the snippets (e.g. ``{"negation_margin": 30.0}``).
 
     Returns:
         `str`: the model card, YAML metadata included.
@@ -954,10 +951,9 @@ def model_card(
     counts = list(heads.config.label_counts) if getattr(heads.config, "label_counts", None) else None
     proposal = pipeline.proposal_description()
     base_model = base_model or proposal.get("base_model") or _generator_hub_id(pipeline)
-    fit_target, settings = _fit_settings(pipeline)
-    settings.update(sampling or {})
+    settings = dict(sampling or {})
     default = f"{names[0]} & ~{names[1]}" if len(names) > 1 else names[0]
-    example = pipeline.config.default_target or fit_target or default
+    example = pipeline.config.default_target or default
     lines = [
         *_card_header(base_model, license, names, example),
         *_card_attributes(heads, names, counts),
@@ -996,32 +992,6 @@ def _generator_hub_id(pipeline) -> str | None:
         if repo is not None:
             return repo
     return None
-
-
-def _fit_settings(pipeline) -> tuple[str | None, dict]:
-    """The target of the pipeline's first cached fit and its settings that differ from the defaults: a call with
-    them reuses the fit (`S2MPipeline.fits`), and they are those the pipeline was fitted with."""
-    from .sampling import S2MSamplingConfig
-
-    base = S2MSamplingConfig()
-    if callable(getattr(pipeline, "heads_reading", None)):  # the defaults as this pipeline's heads resolve them
-        base = pipeline.heads_reading(base)
-    defaults = {f.name: getattr(base, f.name) for f in dataclasses.fields(S2MSamplingConfig)}
-    for key in getattr(pipeline, "fits", None) or {}:
-        try:
-            record = json.loads(key)
-        except (TypeError, ValueError):
-            continue
-        settings = {}
-        for name, default in defaults.items():
-            value = record.get(name, default)
-            if (tuple(value) if isinstance(value, list) else value) != default:
-                settings[name] = value
-        steps = record.get("steps")
-        if steps is not None and steps != pipeline.config.num_inference_steps:
-            settings["num_inference_steps"] = steps
-        return record.get("target"), settings
-    return None, {}
 
 
 def _card_header(base_model: str | None, license: str | None, names: list[str], example: str) -> list[str]:
@@ -1129,8 +1099,7 @@ def _card_proposal(proposal: Mapping[str, Any]) -> list[str]:
 
 # the settings `s2m sample` takes as options, with their option names
 _CLI_SETTINGS = {
-    "refit": "--refit",
-    "fit_size": "--fit-size",
+    "kernel": "--kernel",
     "num_chains": "--num-chains",
     "negation_margin": "--negation-margin",
     "presence_margin": "--presence-margin",
