@@ -300,8 +300,8 @@ def sample_chains(
     stats = SamplerStats()
     if config.kernel == "mala" and not callable(getattr(evaluate, "value_and_grad", None)):
         raise ValueError(
-            "kernel='mala' needs an evaluate function with value_and_grad (the gradient of log w: a GAN and heads that "
-            "are differentiable); use kernel='pcn', which needs no gradient."
+            "kernel='mala' needs an evaluate function with value_and_grad (the gradient of log w: a GAN and heads "
+            "that are differentiable); use kernel='pcn', which needs no gradient."
         )
     per_chain = min(config.samples_per_chain, num_samples)
     num_chains = config.num_chains or math.ceil(num_samples / per_chain)

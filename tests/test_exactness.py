@@ -23,7 +23,7 @@ from s2m_diffusers.testing.toy import ToyProblem, clustered_chi_square
 
 RUNS, N = 150, 100
 ALPHA = 1e-3
-# AND, AND-NOT, OR, pure NOT, the rarest AND-NOT (2.4% of the proposals), and a rare AND whose weights have a heavy tail
+# AND, AND-NOT, OR, pure NOT, the rarest AND-NOT (2.4% of the proposals), a rare AND whose weights have a heavy tail
 TARGETS = ["A & B", "A & ~B", "A | C", "~A", "B & ~A & ~C", "A & B & C"]
 PROPOSALS = ["prior", "drawn_class"]
 LABELLINGS = ["independent", "one_label_per_image"]

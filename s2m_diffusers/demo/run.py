@@ -310,8 +310,9 @@ def run_demo(
     Returns:
         `dict`: the report (as in `report.json`): `rows` (one per generator and target: `generator`, `target`,
         `accuracy`, `proposals_per_image`, `acceptance_rate`, `seconds`, `num_images`, `unet_calls_per_image`,
-        `unique_images`, `warnings` (the diagnostics'), `proposals`, `budget_exhausted`), `summary` per generator, `settings`, `wall_seconds`, and `paths` of the files written
-        (`grid`, `markdown`, `json`, and `pipelines`: `{generator: folder}`).
+        `unique_images`, `warnings` (the diagnostics'), `proposals`, `budget_exhausted`), `summary` per generator,
+        `settings`, `wall_seconds`, and `paths` of the files written (`grid`, `markdown`, `json`, and `pipelines`:
+        `{generator: folder}`).
     """
     start = time.perf_counter()
     settings = demo_settings(num_images, generators, settings)
