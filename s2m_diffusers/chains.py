@@ -304,7 +304,7 @@ def sample_chains(
             "that are differentiable); use kernel='pcn', which needs no gradient."
         )
     per_chain = min(config.samples_per_chain, num_samples)
-    num_chains = config.num_chains or math.ceil(num_samples / per_chain)
+    num_chains = config.num_chains or max(min(2, num_samples), math.ceil(num_samples / per_chain))
     per_start = 2 if num_chains >= 4 else 1
     num_chains = per_start * math.ceil(num_chains / per_start)
     per_chain = math.ceil(num_samples / num_chains)

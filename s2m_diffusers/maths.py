@@ -302,7 +302,7 @@ def log_weight(
     float64.
 
     Args:
-        target ([`Target`]): the target (or a refitting stage of it).
+        target ([`Target`]): the target (or one of its `stages`).
         dr_log_probs (`torch.Tensor` of shape `(B, n)`): ``log D_r(c|x)``.
         dv_logit (`torch.Tensor` of shape `(B,)`): ``logit D_v(x)``.
         log_p_data (`torch.Tensor` of shape `(n,)`): from [`log_p_data`].

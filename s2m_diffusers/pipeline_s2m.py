@@ -561,9 +561,8 @@ class S2MPipeline(DiffusionPipeline):
         config = S2MSamplingConfig.resolve(sampling, **sampling_kwargs)
         runs = RunPlan.plan(generator, num_images, distributed, max_proposals)
         if config.num_chains is None and runs.size:
-            config = config.replace(
-                num_chains=min(math.ceil(runs.size / config.samples_per_chain), DEFAULT_MAX_CHAINS)
-            )
+            wanted = max(min(2, runs.size), math.ceil(runs.size / config.samples_per_chain))
+            config = config.replace(num_chains=min(wanted, DEFAULT_MAX_CHAINS))
         step_end = _StepEndCallback(callback_on_step_end, inputs)
         proposal, plan, config, weigher, measured = self._prepare(
             target, config, micro_batch_size, num_inference_steps, step_end, inputs

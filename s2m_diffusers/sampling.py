@@ -105,8 +105,8 @@ class S2MSamplingConfig:
     - ``jump_rate`` (`float`, defaults to 0.1): the share of moves that are independent draws from ``q`` instead of
       local ones, so that chains can jump between modes.
     - ``samples_per_chain`` (`int`, defaults to 4): images each chain returns, ``thinning`` steps apart.
-    - ``num_chains`` (`int`, *optional*): chains side by side; by default ``ceil(images / samples_per_chain)``
-      (rounded up to an even number from 4 on: chains start in pairs), at most 256 in the pipeline.
+    - ``num_chains`` (`int`, *optional*): chains side by side; by default ``ceil(images / samples_per_chain)``, at
+      least 2 (rounded up to an even number from 4 on: chains start in pairs), at most 256 in the pipeline.
     - ``burn_in`` (`int`, defaults to 10): steps before the first image, during which each chain adapts its step
       size; afterwards every chain is a fixed Metropolis-Hastings kernel.
     - ``target_acceptance`` (`float`, defaults to 0.5): the acceptance rate the step sizes are adapted towards.

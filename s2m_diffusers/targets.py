@@ -5,8 +5,9 @@ A target is written against the attribute names of the heads, e.g. ``"black_hair
 Operators: ``&`` AND, ``|`` OR, ``~`` or ``!`` NOT, parentheses. Precedence, from tightest: NOT, AND
 (``&``, ``+``, binary ``-``), OR.
 
-A [`Target`] knows what it says about attribute sets (``holds``, ``holds_batch``), its refitting stages
-(``stages``) and the attribute a class-conditional proposal is given (``first_present``). Its density ratio to
+A [`Target`] knows what it says about attribute sets (``holds``, ``holds_batch``), its refinements one literal at a
+time (``stages``, which a budget error reports on) and the attribute a class-conditional proposal is given
+(``first_present``). Its density ratio to
 ``p_data``, ``log r_T``, is [`s2m_diffusers.maths.log_r`].
 """
 
@@ -180,7 +181,8 @@ class Target:
         return _holds_batch(self.expression, attributes.bool())
 
     def stages(self) -> list[Target]:
-        """The targets of sequential refitting (spec §6): one more literal of the top-level AND per stage.
+        """The target one more literal of its top-level AND at a time (what a budget error reports the entry pool's
+        shares on, `weights.Weigher.pool_report`).
 
         ``a & b & ~c`` gives ``a``, ``a & b``, ``a & b & ~c``: present literals first, in the order written,
         then negated ones, then any other conjunct. A target that is not an AND is a single stage. There are never
