@@ -7,7 +7,7 @@ Samples of one call are correlated: images of one chain, chains started from one
 pool. Independent calls are not. So each case makes ``RUNS`` independent calls of ``N`` images with `sample_s2m` at
 the defaults (no setting passed), and tests the cell shares of all their images (16 cells of equal reference
 probability) against the exact target's with the covariance of the calls' own shares: Hotelling's statistic with the
-calls as clusters (`toy.clustered_chi_square`), whose tolerance follows from the number of calls. A biased sampler
+calls as clusters (`toy.calls_test`), whose tolerance follows from the number of calls. A biased sampler
 fails it as the calls grow; a correlated but exact one does not.
 
 The full matrix (6 targets x 2 proposals x 2 labelling models) is marked slow (``python -m pytest -m slow``); the
@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from s2m_diffusers.densities import StandardNormal
-from s2m_diffusers.sampling import sample_s2m
-from s2m_diffusers.testing.toy import ToyProblem, clustered_chi_square
+from s2m_diffusers.testing.toy import ToyProblem, calls_test
 
 RUNS, N = 150, 100
 ALPHA = 1e-3
@@ -45,30 +44,14 @@ def _cases():
                 yield pytest.param(*case, marks=marks, id=f"{target}-{proposal}-{labelling}")
 
 
-def draw(toy: ToyProblem, target: str, proposal: str, runs: int = RUNS, n: int = N):
-    """``runs`` independent default calls of ``n`` images: (images, call index, proposals)."""
-    drawn = proposal == "drawn_class"
-    evaluate = toy.evaluate_fn(target, class_label="drawn" if drawn else None)
-    p_z = StandardNormal((3,) if drawn else (2,))
-    xs, calls, proposals = [], [], 0
-    for r in range(runs):
-        result = sample_s2m(evaluate, p_z, n, generator=torch.Generator().manual_seed(1000 + r))
-        assert result.num_samples == n
-        xs.append(result.x)
-        calls.append(torch.full((n,), r))
-        proposals += result.stats.proposals
-    return torch.cat(xs), torch.cat(calls), proposals
-
-
 @pytest.mark.filterwarnings("ignore:S2M sampling")  # each call's own diagnostics may warn on 100 images
 @pytest.mark.parametrize("target, proposal, labelling", list(_cases()))
 def test_default_sampler_is_exact(target, proposal, labelling):
     toy = ToyProblem(offset=NEAR if target == "A & B & C" else FAR, labelling=labelling)
-    x, calls, proposals = draw(toy, target, proposal)
-    assert bool(toy.holds(target, x).all())
-    reference = toy.exact_sample(target, 400_000, torch.Generator().manual_seed(1))
-    stat, dof, p = clustered_chi_square(x, calls, reference)
-    assert p > ALPHA, (stat, dof, p, proposals / x.shape[0])
+    drawn = proposal == "drawn_class"
+    evaluate = toy.evaluate_fn(target, class_label="drawn" if drawn else None)
+    p, results = calls_test(toy, target, evaluate, StandardNormal((3,) if drawn else (2,)), RUNS, N)
+    assert p > ALPHA, (p, sum(r.stats.proposals for r in results) / (RUNS * N))
 
 
 def test_the_heavy_tailed_case_has_a_heavy_tail():
@@ -93,13 +76,7 @@ def test_the_test_catches_a_biased_sampler():
         x, log_w = exact(z)
         return x, log_w + 0.3 * x[:, 0]
 
-    xs, calls = [], []
-    for r in range(RUNS):
-        result = sample_s2m(tilted, StandardNormal((2,)), N, generator=torch.Generator().manual_seed(1000 + r))
-        xs.append(result.x)
-        calls.append(torch.full((N,), r))
-    reference = toy.exact_sample(target, 400_000, torch.Generator().manual_seed(1))
-    assert clustered_chi_square(torch.cat(xs), torch.cat(calls), reference)[2] < ALPHA
+    assert calls_test(toy, target, tilted, StandardNormal((2,)), RUNS, N)[0] < ALPHA
 
 
 def test_one_label_data_read_as_independent_is_biased_and_read_right_is_not():

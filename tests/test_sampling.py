@@ -7,7 +7,6 @@ tests at the bottom break the maths on purpose (a flipped negation, pCN read as 
 and check that the same test rejects.
 """
 
-import functools
 import math
 
 import pytest
@@ -19,7 +18,7 @@ from s2m_diffusers.chains import systematic_resample, thinning_for
 from s2m_diffusers.densities import StandardNormal
 from s2m_diffusers.maths import imh_accept
 from s2m_diffusers.sampling import BudgetExhaustedError, S2MSamplingConfig, sample_imh, sample_official, sample_s2m
-from s2m_diffusers.testing.toy import ToyProblem, WithGradient, clustered_chi_square
+from s2m_diffusers.testing.toy import ToyProblem, WithGradient, calls_test
 
 TOY = ToyProblem()
 PRIOR = StandardNormal((2,))
@@ -29,24 +28,13 @@ ALPHA = 1e-3
 pytestmark = pytest.mark.filterwarnings("ignore:S2M sampling")  # a call's own diagnostics may warn on 50 images
 
 
-@functools.cache
-def reference(text: str) -> torch.Tensor:
-    return TOY.exact_sample(text, 200_000, torch.Generator().manual_seed(1234))
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
 def runs_p_value(text: str, evaluate, q=PRIOR, runs: int = RUNS, n: int = N, seed: int = 0, **settings) -> float:
     """The p-value of ``runs`` independent calls of ``n`` images each against the exact target (module docstring)."""
-    xs, calls = [], []
-    for r in range(runs):
-        result = sample_s2m(evaluate, q, n, generator=gen(10_000 * seed + r), **settings)
-        assert bool(TOY.holds(text, result.x).all()), "a returned sample is off target"
-        xs.append(result.x)
-        calls.append(torch.full((result.num_samples,), r))
-    return clustered_chi_square(torch.cat(xs), torch.cat(calls), reference(text))[2]
+    return calls_test(TOY, text, evaluate, q, runs, n, seed, reference_seed=1234, **settings)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------

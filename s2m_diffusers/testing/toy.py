@@ -33,6 +33,7 @@ __all__ = [
     "mean_distance",
     "chi_square_cells",
     "clustered_chi_square",
+    "calls_test",
 ]
 
 
@@ -425,3 +426,22 @@ def clustered_chi_square(
     from scipy.stats import f
 
     return stat, dof, float(f.sf(stat * (k - dof) / (dof * (k - 1)), dof, k - dof))
+
+
+def calls_test(
+    toy: ToyProblem, target: str, evaluate, q, runs: int, n: int, seed: int = 0, reference_seed: int = 1, **settings
+) -> tuple[float, list]:
+    """``runs`` independent calls of `sampling.sample_s2m` for ``n`` images each (seeds ``10000 * seed + r``), tested
+    against the exact target with the calls as clusters ([`clustered_chi_square`]): images of one call are correlated,
+    calls are not. Checks that every image is on the target. Returns the p-value and the calls' results."""
+    from ..sampling import sample_s2m
+
+    xs, calls, results = [], [], []
+    for r in range(runs):
+        result = sample_s2m(evaluate, q, n, generator=torch.Generator().manual_seed(10_000 * seed + r), **settings)
+        assert bool(toy.holds(target, result.x).all()), "a returned sample is off target"
+        xs.append(result.x)
+        calls.append(torch.full((result.num_samples,), r))
+        results.append(result)
+    reference = toy.exact_sample(target, 400_000, torch.Generator().manual_seed(reference_seed))
+    return clustered_chi_square(torch.cat(xs), torch.cat(calls), reference)[2], results
