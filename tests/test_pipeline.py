@@ -615,31 +615,6 @@ def test_generator_and_heads_run_in_micro_batches_and_chains_are_bounded():
     assert out.stats["chains"]["num_chains"] == 256 and max(rounds) == 256  # 256 chains (and their images) at once
 
 
-def test_callback_sees_the_images_of_every_phase_and_its_log_w_applies_in_every_phase():
-    pipe = S2MPipeline(heads=ExactHeads(), gan=QuadrantGenerator())
-    pipe.set_progress_bar_config(disable=True)
-    seen = []
-
-    def veto_b(p, round_, phase, kwargs):  # the heads' target is "A"; the callback adds "~B" in every phase
-        seen.append((phase, kwargs["images"] is not None and kwargs["images"].shape[0] == kwargs["log_w"].shape[0]))
-        b = quadrant_attributes(kwargs["images"])[:, 1]
-        return {"log_w": torch.where(b, torch.full_like(kwargs["log_w"], -torch.inf), kwargs["log_w"])}
-
-    out = pipe(
-        "A",
-        num_images=8,
-        generator=seeded(),
-        output_type="pt",
-        callback_on_step_end=veto_b,
-        callback_on_step_end_tensor_inputs=["images", "log_w"],
-        **FAST,
-    )
-    assert {phase for phase, _ in seen} == {0, 1, 2} and all(has for _, has in seen)
-    present = quadrant_attributes(out.images * 2 - 1)
-    assert (present[:, 0] & ~present[:, 1]).all()
-    assert out.stats["chains"]["pool"]["on_target"] < FAST["pool_size"]  # the pool saw the veto too
-
-
 def test_model_cpu_offload_sequence_names_components_and_runs():
     pipe = gan_pipeline()
     names = pipe.model_cpu_offload_seq.split("->")
