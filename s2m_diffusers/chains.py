@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from . import diagnostics, kernels
-from .screen import Screen, prepare_screen, screened_pool_batch
+from .results import SamplerStats
+from .screen import Screen, count, prepare_screen, screened_pool_batch, unpack
 
 __all__ = ["ChainState", "Pool", "draw_pool", "start_chains", "thinning_for", "sample_chains"]
 
@@ -73,6 +74,13 @@ class ChainState:
             mask = accept.to(mine.device).reshape(-1, *([1] * (mine.ndim - 1)))
             setattr(self, name, torch.where(mask, other.to(mine.device, mine.dtype), mine))
 
+    def put(self, rows: torch.Tensor, new: ChainState) -> None:
+        """Write ``new``'s states into the chains ``rows``, in place."""
+        for name in _FIELDS:
+            mine, other = getattr(self, name), getattr(new, name)
+            if mine is not None and other is not None:
+                mine[rows.to(mine.device)] = other.to(mine.device, mine.dtype)
+
     def _values(self) -> list:
         return [getattr(self, name) for name in _FIELDS]
 
@@ -105,25 +113,6 @@ class Pool:
         if not self.num_on_target:
             return 0.0
         return float(1.0 / torch.softmax(self.log_ratio, 0).pow(2).sum())
-
-
-def unpack(out) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
-    """``evaluate``'s output as ``(x, log_w, readings)``, ``log_w`` float64 on the CPU (readings `None` if absent)."""
-    x, log_w = out[0], out[1].detach().double().cpu()
-    readings = out[2].detach().double().cpu() if len(out) > 2 and out[2] is not None else None
-    return x, log_w, readings
-
-
-def num_steps(evaluate) -> int:
-    """The denoising steps (UNet calls) of one proposal: ``evaluate.num_steps``, 0 without."""
-    return int(getattr(evaluate, "num_steps", None) or 0)
-
-
-def count(stats, n: int, evaluate) -> None:
-    """Count ``n`` proposals run whole."""
-    stats.proposals += n
-    stats.unet_calls += n * num_steps(evaluate)
-    stats.cost += n
 
 
 def _cat(a, b):
@@ -295,8 +284,6 @@ def sample_chains(
         (`dict` of the returned states ``z``, ``x``, ``log_w``, ``chain``; the pool; the traces; a record of the run),
         as `sampling.sample_s2m` assembles them into a `SampleResult`.
     """
-    from .sampling import SamplerStats
-
     stats = SamplerStats()
     if config.kernel == "mala" and not callable(getattr(evaluate, "value_and_grad", None)):
         raise ValueError(

@@ -32,7 +32,7 @@ from accelerate import PartialState
 from accelerate.utils import gather, gather_object, pad_across_processes, parse_flag_from_env
 
 if TYPE_CHECKING:
-    from .sampling import SampleResult
+    from .results import SampleResult
 
 __all__ = [
     "get_state",
@@ -154,6 +154,19 @@ def generator_list(generator, num_images: int) -> list[torch.Generator | None]:
     return [generator]
 
 
+def gather_result(result: SampleResult, runs: RunPlan) -> SampleResult:
+    """Every process's result, in image order, with every process's statistics merged (this process's own when it
+    runs alone); the pool's readings stay this process's."""
+    if runs.num_processes == 1:
+        return result
+    from .results import SampleResult, SamplerStats
+
+    state = runs.dist_state
+    gathered = [gather_rows(getattr(result, k), state) for k in ("z", "x", "log_w", "on_target")]
+    stats = SamplerStats.merge(gather_objects(result.stats, state))
+    return SampleResult(*gathered, stats, pool_readings=result.pool_readings)
+
+
 @dataclass
 class RunPlan:
     """This process's share of a call: one sampler run per generator (one for all its images, or one per image with a
@@ -185,6 +198,17 @@ class RunPlan:
             return cls([generators[i] for i in share], 1, share, budget, dist_state)
         gen = generators[0] if dist_state is None else process_generator(generators[0], dist_state)
         return cls([gen] if len(share) else [], len(share), share, budget, dist_state)
+
+    def spend(self, proposals: int, num_steps: int | None) -> None:
+        """Count ``proposals`` drawn outside the sampler's runs (measuring ``dv_strength="auto"``), by the main
+        process."""
+        if proposals and self.is_main_process:
+            from .results import SampleResult, SamplerStats
+
+            calls = (num_steps or 0) * proposals
+            self.results.append(
+                SampleResult.empty(SamplerStats(proposals=proposals, unet_calls=calls, cost=proposals))
+            )
 
     @property
     def remaining(self) -> float:

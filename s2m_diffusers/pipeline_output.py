@@ -10,7 +10,7 @@ import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
 
-__all__ = ["S2MPipelineOutput", "OUTPUT_TYPES", "postprocess", "call_stats"]
+__all__ = ["S2MPipelineOutput", "OUTPUT_TYPES", "postprocess", "call_stats", "call_budget_error", "empty_outputs"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -95,3 +95,27 @@ def call_stats(result, timings: dict, runs, target, config, plan, proposal_kind:
         "num_processes": runs.num_processes,
         "seconds_wall": timings["seconds_wall"],
     }
+
+
+def call_budget_error(partial, target, num_images: int, budget, plan, weigher):
+    """The call's `BudgetExhaustedError`: how far it got, what the entry pool saw of each literal and of the whole
+    target (`weights.Weigher.pool_report`), and what to try, in the pipeline's words."""
+    from .results import budget_error
+
+    seen = weigher.pool_report(target, partial.pool_readings)
+    tries = [f"a larger budget, e.g. max_proposals={4 * budget}"]
+    if plan.mode != "fixed":
+        tries.append(
+            "a class-conditional proposal (a generator conditioned on one of the target's attributes, with heads "
+            "trained with D_f)"
+        )
+    if partial.num_samples:
+        tries.append(f"allow_partial=True to keep the {partial.num_samples} image(s) found")
+    return budget_error(partial, num_images, budget, str(target), tries, "images", seen)
+
+
+def empty_outputs(proposal, plan, heads_config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents and images of no image, shaped as the call's would be."""
+    hc = heads_config
+    image_shape = proposal.image_shape or (int(hc.in_channels), int(hc.sample_size), int(hc.sample_size))
+    return torch.zeros((0, *plan.latent_shape(proposal.latent_shape))), torch.zeros((0, *image_shape))

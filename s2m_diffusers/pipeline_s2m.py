@@ -1,5 +1,4 @@
 """`S2MPipeline`: any diffusers diffusion model or GAN as the proposal, the S2M heads, and the sampler (spec §4-5b).
-
 The pipeline only composes; each step is one hop away:
 
     check inputs   target text -> `targets.parse_target` -> `Target`; settings -> `sampling.S2MSamplingConfig`
@@ -9,14 +8,11 @@ The pipeline only composes; each step is one hop away:
     sample         `sampling.sample_s2m` -> `chains.sample_chains` (pool, burn-in, sampling) -> `kernels`
     postprocess    `pipeline_output`: images as PIL / numpy / torch, statistics
 
-The sampler sees only an ``evaluate(z) -> (x, log_w, readings)`` callable and the latent prior; it never sees a
-model. Saving, loading and sharing are in `hub`.
+The sampler sees only an ``evaluate(z) -> (x, log_w, readings)`` callable and the prior; saving, loading: `hub`.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
 import os
 import time
@@ -26,34 +22,48 @@ import torch
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin, UNet2DModel
 from diffusers.utils import replace_example_docstring
 
-from . import hub, maths
+from . import hub
 from .callbacks import _ProgressCallback, _SilentBar, _StepEndCallback
-from .data import prepare_images
 from .densities import StandardNormal
-from .distributed import RunPlan
+from .distributed import RunPlan, gather_result
 from .models.heads import S2MHeads
-from .pipeline_output import OUTPUT_TYPES, S2MPipelineOutput, call_stats, postprocess
+from .pipeline_output import (
+    OUTPUT_TYPES,
+    S2MPipelineOutput,
+    call_budget_error,
+    call_stats,
+    empty_outputs,
+    postprocess,
+)
 from .proposals import (
     ClassPlan,
     PipelineProposal,
     ProposalAdapter,
     check_components,
     check_screen_heads,
+    components_from_pipe,
     describe_proposal,
     eval_mode,
     make_proposal,
 )
-from .sampling import BudgetExhaustedError, S2MSamplingConfig, SampleResult, SamplerStats, budget_error, sample_s2m
-from .targets import Target, TargetError, parse_target
-from .weights import PHASES, Weigher, measure_dv_strength
+from .sampling import S2MSamplingConfig, SampleResult, SamplerStats, sample_s2m
+from .targets import Target, parse_target_for_heads
+from .weights import (
+    PHASES,
+    Weigher,
+    check_image_shape,
+    heads_reading,
+    heads_view,
+    load_dv_strengths,
+    resolve_dv_strength,
+    save_dv_strengths,
+)
 
 __all__ = ["S2MPipeline", "S2MPipelineOutput"]
 
 # Chains run side by side when a call does not set `num_chains`: at most this many, so that the images kept for the
 # chains' states stay bounded however many images are asked for ("Memory" in `S2MPipeline.__call__`).
 DEFAULT_MAX_CHAINS = 256
-# The settings the "auto" D_v strength depends on (how the heads are read), beside the target and the proposal.
-_READING_SETTINGS = ("negation_margin", "presence_margin", "dr_temperature", "priors", "class_label")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -91,9 +101,7 @@ class S2MPipeline(DiffusionPipeline):
     Args:
         heads ([`~s2m_diffusers.models.heads.S2MHeads`]): ``D_v``, ``D_r`` (and ``D_f``), trained on images of the
             proposal's size and channels.
-        gan (`ModelMixin`, *optional*): a GAN generator.
-        unet (`UNet2DModel`, *optional*), scheduler (`SchedulerMixin`, *optional*): a diffusion model.
-        proposal_pipeline (`DiffusionPipeline`, *optional*): a pipeline used as the proposal.
+        gan, unet, scheduler, proposal_pipeline: the proposal (above).
         proposal_kwargs (`dict`, *optional*): fixed call arguments of ``proposal_pipeline`` (prompt, guidance
             scale, ...); saved in `model_index.json`.
         latent_shape (`list[int]`, *optional*): shape of one latent of ``gan`` or ``proposal_pipeline`` when their
@@ -106,12 +114,8 @@ class S2MPipeline(DiffusionPipeline):
             predicted clean images part-way through the denoising (`s2m_diffusers.screen_heads.distil_screen_heads`),
             which the screen (``screen="auto"``) reads instead of ``heads`` at the timesteps they were trained on.
 
-    Large generators: a call runs the generator and the heads ``micro_batch_size`` images at a time, keeps only one
-    micro-batch of generated images on the execution device, and lets heads trained on smaller images see a
-    downscaled copy (see "Memory" in [`~S2MPipeline.__call__`]). `enable_model_cpu_offload()` keeps every model on the
-    CPU and moves each one to the accelerator only while it runs (``model_cpu_offload_seq``; a wrapped
-    ``proposal_pipeline`` gets its own offloading). Several processes: ``pipe(..., distributed=True)`` under
-    ``accelerate launch`` (see `s2m_diffusers.distributed`).
+    Large generators: see "Memory" in [`~S2MPipeline.__call__`] and `enable_model_cpu_offload()`; several processes:
+    ``pipe(..., distributed=True)`` under ``accelerate launch`` (`s2m_diffusers.distributed`).
     """
 
     # diffusers' `enable_model_cpu_offload` order: the generator, then the heads. `proposal_pipeline` is a pipeline,
@@ -157,11 +161,7 @@ class S2MPipeline(DiffusionPipeline):
     @property
     def proposal_kind(self) -> str:
         """``"gan"``, ``"ddim"`` or ``"pipeline"``."""
-        if self.gan is not None:
-            return "gan"
-        if self.unet is not None:
-            return "ddim"
-        return "pipeline"
+        return "gan" if self.gan is not None else "ddim" if self.unet is not None else "pipeline"
 
     def get_proposal(self, micro_batch_size: int = 64, num_inference_steps: int | None = None) -> ProposalAdapter:
         """The proposal adapter of this pipeline's generator (`s2m_diffusers.proposals.make_proposal`). Its
@@ -186,15 +186,8 @@ class S2MPipeline(DiffusionPipeline):
         return self
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
-        """As `DiffusionPipeline.enable_model_cpu_offload`: every model stays on the CPU and is moved to the
-        accelerator when it runs (the generator, then the heads, ``model_cpu_offload_seq``); a wrapped
-        ``proposal_pipeline`` gets its own `enable_model_cpu_offload` (its UNet, text encoders and VAE one at a time).
-
-        Args:
-            gpu_id (`int`, *optional*), device (`torch.device` or `str`, *optional*): as in diffusers. diffusers raises
-                without an accelerator unless ``device`` is given (``device="cpu"`` installs the hooks on a CPU
-                machine, which saves nothing but runs the same code).
-        """
+        """As `DiffusionPipeline.enable_model_cpu_offload` (the generator, then the heads, ``model_cpu_offload_seq``;
+        ``device="cpu"`` installs the hooks without an accelerator); a wrapped ``proposal_pipeline`` gets its own."""
         super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
         inner = self.proposal_pipeline
         if inner is not None and getattr(inner, "model_cpu_offload_seq", None):
@@ -218,10 +211,7 @@ class S2MPipeline(DiffusionPipeline):
         """
         path = hub.snapshot_path(pretrained_model_name_or_path, kwargs)
         pipe = super().from_pretrained(path, **kwargs)
-        strengths = os.path.join(path, "fits", "dv_strength.json")
-        if os.path.isfile(strengths):
-            with open(strengths, encoding="utf-8") as f:
-                pipe._auto_dv_strengths = {str(k): float(v) for k, v in json.load(f).items()}
+        pipe._auto_dv_strengths = load_dv_strengths(path)
         return pipe
 
     @classmethod
@@ -234,30 +224,14 @@ class S2MPipeline(DiffusionPipeline):
         - A pipeline with a pixel-space `UNet2DModel` and a scheduler that does not take ``latents=`` (e.g.
           `DDPMPipeline`, `DDIMPipeline`): its ``unet`` and ``scheduler`` are used, run as DDIM.
 
-        Args:
-            pipeline (`DiffusionPipeline`): the loaded pipeline.
-            heads ([`~s2m_diffusers.models.heads.S2MHeads`]): heads trained for that proposal.
-            kwargs: other arguments of [`S2MPipeline`] (``proposal_kwargs``, ``latent_shape``,
-                ``num_inference_steps``, ``default_target``).
+        ``heads`` are heads trained for that proposal; ``kwargs`` other arguments of [`S2MPipeline`]
+        (``proposal_kwargs``, ``latent_shape``, ``num_inference_steps``, ``default_target``).
         """
         if isinstance(pipeline, S2MPipeline):
-            components = dict(pipeline.components)
-            if heads is not None:
-                components["heads"] = heads
-            for key in [k for k in kwargs if k in components]:
-                components[key] = kwargs.pop(key)
+            components = {**pipeline.components, **({"heads": heads} if heads is not None else {})}
+            components.update({k: kwargs.pop(k) for k in list(kwargs) if k in components})
             return cls(**components, **{**pipeline.parameters, **kwargs})
-        if not isinstance(pipeline, DiffusionPipeline):
-            raise ValueError(
-                f"from_pipe wraps a loaded diffusers pipeline; got {type(pipeline).__name__}. For a GAN generator use "
-                "`S2MPipeline(heads=heads, gan=generator)`."
-            )
-        components = pipeline.components
-        takes_latents = "latents" in inspect.signature(pipeline.__call__).parameters
-        unet, scheduler = components.get("unet"), components.get("scheduler")
-        if not takes_latents and isinstance(unet, UNet2DModel) and scheduler is not None:
-            return cls(heads=heads, unet=unet, scheduler=scheduler, **kwargs)
-        return cls(heads=heads, proposal_pipeline=pipeline, **kwargs)
+        return cls(heads=heads, **components_from_pipe(pipeline), **kwargs)
 
     def save_pretrained(
         self,
@@ -271,20 +245,10 @@ class S2MPipeline(DiffusionPipeline):
     ) -> None:
         """Save in the layout that loads with `S2MPipeline.from_pretrained`, with
         `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`, with `diffusers-cli run` and from the Hub,
-        with a model card (README.md); weights are safetensors. See `s2m_diffusers.hub.save_pipeline`.
-
-        Args:
-            save_directory (`str`): the folder.
-            safe_serialization (`bool`, defaults to `True`): weights are saved as safetensors only; `False` warns and
-                saves safetensors anyway (loading refuses pickle).
-            variant (`str`, *optional*), max_shard_size (*optional*): as in `DiffusionPipeline.save_pretrained`.
-            push_to_hub (`bool`, defaults to `False`): then upload the folder to ``repo_id`` (defaults to the
-                folder's name) with a model card pinned to the uploaded commit; see [`push_to_hub`].
-            training_data (`dict` or `str`, *optional*): a description of the heads' training data for the card.
-            kwargs: ``license``, ``base_model`` and ``sampling`` (the call settings its snippets show) for the card
-                (see `s2m_diffusers.hub.model_card`); ``repo_id``, ``token``, ``private``, ``commit_message``,
-                ``create_pr``, ``api`` for the upload.
-        """
+        with a model card; weights are safetensors (`safe_serialization=False` warns and saves them anyway). Arguments
+        as in `DiffusionPipeline.save_pretrained`, and ``training_data`` (a description for the card); ``kwargs``:
+        ``license``, ``base_model``, ``sampling`` for the card (`s2m_diffusers.hub.model_card`), ``repo_id``,
+        ``token``, ``private``, ``commit_message``, ``create_pr``, ``api`` for an upload (``push_to_hub=True``)."""
         card = {k: kwargs.pop(k) for k in ("license", "base_model", "sampling") if k in kwargs}
         folder = hub.save_pipeline(
             self,
@@ -300,51 +264,15 @@ class S2MPipeline(DiffusionPipeline):
             hub.push_pipeline(self, repo_id, folder=folder, training_data=training_data, **card, **kwargs)
 
     def push_to_hub(self, repo_id: str, training_data: dict | str | None = None, **kwargs):
-        """Upload the pipeline in the layout of [`save_pretrained`], with a model card whose loading snippets pin
-        ``revision=`` to the uploaded commit (see `s2m_diffusers.hub.push_pipeline`).
-
-        Args:
-            repo_id (`str`): ``"user/name"``.
-            training_data (`dict` or `str`, *optional*): a description of the heads' training data for the card.
-            kwargs: ``commit_message``, ``private``, ``token``, ``create_pr`` (as in `huggingface_hub.HfApi`),
-                ``license``, ``base_model``, ``sampling`` (the card, as in [`save_pretrained`]),
-                ``safe_serialization``, ``variant`` (as in [`save_pretrained`]) and ``api`` (an `HfApi` or a
-                stand-in).
-
-        Returns:
-            `CommitInfo` of the commit holding the code and weights; its ``oid`` is the revision the card pins.
-        """
+        """Upload the pipeline to ``repo_id`` (``"user/name"``) in the layout of [`save_pretrained`], with a model card
+        whose loading snippets pin ``revision=`` to the uploaded commit (`s2m_diffusers.hub.push_pipeline`; ``kwargs``
+        as there). Returns the `CommitInfo` whose ``oid`` the card pins."""
         return hub.push_pipeline(self, repo_id, training_data=training_data, **kwargs)
 
     # ----- checking inputs ----------------------------------------------------------------------------------------
     def parse_target(self, target: str | Target | None) -> Target:
         """``target`` (or ``config.default_target``) parsed against the heads' attributes."""
-        names = list(self.heads.config.attribute_names)
-        if target is None:
-            target = self.config.default_target
-        if target is None:
-            raise ValueError(
-                f"Name a target over the heads' attributes {names}, e.g. pipe('{names[0]} & ~{names[-1]}'); from "
-                f'`diffusers-cli run`, pass --pipeline-kwargs \'{{"target": "{names[0]} & ~{names[-1]}"}}\'. '
-                "A pipeline saved with `default_target=` uses that one."
-            )
-        if isinstance(target, Target):
-            if list(target.attribute_names) != names:
-                raise TargetError(
-                    f"The target was parsed against attributes {list(target.attribute_names)}, but the heads know "
-                    f"{names}. Pass the target as a string to parse it against the heads' attributes."
-                )
-            return target
-        try:
-            return parse_target(target, names)
-        except TargetError as err:
-            if getattr(err, "unknown_attribute", None) is None:
-                raise
-            raise TargetError(
-                f"{err} These are the attributes this pipeline's heads were trained on; to target another attribute, "
-                "train heads on single-positive data that includes it.",
-                unknown_attribute=err.unknown_attribute,
-            ) from err
+        return parse_target_for_heads(target, list(self.heads.config.attribute_names), self.config.default_target)
 
     def check_inputs(self, num_images, output_type, tensor_inputs) -> None:
         check_components(self.heads, self.gan, self.unet, self.scheduler, self.proposal_pipeline)
@@ -359,36 +287,16 @@ class S2MPipeline(DiffusionPipeline):
                 f"{self._callback_tensor_inputs}."
             )
 
-    def check_image_shape(self, shape: tuple[int, ...], proposal: ProposalAdapter) -> None:
-        """The heads take the proposal's images as they are, or a downscaled copy when the images are larger."""
-        hc = self.heads.config
-        expected = (int(hc.in_channels), int(hc.sample_size), int(hc.sample_size))
-        shape = tuple(int(s) for s in shape)
-        if len(shape) != 3 or shape[0] != expected[0] or min(shape[1:]) < expected[1]:
-            raise ValueError(
-                f"The heads were trained for images of shape {expected} (in_channels={hc.in_channels}, "
-                f"sample_size={hc.sample_size}), but the proposal ({type(proposal).__name__} of "
-                f"{self.proposal_description()['class']}) produces images of shape {shape}. The heads can see a "
-                "downscaled copy of larger images with the same channels, never a smaller one. Train heads on "
-                f"the proposal's format (S2MHeads(sample_size={min(shape[1:])}, in_channels={shape[0]}) or smaller, "
-                "with real images brought to it by `s2m_diffusers.data.prepare_images`), or use the proposal the "
-                "heads were trained with."
-            )
-
     def heads_view(self, images: torch.Tensor) -> torch.Tensor:
         """What the heads see of the proposal's images `(B, C, H, W)` in [-1, 1]: the images themselves at the heads'
         ``sample_size``, else a copy downscaled as real data is (`s2m_diffusers.data.prepare_images`: the shorter side
         resized with antialiased bilinear filtering, then a centre crop), as `train_heads` does."""
-        hc = self.heads.config
-        size, channels = int(hc.sample_size), int(hc.in_channels)
-        if tuple(images.shape[1:]) == (channels, size, size):
-            return images
-        return prepare_images(images, size, channels)
+        return heads_view(self.heads.config, images)
 
-    def _prepare(self, target, config, micro_batch_size, num_inference_steps, callback=None, inputs=("latents",)):
+    def _prepare(self, target, config, micro_batch_size, steps, callback=None, inputs=("latents",)):
         """The proposal adapter, its class plan, the settings with the heads' reading filled in (``dv_strength``
         resolved), the call's weigher, and the proposals that measuring ``dv_strength="auto"`` drew now (else 0)."""
-        proposal = self._prepare_proposal(micro_batch_size, num_inference_steps)
+        proposal = self._prepare_proposal(micro_batch_size, steps)
         config = self.heads_reading(config)
         plan = ClassPlan.choose(
             target,
@@ -397,14 +305,7 @@ class S2MPipeline(DiffusionPipeline):
             config.class_label,
             describe_proposal(self.components, self.config)["class"],
         )
-        measured = 0
-        if config.dv_strength == "auto":  # measure beta with the weights of beta = 1, then weigh with it
-            key = self._dv_key(target, config, plan, num_inference_steps)
-            if key not in self.auto_dv_strengths:
-                pilot = Weigher(self, target, proposal, plan, config.replace(dv_strength=1.0), micro_batch_size)
-                with eval_mode(self.heads):
-                    self.auto_dv_strengths[key], measured = measure_dv_strength(pilot, target)
-            config = config.replace(dv_strength=self.auto_dv_strengths[key])
+        config, measured = resolve_dv_strength(self, target, config, plan, proposal, micro_batch_size, steps)
         weigher = Weigher(self, target, proposal, plan, config, micro_batch_size, callback, inputs)
         return proposal, plan, config, weigher, measured
 
@@ -412,18 +313,7 @@ class S2MPipeline(DiffusionPipeline):
         """``config`` with the settings it leaves to the heads filled in from their config (chosen from data when they
         were trained, `s2m_diffusers.training.choose_sampling_settings`): ``negation_margin``, ``presence_margin``
         (else 0) and ``dv_strength`` (else 1, the paper's target)."""
-        hc = self.heads.config
-        stored = {
-            "negation_margin": getattr(hc, "negation_margin", None) or maths.DEFAULT_NEGATION_MARGIN,
-            "presence_margin": getattr(hc, "presence_margin", None) or 0.0,
-            "dv_strength": 1.0 if getattr(hc, "dv_strength", None) is None else hc.dv_strength,
-        }
-        return config.replace(**{k: float(v) for k, v in stored.items() if getattr(config, k) is None})
-
-    def _dv_key(self, target: Target, config: S2MSamplingConfig, plan: ClassPlan, steps: int | None) -> str:
-        fields = {name: getattr(config, name) for name in _READING_SETTINGS}
-        steps = steps or self.config.num_inference_steps if self.proposal_kind != "gan" else None
-        return json.dumps({"target": str(target), "class": plan.describe(), "steps": steps, **fields}, sort_keys=True)
+        return heads_reading(self.heads.config, config)
 
     @property
     def auto_dv_strengths(self) -> dict[str, float]:
@@ -435,7 +325,7 @@ class S2MPipeline(DiffusionPipeline):
     def _prepare_proposal(self, micro_batch_size: int, num_inference_steps: int | None) -> ProposalAdapter:
         proposal = self.get_proposal(micro_batch_size, num_inference_steps)
         if proposal.image_shape is not None:
-            self.check_image_shape(proposal.image_shape, proposal)
+            check_image_shape(self.heads.config, proposal.image_shape, proposal, self.proposal_description()["class"])
         if isinstance(proposal, PipelineProposal):
             if id(self.proposal_pipeline) not in self._deterministic_checked:
                 proposal.check_deterministic()
@@ -445,10 +335,7 @@ class S2MPipeline(DiffusionPipeline):
 
     def write_extra_files(self, folder: str) -> None:
         """Called by `hub.save_pipeline` inside the folder being saved: the measured ``dv_strength="auto"`` values."""
-        if self.auto_dv_strengths:
-            os.makedirs(os.path.join(folder, "fits"), exist_ok=True)
-            with open(os.path.join(folder, "fits", "dv_strength.json"), "w", encoding="utf-8") as f:
-                json.dump(self.auto_dv_strengths, f, indent=1)
+        save_dv_strengths(self.auto_dv_strengths, folder)
 
     # ----- __call__ -----------------------------------------------------------------------------------------------
     @property
@@ -528,21 +415,14 @@ class S2MPipeline(DiffusionPipeline):
                 log weights, so that the chains target ``p_z exp(log_w')``; latents and images cannot be changed.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): see ``callback_on_step_end``.
 
-        Memory: the generator and the heads run ``micro_batch_size`` latents at a time, each micro-batch's images
-        leaving the execution device once the heads have seen them. The CPU holds the images of the chains (at most
-        256 by default), of the pool's on-target draws, and of those returned.
-
-        Interrupting: ``pipe.interrupt = True`` (from the callback, or another thread) stops the call at the end of
-        the round and returns the images already finished (possibly none), with ``stats["interrupted"] = True``.
+        Memory: the generator and the heads run ``micro_batch_size`` latents at a time; the CPU holds the images of the
+        chains (at most 256 by default), of the pool's on-target draws and of those returned. Interrupting:
+        ``pipe.interrupt = True`` stops the call after the round, returning the images finished so far.
 
         Returns:
-            [`S2MPipelineOutput`] or `tuple`. ``stats`` holds: ``target``, ``num_images``, ``proposals`` (generator
-            calls, the pool included), ``proposals_per_image``, ``acceptance_rate``, ``unique_images``, ``chains``
-            (the pool, the chains, step sizes, thinning, acceptance, the screen), ``diagnostics`` (R-hat, ESS, the
-            reading check; ``warnings`` repeats what they warn of), the heads' reading (``dv_strength``,
-            ``negation_margin``, ``presence_margin``), for a diffusion proposal ``unet_calls`` and
-            ``unet_calls_per_image``, ``budget_spent``, and the seconds spent in the generator, the heads and the
-            rest.
+            [`S2MPipelineOutput`] or `tuple`. ``stats`` (`pipeline_output.call_stats`): the calls, images, acceptance,
+            the chains' record (``chains``), their ``diagnostics`` (R-hat, ESS, the reading check) and ``warnings``,
+            the heads' reading, UNet calls for a diffusion proposal, the budget spent, and the seconds.
 
         Raises:
             TargetError: the target names an attribute the heads do not know, or is malformed.
@@ -567,21 +447,19 @@ class S2MPipeline(DiffusionPipeline):
         proposal, plan, config, weigher, measured = self._prepare(
             target, config, micro_batch_size, num_inference_steps, step_end, inputs
         )
-        if measured and runs.is_main_process:  # "auto" measured beta in this call: its proposals count
-            calls = (proposal.num_steps or 0) * measured
-            runs.results.append(SampleResult.empty(SamplerStats(proposals=measured, unet_calls=calls, cost=measured)))
+        runs.spend(measured, proposal.num_steps)  # "auto" measured beta in this call: its proposals count
         start = time.perf_counter()
         with eval_mode(self.heads):
             self._sample(runs, weigher, target, config, plan)
         result = SampleResult.concat(runs.results)
-        if not result.num_samples:
-            result = self._empty_result(proposal, plan, result)
+        if not result.num_samples:  # empty tensors of the right shapes, so that processes' results can be gathered
+            result.z, result.x = empty_outputs(proposal, plan, self.heads.config)
         timings = weigher.timings(time.perf_counter() - start, runs.budget)
-        result = self._gather(result, runs)
+        result = gather_result(result, runs)
         stats = call_stats(result, timings, runs, target, config, plan, self.proposal_kind)
         stats["interrupted"] = self.interrupt
         if result.stats.budget_exhausted and not allow_partial:
-            raise self._budget_error(result, target, config, num_images, runs.budget, plan, weigher)
+            raise call_budget_error(result, target, num_images, runs.budget, plan, weigher)
         z = result.z
         labels = plan.split(z, proposal.latent_shape)[1] if plan.mode != "none" and z.shape[0] else None
         images = postprocess(result.x, z, output_type)
@@ -606,53 +484,17 @@ class S2MPipeline(DiffusionPipeline):
                 if runs.remaining < 1:  # an earlier image's run spent the budget
                     runs.results.append(SampleResult.empty(SamplerStats(budget_exhausted=True)))
                     break
-                try:
-                    result = sample_s2m(
-                        evaluate,
-                        p_z,
-                        runs.size,
-                        config,
-                        max_proposals=runs.remaining,
-                        generator=gen,
-                        allow_partial=True,
-                        callback=_ProgressCallback(bar, i * runs.size, stop=lambda: self.interrupt),
-                        reading_names=self.heads.config.attribute_names,
-                    )
-                except BudgetExhaustedError as err:  # never raised with allow_partial; kept for safety
-                    result = err.result
+                result = sample_s2m(
+                    evaluate,
+                    p_z,
+                    runs.size,
+                    config,
+                    max_proposals=runs.remaining,
+                    generator=gen,
+                    allow_partial=True,
+                    callback=_ProgressCallback(bar, i * runs.size, stop=lambda: self.interrupt),
+                    reading_names=self.heads.config.attribute_names,
+                )
                 runs.results.append(result)
                 if result.stats.budget_exhausted or self.interrupt:
                     break
-
-    def _empty_result(self, proposal: ProposalAdapter, plan: ClassPlan, result: SampleResult) -> SampleResult:
-        """No image: empty tensors of the right shapes (so that several processes' results can be gathered)."""
-        hc = self.heads.config
-        image_shape = proposal.image_shape or (int(hc.in_channels), int(hc.sample_size), int(hc.sample_size))
-        result.z = torch.zeros((0, *plan.latent_shape(proposal.latent_shape)))
-        result.x = torch.zeros((0, *image_shape))
-        return result
-
-    def _gather(self, result: SampleResult, runs) -> SampleResult:
-        """The result of every process, in image order, with every process's statistics merged."""
-        if runs.num_processes == 1:
-            return result
-        from . import distributed as dist
-
-        state = runs.dist_state
-        gathered = [dist.gather_rows(getattr(result, k), state) for k in ("z", "x", "log_w", "on_target")]
-        stats = SamplerStats.merge(dist.gather_objects(result.stats, state))
-        return SampleResult(*gathered, stats)
-
-    def _budget_error(self, partial, target, config, num_images, budget, plan, weigher) -> BudgetExhaustedError:
-        """`sampling.budget_error` with what the pool saw of each literal and the whole target, and what to try, in
-        this pipeline's words."""
-        seen = weigher.pool_report(target, partial.pool_readings)
-        tries = [f"a larger budget, e.g. max_proposals={4 * budget}"]
-        if plan.mode != "fixed":
-            tries.append(
-                "a class-conditional proposal (a generator conditioned on one of the target's attributes, with heads "
-                "trained with D_f)"
-            )
-        if partial.num_samples:
-            tries.append(f"allow_partial=True to keep the {partial.num_samples} image(s) found")
-        return budget_error(partial, num_images, budget, str(target), tries, "images", seen)

@@ -1112,6 +1112,25 @@ def standard_normal_cdf(u: torch.Tensor) -> torch.Tensor:
     return torch.special.ndtr(u)
 
 
+def components_from_pipe(pipeline) -> dict:
+    """The proposal components of an S2M pipeline made from a loaded diffusers pipeline (`S2MPipeline.from_pipe`):
+    ``unet`` and ``scheduler`` (run as DDIM) for a pipeline with a pixel-space `UNet2DModel` that takes no
+    ``latents=`` (`DDPMPipeline`, `DDIMPipeline`), else ``proposal_pipeline`` (a pipeline that takes ``latents=``)."""
+    from diffusers import DiffusionPipeline, UNet2DModel
+
+    if not isinstance(pipeline, DiffusionPipeline):
+        raise ValueError(
+            f"from_pipe wraps a loaded diffusers pipeline; got {type(pipeline).__name__}. For a GAN generator use "
+            "`S2MPipeline(heads=heads, gan=generator)`."
+        )
+    components = pipeline.components
+    takes_latents = "latents" in inspect.signature(pipeline.__call__).parameters
+    unet, scheduler = components.get("unet"), components.get("scheduler")
+    if not takes_latents and isinstance(unet, UNet2DModel) and scheduler is not None:
+        return {"unet": unet, "scheduler": scheduler}
+    return {"proposal_pipeline": pipeline}
+
+
 def check_components(heads, gan, unet, scheduler, proposal_pipeline, need_heads: bool = True) -> None:
     if need_heads and heads is None:
         raise ValueError(

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import torch
 
 from . import kernels
 
-__all__ = ["Screen", "prepare_screen", "screened_pool_batch", "finish_log_probs"]
+__all__ = ["Screen", "prepare_screen", "screened_pool_batch", "finish_log_probs", "unpack", "num_steps", "count"]
 
 # "auto" screens after this share of the K denoising steps (at least one step).
 AUTO_SHARE = 0.1
@@ -40,6 +41,25 @@ AUTO_SHARE = 0.1
 FLOOR_QUANTILE = 0.1
 # "auto" stops screening after the burn-in where screened steps cost more than this share of unscreened ones.
 MAX_COST_SHARE = 0.9
+
+
+def unpack(out) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
+    """``evaluate``'s output as ``(x, log_w, readings)``, ``log_w`` float64 on the CPU (readings `None` if absent)."""
+    x, log_w = out[0], out[1].detach().double().cpu()
+    readings = out[2].detach().double().cpu() if len(out) > 2 and out[2] is not None else None
+    return x, log_w, readings
+
+
+def num_steps(evaluate) -> int:
+    """The denoising steps (UNet calls) of one proposal: ``evaluate.num_steps``, 0 without."""
+    return int(getattr(evaluate, "num_steps", None) or 0)
+
+
+def count(stats, n: int, evaluate) -> None:
+    """Count ``n`` proposals run whole."""
+    stats.proposals += n
+    stats.unet_calls += n * num_steps(evaluate)
+    stats.cost += n
 
 
 def _cannot_screen(evaluate) -> str | None:
@@ -105,8 +125,6 @@ def _count(stats, n: int, finished: int, screen: Screen) -> None:
 def screened_pool_batch(evaluate, z: torch.Tensor, screen: Screen, generator, stats):
     """One batch of the entry pool, screened by Poisson sampling. Returns the indices of the finished draws, their
     images, ``log w``, readings, surrogate ``log w_s`` and ``log p`` (finishing probability)."""
-    from .chains import unpack
-
     t0 = time.perf_counter()
     handle, log_w_s = evaluate.start(z, screen.step)
     ls = log_w_s.detach().double().cpu()
@@ -167,8 +185,6 @@ class Screen:
 
     def move(self, evaluate, q, state, z_new, jump, generator, stats):
         """One delayed-acceptance step of every chain, in place; returns (accepted, acceptance probabilities)."""
-        from .chains import ChainState, unpack
-
         c = z_new.shape[0]
         t0 = time.perf_counter()
         handle, log_w_s = evaluate.start(z_new, self.step)
@@ -190,11 +206,11 @@ class Screen:
             accept[keep[ok]] = True
             rows = keep[ok]
             if rows.numel():
-                new = ChainState(
+                new = type(state)(
                     z_new[rows.to(z_new.device)], x[ok.to(x.device)], log_w[ok], log_w[ok] + corr_new[rows],
                     None if readings is None else readings[ok], None, ls_new[rows],
                 )  # fmt: skip
-                _put(state, rows, new)
+                state.put(rows, new)
         stats.seconds_evaluate += time.perf_counter() - t0
         before = stats.unet_calls
         _count(stats, c, keep.numel(), self)
@@ -228,14 +244,3 @@ class Screen:
         if self.reason:
             out["reason"] = self.reason
         return out
-
-
-def _put(state, rows: torch.Tensor, new) -> None:
-    """Write ``new``'s states into the chains ``rows`` of ``state``, in place."""
-    from .chains import _FIELDS
-
-    for name in _FIELDS:
-        mine, other = getattr(state, name), getattr(new, name)
-        if mine is None or other is None:
-            continue
-        mine[rows.to(mine.device)] = other.to(mine.device, mine.dtype)

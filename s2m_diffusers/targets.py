@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Attr", "And", "Or", "Not", "Target", "TargetError", "parse_target"]
+__all__ = ["Attr", "And", "Or", "Not", "Target", "TargetError", "parse_target", "parse_target_for_heads"]
 
 _MAX_SATISFIABILITY_CHECK = 16  # attributes up to which "can this target ever hold" is checked exhaustively
 MAX_NESTING = 50  # parentheses and negations inside one another; real targets need a handful
@@ -347,6 +347,37 @@ def _attribute_indices(node: Node) -> set[int]:
         else:
             todo.extend(n.children)
     return out
+
+
+def parse_target_for_heads(target: str | Target | None, names: Sequence[str], default: str | None = None) -> Target:
+    """``target`` (or ``default``, a pipeline's ``default_target``) parsed against the heads' attribute ``names``; an
+    unknown attribute's error says that the heads were not trained on it."""
+    names = list(names)
+    if target is None:
+        target = default
+    if target is None:
+        raise ValueError(
+            f"Name a target over the heads' attributes {names}, e.g. pipe('{names[0]} & ~{names[-1]}'); from "
+            f'`diffusers-cli run`, pass --pipeline-kwargs \'{{"target": "{names[0]} & ~{names[-1]}"}}\'. '
+            "A pipeline saved with `default_target=` uses that one."
+        )
+    if isinstance(target, Target):
+        if list(target.attribute_names) != names:
+            raise TargetError(
+                f"The target was parsed against attributes {list(target.attribute_names)}, but the heads know "
+                f"{names}. Pass the target as a string to parse it against the heads' attributes."
+            )
+        return target
+    try:
+        return parse_target(target, names)
+    except TargetError as err:
+        if getattr(err, "unknown_attribute", None) is None:
+            raise
+        raise TargetError(
+            f"{err} These are the attributes this pipeline's heads were trained on; to target another attribute, "
+            "train heads on single-positive data that includes it.",
+            unknown_attribute=err.unknown_attribute,
+        ) from err
 
 
 def parse_target(text: str, attribute_names: Sequence[str]) -> Target:

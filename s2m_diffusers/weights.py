@@ -13,22 +13,81 @@ the margins compare), on which the diagnostics run and from which any sub-target
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import torch
 
 from . import maths
+from .data import prepare_images
 from .densities import StandardNormal
-from .proposals import execution_device
+from .proposals import eval_mode, execution_device
 from .targets import Target
 from .utils import module_device_dtype
 
-__all__ = ["Weigher", "TargetEvaluate", "measure_dv_strength", "PHASES"]
+__all__ = [
+    "Weigher",
+    "TargetEvaluate",
+    "PHASES",
+    "heads_reading",
+    "heads_view",
+    "check_image_shape",
+    "measure_dv_strength",
+    "resolve_dv_strength",
+    "save_dv_strengths",
+    "load_dv_strengths",
+]
 
 # The phases of a call, as `callback_on_step_end` numbers them (its `timestep` argument).
 PHASES = ("pool", "burn_in", "sampling")
 # dv_strength="auto": prior draws of the target, in batches, until this many are on it or this many are drawn.
 _DV_PILOT_BATCH, _DV_PILOT_ON_TARGET, _DV_PILOT_MAX = 256, 128, 2048
+# The settings the "auto" D_v strength depends on (how the heads are read), beside the target and the proposal.
+_READING_SETTINGS = ("negation_margin", "presence_margin", "dr_temperature", "priors", "class_label")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# How the heads read a proposal's images
+
+
+def heads_reading(heads_config, config):
+    """``config`` with the settings it leaves to the heads filled in from their config (chosen from data when they
+    were trained, `s2m_diffusers.training.choose_sampling_settings`): ``negation_margin``, ``presence_margin``
+    (else 0) and ``dv_strength`` (else 1, the paper's target)."""
+    stored = {
+        "negation_margin": getattr(heads_config, "negation_margin", None) or maths.DEFAULT_NEGATION_MARGIN,
+        "presence_margin": getattr(heads_config, "presence_margin", None) or 0.0,
+        "dv_strength": 1.0 if getattr(heads_config, "dv_strength", None) is None else heads_config.dv_strength,
+    }
+    return config.replace(**{k: float(v) for k, v in stored.items() if getattr(config, k) is None})
+
+
+def heads_view(heads_config, images: torch.Tensor) -> torch.Tensor:
+    """What the heads see of a proposal's images `(B, C, H, W)` in [-1, 1]: the images themselves at the heads'
+    ``sample_size``, else a copy downscaled as real data is (`s2m_diffusers.data.prepare_images`: the shorter side
+    resized with antialiased bilinear filtering, then a centre crop), as `train_heads` does."""
+    size, channels = int(heads_config.sample_size), int(heads_config.in_channels)
+    if tuple(images.shape[1:]) == (channels, size, size):
+        return images
+    return prepare_images(images, size, channels)
+
+
+def check_image_shape(heads_config, shape: tuple[int, ...], proposal, generator_name: str) -> None:
+    """The heads take the proposal's images as they are, or a downscaled copy when the images are larger; anything
+    else is refused, naming both shapes and the fix."""
+    hc = heads_config
+    expected = (int(hc.in_channels), int(hc.sample_size), int(hc.sample_size))
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or shape[0] != expected[0] or min(shape[1:]) < expected[1]:
+        raise ValueError(
+            f"The heads were trained for images of shape {expected} (in_channels={hc.in_channels}, "
+            f"sample_size={hc.sample_size}), but the proposal ({type(proposal).__name__} of {generator_name}) "
+            f"produces images of shape {shape}. The heads can see a downscaled copy of larger images with the same "
+            f"channels, never a smaller one. Train heads on the proposal's format (S2MHeads(sample_size="
+            f"{min(shape[1:])}, in_channels={shape[0]}) or smaller, with real images brought to it by "
+            "`s2m_diffusers.data.prepare_images`), or use the proposal the heads were trained with."
+        )
 
 
 class Weigher:
@@ -98,10 +157,10 @@ class Weigher:
         t1 = time.perf_counter()
         _check_finite(x.detach(), f"The generator {self.generator_name} returned images with", "images")
         if check_shape and not self.checked_shape:
-            self.pipe.check_image_shape(tuple(x.shape[1:]), self.proposal)
+            check_image_shape(self.pipe.heads.config, tuple(x.shape[1:]), self.proposal, self.generator_name)
             self.checked_shape = True
         heads = self.pipe.heads if heads is None else heads
-        out = heads(self.pipe.heads_view(x.to(self.heads_device)).to(dtype=self.heads_dtype))
+        out = heads(heads_view(self.pipe.heads.config, x.to(self.heads_device)).to(dtype=self.heads_dtype))
         _sync(self.heads_device)
         self.seconds_heads += time.perf_counter() - t1
         df = out.df_log_probs[:, self.plan.index] if self.plan.mode == "fixed" else None
@@ -314,6 +373,43 @@ def measure_dv_strength(weigher: Weigher, target: Target, seed: int = 0) -> tupl
         dvs.append(dv)
         drawn += _DV_PILOT_BATCH
     return maths.dv_strength(torch.cat(dvs), torch.cat(rests)), drawn
+
+
+def resolve_dv_strength(pipe, target: Target, config, plan, proposal, micro_batch_size: int, steps: int | None):
+    """``config`` with ``dv_strength="auto"`` replaced by its measured value (`measure_dv_strength`, once per target,
+    proposal setting and reading: cached in ``pipe.auto_dv_strengths``, which the pipeline saves), and the proposals
+    measuring it drew now (0 when it was cached or not asked for)."""
+    if config.dv_strength != "auto":
+        return config, 0
+    fields = {name: getattr(config, name) for name in _READING_SETTINGS}
+    steps = steps or pipe.config.num_inference_steps if pipe.proposal_kind != "gan" else None
+    key = json.dumps({"target": str(target), "class": plan.describe(), "steps": steps, **fields}, sort_keys=True)
+    measured = 0
+    if key not in pipe.auto_dv_strengths:  # measure beta with the weights of beta = 1, then weigh with it
+        pilot = Weigher(pipe, target, proposal, plan, config.replace(dv_strength=1.0), micro_batch_size)
+        with eval_mode(pipe.heads):
+            pipe.auto_dv_strengths[key], measured = measure_dv_strength(pilot, target)
+    return config.replace(dv_strength=pipe.auto_dv_strengths[key]), measured
+
+
+DV_STRENGTHS_FILE = os.path.join("fits", "dv_strength.json")  # in a saved pipeline's folder
+
+
+def save_dv_strengths(strengths: dict[str, float], folder: str) -> None:
+    """Write the ``dv_strength`` values ``"auto"`` measured into a pipeline folder being saved (none: no file)."""
+    if strengths:
+        os.makedirs(os.path.join(folder, os.path.dirname(DV_STRENGTHS_FILE)), exist_ok=True)
+        with open(os.path.join(folder, DV_STRENGTHS_FILE), "w", encoding="utf-8") as f:
+            json.dump(strengths, f, indent=1)
+
+
+def load_dv_strengths(folder: str) -> dict[str, float]:
+    """The ``dv_strength`` values a saved pipeline folder holds (none: empty)."""
+    path = os.path.join(folder, DV_STRENGTHS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return {str(k): float(v) for k, v in json.load(f).items()}
 
 
 def _sync(device: torch.device) -> None:
