@@ -51,7 +51,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .utils import replace_folder_atomically, write_text_atomically
+from .utils import hub_repo_id, replace_folder_atomically, write_text_atomically
 
 __all__ = [
     "SHIM_HEADER",
@@ -391,18 +391,6 @@ def _write_pipeline_folder(
     card = dict(card) if card is not None else _card_context(pipeline)
     write_text_atomically(os.path.join(folder, CARD_FILE), model_card(pipeline, training_data=training_data, **card))
     write_manifest(folder, card={k: v for k, v in card.items() if v})
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def hub_repo_id(value: Any) -> str | None:
-    """`value` when it names a Hub repo (``"user/name"``, not a local path), else `None`."""
-    if isinstance(value, os.PathLike):
-        return None
-    if not isinstance(value, str) or not _HUB_ID.match(value) or os.path.exists(value):
-        return None
-    return value
 
 
 def drop_local_paths(folder: str | os.PathLike) -> list[str]:

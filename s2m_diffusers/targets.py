@@ -20,7 +20,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Attr", "And", "Or", "Not", "Target", "TargetError", "parse_target", "parse_target_for_heads"]
+__all__ = [
+    "Attr",
+    "And",
+    "Or",
+    "Not",
+    "Target",
+    "TargetError",
+    "parse_target",
+    "parse_target_for_heads",
+    "check_attribute_names",
+]
 
 _MAX_SATISFIABILITY_CHECK = 16  # attributes up to which "can this target ever hold" is checked exhaustively
 MAX_NESTING = 50  # parentheses and negations inside one another; real targets need a handful
@@ -435,3 +445,24 @@ def parse_target(text: str, attribute_names: Sequence[str]) -> Target:
                 f"(every image in the data holds at least one attribute, spec §1)."
             )
     return target
+
+
+_ATTRIBUTE_NAME = re.compile(r"[A-Za-z0-9_.]+")
+
+
+def check_attribute_names(names: list[str]) -> None:
+    """Refuse attribute lists the target syntax cannot name: fewer than 2, names outside [A-Za-z0-9_.]+, duplicates."""
+    if len(names) < 2:
+        raise ValueError(
+            f"S2M needs at least 2 attributes, got {names}. With one attribute there is nothing to combine: "
+            "use the proposal alone, or add single-positive data for more attributes."
+        )
+    for name in names:
+        if not isinstance(name, str) or not _ATTRIBUTE_NAME.fullmatch(name):
+            raise ValueError(
+                f"Attribute name {name!r} is not allowed: names must match [A-Za-z0-9_.]+ (no spaces or "
+                "`&|~!()+-`, which the target syntax uses). Rename it, e.g. 'black_hair'."
+            )
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"Duplicate attribute names {duplicates} in {names}; each attribute needs one name.")
