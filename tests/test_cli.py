@@ -84,6 +84,17 @@ def test_sample_writes_images_stats_and_latents(saved, tmp_path, capsys):
     assert (tmp_path / "c" / "0000.png").read_bytes() == (tmp_path / "d" / "0000.png").read_bytes()
 
 
+def test_sample_of_two_images_has_no_acceptance_rate_and_still_succeeds(saved, tmp_path, capsys):
+    """Two images: two chains return one image each at the end of the burn-in, so no chain moves after it and the
+    acceptance rate is `None`; the run is still a success (exit 0), and stats.json says so."""
+    args = sample_args(saved, tmp_path / "a", "--seed", "0")
+    args[args.index("--num-images") + 1] = "2"
+    assert main(args) == 0, capsys.readouterr().err
+    stats = json.loads((tmp_path / "a" / "stats.json").read_text())
+    assert stats["num_images"] == 2 and stats["acceptance_rate"] is None and stats["chains"]["moves"] == 0
+    assert "wrote 2 images" in capsys.readouterr().out
+
+
 def test_errors_exit_with_a_message(saved, tmp_path, capsys):
     code = main(["sample", "--pipeline", saved, "--target", "A & ~Z", "--output", str(tmp_path / "x"), "--quiet"])
     assert code == 2 and "Unknown attribute 'Z'" in capsys.readouterr().err
