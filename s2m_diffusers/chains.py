@@ -264,8 +264,136 @@ def frozen_steps(late: list[torch.Tensor], last: torch.Tensor) -> torch.Tensor:
     return 0.5 * own + 0.5 * own.median()
 
 
-def _budget_left(budget: float | None, stats, per_round: float) -> bool:
-    return budget is None or stats.cost + per_round <= budget + 1e-9
+@dataclass
+class _Run:
+    """One run's context, shared by its phases: what it evaluates, its settings and randomness, what it counts, and
+    its record (``stats.chains``)."""
+
+    evaluate: Any
+    q: Any
+    config: Any
+    generator: torch.Generator | None
+    budget: float | None
+    callback: Callable | None
+    stats: SamplerStats = field(default_factory=SamplerStats)
+    screen: Screen | None = None
+    record: dict = field(default_factory=dict)
+    rounds: int = 0
+
+    def step(self, state: ChainState, step: torch.Tensor):
+        """One step of every chain (`step_chains`), counted as a round."""
+        self.rounds += 1
+        frozen = getattr(self.evaluate, "frozen", None)
+        return step_chains(
+            self.evaluate, self.q, state, step, self.config, self.generator, self.stats, self.screen, frozen
+        )
+
+    def affordable(self, num_chains: int) -> bool:
+        """Whether the budget holds one more round of ``num_chains`` proposals at the most they can cost."""
+        worst = num_chains * (self.screen.worst_cost if self.screen is not None else 1.0)
+        if self.budget is None or self.stats.cost + worst <= self.budget + 1e-9:
+            return True
+        self.stats.budget_exhausted = True
+        return False
+
+    def stop(self, phase: str, done: int = 0) -> bool:
+        """Tell the callback where the run is; `True` when it asks to stop."""
+        return self.callback is not None and bool(self.callback(self.rounds, {"phase": phase, "done": done}))
+
+    def phase(self, name: str) -> None:
+        """Tell ``evaluate`` the phase (``set_phase``, where it has one: the pipeline's `callback_on_step_end`)."""
+        set_phase = getattr(self.evaluate, "set_phase", None)
+        if callable(set_phase):
+            set_phase(name)
+
+
+def _layout(num_samples: int, config) -> tuple[int, int, int]:
+    """The chains, the chains per start (pairs from 4 chains on: superchains) and the images per chain."""
+    per_chain = min(config.samples_per_chain, num_samples)
+    num_chains = config.num_chains or max(min(2, num_samples), math.ceil(num_samples / per_chain))
+    per_start = 2 if num_chains >= 4 else 1
+    num_chains = per_start * math.ceil(num_chains / per_start)
+    return num_chains, per_start, math.ceil(num_samples / num_chains)
+
+
+def _enter(run: _Run, num_chains: int, per_start: int):
+    """The entry: the pool, and the chains' starting states and superchains (`None` when no draw is on the target or
+    the callback stops the run)."""
+    run.phase("pool")
+    pool = draw_pool(run.evaluate, run.q, run.config, run.generator, run.stats, run.budget, run.screen)
+    run.record["pool"] = {"proposals": pool.proposals, "on_target": pool.num_on_target, "ess": pool.ess}
+    if run.stop("pool") or not pool.num_on_target:
+        run.stats.budget_exhausted = not pool.num_on_target
+        return pool, None, None
+    if run.screen is not None:
+        run.screen.calibrate(pool)  # the surrogate's floor, from the pool's on-target draws
+        if not run.screen.active:
+            run.record["screen"], run.screen = run.screen.report(), None
+    state, superchains = start_chains(pool, num_chains, per_start, run.generator)
+    if run.config.kernel == "mala":  # the starting states' gradients: one more evaluation of the starts
+        state = _weigh(run.evaluate, run.q, state.z, "mala", run.stats)
+    return pool, state, superchains
+
+
+def _burn_in(run: _Run, state: ChainState) -> tuple[torch.Tensor, int] | None:
+    """``burn_in`` steps adapting each chain's step size; the step sizes and the thinning the chains keep (`None`
+    when the budget or the callback stops the run)."""
+    config, c = run.config, state.z.shape[0]
+    run.phase("burn_in")
+    log_step = torch.full((c,), math.log(config.initial_step), dtype=torch.float64)
+    late_alpha, late_steps = [], []
+    for t in range(config.burn_in):
+        if not run.affordable(c):
+            return None
+        _, alpha, jump = run.step(state, log_step.exp())
+        log_step = adapt(log_step, alpha, ~jump, t, config.target_acceptance)
+        if t >= config.burn_in // 2:
+            late_alpha.append(alpha)
+            late_steps.append(log_step)
+        if run.stop("burn_in"):
+            return None
+    if run.screen is not None:  # "auto" keeps the screen only where the burn-in's steps saved with it
+        run.screen.end_burn_in()
+        run.record["screen"] = run.screen.report()
+        run.screen = run.screen if run.screen.active else None
+    rate = float(torch.cat(late_alpha).mean()) if late_alpha else config.target_acceptance
+    thinning = config.thinning or thinning_for(rate)
+    step = frozen_steps(late_steps, log_step).exp()
+    run.record.update(thinning=thinning, burn_in_acceptance=rate, step_size=_summary(step))
+    return step, thinning
+
+
+def _sample(run: _Run, state: ChainState, step: torch.Tensor, thinning: int, per_chain: int, num_samples: int):
+    """The exact Metropolis-Hastings chains: every chain's state every ``thinning`` steps, ``per_chain`` times (the
+    first at the end of the burn-in), and every step's ``log w`` and readings for the diagnostics."""
+    run.phase("sampling")
+    c = state.z.shape[0]
+    taken, trace_w, trace_r = [_snapshot(state)], [state.log_w.clone()], [state.readings]
+    accepted = moves = jumps = 0
+    for t in range(1, (per_chain - 1) * thinning + 1):
+        if not run.affordable(c):
+            break
+        accept, _, jump = run.step(state, step)
+        accepted, moves, jumps = accepted + int(accept.sum()), moves + c, jumps + int(jump.sum())
+        trace_w.append(state.log_w.clone())
+        trace_r.append(state.readings)
+        if t % thinning == 0:
+            taken.append(_snapshot(state))
+        if run.stop("sampling", min(num_samples, len(taken) * c)):
+            break
+    run.stats.accepted = accepted
+    run.record.update(moves=moves, acceptance=accepted / moves if moves else None)
+    run.record["jump_share"] = jumps / moves if moves else None
+    traces = {"log_w": torch.stack(trace_w, 1)}
+    if all(r is not None for r in trace_r):
+        traces["readings"] = torch.stack(trace_r, 1)  # (C, T, m)
+    out = {
+        name: torch.cat([getattr(s, name) for s in taken])[:num_samples]
+        for name in ("z", "x", "log_w", "readings")
+        if all(getattr(s, name) is not None for s in taken)
+    }
+    out["chain"] = torch.arange(c).repeat(len(taken))[:num_samples]
+    return out, traces
 
 
 def sample_chains(
@@ -278,109 +406,33 @@ def sample_chains(
     generator: torch.Generator | None = None,
     callback: Callable | None = None,
 ):
-    """Run the chains and return their images (module docstring). See `s2m_diffusers.sampling.sample_s2m`.
+    """Run the chains and return their images (module docstring): the entry, the burn-in, the sampling. See
+    `s2m_diffusers.sampling.sample_s2m`.
 
     Returns:
-        (`dict` of the returned states ``z``, ``x``, ``log_w``, ``chain``; the pool; the traces; a record of the run),
-        as `sampling.sample_s2m` assembles them into a `SampleResult`.
+        (`dict` of the returned states ``z``, ``x``, ``log_w``, ``readings``, ``chain``, or `None` when no image was
+        made; the pool; the traces with the chains' superchains; the run's record; its `SamplerStats`), which
+        `sampling.sample_s2m` assembles into a `SampleResult`.
     """
-    stats = SamplerStats()
     if config.kernel == "mala" and not callable(getattr(evaluate, "value_and_grad", None)):
         raise ValueError(
             "kernel='mala' needs an evaluate function with value_and_grad (the gradient of log w: a GAN and heads "
             "that are differentiable); use kernel='pcn', which needs no gradient."
         )
-    per_chain = min(config.samples_per_chain, num_samples)
-    num_chains = config.num_chains or max(min(2, num_samples), math.ceil(num_samples / per_chain))
-    per_start = 2 if num_chains >= 4 else 1
-    num_chains = per_start * math.ceil(num_chains / per_start)
-    per_chain = math.ceil(num_samples / num_chains)
-    frozen = getattr(evaluate, "frozen", None)
-    screen, screen_record = prepare_screen(evaluate, config)
-    record = {"num_chains": num_chains, "samples_per_chain": per_chain, "kernel": config.kernel}
-
-    set_phase = getattr(evaluate, "set_phase", None) or (lambda name: None)
-    set_phase("pool")
-    pool = draw_pool(evaluate, q, config, generator, stats, max_proposals, screen)
-    record["pool"] = {"proposals": pool.proposals, "on_target": pool.num_on_target}
-    if callback is not None and callback(0, {"phase": "pool", "done": 0}):
-        return None, pool, None, record, stats
-    if pool.num_on_target == 0:
-        stats.budget_exhausted = True
-        return None, pool, None, record, stats
-    record["pool"]["ess"] = pool.ess
-    if screen is not None:
-        screen.calibrate(pool)  # the surrogate's floor, from the pool's on-target draws
-        if not screen.active:
-            record["screen"], screen = screen.report(), None
-    state, superchains = start_chains(pool, num_chains, per_start, generator)
-    if config.kernel == "mala":  # the starting states' gradients: one more evaluation of the starts
-        state = _weigh(evaluate, q, state.z, "mala", stats)
-    set_phase("burn_in")
-    log_step = torch.full((num_chains,), math.log(config.initial_step), dtype=torch.float64)
-    per_round = num_chains * (screen.worst_cost if screen is not None else 1.0)
-    rounds, late_alpha, late_steps = 0, [], []
-    for t in range(config.burn_in):
-        if not _budget_left(max_proposals, stats, per_round):
-            stats.budget_exhausted = True
-            return None, pool, None, record, stats
-        accept, alpha, jump = step_chains(evaluate, q, state, log_step.exp(), config, generator, stats, screen, frozen)
-        log_step = adapt(log_step, alpha, ~jump, t, config.target_acceptance)
-        if t >= config.burn_in // 2:
-            late_alpha.append(alpha)
-            late_steps.append(log_step)
-        rounds += 1
-        if callback is not None and callback(rounds, {"phase": "burn_in", "done": 0}):
-            return None, pool, None, record, stats
-    if screen is not None:
-        screen.end_burn_in()
-        record["screen"] = screen.report()
-        screen = screen if screen.active else None
-        per_round = num_chains * (screen.worst_cost if screen is not None else 1.0)
-    rate = float(torch.cat(late_alpha).mean()) if late_alpha else config.target_acceptance
-    thinning = config.thinning or thinning_for(rate)
-    step = frozen_steps(late_steps, log_step).exp()
-    record.update(thinning=thinning, burn_in_acceptance=rate, step_size=_summary(step))
-
-    # Sampling: exact MH chains from here on. Trace every step's log w and readings for the diagnostics.
-    set_phase("sampling")
-    taken, trace_w, trace_r = [], [state.log_w.clone()], [state.readings]
-    taken.append(_snapshot(state))
-    accepted, moves, jumps = 0, 0, 0
-    for t in range(1, (per_chain - 1) * thinning + 1):
-        if not _budget_left(max_proposals, stats, per_round):
-            stats.budget_exhausted = True
-            break
-        accept, alpha, jump = step_chains(evaluate, q, state, step, config, generator, stats, screen, frozen)
-        accepted, moves, jumps = accepted + int(accept.sum()), moves + num_chains, jumps + int(jump.sum())
-        trace_w.append(state.log_w.clone())
-        trace_r.append(state.readings)
-        if t % thinning == 0:
-            taken.append(_snapshot(state))
-        rounds += 1
-        done = min(num_samples, len(taken) * num_chains)
-        if callback is not None and callback(rounds, {"phase": "sampling", "done": done}):
-            break
-    stats.accepted, stats.rounds = accepted, rounds
-    record.update(
-        moves=moves, acceptance=accepted / moves if moves else None, jump_share=jumps / moves if moves else None
-    )
-    if screen is not None:
-        record["screen"] = screen.report()
-    elif screen_record:
-        record["screen"] = screen_record
-    else:
-        record.setdefault("screen", {})
-    traces = {"log_w": torch.stack(trace_w, 1), "superchains": superchains, "per_start": per_start}
-    if all(r is not None for r in trace_r):
-        traces["readings"] = torch.stack(trace_r, 1)  # (C, T, m)
-    out = {
-        name: torch.cat([getattr(s, name) for s in taken])[:num_samples] if taken else None
-        for name in ("z", "x", "log_w", "readings")
-        if all(getattr(s, name) is not None for s in taken)
-    }
-    out["chain"] = torch.arange(num_chains).repeat(len(taken))[:num_samples]
-    return out, pool, traces, record, stats
+    num_chains, per_start, per_chain = _layout(num_samples, config)
+    run = _Run(evaluate, q, config, generator, max_proposals, callback)
+    run.screen, screen_record = prepare_screen(evaluate, config)
+    run.record.update(num_chains=num_chains, samples_per_chain=per_chain, kernel=config.kernel, screen=screen_record)
+    pool, state, superchains = _enter(run, num_chains, per_start)
+    frozen = None if state is None else _burn_in(run, state)
+    out = traces = None
+    if frozen is not None:
+        out, traces = _sample(run, state, *frozen, per_chain, num_samples)
+        traces.update(superchains=superchains, per_start=per_start)
+        if run.screen is not None:
+            run.record["screen"] = run.screen.report()
+    run.stats.rounds = run.rounds
+    return out, pool, traces, run.record, run.stats
 
 
 def _snapshot(state: ChainState) -> ChainState:
