@@ -114,7 +114,7 @@ class S2MSamplingConfig:
       noise scale ``sqrt(h)``).
     - ``thinning`` (`int`, *optional*): steps between two images of a chain; `None`: the fewest after which a chain
       at the burn-in's acceptance rate has moved with probability 0.95 (at most 20).
-    - ``pool_size`` (`int`, defaults to 64): the least number of draws of ``q`` in the entry pool, which the chains'
+    - ``pool_size`` (`int`, defaults to 32): the least number of draws of ``q`` in the entry pool, which the chains'
       starting points are importance-resampled from (and which the reading check compares the images with).
     - ``pool_ess`` (`int`, defaults to 2): the pool grows, ``pool_batch`` draws at a time, until the importance
       ratios of its draws have this effective sample size (or the budget is spent): the chains start from that
@@ -146,7 +146,7 @@ class S2MSamplingConfig:
     target_acceptance: float = 0.5
     initial_step: float = 0.5
     thinning: int | None = None
-    pool_size: int = 64
+    pool_size: int = 32
     pool_ess: int = 2
     pool_batch: int | None = None
     screen: int | str | None = "auto"

@@ -123,7 +123,7 @@ def test_statistics_add_up_and_seed_reproduces():
     chains = s.chains
     assert chains["num_chains"] == 76 and chains["samples_per_chain"] == 4  # 75 chains, made even: pairs
     pool = chains["pool"]
-    assert pool["proposals"] >= 64 and pool["ess"] >= 2 and pool["on_target"] >= 2
+    assert pool["proposals"] >= 32 and pool["ess"] >= 2 and pool["on_target"] >= 2
     steps = 10 + 3 * chains["thinning"]  # the burn-in, then 3 more images per chain
     assert s.proposals == pool["proposals"] + 76 * steps and chains["moves"] == 76 * 3 * chains["thinning"]
     assert 0 < s.acceptance_rate <= 1 and 0 < chains["jump_share"] < 0.25
