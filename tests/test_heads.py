@@ -111,27 +111,40 @@ def test_config_views():
         S2MHeads(attribute_names=["a", "b"], label_counts=[1, 2, 3])
 
 
+def readings(folders: list[str], images_path: str) -> list[dict]:
+    """What the heads saved in each folder, loaded afresh, read on the images saved at ``images_path``."""
+    from safetensors.torch import load_file
+
+    x = load_file(images_path)["x"]
+    out = []
+    for folder in folders:
+        heads = S2MHeads.from_pretrained(folder).eval()
+        with torch.no_grad():
+            read = heads(x)
+        out.append(
+            {"dv": read.dv_logit.tolist(), "dr": read.dr_log_probs.tolist(), "priors": heads.priors}
+            | {"counts": heads.label_counts}
+        )
+    return out
+
+
 def _reload_in_fresh_process(folders: list[str], images_path: str) -> list[dict]:
-    code = (
-        "import json, sys, torch\n"
-        "from safetensors.torch import load_file\n"
-        "from s2m_diffusers.models.heads import S2MHeads\n"
-        "x = load_file(sys.argv[1])['x']\n"
-        "for folder in sys.argv[2:]:\n"
-        "    heads = S2MHeads.from_pretrained(folder).eval()\n"
-        "    out = heads(x)\n"
-        "    print(json.dumps({'dv': out.dv_logit.tolist(), 'dr': out.dr_log_probs.tolist(),\n"
-        "                      'priors': heads.priors, 'counts': heads.label_counts}))\n"
-    )
+    code = "import json, sys; sys.path.insert(0, sys.argv[1]); from test_heads import readings\n"
+    code += "for reading in readings(sys.argv[3:], sys.argv[2]):\n    print(json.dumps(reading))\n"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", code, images_path, *folders], capture_output=True, text=True, env=env
+        [sys.executable, "-c", code, os.path.dirname(__file__), images_path, *folders],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return [json.loads(line) for line in result.stdout.strip().splitlines()[-len(folders) :]]
 
 
-def test_cnn_and_vit_train_few_steps_and_round_trip_in_a_fresh_process(tmp_path):
+def train_cnn_and_vit(tmp_path) -> tuple[list, list[str], str]:
+    """CNN and ViT heads trained for 3 steps and saved: (each one's heads and output on 4 images, their folders, the
+    images' file)."""
     from safetensors.torch import save_file
 
     x = _images(4, seed=1)
@@ -154,10 +167,25 @@ def test_cnn_and_vit_train_few_steps_and_round_trip_in_a_fresh_process(tmp_path)
         assert (tmp_path / backbone / "diffusion_pytorch_model.safetensors").exists()
         outputs.append((heads, heads.eval()(x)))
         folders.append(str(tmp_path / backbone))
-    for (heads, out), reloaded in zip(outputs, _reload_in_fresh_process(folders, str(tmp_path / "x.safetensors"))):
-        torch.testing.assert_close(torch.tensor(reloaded["dv"]), out.dv_logit, rtol=0, atol=1e-6)
-        torch.testing.assert_close(torch.tensor(reloaded["dr"]), out.dr_log_probs, rtol=0, atol=1e-6)
-        assert reloaded["priors"] == pytest.approx(heads.priors) and reloaded["counts"] == [16, 16, 16]
+    return outputs, folders, str(tmp_path / "x.safetensors")
+
+
+def check_round_trip(outputs: list, reloaded: list[dict]) -> None:
+    for (heads, out), again in zip(outputs, reloaded, strict=True):
+        torch.testing.assert_close(torch.tensor(again["dv"]), out.dv_logit, rtol=0, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(again["dr"]), out.dr_log_probs, rtol=0, atol=1e-6)
+        assert again["priors"] == pytest.approx(heads.priors) and again["counts"] == [16, 16, 16]
+
+
+def test_cnn_and_vit_train_few_steps_and_round_trip(tmp_path):
+    outputs, folders, images_path = train_cnn_and_vit(tmp_path)
+    check_round_trip(outputs, readings(folders, images_path))
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_cnn_and_vit_round_trip_in_a_fresh_process(tmp_path):
+    outputs, folders, images_path = train_cnn_and_vit(tmp_path)
+    check_round_trip(outputs, _reload_in_fresh_process(folders, images_path))
 
 
 def test_convnext_backbone_resizes_and_normalises(tmp_path):
