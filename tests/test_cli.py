@@ -172,14 +172,7 @@ def test_train_heads_sample_size_must_not_exceed_the_generator(tmp_path, capsys)
 
 
 def test_train_heads_with_diffusers_flag_names_checkpoints_and_resume(tmp_path, capsys, monkeypatch):
-    gan = tmp_path / "gan"
-    torch.manual_seed(0)
-    DCGANGenerator(latent_dim=8, sample_size=8, out_channels=1, base_channels=4).save_pretrained(gan)
-    data = tmp_path / "data"
-    for name in ("a", "b"):
-        os.makedirs(data / name)
-        for i in range(4):
-            Image.new("L", (8, 8), 40 * i + (100 if name == "a" else 0)).save(data / name / f"{i}.png")
+    gan, data = _tiny_gan_and_data(tmp_path)
     out = tmp_path / "out"
     args = ["train-heads", "--pretrained_model_name_or_path", str(gan), "--train_data_dir", str(data)]
     args += ["--output_dir", str(out), "--resolution", "8", "--train_batch_size", "4", "--num_heldout_samples", "8"]
@@ -290,14 +283,7 @@ def test_train_heads_backbone_from_a_hub_id_downloads_only_when_online(tmp_path,
 def test_example_train_heads_writes_a_pipeline(tmp_path):
     import runpy
 
-    gan = tmp_path / "gan"
-    torch.manual_seed(0)
-    DCGANGenerator(latent_dim=8, sample_size=8, out_channels=1, base_channels=4).save_pretrained(gan)
-    data = tmp_path / "data"
-    for name in ("a", "b"):
-        os.makedirs(data / name)
-        for i in range(4):
-            Image.new("L", (8, 8), 40 * i + (100 if name == "a" else 0)).save(data / name / f"{i}.png")
+    gan, data = _tiny_gan_and_data(tmp_path)
     example = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "examples", "train_heads.py"))
     args = ["--pretrained_model_name_or_path", str(gan), "--train_data_dir", str(data)]
     metrics = example["main"]([*args, "--output_dir", str(tmp_path / "o"), "--max_train_steps", "1"])

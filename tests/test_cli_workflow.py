@@ -12,8 +12,9 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler
 from PIL import Image
+from test_pipeline import tiny_unet
 
 from s2m_diffusers.cli import main
 from s2m_diffusers.evaluation import AttributeEvaluator
@@ -55,16 +56,7 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("workflow")
     torch.manual_seed(0)
     DCGANGenerator(latent_dim=8, sample_size=8, out_channels=1, base_channels=4).save_pretrained(root / "gan")
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    unet = tiny_unet()
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(root / "ddpm")
     AttributeEvaluator(
         attribute_names=["bottom", "top"],
