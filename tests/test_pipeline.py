@@ -169,6 +169,24 @@ def test_gan_end_to_end_and_the_statistics_add_up(kernel):
     assert torch.allclose(pt.images, (again / 2 + 0.5).clamp(0, 1), atol=1e-6)
 
 
+def test_diagnostic_warnings_reach_the_caller_and_the_stats(monkeypatch):
+    import s2m_diffusers.sampling as sampling
+
+    real = sampling.chain_diagnostics
+
+    def flagged(*args, **kwargs):  # the run's own diagnostics, and one beyond its threshold
+        out = real(*args, **kwargs)
+        out["warnings"] = [*out["warnings"], "split-R-hat of log_w is 1.500 (> 1.01)"]
+        return out
+
+    monkeypatch.setattr(sampling, "chain_diagnostics", flagged)
+    pipe = gan_pipeline()
+    with pytest.warns(UserWarning, match=r"S2M sampling: split-R-hat of log_w is 1\.500 \(> 1\.01\); see stats"):
+        out = pipe("A & ~B", num_images=4, generator=seeded(), negation_margin=1.0, **FAST)
+    assert out.stats["warnings"][-1] == "split-R-hat of log_w is 1.500 (> 1.01)"
+    assert out.stats["warnings"] == out.stats["diagnostics"]["warnings"]
+
+
 def test_mala_refuses_a_proposal_without_gradients():
     ddim = S2MPipeline(
         heads=S2MHeads(NAMES, sample_size=8, in_channels=1, cnn_channels=(4, 8)),
