@@ -24,9 +24,12 @@ Methods:
 - `official`: the official recipe (`sample_official`: N chains x 200 IMH steps from the prior, final states returned
   on target or not, 201 generator calls per image) with the official weights (`common.official_evaluate`).
 - `previous`: the previous default sampler (latent refitting, the worst-case bound), run from its own commit
-  (`--previous-commit`, default e5ce922) in a git worktree: that checkout's `benchmarks/bench_7to3.py --methods ours`
-  for the same datasets, proposals, targets, seeds, N, DDIM steps and threads (`common.run_previous`). Its rows keep
-  their calls per image, accuracy and Fréchet distance; it reported neither distinct latents nor diagnostics (`-`).
+  (`--previous-commit`, default e5ce922) in a git worktree: that checkout's `benchmarks/bench_7to3.py --methods M`
+  for the same datasets, proposals, targets, seeds, N, DDIM steps and threads (`common.run_previous`). M is the method
+  that ran that commit's defaults: `ours` for the GAN; for the DDPM `ours_screen_heads` (`--previous-ddpm-method`):
+  that commit's `ours` ran the DDPM with ``screen=None``, while its default screened (``"auto"``) with the shipped
+  screen heads. Its rows keep their calls per image, accuracy and Fréchet distance; it reported neither distinct
+  latents nor diagnostics (`-`).
 - `iid`: the reference: N images importance-resampled, with replacement, from `IID_DRAWS` prior draws (16,384 for the
   GAN, 4,096 for the DDPM; seed ``10_000 + 1000 * seed + k``) weighted by the pipeline's own weights at the defaults.
   Its calls per image are the prior draws it weighed per image (a reference, not a sampler's cost).
@@ -377,21 +380,22 @@ def score(world: World, method: str, k: int, seed: int, n: int, draw: Draw, seco
 
 
 def previous_rows(args: argparse.Namespace, dataset: str, kind: str) -> list[dict]:
-    """The previous default's rows for (dataset, kind), run by its own commit's `bench_7to3.py --methods ours`."""
-    argv = ["benchmarks/bench_7to3.py", "--datasets", dataset, "--proposals", kind, "--methods", "ours"]
+    """The previous default's rows for (dataset, kind), run by its own commit's `bench_7to3.py`."""
+    method = args.previous_ddpm_method if kind == "ddpm" else "ours"
+    argv = ["benchmarks/bench_7to3.py", "--datasets", dataset, "--proposals", kind, "--methods", method]
     argv += ["--num-images", str(args.num_images), "--num-threads", str(args.num_threads)]
     argv += ["--seeds", *map(str, args.seeds)]
     if args.targets is not None:
         argv += ["--targets", *map(str, args.targets)]
     if args.num_inference_steps is not None:
         argv += ["--num-inference-steps", str(args.num_inference_steps)]
-    print(f"previous: {args.previous_commit}'s bench_7to3.py --methods ours for {dataset} {kind}", flush=True)
+    print(f"previous: {args.previous_commit}'s bench_7to3.py --methods {method} for {dataset} {kind}", flush=True)
     try:
         old = run_previous(argv, args.previous_commit, show=lambda line: line.startswith(f"{dataset:<8} "))
     except RuntimeError as err:
         print(f"{err}\nGoing on without `previous`.", flush=True)
         return []
-    return [previous_row(r, args.previous_commit) for r in old if r.get("method") == "ours"]
+    return [previous_row(r, args.previous_commit) for r in old if r.get("method") == method]
 
 
 def previous_row(old: dict, commit: str) -> dict:
@@ -424,6 +428,7 @@ def previous_row(old: dict, commit: str) -> dict:
         "commit": commit,
         "fit_proposals": old.get("fit_proposals"),
         "fit": old.get("fit"),
+        "previous_method": old.get("method"),
     }
 
 
@@ -756,6 +761,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--max-oracle-proposals", type=int, default=200_000)
     parser.add_argument("--previous-commit", default=PREVIOUS_COMMIT, help="the commit of the previous default")
+    parser.add_argument(
+        "--previous-ddpm-method",
+        default="ours_screen_heads",
+        choices=("ours_screen_heads", "ours_screen", "ours"),
+        help="the previous commit's method for the DDPM (default ours_screen_heads: its defaults; ours: unscreened)",
+    )
     parser.add_argument("--num-threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="write the rows to this file")
     return parser.parse_args(argv)
