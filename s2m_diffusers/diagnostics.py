@@ -132,12 +132,15 @@ def ess_bulk(draws) -> float:
     return float(m * n / tau)
 
 
-def nested_rhat(draws, superchains) -> float:
+def nested_rhat(draws, superchains, rank_normalise: bool = True) -> float:
     """Nested R-hat (Margossian et al. 2024) of chains `(C, N)` grouped into superchains of equal size (chains of one
     superchain started from one point): ``sqrt(1 + B / W)`` with ``B`` the variance of the superchain means and ``W``
     the mean over superchains of the variance between their chains' means plus the chains' own variance (each 0
-    where a superchain has one chain, or a chain one draw). `nan` for fewer than 2 superchains or no variance."""
+    where a superchain has one chain, or a chain one draw), on the rank-normalised draws (as Vehtari et al. do for
+    R-hat: robust to heavy tails, such as ``log w``'s). `nan` for fewer than 2 superchains or no variance."""
     a = _as_array(draws)
+    if rank_normalise and np.ptp(a) > 0:
+        a = _rank_normalise(a)
     ids = np.asarray(superchains)
     groups = [a[ids == k] for k in np.unique(ids)]
     sizes = {g.shape[0] for g in groups}

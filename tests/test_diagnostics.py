@@ -1,0 +1,75 @@
+"""The chains' diagnostics (`s2m_diffusers.diagnostics`) on draws whose answer is known: independent draws, an AR(1)
+chain with a known autocorrelation time, chains stuck at different points, and a reading check of a consistent and
+of a shifted sample."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from s2m_diffusers import diagnostics
+
+
+def ar1(chains: int, n: int, rho: float, seed: int = 0, shift=None) -> np.ndarray:
+    """``chains`` stationary AR(1) chains of ``n`` draws with unit variance (``shift``: a mean per chain)."""
+    rng = np.random.default_rng(seed)
+    x = np.empty((chains, n))
+    x[:, 0] = rng.standard_normal(chains)
+    for t in range(1, n):
+        x[:, t] = rho * x[:, t - 1] + math.sqrt(1 - rho**2) * rng.standard_normal(chains)
+    return x + (0.0 if shift is None else np.asarray(shift)[:, None])
+
+
+def test_split_rhat_is_one_for_independent_chains_and_large_for_chains_apart():
+    assert diagnostics.split_rhat(ar1(4, 1000, 0.0)) < 1.01
+    assert diagnostics.split_rhat(ar1(4, 1000, 0.5, shift=[0, 0, 0, 2.0])) > 1.1
+    # a chain that drifts within itself: its two halves disagree
+    drift = ar1(4, 1000, 0.0) + np.linspace(0, 3, 1000)[None, :] * np.array([[0], [0], [0], [1]])
+    assert diagnostics.split_rhat(drift) > 1.05
+    assert math.isnan(diagnostics.split_rhat(np.ones((4, 10))))  # no variance: no verdict
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5, 0.9])
+def test_bulk_ess_matches_the_ar1_autocorrelation_time(rho):
+    """The ESS of an AR(1) chain is ``n (1 - rho) / (1 + rho)``."""
+    draws = ar1(8, 2000, rho, seed=1)
+    expected = draws.size * (1 - rho) / (1 + rho)
+    assert diagnostics.ess_bulk(draws) == pytest.approx(expected, rel=0.15)
+
+
+def test_nested_rhat_sees_superchains_that_have_not_forgotten_their_starts():
+    """Pairs of chains (superchains) at stationarity: nested R-hat near 1, under the threshold; pairs that stay near
+    their own starting points: far above it. One chain per superchain needs no pairs; one superchain gives no
+    verdict."""
+    pairs = np.repeat(np.arange(8), 2)
+    mixed = ar1(16, 40, 0.3, seed=2)
+    threshold = diagnostics.nested_rhat_threshold(2)
+    assert threshold == pytest.approx(math.sqrt(1.51))
+    assert diagnostics.nested_rhat(mixed, pairs) < threshold
+    stuck = ar1(16, 40, 0.3, seed=2, shift=np.repeat(np.random.default_rng(3).normal(0, 2, 8), 2))
+    assert diagnostics.nested_rhat(stuck, pairs) > 1.5 * threshold
+    assert math.isnan(diagnostics.nested_rhat(mixed, np.zeros(16)))
+    assert math.isnan(diagnostics.nested_rhat(mixed, np.r_[np.zeros(15), 1]))  # superchains of unequal size
+
+
+def test_reading_check_is_a_standard_normal_score_when_both_estimates_agree():
+    """Returned values and a pool of draws with importance weights for the same law: the score is |N(0, 1)|-like;
+    a returned sample shifted by 3 standard errors scores about 3."""
+    gen = torch.Generator().manual_seed(0)
+    scores = []
+    for _ in range(200):
+        returned = torch.randn(64, generator=gen, dtype=torch.float64) + 1.0
+        pool = torch.randn(400, generator=gen, dtype=torch.float64)  # N(0, 1) draws, weighted to N(1, 1)
+        log_w = pool - 0.5
+        scores.append(diagnostics.reading_check(returned, 64.0, pool, log_w)["z"])
+    scores = np.array(scores)
+    assert 0.55 < float(np.median(scores)) < 0.85  # the median of |N(0, 1)| is 0.674
+    assert float(np.mean(scores > 3)) < 0.02
+    returned = torch.randn(64, generator=gen, dtype=torch.float64) + 1.0
+    pool = torch.randn(400, generator=gen, dtype=torch.float64)
+    check = diagnostics.reading_check(returned, 64.0, pool, pool - 0.5)
+    shifted = diagnostics.reading_check(returned + 4 * check["se"], 64.0, pool, pool - 0.5)
+    assert shifted["z"] > 3
+    off = torch.full((400,), -math.inf, dtype=torch.float64)
+    assert math.isnan(diagnostics.reading_check(returned, 64.0, pool, off)["z"])  # no pool draw on the target
