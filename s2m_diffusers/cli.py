@@ -45,6 +45,11 @@ def _float_or_auto(value: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
 
 
+def _number(value, digits: int = 3) -> str:
+    """A statistic for a summary line: ``n/a`` where a run has none (a chain that returned one image never moved)."""
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
 def _write_json(path: str, data: dict) -> None:
     write_json_atomically(path, jsonable(data))
 
@@ -389,7 +394,7 @@ def _write_samples(args: argparse.Namespace, out, seed: int) -> int:
     replace_folder_atomically(write, args.output)
     print(
         f"wrote {len(names)} images to {args.output} ({stats['proposals']} proposals, "
-        f"{stats['proposals_per_image']:.3g} per image, acceptance rate {stats['acceptance_rate']:.3g}, "
+        f"{stats['proposals_per_image']:.3g} per image, acceptance rate {_number(stats['acceptance_rate'])}, "
         f"{stats['seconds_total']:.3g} s)"
     )
     if stats["budget_exhausted"]:
@@ -1235,7 +1240,7 @@ def demo(args: argparse.Namespace) -> int:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         print(
             f"{r['generator']:<10} {r['target']:<14} {acc:>8} {r['proposals_per_image']:>9.1f} "
-            f"{r['acceptance_rate']:>7.3f} {r['seconds']:>8.1f}"
+            f"{_number(r['acceptance_rate']):>7} {r['seconds']:>8.1f}"
         )
     for g, s in report["summary"].items():
         acc = "-" if s["mean_accuracy"] is None else f"{s['mean_accuracy']:.3f}"

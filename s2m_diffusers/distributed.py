@@ -154,17 +154,21 @@ def generator_list(generator, num_images: int) -> list[torch.Generator | None]:
     return [generator]
 
 
-def gather_result(result: SampleResult, runs: RunPlan) -> SampleResult:
-    """Every process's result, in image order, with every process's statistics merged (this process's own when it
-    runs alone); the pool's readings stay this process's."""
+def gather_result(result: SampleResult, timings: dict, runs: RunPlan) -> tuple[SampleResult, dict]:
+    """Every process's result, in image order, with every process's statistics merged and its timings summed
+    (``seconds_wall``: the longest process's); a process alone keeps its own. The pool's readings stay this
+    process's."""
     if runs.num_processes == 1:
-        return result
+        return result, timings
     from .results import SampleResult, SamplerStats
 
     state = runs.dist_state
     gathered = [gather_rows(getattr(result, k), state) for k in ("z", "x", "log_w", "on_target")]
-    stats = SamplerStats.merge(gather_objects(result.stats, state))
-    return SampleResult(*gathered, stats, pool_readings=result.pool_readings)
+    per_process = gather_objects((result.stats, timings), state)
+    stats = SamplerStats.merge([s for s, _ in per_process])
+    summed = {k: sum(t[k] for _, t in per_process) for k in timings if k != "seconds_wall"}  # budget shares too
+    summed["seconds_wall"] = max(t["seconds_wall"] for _, t in per_process)
+    return SampleResult(*gathered, stats, pool_readings=result.pool_readings), summed
 
 
 @dataclass

@@ -455,11 +455,11 @@ class S2MPipeline(DiffusionPipeline):
         if not result.num_samples:  # empty tensors of the right shapes, so that processes' results can be gathered
             result.z, result.x = empty_outputs(proposal, plan, self.heads.config)
         timings = weigher.timings(time.perf_counter() - start, runs.budget)
-        result = gather_result(result, runs)
+        result, timings = gather_result(result, timings, runs)
         stats = call_stats(result, timings, runs, target, config, plan, self.proposal_kind)
         stats["interrupted"] = self.interrupt
         if result.stats.budget_exhausted and not allow_partial:
-            raise call_budget_error(result, target, num_images, runs.budget, plan, weigher)
+            raise call_budget_error(result, target, num_images, timings["max_proposals"], plan, weigher)
         z = result.z
         labels = plan.split(z, proposal.latent_shape)[1] if plan.mode != "none" and z.shape[0] else None
         images = postprocess(result.x, z, output_type)

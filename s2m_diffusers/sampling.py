@@ -152,6 +152,10 @@ class S2MSamplingConfig:
     screen: int | str | None = "auto"
     screen_min_finish: float = 0.2
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> S2MSamplingConfig:
+        _refuse_removed(kwargs)
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         if self.kernel not in KERNELS:
             raise ValueError(
@@ -199,9 +203,7 @@ class S2MSamplingConfig:
         """A copy with some fields changed; an unknown name is an error that lists the fields (and says what took the
         place of a setting of an earlier version)."""
         names = {f.name for f in dataclasses.fields(self)}
-        removed = sorted(set(overrides) & set(_REMOVED))
-        if removed:
-            raise TypeError(f"The sampling setting {removed[0]!r} no longer exists: {_REMOVED[removed[0]]}.")
+        _refuse_removed(overrides)
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise TypeError(f"Unknown sampling setting(s) {unknown}; S2MSamplingConfig has {sorted(names)}.")
@@ -221,6 +223,13 @@ class S2MSamplingConfig:
         elif not isinstance(config, cls):
             raise TypeError(f"sampling must be an S2MSamplingConfig or a dict of its fields, got {type(config)}.")
         return config.replace(**{k: v for k, v in overrides.items() if v is not None or k in _NONE_IS_A_VALUE})
+
+
+def _refuse_removed(settings: dict) -> None:
+    """A setting of an earlier version is refused with what took its place."""
+    removed = sorted(set(settings) & set(_REMOVED))
+    if removed:
+        raise TypeError(f"The sampling setting {removed[0]!r} no longer exists: {_REMOVED[removed[0]]}.")
 
 
 def _is_number(value) -> bool:

@@ -307,7 +307,7 @@ class TargetEvaluate:
                 lw = w._log_weight(self.target, out, df, w.dv_strength)
                 on = torch.isfinite(lw)
                 grad = torch.zeros_like(leaf)
-                if bool(on.any()):
+                if bool(on.any()) and lw.requires_grad:  # heads read by thresholds give no gradient: zero
                     grad = torch.autograd.grad(lw[on].sum(), leaf)[0]
             images.append(x.detach().cpu())
             weights.append(lw.detach())
