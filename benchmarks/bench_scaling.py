@@ -6,46 +6,49 @@ bright patch) exactly when latent coordinate ``z_i`` exceeds a threshold, each w
 target ``s0 & s1 & ... & s{k-1}`` (the other attributes free) holds for a share ``0.3^k`` of the proposals (7.3e-4
 at k = 6). Attributes are read from the pixels, so **accuracy is exact**: no evaluator. Single-positive training data
 follows spec §1 (label ``c`` uniform, image from ``p(x | y_c = 1)``); the heads are trained on it once with
-``train_heads`` and cached in ``--heads-dir``.
+``train_heads`` and cached in ``--heads-dir`` (every method reads the same heads).
 
 For every k, seed and method, ``--num-images`` images are drawn and scored:
 
 - `accuracy`: share of the returned images that hold all k attributes (read from the pixels).
 - `frechet`: Fréchet distance, in the generator's fixed features (patch means, texture coefficients), to 5000 exact
   draws of the target; `frechet_iid` is the same for ``N`` exact i.i.d. draws (the floor at this ``N``).
-- `proposals_per_image`: generator calls per returned image, refitting included.
+- `proposals_per_image`: generator calls per returned image (a fit, an entry pool included).
+- `distinct_share`: distinct latents among the returned images / images returned.
+- `warnings`: ours: the call's diagnostics beyond their thresholds (`out.stats["warnings"]`).
 - `seconds`: wall time of the sampling.
 
-Methods (the issue's vocabulary: ``official``, ``ours``; ``ours`` without refitting is ``ours_norefit``):
+Methods:
 
 - `official`: the official recipe (`sample_official`: ``N`` chains x 200 IMH steps from the prior, final states
-  returned, 201 proposals per image) with the official weights: ``gamma_c`` 0.1 for a present attribute, negation
-  margin 1, ``logit D_v``, and the official ``D_r`` temperature, 1.2 for one present attribute, 1.0 for two, 0.2 for
-  three; the official code has none for more, **0.2 is used for k >= 3**.
-- `ours_norefit`: `S2MPipeline(heads, gan=ShapesGenerator)` with ``refit="off"``: chains from the prior.
-- `ours`: the same pipeline with ``refit="sequential"`` (one more literal per refitting stage).
+  returned, 201 proposals per image) with the official weights (`common.official_evaluate`): ``gamma_c`` 0.1 for a
+  present attribute, negation margin 1, ``logit D_v``, and the official ``D_r`` temperature, 1.2 for one present
+  attribute, 1.0 for two, 0.2 for three; the official code has none for more, **0.2 is used for k >= 3**.
+- `previous_norefit`, `previous`: the previous default sampler (before issue 27) without and with latent refitting,
+  run from its own commit (`--previous-commit`, default e5ce922) in a git worktree by `previous_scaling.py`: the old
+  pipeline called as that checkout's `benchmarks/bench_scaling.py` called it for its methods `ours_norefit` and
+  `ours` (5 MH steps after entry, sequential refitting with 256 latents per stage, one Gaussian, unwidened; that
+  script itself fails where the fit's spend limit skips a stage), with the same k, N, seeds, presence margin, budget
+  and heads; every call fits anew (that script let later seeds reuse the first seed's fit). Scored here.
+- `ours`: `S2MPipeline(heads, gan=ShapesGenerator)` at its defaults (chains that move locally in the noise space from
+  a pool of prior draws; there is no refitting any more), with the presence margin below and ``--max-proposals``.
 
-Both of ours read the heads with a presence margin ``kappa`` (``--presence-margin``, default 0.5; `log_r`): a
-required attribute counts only where its ratio comes within ``kappa`` of the image's strongest. Exact heads are
-unchanged by it. These heads keep about 1e-4 of ``D_r``'s mass on clearly absent attributes, and the images missing
-m of the k attributes outnumber the target by ``C(k, m) (0.7 / 0.3)^m``, so without it the heads' own target is
-only 40% accurate at k = 6 (the column `heads' ceiling` is that accuracy: the share of ``p_T ∝ p_G w`` over 100,000
-prior draws on images that hold the k attributes, what a converged sampler returns). With it the target has a
-small support, a chain that enters it is on target, and both of ours take ``--steps`` (default 5) MH steps after
-entering; ``--steps 0`` uses the sampler's ``mixing_tolerance`` rule instead (capped at ``--max-steps``).
+Every method but the official reads the heads with a presence margin ``kappa`` (``--presence-margin``, default 0.5;
+`log_r`): a required attribute counts only where its ratio comes within ``kappa`` of the image's strongest. Exact
+heads are unchanged by it. These heads keep about 1e-4 of ``D_r``'s mass on clearly absent attributes, and the images
+missing m of the k attributes outnumber the target by ``C(k, m) (0.7 / 0.3)^m``, so without it the heads' own target
+is only 40% accurate at k = 6 (the column `heads' ceiling` is that accuracy: the share of ``p_T ∝ p_G w`` over
+100,000 prior draws on images that hold the k attributes, what a converged sampler returns).
 
-Refitting settings of `ours` (flags): ``--fit-size`` on-target latents per stage, ``--n-components`` (default 1, one
-Gaussian), ``--covariance-scale`` (default 1.0, no widening; `sample_s2m`'s 2.0 was chosen on a 2-dimensional
-problem). The fit data are importance-resampled with tempered ratios (`fit_exponent`), which keeps them from
-collapsing onto a few latents.
-
-Goal (issue 6): at k = 6, ``ours`` needs <= 1/10 the proposals per image of ``ours_norefit`` at equal accuracy.
+Goal (issue 27): at k = 6, ``ours`` needs <= 1/10 of the generator calls per image of the previous default without
+refitting (``previous_norefit``), at equal accuracy (ours' at least ``previous_norefit``'s - 0.01).
 
 Usage:
 
 ```sh
-python benchmarks/bench_scaling.py                                  # prints the table
+python benchmarks/bench_scaling.py                                  # prints the table (200 images, seed 0)
 python benchmarks/bench_scaling.py --num-images 200 --seeds 0 1 --json scaling.json
+python benchmarks/bench_scaling.py --ks 1 --num-images 4 --methods ours    # a smoke run
 ```
 """
 
@@ -57,11 +60,20 @@ import math
 import os
 import tempfile
 import time
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from common import OFFICIAL_STEPS, official_evaluate  # noqa: E402  (the same folder)
+from common import (  # noqa: E402  (the same folder)
+    OFFICIAL_STEPS,
+    PREVIOUS_COMMIT,
+    fmt,
+    mean,
+    official_evaluate,
+    run_previous,
+    verdict,
+)
 
 from s2m_diffusers.densities import StandardNormal  # noqa: E402
 from s2m_diffusers.evaluation import frechet_distance  # noqa: E402
@@ -73,9 +85,11 @@ from s2m_diffusers.sampling import sample_official  # noqa: E402
 from s2m_diffusers.targets import parse_target  # noqa: E402
 from s2m_diffusers.testing.shapes import ShapesGenerator, shapes_single_positive  # noqa: E402
 from s2m_diffusers.training import save_heads, train_heads  # noqa: E402
-from s2m_diffusers.utils import write_json_atomically  # noqa: E402
+from s2m_diffusers.utils import jsonable, write_json_atomically  # noqa: E402
 
-METHODS = ("official", "ours_norefit", "ours")
+METHODS = ("official", "previous_norefit", "previous", "ours")
+# The previous default's methods, by their names in its own bench_scaling.py.
+PREVIOUS = {"previous_norefit": "ours_norefit", "previous": "ours"}
 # The official code's D_r temperature by the number of present attributes; it has none beyond 3 (0.2 is used).
 OFFICIAL_TEMPERATURE_MANY = 0.2  # the official scripts stop at 3 present attributes (0.2); used for k >= 4
 REFERENCE_SIZE = 5000
@@ -156,88 +170,173 @@ def heads_ceiling(
 
 
 @torch.no_grad()
-def run_method(
-    method: str,
-    pipe: S2MPipeline,
-    target: str,
-    num_images: int,
-    seed: int,
-    settings: dict,
-) -> tuple[torch.Tensor, int, float, dict]:
-    """Draw `num_images` images of `target`; returns (images in [-1, 1], proposals, seconds, extra stats).
-
-    Ours are `pipe` calls (`S2MPipeline(heads, gan=ShapesGenerator)`); the official recipe uses the same heads and
-    generator through `sample_official`.
-    """
+def run_method(method: str, pipe: S2MPipeline, target: str, num_images: int, seed: int, args) -> dict:
+    """Draw ``num_images`` images of ``target`` with the official recipe or ours: the images in [-1, 1], the
+    generator calls, the seconds and what the method reports of its images."""
     rng = torch.Generator().manual_seed(seed)
-    heads = pipe.heads
-    parsed = parse_target(target, heads.attribute_names)
-    prior = StandardNormal((pipe.gan.config.latent_dim,))
     t0 = time.perf_counter()
     if method == "official":
-        evaluate = official_evaluate(heads, pipe.get_proposal(256), parsed, many=OFFICIAL_TEMPERATURE_MANY)
+        parsed = parse_target(target, pipe.heads.attribute_names)
+        evaluate = official_evaluate(pipe.heads, pipe.get_proposal(256), parsed, many=OFFICIAL_TEMPERATURE_MANY)
+        prior = StandardNormal((pipe.gan.config.latent_dim,))
         result = sample_official(evaluate, prior, num_images, OFFICIAL_STEPS, generator=rng)
-    elif method in ("ours", "ours_norefit"):
+        s = result.stats
+        return {
+            "images": result.x.float().cpu(),
+            "proposals": s.proposals,
+            "seconds": time.perf_counter() - t0,
+            "unique_images": s.unique_returned,
+            "acceptance_rate": s.acceptance_rate,
+        }
+    if method != "ours":
+        raise ValueError(f"Unknown method {method!r}; choose among {list(METHODS)}.")
+    with warnings.catch_warnings():  # the diagnostics' warnings are recorded in the row
+        warnings.filterwarnings("ignore", message="S2M sampling")
         out = pipe(
             target,
             num_images=num_images,
             generator=rng,
             output_type="pt",
-            refit="sequential" if method == "ours" else "off",
-            steps_after_entry=settings["steps"] or 5,
-            fit_size=settings["fit_size"],
-            presence_margin=settings["presence_margin"],
-            max_proposals=settings["max_proposals"],
+            presence_margin=args.presence_margin,
+            max_proposals=args.max_proposals,
             micro_batch_size=256,
-            mixing_tolerance=None if settings["steps"] else settings["mixing_tolerance"],
-            max_steps_after_entry=settings["max_steps"],
-            n_components=settings["n_components"],
-            covariance_scale=settings["covariance_scale"],
+            allow_partial=True,
         )
-        seconds = time.perf_counter() - t0
-        extra = {
-            "fit_proposals": sum(stage["proposals"] for stage in out.stats["stages"]),
-            "acceptance_rate": out.stats["acceptance_rate"],
-            "unique_images": out.stats["unique_images"],
-        }
-        return out.images * 2 - 1, out.stats["proposals"], seconds, extra
-    else:
-        raise ValueError(f"Unknown method {method!r}; choose among {list(METHODS)}.")
-    seconds = time.perf_counter() - t0
-    s = result.stats
-    extra = {
-        "fit_proposals": sum(stage["proposals"] for stage in s.stages),
-        "acceptance_rate": s.acceptance_rate,
-        "unique_images": s.unique_returned,
+    s = out.stats
+    pool = ((s.get("chains") or {}).get("pool") or {}).get("proposals")
+    return {
+        "images": out.images * 2 - 1,
+        "proposals": s["proposals"],
+        "seconds": time.perf_counter() - t0,
+        "unique_images": s["unique_images"],
+        "acceptance_rate": s["acceptance_rate"],
+        "warnings": list(s.get("warnings") or []),
+        "pool_share": pool / s["proposals"] if pool is not None and s["proposals"] else None,
+        "chains": s.get("chains"),
     }
-    return result.x.float().cpu(), s.proposals, seconds, extra
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
+def previous_calls(args: argparse.Namespace, methods: list[str]) -> dict:
+    """The previous default's calls (`previous_norefit`, `previous`) by (method, k, seed), made in its own checkout by
+    `previous_scaling.py` (the calls of that commit's `bench_scaling.py`, every call fitting anew); empty where it
+    failed."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "previous_scaling.py")
+    argv = [script, "--methods", *(PREVIOUS[m] for m in methods), "--ks", *map(str, args.ks)]
+    argv += ["--seeds", *map(str, args.seeds), "--num-images", str(args.num_images)]
+    argv += ["--presence-margin", str(args.presence_margin), "--max-proposals", str(args.max_proposals)]
+    argv += ["--heads-dir", os.path.abspath(args.heads_dir)]
+    print(f"previous: {args.previous_commit}'s pipeline as its bench_scaling.py called it, for {methods}", flush=True)
+    try:
+        calls = run_previous(argv, args.previous_commit, lambda line: line.startswith("k="), "--out", torch.load)
+    except RuntimeError as err:
+        print(f"{err}\nGoing on without the previous default.", flush=True)
+        return {}
+    names = {old: name for name, old in PREVIOUS.items()}
+    return {(names[c["method"]], c["k"], c["seed"]): c for c in calls}
 
 
-def _mean(rows: list[dict], key: str) -> float:
-    return sum(r[key] for r in rows) / len(rows)
+def score(generator: ShapesGenerator, k: int, method: str, seed: int, drawn: dict, reference, iid, ceiling) -> dict:
+    """The row of one draw: exact accuracy from the pixels, Fréchet distances, calls and what the method reports."""
+    images = drawn["images"]
+    found = len(images)
+    holds = generator.image_attributes(images)[:, :k].all(1)
+    warned = drawn.get("warnings")
+    return {
+        "dataset": "shapes",
+        "proposal": "shapes_generator",
+        "target": " & ".join(generator.attribute_names[:k]),
+        "k": k,
+        "method": method,
+        "seed": seed,
+        "num_images": found,
+        "accuracy": float(holds.double().mean()) if found else math.nan,
+        "frechet": frechet_distance(generator.features(images), reference) if found >= 2 else math.nan,
+        "frechet_iid": frechet_distance(generator.features(iid), reference),
+        "proposals_per_image": drawn["proposals"] / found if found else math.inf,
+        "distinct_share": drawn["unique_images"] / found if found else None,
+        "warnings": warned,
+        "num_warnings": None if warned is None else len(warned),
+        "pool_share": drawn.get("pool_share"),
+        "seconds": drawn["seconds"],
+        "prior_share": generator.attribute_probability**k,
+        "heads_ceiling": ceiling[k],
+        "acceptance_rate": drawn.get("acceptance_rate"),
+        "chains": drawn.get("chains"),
+    }
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def print_table(rows: list[dict], methods: list[str], ks: list[int], generator: ShapesGenerator) -> None:
+    """Per k: the prior share, the heads' ceiling and each method's cell; the calls of previous_norefit over ours'."""
+    ratio = "previous_norefit" in methods and "ours" in methods
+    print("cells: accuracy / Fréchet (i.i.d. floor) / generator calls per image / distinct share (means over seeds)\n")
+    print(
+        f"| k | prior share | heads' ceiling | {' | '.join(methods)} |" + (" previous_norefit / ours calls |" * ratio)
+    )
+    print("|---" * (3 + len(methods) + ratio) + "|")
+    for k in ks:
+        per = {m: [r for r in rows if r["k"] == k and r["method"] == m] for m in methods}
+        cells = []
+        for m in methods:
+            sel = per[m]
+            text = " / ".join(
+                [
+                    fmt(mean([r["accuracy"] for r in sel])),
+                    f"{fmt(mean([r['frechet'] for r in sel]))} ({fmt(mean([r['frechet_iid'] for r in sel]))})",
+                    fmt(mean([r["proposals_per_image"] for r in sel])),
+                    fmt(mean([r["distinct_share"] for r in sel]), 2),
+                ]
+            )
+            short = [r for r in sel if r["num_images"] < r.get("num_images_asked", r["num_images"])]
+            warned = [r for r in sel if r.get("num_warnings")]
+            text += f" (returned {sum(r['num_images'] for r in short)} of {len(short)} calls)" if short else ""
+            text += f" (warned {len(warned)}/{len(sel)})" if warned else ""
+            cells.append(text if sel else "-")
+        ceiling = next((r["heads_ceiling"] for r in rows if r["k"] == k), math.nan)
+        line = f"| {k} | {generator.attribute_probability**k:.2g} | {fmt(ceiling)} | {' | '.join(cells)} |"
+        if ratio:
+            calls = {m: mean([r["proposals_per_image"] for r in per[m]]) for m in ("previous_norefit", "ours")}
+            line += f" {fmt(calls['previous_norefit'] / calls['ours'])}x |"
+        print(line)
+
+
+def print_goal(rows: list[dict]) -> None:
+    """Issue 27's goal at k = 6: ours <= 1/10 of previous_norefit's calls per image, at equal accuracy."""
+    per = {m: [r for r in rows if r["k"] == 6 and r["method"] == m] for m in ("ours", "previous_norefit")}
+    if not per["ours"]:
+        return
+    print(
+        "\nGoal (issue 27), k = 6: ours <= 1/10 of the previous default's calls without refitting, at equal accuracy"
+    )
+    if not per["previous_norefit"]:
+        print(f"  {verdict(None)}: run previous_norefit")
+        return
+    calls = {m: mean([r["proposals_per_image"] for r in sel]) for m, sel in per.items()}
+    acc = {m: mean([r["accuracy"] for r in sel]) for m, sel in per.items()}
+    ratio = calls["previous_norefit"] / calls["ours"]
+    equal = acc["ours"] >= acc["previous_norefit"] - 0.01
+    print(
+        f"  calls per image: ours {fmt(calls['ours'])}, previous_norefit {fmt(calls['previous_norefit'])}: "
+        f"{fmt(ratio)}x (>= 10x): {verdict(ratio >= 10)}"
+    )
+    print(
+        f"  accuracy: ours {fmt(acc['ours'])}, previous_norefit {fmt(acc['previous_norefit'])} "
+        f"(ours >= previous_norefit's - 0.01): {verdict(equal)}"
+    )
+    warned = [r for r in per["ours"] if r.get("num_warnings")]
+    print(f"  ours' calls within the diagnostics' thresholds: {len(per['ours']) - len(warned)} of {len(per['ours'])}")
+    for r in warned:
+        print(f"    seed {r['seed']}: {'; '.join(r['warnings'])}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-images", type=int, default=200, help="images per (k, method, seed)")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="numbers of attributes")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--max-proposals", type=int, default=5_000_000, help="proposal budget per call")
     parser.add_argument(
-        "--steps", type=int, default=5, help="ours (both): MH steps after entry; 0: the mixing_tolerance rule"
-    )
-    parser.add_argument("--mixing-tolerance", type=float, default=0.1, help="ours, with --steps 0: the stopping rule")
-    parser.add_argument("--max-steps", type=int, default=5000, help="ours, with --steps 0: cap on MH steps")
-    parser.add_argument("--fit-size", type=int, default=256, help="ours: on-target latents per refitting stage")
-    parser.add_argument("--n-components", type=int, default=1, help="ours: Gaussian mixture components per fit")
-    parser.add_argument("--covariance-scale", type=float, default=1.0, help="ours: widening of each fit")
-    parser.add_argument("--max-proposals", type=int, default=5_000_000, help="ours: proposal budget per run")
-    parser.add_argument(
-        "--presence-margin", type=float, default=0.5, help="ours: kappa of log_r (0 is the paper's formula)"
+        "--presence-margin", type=float, default=0.5, help="kappa of log_r (0 is the paper's formula); not official"
     )
     parser.add_argument(
         "--heads-dir",
@@ -245,10 +344,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="where the trained heads are cached (retrained when the settings differ)",
     )
     parser.add_argument("--retrain", action="store_true", help="train the heads even if cached")
+    parser.add_argument("--previous-commit", default=PREVIOUS_COMMIT, help="the commit of the previous default")
     parser.add_argument("--json", default=None, help="write the rows to this file")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
     generator = ShapesGenerator().eval()
     heads, metrics = train_or_load_heads(generator, args.heads_dir, args.retrain)
     pipe = S2MPipeline(heads=heads, gan=generator)
@@ -259,102 +362,39 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"D_v accuracy {metrics['dv_accuracy']:.3f}",
         flush=True,
     )
-    settings = {
-        "mixing_tolerance": args.mixing_tolerance,
-        "max_steps": args.max_steps,
-        "fit_size": args.fit_size,
-        "n_components": args.n_components,
-        "covariance_scale": args.covariance_scale,
-        "max_proposals": args.max_proposals,
-        "steps": args.steps,
-        "presence_margin": args.presence_margin,
-    }
-    names = generator.attribute_names
     ceiling = heads_ceiling(generator, heads, args.ks, args.presence_margin)
-
+    previous = [m for m in args.methods if m in PREVIOUS]
+    earlier = previous_calls(args, previous) if previous else {}
     rows = []
     for k in args.ks:
-        target = " & ".join(names[:k])
-        reference = generator.features(
-            generator(
-                generator.sample_latents(REFERENCE_SIZE, torch.Generator().manual_seed(10_000 + k), present=range(k))
-            )
-        )
+        present = range(k)
+        latents = generator.sample_latents(REFERENCE_SIZE, torch.Generator().manual_seed(10_000 + k), present=present)
+        reference = generator.features(generator(latents))
         for seed in args.seeds:
-            iid = generator(
-                generator.sample_latents(
-                    args.num_images, torch.Generator().manual_seed(20_000 + 100 * k + seed), present=range(k)
-                )
-            )
-            frechet_iid = frechet_distance(generator.features(iid), reference)
+            rng = torch.Generator().manual_seed(20_000 + 100 * k + seed)
+            iid = generator(generator.sample_latents(args.num_images, rng, present=present))
             for method in args.methods:
-                images, proposals, seconds, extra = run_method(
-                    method, pipe, target, args.num_images, 1000 * k + seed, settings
-                )
-                holds = generator.image_attributes(images)[:, :k].all(1)
-                row = {
-                    "dataset": "shapes",
-                    "proposal": "shapes_generator",
-                    "target": target,
-                    "k": k,
-                    "method": method,
-                    "seed": seed,
-                    "num_images": len(images),
-                    "accuracy": float(holds.double().mean()),
-                    "frechet": frechet_distance(generator.features(images), reference),
-                    "frechet_iid": frechet_iid,
-                    "proposals_per_image": proposals / len(images),
-                    "seconds": seconds,
-                    "prior_share": generator.attribute_probability**k,
-                    "heads_ceiling": ceiling[k],
-                    "presence_margin": args.presence_margin,
-                    **extra,
-                }
-                rows.append(row)
+                if method in PREVIOUS:
+                    if (method, k, seed) not in earlier:
+                        continue
+                    drawn = earlier[(method, k, seed)]
+                else:
+                    drawn = run_method(
+                        method, pipe, " & ".join(generator.attribute_names[:k]), args.num_images, 1000 * k + seed, args
+                    )
+                row = score(generator, k, method, seed, drawn, reference, iid, ceiling)
+                rows.append({**row, "num_images_asked": args.num_images, "presence_margin": args.presence_margin})
                 print(
-                    f"k={k} seed={seed} {method:<13} acc {row['accuracy']:.3f}  frechet {row['frechet']:7.4f} "
-                    f"(iid {frechet_iid:.4f})  prop/img {row['proposals_per_image']:9.1f}  {seconds:7.1f} s",
+                    f"k={k} seed={seed} {method:<16} acc {fmt(row['accuracy'])}  frechet {fmt(row['frechet'])} "
+                    f"(iid {fmt(row['frechet_iid'])})  calls/img {fmt(row['proposals_per_image'])}  distinct "
+                    f"{fmt(row['distinct_share'], 2)}  warnings {fmt(row['num_warnings'])}  {row['seconds']:.1f} s",
                     flush=True,
                 )
-
     print(f"\nShapes, k attributes required, {args.num_images} images, seeds {args.seeds}")
-    print("cells: accuracy / frechet / proposals per image / seconds (means over seeds)\n")
-    show_ratio = "ours" in args.methods and "ours_norefit" in args.methods
-    header = f"| k | prior share | heads' ceiling | {' | '.join(args.methods)} |" + (
-        " no-refit / refit proposals |" if show_ratio else ""
-    )
-    print(header)
-    print("|---" * (3 + len(args.methods) + show_ratio) + "|")
-    for k in args.ks:
-        cells = []
-        per = {m: [r for r in rows if r["k"] == k and r["method"] == m] for m in args.methods}
-        for m in args.methods:
-            cells.append(
-                " / ".join(
-                    [
-                        _fmt(_mean(per[m], "accuracy")),
-                        _fmt(_mean(per[m], "frechet")),
-                        _fmt(_mean(per[m], "proposals_per_image")),
-                        f"{_mean(per[m], 'seconds'):.1f}",
-                    ]
-                )
-            )
-        line = f"| {k} | {generator.attribute_probability**k:.2g} | {ceiling[k]:.3f} | {' | '.join(cells)} |"
-        if show_ratio:
-            ratio = _mean(per["ours_norefit"], "proposals_per_image") / _mean(per["ours"], "proposals_per_image")
-            line += f" {ratio:.1f}x |"
-        print(line)
-    if show_ratio and 6 in args.ks:
-        per = {m: [r for r in rows if r["k"] == 6 and r["method"] == m] for m in ("ours", "ours_norefit")}
-        ratio = _mean(per["ours_norefit"], "proposals_per_image") / _mean(per["ours"], "proposals_per_image")
-        acc = {m: _mean(per[m], "accuracy") for m in per}
-        print(
-            f"\nGoal (k = 6: refit needs <= 1/10 the proposals per image of no refit, at equal accuracy): "
-            f"ratio {ratio:.1f}x, accuracy {acc['ours']:.3f} (refit) vs {acc['ours_norefit']:.3f} (no refit)"
-        )
-
+    print_table(rows, [m for m in METHODS if m in args.methods], args.ks, generator)
+    print_goal(rows)
     if args.json:
-        write_json_atomically(args.json, rows)
+        write_json_atomically(args.json, jsonable(rows))
     return rows
 
 

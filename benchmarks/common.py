@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -122,9 +123,10 @@ def run_previous(
     commit: str = PREVIOUS_COMMIT,
     show: Callable[[str], bool] | None = None,
     output_flag: str = "--json",
-) -> list | dict:
+    read: Callable[[str], Any] | None = None,
+) -> Any:
     """Run ``python argv`` in the previous checkout (``argv[0]``, a script, relative to the worktree or absolute) with
-    ``output_flag PATH`` appended, and return the JSON it wrote there.
+    ``output_flag PATH`` appended, and return what it wrote there: JSON, or what ``read(PATH)`` returns.
 
     The subprocess imports the old package: ``PYTHONPATH`` is the worktree, and so is its working directory. Its
     standard output lines for which ``show(line)`` holds are printed as they come (its progress rows), prefixed with
@@ -133,7 +135,7 @@ def run_previous(
     path = previous_checkout(commit)
     env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
-        out, err = os.path.join(tmp, "out.json"), os.path.join(tmp, "stderr.txt")
+        out, err = os.path.join(tmp, "out"), os.path.join(tmp, "stderr.txt")
         with open(err, "w") as stderr:
             proc = subprocess.Popen(
                 [sys.executable, *argv, output_flag, out],
@@ -151,6 +153,8 @@ def run_previous(
             with open(err) as f:
                 tail = f.read()[-3000:]
             raise RuntimeError(f"The previous sampler ({commit}: {' '.join(argv)}) failed with code {code}:\n{tail}")
+        if read is not None:
+            return read(out)
         with open(out) as f:
             return json.load(f)
 
