@@ -498,12 +498,13 @@ def print_tables(rows: list[dict], dataset: str, kind: str) -> None:
 
 def print_details(mine: list[dict], methods: list[str], kind: str) -> None:
     """Per method: images returned / asked, generator (and UNet) calls per image, the pool's share of the calls, the
-    calls that warned, seconds per call; then the text of every warning."""
+    calls that warned, seconds per call and images per second (all its images over all its seconds: e.g. MALA's
+    costlier steps against pCN's); then the text of every warning."""
     print(
         "\n| method | images returned / asked | generator calls / image | UNet calls / image | pool share of calls "
-        "| calls that warned | seconds / call |"
+        "| calls that warned | seconds / call | images / second |"
     )
-    print("|---" * 7 + "|")
+    print("|---" * 8 + "|")
     for m in methods:
         sel = pick(mine, method=m)
         warned = [r for r in sel if r.get("num_warnings")]
@@ -515,6 +516,7 @@ def print_details(mine: list[dict], methods: list[str], kind: str) -> None:
             fmt(mean([r["pool_share"] for r in sel]), 2),
             f"{len(warned)} / {len(known)}" if known else "-",
             fmt(mean([r["seconds"] for r in sel])),
+            fmt(sum(r["num_images"] for r in sel) / sum(r["seconds"] for r in sel)),
         ]
         print(f"| {m} | {' | '.join(cells)} |")
     warned = [r for r in mine if r.get("num_warnings")]
@@ -528,13 +530,16 @@ def print_details(mine: list[dict], methods: list[str], kind: str) -> None:
 # Goals
 
 
+def cell_key(row: dict) -> tuple:
+    """A row's cell: (dataset, proposal, images asked, target, seed)."""
+    return tuple(row[name] for name in ("dataset", "proposal", "num_images_asked", "target_index", "seed"))
+
+
 def paired(rows: list[dict], a: str, b: str) -> tuple[list[dict], list[dict]]:
-    """The rows of methods ``a`` and ``b`` on the (target, seed) cells both ran, in the same order."""
-    keys = sorted({(r["target_index"], r["seed"]) for r in pick(rows, method=a)})
-    keys = [key for key in keys if pick(rows, method=b, target_index=key[0], seed=key[1])]
-    first = [pick(rows, method=a, target_index=t, seed=s)[0] for t, s in keys]
-    second = [pick(rows, method=b, target_index=t, seed=s)[0] for t, s in keys]
-    return first, second
+    """The rows of methods ``a`` and ``b`` on the cells both ran, in the same order."""
+    theirs = {cell_key(r): r for r in pick(rows, method=b)}
+    mine = sorted((r for r in pick(rows, method=a) if cell_key(r) in theirs), key=cell_key)
+    return mine, [theirs[cell_key(r)] for r in mine]
 
 
 def describe(selected: list[dict]) -> str:
@@ -548,11 +553,18 @@ def all_seven(selected: list[dict], met: bool) -> bool | None:
     return (met if len({r["target_index"] for r in selected}) == 7 else None) if met else False
 
 
+def by_target(selected: list[dict], key: str) -> dict[str, float]:
+    """The mean of ``key`` per target (over seeds)."""
+    return {
+        t: mean([r[key] for r in selected if r["target"] == t]) for t in dict.fromkeys(r["target"] for r in selected)
+    }
+
+
 def against(rows: list[dict], goal: str, key: str, bound: float, reference: str = "iid", **how) -> list:
     """A goal row: ours' mean of ``key`` against ``reference``'s mean plus ``bound``, at least (at most with
-    ``larger=False``), on the cells both ran, with the targets where a cell misses it; with ``every_cell=True`` the
-    goal is met only where no cell misses it."""
-    larger, every_cell = how.get("larger", True), how.get("every_cell", False)
+    ``larger=False``), on the cells both ran; with ``every_target=True`` also each target's mean over seeds (the
+    targets that miss it are named)."""
+    larger, every_target = how.get("larger", True), how.get("every_target", False)
     ours, ref = paired(rows, "ours", reference)
     if not ours:
         return [goal, describe(pick(rows, method="ours")), "-", f"(run {reference})", verdict(None)]
@@ -561,10 +573,13 @@ def against(rows: list[dict], goal: str, key: str, bound: float, reference: str 
         return mine >= theirs + bound if larger else mine <= theirs + bound
 
     mine, theirs = mean([r[key] for r in ours]), mean([r[key] for r in ref])
-    misses = sorted({a["target"] for a, b in zip(ours, ref) if not holds(a[key], b[key])})
-    measured = f"{fmt(mine)}; cells missing it: {misses or 'none'}"
-    bound_text = f"{'>=' if larger else '<='} {fmt(theirs + bound)} ({reference} {fmt(theirs)})"
-    return [goal, describe(ours), measured, bound_text, verdict(holds(mine, theirs) and not (every_cell and misses))]
+    measured, bound_text = fmt(mine), f"{'>=' if larger else '<='} {fmt(theirs + bound)} ({reference} {fmt(theirs)})"
+    misses = []
+    if every_target:
+        per_ref = by_target(ref, key)
+        misses = [t for t, v in by_target(ours, key).items() if not holds(v, per_ref[t])]
+        measured += f"; targets missing it: {misses or 'none'}"
+    return [goal, describe(ours), measured, bound_text, verdict(holds(mine, theirs) and not misses)]
 
 
 def goals_gan(rows: list[dict]) -> list[list]:
@@ -605,19 +620,19 @@ def goals_ddpm(rows: list[dict]) -> list[list]:
         ours = pick(sel, method="ours")
         name = f"Digits DDPM, {n} images:"
         acc = mean([r["accuracy"] for r in ours])
-        low = sorted({r["target"] for r in ours if not r["accuracy"] >= 0.96})
-        measured = f"{fmt(acc)}; cells missing it: {low or 'none'}"
-        out.append([f"{name} accuracy >= 0.96 (mean; every cell)", describe(ours), measured, ">= 0.96"])
+        low = [t for t, v in by_target(ours, "accuracy").items() if not v >= 0.96]
+        measured = f"{fmt(acc)}; targets missing it: {low or 'none'}"
+        out.append([f"{name} accuracy >= 0.96 (mean; every target)", describe(ours), measured, ">= 0.96"])
         out[-1].append(verdict(acc >= 0.96 and not low))
-        goal = f"{name} UNet calls per image <= the oracle's (mean; every cell)"
-        out.append(against(sel, goal, "unet_calls_per_image", 0.0, "oracle", larger=False, every_cell=True))
+        goal = f"{name} UNet calls per image <= the oracle's (mean; every target)"
+        out.append(against(sel, goal, "unet_calls_per_image", 0.0, "oracle", larger=False, every_target=True))
         goal = f"{name} the screen where it pays: UNet calls per image <= ours_noscreen's (mean)"
         out.append(against(sel, goal, "unet_calls_per_image", 0.0, reference="ours_noscreen", larger=False))
     return out
 
 
 def goals_fashion(rows: list[dict]) -> list[list]:
-    """Fashion GAN and DDPM: every combination returns images; accuracy >= iid's - 0.02 (mean; every cell)."""
+    """Fashion GAN and DDPM: every combination returns images; accuracy >= iid's - 0.02 (mean; every target)."""
     out = []
     for kind in PROPOSALS:
         sel = pick(rows, dataset="fashion", proposal=kind)
@@ -631,7 +646,7 @@ def goals_fashion(rows: list[dict]) -> list[list]:
         out.append([f"{name} every combination returns images", describe(ours), measured, "every call"])
         out[-1].append(verdict(all_seven(ours, not empty)))
         out.append(
-            against(sel, f"{name} accuracy >= iid's - 0.02 (mean; every cell)", "accuracy", -0.02, every_cell=True)
+            against(sel, f"{name} accuracy >= iid's - 0.02 (mean; every target)", "accuracy", -0.02, every_target=True)
         )
     return out
 
@@ -647,7 +662,8 @@ def goals_warnings(rows: list[dict]) -> list[list]:
     for dataset, kind, n, method in sorted(cells):
         sel = pick(rows, dataset=dataset, proposal=kind, num_images_asked=n, method=method)
         quiet = [r for r in sel if not r["num_warnings"]]
-        goal = f"{dataset} {kind.upper()}, {n} images, {method}: R-hat and the reading check within their thresholds"
+        goal = f"{dataset.capitalize()} {kind.upper()}, {n} images, {method}: R-hat and the reading check within "
+        goal += "their thresholds"
         measured = f"{len(quiet)} of {len(sel)} calls" + (", the others warned" if len(quiet) < len(sel) else "")
         out.append([goal, describe(sel), measured, "every call", verdict(len(quiet) == len(sel))])
     return out
