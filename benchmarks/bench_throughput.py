@@ -16,15 +16,14 @@ its shipped heads. For every process count and micro-batch size, one call draws 
 | `bookkeeping_share` | the rest (1 - the two above): the pool, the chains' proposals and acceptances, the |
 | | screen's bookkeeping, the diagnostics, gathering, conversion to PIL images, waiting for other processes |
 | `sampler_share` | the pipeline's own figure for the sampler's bookkeeping: ``seconds_sampler / seconds_wall`` of |
-| | its ``stats`` (summed over the processes) |
+| | its ``stats`` (with several processes: their summed ``seconds_sampler`` / (the longest wall x processes)) |
 
 The call runs at the pipeline's defaults (chains that move locally, the screen where it pays) but for
 ``micro_batch_size``, ``num_inference_steps`` and ``max_proposals``. Each process runs one torch thread
 (`--num-threads`), so that 2 processes use 2 cores. The pipeline's own ``seconds_sampler`` leaves out the work after
 sampling (gathering, statistics, PIL conversion); this benchmark also times the whole call from outside, so that
-``bookkeeping_share`` counts everything that is neither a generator call nor a head pass. With several processes each
-process's seconds are gathered here and summed (the pipeline reports its own process's; where it reports them summed
-already, every process holds the same figures, and they are taken once).
+``bookkeeping_share`` counts everything that is neither a generator call nor a head pass. With several processes the
+pipeline's ``stats`` sum every process's seconds (``seconds_wall`` is the longest process's).
 
 Usage:
 
@@ -61,8 +60,6 @@ COLUMNS = (
     "bookkeeping_share",
     "sampler_share",
 )
-# The seconds of a call's stats that are per process.
-SECONDS = ("seconds_generator", "seconds_heads", "seconds_sampler", "seconds_wall")
 _PIPE = None  # loaded once in the parent; forked processes share it
 
 
@@ -98,15 +95,13 @@ def measure(args: argparse.Namespace, micro_batch: int, processes: int, state=No
     start = time.perf_counter()
     stats = _call(args, micro_batch, args.num_images, distributed, seed=args.seed)
     wall = time.perf_counter() - start
-    seconds = {key: stats[key] for key in SECONDS}
-    if state is not None:  # the slowest process's wall time; every process's seconds
+    if state is not None:  # the slowest process's wall time
         from s2m_diffusers.distributed import gather_objects
 
         wall = max(gather_objects(wall, state))
-        seconds = summed(gather_objects(seconds, state))
-    process_seconds = wall * processes
-    generator_share = seconds["seconds_generator"] / process_seconds
-    heads_share = seconds["seconds_heads"] / process_seconds
+    process_seconds = wall * processes  # the stats' seconds are summed over the processes
+    generator_share = stats["seconds_generator"] / process_seconds
+    heads_share = stats["seconds_heads"] / process_seconds
     return {
         "processes": processes,
         "micro_batch": micro_batch,
@@ -118,23 +113,13 @@ def measure(args: argparse.Namespace, micro_batch: int, processes: int, state=No
         "generator_share": generator_share,
         "heads_share": heads_share,
         "bookkeeping_share": 1.0 - generator_share - heads_share,
-        "sampler_share": seconds["seconds_sampler"] / seconds["seconds_wall"],  # the pipeline's own figure
+        "sampler_share": stats["seconds_sampler"] / (stats["seconds_wall"] * processes),  # the pipeline's figure
         "unet_calls_per_image": stats.get("unet_calls_per_image"),
         "screen": stats.get("screen"),
         "warnings": stats.get("warnings"),
         "target": args.target,
         "num_threads": args.num_threads,
     }
-
-
-def summed(per_process: list[dict]) -> dict:
-    """The processes' seconds summed; taken once where every process holds the same figures (a pipeline that
-    gathered them already: its wall time is then the slowest process's, counted once per process)."""
-    if all(p == per_process[0] for p in per_process):
-        one = dict(per_process[0])
-        one["seconds_wall"] *= len(per_process)
-        return one
-    return {key: sum(p[key] for p in per_process) for key in per_process[0]}
 
 
 def _worker(args: argparse.Namespace, path: str) -> None:
