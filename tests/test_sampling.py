@@ -230,7 +230,7 @@ class ShiftedNormal:
 
 def test_a_density_other_than_the_prior_is_corrected_for():
     """The pool and the jumps drawn from q = N(mu, s^2 I): exact with the correction ``p_z / q``, rejected without."""
-    q = ShiftedNormal([0.6, 0.6], 0.8)
+    q = ShiftedNormal([0.8, 0.8], 0.6)
     text = "A & B"
     assert runs_p_value(text, TOY.evaluate_fn(text), q=q, jump_rate=0.5) > ALPHA
 
@@ -238,7 +238,7 @@ def test_a_density_other_than_the_prior_is_corrected_for():
         def log_prior_ratio(self, z):
             return torch.zeros(z.shape[0], dtype=torch.float64)
 
-    assert runs_p_value(text, TOY.evaluate_fn(text), q=Uncorrected([0.6, 0.6], 0.8), jump_rate=0.5) < ALPHA
+    assert runs_p_value(text, TOY.evaluate_fn(text), q=Uncorrected([0.8, 0.8], 0.6), jump_rate=0.5) < ALPHA
 
 
 def test_wrong_priors_do_not_bias_a_conjunction_with_a_large_margin():
