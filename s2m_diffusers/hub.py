@@ -86,6 +86,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # a training run's state inside the pipeline folder it writes (`s2m train-heads --checkpointing_steps`): kept by a
 # save like any file that is not part of the pipeline, and never uploaded
 TRAINING_FOLDER = "checkpoints"
+# the pipeline's cached fits (`S2MPipeline.write_extra_files`), loaded by `from_pretrained`: always the pipeline's,
+# replaced by every save and covered by its manifest
+FITS_FOLDER = "fits"
 
 
 # the libraries whose components diffusers loads by itself; `save_pretrained` records any other component under its
@@ -287,8 +290,10 @@ def save_pipeline(
     The folder is written whole beside its destination, ends with the manifest ([`write_manifest`]), and replaces
     the destination in one step ([`~s2m_diffusers.utils.replace_folder_atomically`]): a kill at any moment leaves the
     previous pipeline (or no folder) or the new one, never a mix, and the temporaries of a killed save are removed by
-    the next one. Of an existing pipeline folder, the entries that are not part of a pipeline (notes, checkpoints,
-    ``metrics.json``) are carried over; its components are not.
+    the next one. Of an existing pipeline folder, the entries that are not part of a pipeline (notes, checkpoints)
+    are carried over; its components, ``fits/`` and every file its manifest lists are not. Saves into one folder
+    take turns ([`~s2m_diffusers.utils.folder_lock`], held from that decision through the final rename): two saves
+    at once end as the later one, whole, never a mix of both.
 
     Args:
         pipeline ([`~s2m_diffusers.pipeline_s2m.S2MPipeline`]): the pipeline. Its ``write_extra_files(folder)``,
@@ -320,11 +325,14 @@ def save_pipeline(
             stacklevel=3,
         )
     destination = os.path.abspath(os.fspath(save_directory))
-    part_of_old = _pipeline_entries(destination)
-
+    _pipeline_entries(destination)  # refused before anything is written
     card = _card_context(pipeline, license, base_model, sampling)
+    part_of_old: set[str] = set()
 
     def write(folder: str) -> None:
+        # under the folder's lock: what the folder holds now (another save may have just replaced it) decides which
+        # of its entries are the old pipeline's (replaced) and which are the user's (kept)
+        part_of_old.update(_pipeline_entries(destination))
         _write_pipeline_folder(pipeline, folder, variant, max_shard_size, training_data, extra_files, card)
 
     return replace_folder_atomically(write, destination, keep=lambda name: name not in part_of_old)
@@ -342,8 +350,9 @@ def check_save_directory(save_directory: str | os.PathLike) -> None:
 
 def _pipeline_entries(folder: str) -> set[str]:
     """The top-level entries of an existing pipeline folder that belong to the pipeline (replaced by a save, not
-    carried over). Raises for an existing folder that holds files but is not a saved pipeline."""
-    names = {INDEX_FILE, MANIFEST_FILE, CARD_FILE, f"{PIPELINE_FILE}.py"}
+    carried over): the index, manifest, card and shim, ``fits/``, every component the index names and every entry
+    the manifest lists. Raises for an existing folder that holds files but is not a saved pipeline."""
+    names = {INDEX_FILE, MANIFEST_FILE, CARD_FILE, f"{PIPELINE_FILE}.py", FITS_FOLDER}
     if not os.path.lexists(folder):
         return names
     if not os.path.isdir(folder):
@@ -526,8 +535,8 @@ def check_pipeline_folder(folder: str | os.PathLike, config: Mapping[str, Any] |
       when it is read;
     - a pipeline class or a component class that the installed packages do not define, or that the index names
       otherwise than the folder's shim;
-    - files that differ from the manifest, are missing from it, or lie in a component folder without being listed
-      in it: parts of different saves, or a damaged folder.
+    - files that differ from the manifest, are missing from it, or lie in a component folder or ``fits/`` without
+      being listed in it: parts of different saves, or a damaged folder.
 
     It warns about a folder without a manifest (saved by diffusers' own `save_pretrained` or an older
     s2m-diffusers: its parts cannot be checked) and about one saved by a newer diffusers or s2m-diffusers.
@@ -549,7 +558,7 @@ def check_pipeline_folder(folder: str | os.PathLike, config: Mapping[str, Any] |
     _check_classes(folder, config, components)
     manifest = _read_manifest(folder)
     if manifest:
-        _check_manifest(folder, manifest, components)
+        _check_manifest(folder, manifest, config, components)
     else:
         warnings.warn(
             f"{folder!r} has no {MANIFEST_FILE}: it was saved by diffusers' own save_pretrained or an s2m-diffusers "
@@ -653,7 +662,18 @@ def _check_classes(folder: str, config: Mapping[str, Any], components: Mapping[s
             )
 
 
-def _check_manifest(folder: str, manifest: Mapping[str, Any], components: Mapping[str, Any]) -> None:
+def _covered_folders(config: Mapping[str, Any], manifest: Mapping[str, Any]) -> set[str]:
+    """The top-level folders whose every file must be one the manifest lists: the components the index names (saved
+    or not), those the manifest records, ``fits/`` (loaded with the pipeline), and every folder of a listed file."""
+    names = {k for k, v in config.items() if not k.startswith("_") and _is_component_entry(v)} | {FITS_FOLDER}
+    if isinstance(manifest.get("components"), dict):
+        names |= set(manifest["components"])
+    return names | {rel.split("/")[0] for rel in manifest["files"] if "/" in rel}
+
+
+def _check_manifest(
+    folder: str, manifest: Mapping[str, Any], config: Mapping[str, Any], components: Mapping[str, Any]
+) -> None:
     saved = manifest.get("components")
     if isinstance(saved, dict) and saved != dict(components):
         differ = sorted(k for k in set(saved) | set(components) if saved.get(k) != components.get(k))
@@ -671,9 +691,11 @@ def _check_manifest(folder: str, manifest: Mapping[str, Any], components: Mappin
             missing.append(rel)
         elif os.path.getsize(path) != entry.get("size") or _sha256(path) != entry.get("sha256"):
             changed.append(rel)
-    present = _folder_files(folder)
+    covered = _covered_folders(config, manifest)
     unlisted = [
-        rel for rel in present if rel.split("/")[0] in components and rel not in listed and "/." not in f"/{rel}"
+        rel
+        for rel in _folder_files(folder)
+        if "/" in rel and rel.split("/")[0] in covered and rel not in listed and "/." not in f"/{rel}"
     ]
     if not (missing or changed or unlisted):
         return
@@ -687,9 +709,9 @@ def _check_manifest(folder: str, manifest: Mapping[str, Any], components: Mappin
     raise ValueError(
         f"The saved pipeline {folder!r} does not match its manifest ({MANIFEST_FILE}): files "
         + "; files ".join(problems)
-        + ". Its parts come from different saves (an interrupted save by an older version, or files copied in by "
-        "hand) and do not belong together. Save the pipeline again with S2MPipeline.save_pretrained, or restore the "
-        "whole folder."
+        + ". Its parts come from different saves (two saves into one folder at once by an older version, an "
+        "interrupted save, or files copied in by hand) and do not belong together. Save the pipeline again with "
+        "S2MPipeline.save_pretrained, or restore the whole folder."
     )
 
 
