@@ -418,3 +418,65 @@ def test_other_inputs_through_the_command(saved, tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:100])
     assert sample(truncated, tmp_path / "o") == 2 and "could not load the pipeline" in error_of(capsys)
     save_file({"x": torch.zeros(1)}, tmp_path / "unused.safetensors")  # (safetensors itself is fine)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Second round (issue 29). Item 1, two writers at once: `test_races.py`.
+# 2: a folder copied without its `.py` files names them, not the classes
+
+
+def test_a_folder_copied_without_its_py_files_names_the_missing_files(saved, tmp_path, capsys):
+    folder = copy_of(saved, tmp_path)
+    for shim in folder.rglob("*.py"):
+        shim.unlink()
+    message = r"lists files that are missing: gan/s2m_diffusers_models_gan\.py, heads/s2m_diffusers_models_heads\.py"
+    with pytest.raises(ValueError, match=message + r", pipeline\.py\. The \.py files are one-line shims"):
+        S2MPipeline.from_pretrained(folder)
+    assert sample(folder, tmp_path / "out") == 2
+    err = error_of(capsys)
+    assert "pipeline.py" in err and "Copy or download the whole folder again" in err and "Install" not in err
+    # without a manifest (diffusers' own layout, older saves) the index's shim is named too
+    (folder / hub.MANIFEST_FILE).unlink()
+    with pytest.raises(ValueError, match=r"class 'S2MPipeline' through pipeline\.py, which is missing"):
+        S2MPipeline.from_pretrained(folder)
+    (folder / "pipeline.py").write_text((saved / "pipeline.py").read_text())
+    with pytest.raises(ValueError, match=r"'DCGANGenerator' through gan/s2m_diffusers_models_gan\.py, which is miss"):
+        S2MPipeline.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5: an edited model_index.json: not an object, or a setting of the wrong type, named with the file and the key
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ([], r"model_index\.json holds a JSON list \(\[\]\), not an object"),
+        (3, r"model_index\.json holds a JSON number \(3\), not an object"),
+        ({"num_inference_steps": "ten"}, r"model_index\.json: the setting 'num_inference_steps' is \"ten\" \(a str"),
+        ({"num_inference_steps": 0}, r"'num_inference_steps' is 0 \(a number\); it must be a positive integer"),
+        ({"latent_shape": "abc"}, r"'latent_shape' is \"abc\" \(a string\); it must be null or a list of positive"),
+        ({"proposal_kwargs": [1]}, r"'proposal_kwargs' is \[1\] \(a list\); it must be null or an object"),
+        ({"default_target": 5}, r"'default_target' is 5 \(a number\); it must be null or a string"),
+        ({"heads": "S2MHeads"}, r"the component 'heads' is \"S2MHeads\"; a component entry is \[\"library\""),
+    ],
+    ids=["list", "number", "steps-text", "steps-zero", "latent-shape", "proposal-kwargs", "default-target", "heads"],
+)
+def test_an_edited_index_names_the_file_the_setting_and_the_value(saved, tmp_path, capsys, content, message):
+    folder = copy_of(saved, tmp_path)
+    if isinstance(content, dict):
+        edit_index(folder, **content)
+    else:
+        (folder / "model_index.json").write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=message):
+        S2MPipeline.from_pretrained(folder)
+    assert sample(folder, tmp_path / "out") == 2
+    err = error_of(capsys)
+    assert str(folder / "model_index.json") in err and "unexpected error" not in err
+
+
+def test_saving_over_a_folder_whose_index_is_not_an_object_is_refused(saved, tmp_path):
+    folder = copy_of(saved, tmp_path)
+    (folder / "model_index.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"no readable model_index\.json: a JSON list, not an object"):
+        gan_pipeline().save_pretrained(folder)
