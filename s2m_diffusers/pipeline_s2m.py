@@ -34,6 +34,7 @@ from .callbacks import _Interrupted, _ProgressCallback, _SilentBar, _StepEndCall
 from .data import prepare_images
 from .densities import StandardNormal
 from .distributed import RunPlan
+from .memory import check_call_memory
 from .models.heads import S2MHeads
 from .proposals import (
     ClassPlan,
@@ -735,6 +736,7 @@ class S2MPipeline(DiffusionPipeline):
         runs = RunPlan.plan(generator, num_images, distributed, max_proposals, config, num_fit_stages)
         if config.num_chains is None and runs.size:
             config = config.replace(num_chains=min(runs.size, DEFAULT_MAX_CHAINS))
+        check_call_memory(self, num_images, config.num_chains, output_type, images_per_run=runs.size)
         step_end = _StepEndCallback(callback_on_step_end, tensor_inputs, num_fit_stages, runs.num_processes == 1)
 
         proposal, plan, config, weigher, measured = self._prepare(

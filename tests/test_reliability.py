@@ -480,3 +480,40 @@ def test_saving_over_a_folder_whose_index_is_not_an_object_is_refused(saved, tmp
     (folder / "model_index.json").write_text("[]")
     with pytest.raises(ValueError, match=r"no readable model_index\.json: a JSON list, not an object"):
         gan_pipeline().save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4: sizes nobody can serve are refused before any work; `s2m sample` writes many images call by call
+
+
+@pytest.fixture
+def memory_available(monkeypatch):
+    """Set the memory the machine has, as `s2m_diffusers.memory` reads it: ``memory_available(bytes, source)``."""
+    from s2m_diffusers import memory
+
+    def available(n: int, source: str) -> None:
+        monkeypatch.setattr(memory, "available_memory", lambda: (n, source))
+
+    available(2**30, "a test's 1 GiB")
+    return available
+
+
+def test_a_call_that_cannot_fit_in_memory_is_refused_before_any_work(memory_available):
+    pipe = gan_pipeline()
+    calls = []
+    pipe.gan.register_forward_hook(lambda *args: calls.append(1))
+    start = time.perf_counter()
+    cheap = dict(max_proposals=10, **FAST)  # were the check to let them through, they would stop at once
+    memory_available(2**20, "a test's 1 MiB")
+    with pytest.raises(ValueError, match=r"num_images=100000 would hold at least 33\.7 MiB in memory"):
+        pipe("A", num_images=10**5, **cheap)
+    memory_available(2**30, "a test's 1 GiB")  # and counts that no machine holds, without allocating them
+    with pytest.raises(ValueError, match=r"num_images=1000000000 would hold at least 327\.8 GiB in memory") as err:
+        pipe("A", num_images=10**9, **cheap)
+    assert "but 1.0 GiB is available (a test's 1 GiB)" in str(err.value) and "at most about 3" in str(err.value)
+    with pytest.raises(ValueError, match=r"num_chains=2000000 would hold .* 2000000 chains: 1\.2 GiB\)"):
+        pipe("A", num_images=2 * 10**6, num_chains=2 * 10**6, **cheap)
+    assert calls == [] and time.perf_counter() - start < 1  # nothing generated, nothing allocated
+    from s2m_diffusers.memory import check_call_memory
+
+    assert check_call_memory(pipe, 10**9, None, "pil", available=(None, "unknown"))["needed"] > 2**38  # unknown: run
