@@ -6,6 +6,7 @@ older version, or by hand), `fits/` and generator folders included.
 The races run in threads forced to overlap (fast), and in real subprocesses released together by a barrier file,
 several rounds each (`slow`)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +25,8 @@ from test_reliability import error_of
 from test_reliability import sample as sample_command
 
 from s2m_diffusers import hub, utils
+from s2m_diffusers.cli import main
+from s2m_diffusers.evaluation import check_sample_folder
 from s2m_diffusers.pipeline_s2m import S2MPipeline
 from s2m_diffusers.utils import FolderBusyError, folder_lock, lock_path, replace_folder_atomically
 
@@ -179,6 +182,35 @@ def test_a_folder_holding_another_saves_fits_or_generator_is_refused(two_saves, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Two `s2m sample` runs into one --output
+
+
+def test_a_sample_run_refuses_an_output_another_run_is_writing(tmp_path, capsys):
+    saved = tmp_path / "s2m"
+    gan_pipeline().save_pretrained(saved)
+    out = tmp_path / "samples"
+    taken, release = threading.Event(), threading.Event()
+
+    def other_run():
+        with folder_lock(out):
+            taken.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        assert taken.wait(10)
+        for extra in ([], ["--overwrite"]):
+            assert sample_command(saved, out, *extra) == 2
+            assert "is being written by another process" in error_of(capsys)
+            assert not out.exists()
+    finally:
+        release.set()
+        thread.join()
+    assert sample_command(saved, out) == 0 and check_sample_folder(str(out))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Real processes started together, several rounds (slow)
 
 RACER = """
@@ -210,6 +242,19 @@ for round in range({rounds}):
     released(round)
     pipe.save_pretrained(os.path.join({root!r}, f"s2m-{{round}}"))
 print("done", flush=True)
+"""
+
+SAMPLE_ROUNDS = """
+import contextlib
+from s2m_diffusers.cli import main
+
+codes = []
+for round in range({rounds}):
+    released(round)
+    with contextlib.redirect_stdout(sys.stderr):  # what it wrote: into the log
+        codes.append(main({args!r} + ["--output", os.path.join({root!r}, f"out-{{round}}")]))
+print("done", flush=True)
+print(json.dumps(codes), flush=True)
 """
 
 
@@ -254,4 +299,35 @@ def test_two_processes_saving_into_one_folder_at_once_end_as_one_whole_save(two_
     race(tmp_path, bodies, rounds)
     winners = [assert_one_whole_save(tmp_path / f"s2m-{r}", references) for r in range(rounds)]
     assert set(winners) <= {"gan", "ddim"}
+    assert hidden(tmp_path) == []
+
+
+def without_stats(files: dict) -> dict:
+    """The files of a sample folder but stats.json (its seconds differ from run to run)."""
+    return {name: digest for name, digest in files.items() if name != "stats.json"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new-output", "overwrite"])
+def test_two_sample_runs_into_one_output_never_mix(tmp_path, overwrite):
+    saved = tmp_path / "s2m"
+    gan_pipeline().save_pretrained(saved)
+    base = ["sample", "--pipeline", str(saved), "--target", "A & ~B", "--num-images", "3", "--quiet"]
+    base += ["--fit-size", "32", "--negation-margin", "1"] + (["--overwrite"] if overwrite else [])
+    runs = {seed: [*base, "--seed", str(seed)] for seed in (1, 2)}
+    references = {}
+    for seed, args in runs.items():  # each run alone: the folder it writes
+        assert main([*args, "--output", str(tmp_path / f"alone-{seed}")]) == 0
+        references[seed] = without_stats(digests(tmp_path / f"alone-{seed}"))
+    rounds = 4
+    bodies = [SAMPLE_ROUNDS.format(rounds=rounds, root=str(tmp_path), args=args) for args in runs.values()]
+    codes = [json.loads(line) for line in race(tmp_path, bodies, rounds)]
+    for r in range(rounds):
+        out = tmp_path / f"out-{r}"
+        files = without_stats(digests(out))
+        matches = [seed for seed, reference in references.items() if files == reference]
+        assert len(matches) == 1, f"round {r}: a mix of two runs"
+        assert check_sample_folder(str(out))  # complete, and evaluate takes it
+        pair = sorted(code[r] for code in codes)
+        assert pair == [0, 2] or (overwrite and pair == [0, 0]), f"round {r}: exit statuses {pair}"
     assert hidden(tmp_path) == []

@@ -517,3 +517,52 @@ def test_a_call_that_cannot_fit_in_memory_is_refused_before_any_work(memory_avai
     from s2m_diffusers.memory import check_call_memory
 
     assert check_call_memory(pipe, 10**9, None, "pil", available=(None, "unknown"))["needed"] > 2**38  # unknown: run
+
+
+def test_sample_refuses_counts_it_cannot_hold_naming_the_option(saved, tmp_path, capsys, memory_available):
+    memory_available(2**20, "a test's 1 MiB")
+    assert sample(saved, tmp_path / "out", "--num-images", "100000", "--max-proposals", "10") == 2
+    assert "--num-images 100000 needs at least 15.8 MiB" in error_of(capsys) and not (tmp_path / "out").exists()
+    memory_available(2**30, "a test's 1 GiB")
+    for extra, option in [
+        (["--num-images", "1000000000"], "--num-images 1000000000 needs at least"),
+        (["--num-images", "1000000000", "--num-chains", "1000000000"], "--num-images 1000000000 needs at least"),
+        (["--num-images", "5000000", "--images-per-call", "5000000"], "--images-per-call 5000000 needs at least"),
+    ]:
+        assert sample(saved, tmp_path / "out", *extra) == 2
+        err = error_of(capsys)
+        assert option in err and "is available (a test's 1 GiB)" in err and "unexpected" not in err
+        assert not (tmp_path / "out").exists()
+
+
+def test_sample_writes_many_images_call_by_call_and_moves_the_folder_whole(saved, tmp_path, monkeypatch):
+    """`--images-per-call 2` for 5 images: 3 calls, each call's images written into the hidden staging folder before
+    the next call (memory does not grow with --num-images), the folder appearing whole at the end."""
+    from safetensors.torch import load_file
+
+    from s2m_diffusers.evaluation import check_sample_folder
+
+    staged = []
+    call = S2MPipeline.__call__
+
+    def counting(self, *args, **kwargs):
+        (staging,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+        staged.append((kwargs["num_images"], len(list(staging.glob("*.png"))), (tmp_path / "out").exists()))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(S2MPipeline, "__call__", counting)
+    assert sample(saved, tmp_path / "out", "--num-images", "5", "--images-per-call", "2") == 0
+    assert staged == [(2, 0, False), (2, 2, False), (1, 4, False)]
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["calls"] == 3 and stats["images_per_call"] == 2 and stats["num_images"] == 5
+    assert stats["proposals_per_image"] * 5 == pytest.approx(stats["proposals"]) and len(stats["on_target"]) == 5
+    assert len(check_sample_folder(str(tmp_path / "out"))) == 5  # complete: `s2m evaluate` takes it
+    latents = load_file(str(tmp_path / "out" / "latents.safetensors"))["latents"]
+    assert latents.shape == (5, 8) and latents.dtype == torch.float32
+    # the first call is the run of its seed alone: the same images and latents
+    monkeypatch.setattr(S2MPipeline, "__call__", call)
+    assert sample(saved, tmp_path / "two", "--num-images", "2") == 0
+    for name in ("0000.png", "0001.png"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert torch.equal(load_file(str(tmp_path / "two" / "latents.safetensors"))["latents"], latents[:2])
+    assert not (tmp_path / "out" / "0002.png").read_bytes() == (tmp_path / "out" / "0000.png").read_bytes()
