@@ -1,47 +1,76 @@
 #!/usr/bin/env python
-"""S2M sampling of the seven 7to3 combinations: the official recipe, ours and two references, side by side.
+"""S2M sampling of the seven 7to3 combinations: ours at its defaults beside the previous default, the official recipe,
+an i.i.d. reference of the same size and an evaluator oracle; and whether issue 27's goals are met.
 
-For each dataset (Digits-7to3, Fashion-7to3), each proposal (the DCGAN, the DDPM sampled as 10-step DDIM) and each
-combination of `SEVEN_TARGETS`, every method draws `N` images, scored with that dataset's evaluator:
+For each dataset (Digits-7to3, Fashion-7to3), each proposal (the DCGAN; the DDPM sampled as 10-step DDIM), each
+combination of `SEVEN_TARGETS` and each seed, every method draws `--num-images` (N) images, scored with that
+dataset's evaluator. Each row (and the JSON) holds:
 
 | column | meaning |
 |---|---|
 | `accuracy` | share of the images the evaluator judges on target (`formula_accuracy`) |
 | `frechet` | Fréchet distance in the evaluator's features to the real held-out images of that combination |
-| `proposals/image` | generator calls per returned image (refitting included) |
+| `proposals_per_image` | generator calls per returned image (every call of the method: the entry pool included) |
+| `unet_calls_per_image` | DDPM: UNet calls (denoising steps) per returned image, the main cost there |
+| `distinct_share` | distinct latents among the returned images / images returned (`-` where unknown) |
+| `num_images` / `num_images_asked` | images returned / asked (fewer: the budget ran out) |
+| `warnings` | the call's diagnostics beyond their authors' thresholds (`out.stats["warnings"]`) |
+| `pool_share` | the entry pool's share of the call's generator calls |
 | `seconds` | wall time of the sampling (scoring excluded) |
 
 Methods:
 
-- `raw`: `N` proposals, no selection.
-- `official`: the official recipe (`sample_official`: `N` chains x 200 IMH steps from the prior, final states
-  returned on target or not, 201 proposals per image) with the official weights: hand-set ``gamma_c`` (0.1 for a
-  present attribute, 1.0 for an absent one, i.e. ``log pi_c = log gamma_c + log p_data(c)``), negation margin 1 and
-  the official temperature on ``D_r`` (1.2 for one present attribute, 1.0 for two, 0.2 for three:
-  ``log_softmax(dr_log_probs / T)``), plus ``logit D_v``.
-- `ours`: `S2MPipeline` at its defaults (`OURS_SETTINGS` only sets the micro-batch): calibrated heads read with
-  their own margins and ``D_v`` strength, chosen from data when they were trained (`choose_sampling_settings`).
-  `previous` is the sampler before its tolerance (`PREVIOUS_SETTINGS`). `ours_full_fit` is ours before the fit's
-  spend limit: every refitting stage runs (`pipe.fit(target)`), then the call; both counted. Its budget is the
-  official recipe's cost, 201 proposals per image. A call whose budget runs out returns the images found
-  (`budget_exhausted` in the JSON row; accuracy and Fréchet distance over those, proposals per image over them,
-  infinite when none was found).
-- `ours_conditional` (GAN only): `S2MPipeline` on the class-conditional DCGAN (`gan_conditional/`, trained on the
-  single-positive labels) with heads that have ``D_f`` (`heads_gan_conditional/`): the proposal is conditioned on the
-  target's first present attribute and ``D_f`` corrects for it (spec §4).
-- `oracle`: proposals accepted by the evaluator itself until `N` are on target (an upper bound on accuracy that no
-  sampler without the evaluator can reach, and the cost of plain rejection with a perfect selector).
+- `raw`: N proposals, no selection.
+- `official`: the official recipe (`sample_official`: N chains x 200 IMH steps from the prior, final states returned
+  on target or not, 201 generator calls per image) with the official weights (`common.official_evaluate`).
+- `previous`: the previous default sampler (latent refitting, the worst-case bound), run from its own commit
+  (`--previous-commit`, default e5ce922) in a git worktree: that checkout's `benchmarks/bench_7to3.py --methods ours`
+  for the same datasets, proposals, targets, seeds, N, DDIM steps and threads (`common.run_previous`). Its rows keep
+  their calls per image, accuracy and Fréchet distance; it reported neither distinct latents nor diagnostics (`-`).
+- `iid`: the reference: N images importance-resampled, with replacement, from `IID_DRAWS` prior draws (16,384 for the
+  GAN, 4,096 for the DDPM; seed ``10_000 + 1000 * seed + k``) weighted by the pipeline's own weights at the defaults.
+  Its calls per image are the prior draws it weighed per image (a reference, not a sampler's cost).
+- `ours`: `S2MPipeline` at its defaults (chains that move locally in the noise space, pCN, from a pool of prior
+  draws; the DDPM screened where it pays): only `micro_batch_size` set, with a budget of 201 generator calls per image
+  (the official recipe's cost) and `allow_partial=True` (a call whose budget runs out returns the images found).
+- `ours_mala` (GAN only): ours with ``kernel="mala"`` (Langevin moves with the gradient of the weights).
+- `ours_noscreen` (DDPM only): ours with ``screen=None``, to show where the screen pays.
+- `ours_wrapped` (DDPM only): ours with the same UNet taken as a wrapped diffusers pipeline
+  (`s2m_diffusers.testing.pipelines.LatentsDDIMPipeline` through `PipelineProposal`), the path any wrapped pipeline
+  takes.
+- `ours_conditional` (GAN only): ours on the class-conditional DCGAN (`gan_conditional/`) with heads that have
+  ``D_f`` (`heads_gan_conditional/`).
+- `oracle`: proposals kept by the evaluator itself until N are on target (an upper bound on accuracy, and the cost of
+  plain rejection with a perfect selector).
+
+Goals (issue 27; the goals table states each for the run's cells, numbers side by side):
+
+- Digits GAN, 64 images, seeds 0-2: mean accuracy >= iid's - 0.01; Fréchet <= iid's + 0.5; <= 10 generator calls per
+  image; >= 95% of the returned images distinct. Digits GAN, 16 images: every combination returns 16 images at <= 16
+  generator calls per image.
+- Digits DDPM (10 steps), 16 and 64 images: accuracy >= 0.96 and UNet calls per image <= the oracle's (per target and
+  on the mean); the screen on where it pays (ours' UNet calls <= ours_noscreen's).
+- Fashion GAN and DDPM: every combination returns images; accuracy >= the iid reference's - 0.02.
+- Every call of ours within the diagnostics' thresholds (R-hat, the reading check within 3 standard errors); where
+  not, its row says so (`warned` in the tables, the text under "Warnings").
 
 The models come from `PRETRAINED_ROOTS` (`benchmarks/pretrained_roots.py`): Digits' are shipped in the package,
-Fashion's are trained by the example scripts into `benchmarks/pretrained/fashion7to3/` (see `benchmarks/RESULTS.md` for
-the commands). Fashion-MNIST itself is read from `$S2M_FASHION_MNIST` or the Debian package `dataset-fashion-mnist`.
-A dataset or a model that is missing is reported and skipped.
+Fashion's are in `benchmarks/pretrained/fashion7to3/` (see `benchmarks/RESULTS.md`). Fashion-MNIST itself is read from
+`$S2M_FASHION_MNIST` or the Debian package `dataset-fashion-mnist`. A dataset or a model that is missing is reported
+and skipped.
 
-Usage:
+Usage (the issue's goals):
 
 ```sh
-python benchmarks/bench_7to3.py --datasets digits --proposals gan             # the issue's goal row
-python benchmarks/bench_7to3.py --seeds 0 1 2 --json 7to3.json                 # everything
+python benchmarks/bench_7to3.py --datasets digits --proposals gan --seeds 0 1 2 \\
+    --methods previous iid ours ours_mala ours_conditional oracle --json digits_gan_64.json
+python benchmarks/bench_7to3.py --datasets digits --proposals gan --num-images 16 --seeds 0 1 2 \\
+    --methods ours ours_mala ours_conditional --json digits_gan_16.json
+python benchmarks/bench_7to3.py --datasets digits --proposals ddpm --num-images 16 \\
+    --methods previous iid ours ours_noscreen ours_wrapped oracle --json digits_ddpm_16.json
+python benchmarks/bench_7to3.py --datasets digits --proposals ddpm --num-images 64 \\
+    --methods previous iid ours ours_noscreen ours_wrapped oracle --json digits_ddpm_64.json
+python benchmarks/bench_7to3.py --datasets fashion --methods previous iid ours oracle --json fashion.json
 ```
 """
 
@@ -52,15 +81,27 @@ import json
 import math
 import os
 import time
+import warnings
+from dataclasses import dataclass, field
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from pretrained_roots import PRETRAINED_ROOTS  # noqa: E402  (the same folder)
+from common import (  # noqa: E402  (the same folder)
+    OFFICIAL_STEPS,
+    PREVIOUS_COMMIT,
+    fmt,
+    mean,
+    official_evaluate,
+    run_previous,
+    spread,
+    verdict,
+)
+from pretrained_roots import PRETRAINED_ROOTS  # noqa: E402
 
 from s2m_diffusers.demo import (  # noqa: E402
     DATASETS,
-    DEMO_SETTINGS,
+    MICRO_BATCH_SIZE,
     SEVEN_TARGETS,
     load_7to3,
     load_demo_pipeline,
@@ -73,125 +114,188 @@ from s2m_diffusers.evaluation import (  # noqa: E402
     formula_accuracy,
     frechet_distance,
 )
-from s2m_diffusers.maths import log_p_data, log_weight  # noqa: E402
 from s2m_diffusers.pipeline_s2m import S2MPipeline  # noqa: E402
-from s2m_diffusers.sampling import sample_official  # noqa: E402
-from s2m_diffusers.targets import Target, parse_target  # noqa: E402
-from s2m_diffusers.utils import write_json_atomically  # noqa: E402
+from s2m_diffusers.sampling import S2MSamplingConfig, sample_official  # noqa: E402
+from s2m_diffusers.targets import parse_target  # noqa: E402
+from s2m_diffusers.utils import jsonable, write_json_atomically  # noqa: E402
 
 METHODS = (
     "raw",
     "official",
     "previous",
+    "iid",
     "ours",
-    "ours_full_fit",
-    "ours_screen",
-    "ours_screen_heads",
+    "ours_mala",
+    "ours_noscreen",
     "ours_wrapped",
-    "ours_again",
     "ours_conditional",
     "oracle",
 )
-# `ours_screen`: ours with delayed-acceptance screening of the diffusion proposals (`screen="auto"`: the step and the
-# surrogate's floor calibrated on the pilot; a no-op for the GAN), the heads reading the predicted clean images;
-# `ours_screen_heads`: the same with the DDPM's screen heads reading them (`screen_heads_ddpm/`, distilled by
-# `examples/distil_screen_heads.py`). `ours` never screens, and no method but `ours_screen_heads` sees screen heads.
-# `ours_wrapped`: `ours_screen` with the same UNet taken as a wrapped diffusers pipeline (`PipelineProposal` around
-# `s2m_diffusers.testing.pipelines.LatentsDDIMPipeline`, the text-to-image pipelines' step-callback contract): it is
-# stopped after the screen step through its callback and a proposal that passes is rerun whole (K UNet calls, not
-# K - s), the path every wrapped pipeline takes (DDPM only).
-SCREEN_SETTINGS = {"screen": "auto"}
-NO_SCREEN_SETTINGS = {"screen": None}
-SCREEN_METHODS = ("ours_screen", "ours_screen_heads", "ours_wrapped")
 PROPOSALS = ("gan", "ddpm")
-COLUMNS = ("accuracy", "frechet", "proposals_per_image")
-# Ours: the pipeline's keyword arguments per proposal (see the module docstring and benchmarks/RESULTS.md).
-# Ours: the pipeline's defaults (tolerance 0.01, sequential refitting that keeps a fit only where it beats the prior,
-# 8 samples per chain), the heads read with their own margins and D_v strength (chosen from data when they were
-# trained: `s2m_diffusers.training.choose_sampling_settings`). The same for every kind of proposal.
-OURS_SETTINGS: dict[str, dict] = {
-    "gan": {"micro_batch_size": 256},
-    "ddpm": {"micro_batch_size": DEMO_SETTINGS["ddpm"]["micro_batch_size"]},
+# Methods for one kind of proposal only.
+ONLY = {"ours_mala": "gan", "ours_conditional": "gan", "ours_noscreen": "ddpm", "ours_wrapped": "ddpm"}
+# The pipeline's settings beside the defaults, per variant of ours.
+OURS_VARIANTS: dict[str, dict] = {
+    "ours": {},
+    "ours_mala": {"kernel": "mala"},
+    "ours_noscreen": {"screen": None},
+    "ours_wrapped": {},
+    "ours_conditional": {},
 }
-# The previous sampler's recipe (before the tolerance): 3 MH steps after entry, one sample per chain, refitting with
-# 128 latents per stage, unwidened, for the GAN; no refitting for the DDPM (its refitting failed in DDIM noise). The
-# heads are read as ours reads them (it used hand-set margins, 30 and 0.5, before the heads chose their own).
-PREVIOUS_SETTINGS: dict[str, dict] = {
-    "gan": {
-        **OURS_SETTINGS["gan"],
-        "refit": "sequential",
-        "mixing_tolerance": None,
-        "steps_after_entry": 3,
-        "samples_per_chain": 1,
-        "fit_size": 128,
-        "covariance_scale": 1.0,
-    },
-    "ddpm": {
-        **OURS_SETTINGS["ddpm"],
-        "refit": "off",
-        "mixing_tolerance": None,
-        "steps_after_entry": 3,
-        "samples_per_chain": 1,
-    },
-}
-# A second call for a target whose fit is cached (the issue's goal: <= 10 proposals per image).
-AGAIN_IMAGES = 16
-# The official code's D_r temperature by the number of present attributes of the target.
-OFFICIAL_TEMPERATURES = {1: 1.2, 2: 1.0, 3: 0.2}
-OFFICIAL_GAMMA_PRESENT, OFFICIAL_GAMMA_ABSENT = 0.1, 1.0
-OFFICIAL_STEPS = 200
+# Latents per generator call (memory and speed, not the images).
+MICRO_BATCH = {"gan": 256, "ddpm": MICRO_BATCH_SIZE["ddpm"]}
+# Ours' budget: the official recipe's cost per image.
+BUDGET_PER_IMAGE = OFFICIAL_STEPS + 1
+# The i.i.d. reference's prior draws (as `bench_reading.py` weighs).
+IID_DRAWS = {"gan": 16_384, "ddpm": 4096}
 
 
-def official_evaluate(heads, proposal, target: Target, micro_batch_size: int = 256, many: float | None = None):
-    """``evaluate(z) -> (x, log_w)`` with the official recipe's weights (hand-set gammas, temperature, margin 1).
+@dataclass
+class World:
+    """One (dataset, proposal): the pipelines, the evaluator, the held-out images and their features per target."""
 
-    Args:
-        heads (`S2MHeads`): the heads.
-        proposal (`ProposalAdapter`): an unconditional proposal (`pipe.get_proposal()`, `GeneratorProposal`).
-        target (`Target`): a conjunction over the heads' attributes.
-        micro_batch_size (`int`, defaults to 256): latents per generator and heads call.
-        many (`float`, *optional*): the temperature for more than 3 present attributes, which the official
-            scripts do not have (an error when `None`).
+    dataset: str
+    kind: str
+    pipe: S2MPipeline
+    conditional: S2MPipeline | None
+    evaluator: object
+    heldout: object
+    real: dict = field(default_factory=dict)
 
-    Returns:
-        `Callable`: the evaluate function of `sample_official`; images in [-1, 1].
-    """
-    names = list(heads.config.attribute_names)
-    present = set(target.present)
-    gammas = torch.tensor(
-        [OFFICIAL_GAMMA_PRESENT if n in present else OFFICIAL_GAMMA_ABSENT for n in names], dtype=torch.float64
-    )
-    log_data = log_p_data(heads.config.label_counts, len(names))
-    log_priors = gammas.log() + log_data
-    temperature = OFFICIAL_TEMPERATURES.get(len(present), many)
-    if temperature is None:
-        raise ValueError(f"The official recipe has temperatures for 1-3 present attributes; {target} has {present}.")
+    @property
+    def steps(self) -> int | None:
+        """UNet calls of one proposal (`None` for a GAN)."""
+        return getattr(self.pipe.get_proposal(1), "num_steps", None)
 
-    @torch.no_grad()
-    def evaluate(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images, weights = [], []
-        for chunk in z.split(micro_batch_size):
-            x = proposal.generate(chunk)
-            out = heads(x)
-            images.append(x)
-            weights.append(
-                log_weight(
-                    target,
-                    out.dr_log_probs,
-                    out.dv_logit,
-                    log_data,
-                    log_priors,
-                    negation_margin=1.0,
-                    dr_temperature=temperature,
-                )
-            )
-        return torch.cat(images), torch.cat(weights)
+    def real_features(self, k: int) -> torch.Tensor:
+        if k not in self.real:
+            self.real[k] = evaluator_features(self.evaluator, self.heldout.images[self.heldout.source_classes == k])
+        return self.real[k]
 
-    return evaluate
+
+@dataclass
+class Draw:
+    """What a method returned: images in [-1, 1], generator calls, and what it knows of them."""
+
+    images: torch.Tensor
+    proposals: int
+    unet_calls: int | None = None
+    distinct: int | None = None
+    warnings: list[str] | None = None
+    pool: int | None = None
+    reference: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def draw_raw(world: World, target: str, n: int, generator: torch.Generator) -> Draw:
+    return Draw(world.pipe.get_proposal(256).sample(n, generator).images, n, distinct=n)
+
+
+def draw_official(world: World, target: str, n: int, generator: torch.Generator) -> Draw:
+    pipe = world.pipe
+    proposal = pipe.get_proposal(256)
+    evaluate = official_evaluate(pipe.heads, proposal, parse_target(target, list(pipe.heads.config.attribute_names)))
+    result = sample_official(evaluate, StandardNormal(proposal.latent_shape), n, OFFICIAL_STEPS, generator=generator)
+    return Draw(result.x, result.stats.proposals, distinct=result.stats.unique_returned)
 
 
 @torch.no_grad()
-def wrapped_pipeline(pipe):
+def draw_iid(world: World, target: str, n: int, generator: torch.Generator) -> Draw:
+    """N images importance-resampled, with replacement, from `IID_DRAWS` prior draws weighed by the pipeline's own
+    weights at the defaults."""
+    pipe = world.pipe
+    parsed = pipe.parse_target(target)
+    proposal, plan, _, weigher, measured = pipe._prepare(parsed, S2MSamplingConfig(), MICRO_BATCH[world.kind], None)
+    m = IID_DRAWS[world.kind]
+    z = StandardNormal(plan.latent_shape(proposal.latent_shape)).sample(m, generator=generator)
+    x, log_w, _ = weigher.for_target(parsed)(z)
+    log_w = log_w.double().cpu()
+    on = int(torch.isfinite(log_w).sum())
+    if not on:
+        return Draw(x[:0], m + measured, distinct=0, reference=True, extra={"on_target_draws": 0})
+    picks = torch.multinomial(torch.softmax(log_w, 0), n, replacement=True, generator=generator)
+    ess = float(torch.softmax(log_w, 0).pow(2).sum().reciprocal())
+    distinct = int(torch.unique(picks).numel())
+    return Draw(x[picks], m + measured, distinct=distinct, reference=True, extra={"on_target_draws": on, "ess": ess})
+
+
+def draw_ours(world: World, method: str, target: str, n: int, generator: torch.Generator, overrides: dict) -> Draw:
+    """A pipeline call at the defaults (plus the variant's setting), a budget of 201 generator calls per image."""
+    pipe = world.pipe
+    if method == "ours_conditional":
+        pipe = world.conditional
+    elif method == "ours_wrapped":
+        pipe = wrapped_pipeline(pipe)
+    settings = {
+        "micro_batch_size": MICRO_BATCH[world.kind],
+        "max_proposals": BUDGET_PER_IMAGE * n,
+        **OURS_VARIANTS[method],
+        **overrides,
+    }
+    with warnings.catch_warnings():  # the diagnostics' warnings are recorded in the row
+        warnings.filterwarnings("ignore", message="S2M sampling")
+        out = pipe(
+            target,
+            num_images=n,
+            generator=generator,
+            output_type="pt",
+            allow_partial=True,
+            **settings,
+        )
+    s = out.stats
+    chains = s.get("chains") or {}
+    diagnostics = s.get("diagnostics") or {}
+    extra = {
+        "chains": chains,
+        "rhat_used": diagnostics.get("rhat_used"),
+        "returned_ess": diagnostics.get("returned_ess"),
+        "budget_spent": s.get("budget_spent"),
+        "acceptance_rate": s.get("acceptance_rate"),
+    }
+    return Draw(
+        out.images * 2 - 1,
+        s["proposals"],
+        s.get("unet_calls"),
+        s.get("unique_images"),
+        list(s.get("warnings") or []),
+        pool_proposals(chains),
+        extra=extra,
+    )
+
+
+def pool_proposals(chains: dict) -> int | None:
+    """The entry pool's generator calls, from ``stats["chains"]`` (one run, or several under ``runs``)."""
+    runs = chains.get("runs") or [chains]
+    pools = [(r.get("pool") or {}).get("proposals") for r in runs]
+    return None if any(p is None for p in pools) else sum(pools)
+
+
+@torch.no_grad()
+def draw_oracle(world: World, target: str, n: int, generator: torch.Generator, max_proposals: int) -> Draw:
+    """Proposals kept by the evaluator until N are on target; the draws after the last one kept are not counted."""
+    evaluator = world.evaluator
+    in_target = parse_target(target, list(evaluator.config.attribute_names)).holds_batch(evaluator.class_table.cpu())
+    proposal = world.pipe.get_proposal(256)
+    kept, found, proposals = [], 0, 0
+    while found < n:
+        if proposals >= max_proposals:
+            raise RuntimeError(f"oracle: {found}/{n} on target after {proposals} proposals for {target}.")
+        x = proposal.sample(256, generator).images
+        ok = evaluator_class_probs(evaluator, x)[:, in_target].sum(1) > 0.5
+        needed = n - found
+        if int(ok.sum()) >= needed:
+            last = int(torch.nonzero(ok).flatten()[needed - 1])
+            ok[last + 1 :] = False
+            proposals += last + 1
+        else:
+            proposals += len(x)
+        kept.append(x[ok])
+        found += int(ok.sum())
+    return Draw(torch.cat(kept), proposals, distinct=n)
+
+
+@torch.no_grad()
+def wrapped_pipeline(pipe: S2MPipeline) -> S2MPipeline:
     """``pipe``'s UNet and heads with the UNet taken as a wrapped diffusers pipeline (`ours_wrapped`); made once."""
     if getattr(pipe, "_wrapped", None) is None:
         from diffusers import DDIMScheduler
@@ -210,180 +314,381 @@ def wrapped_pipeline(pipe):
     return pipe._wrapped
 
 
-def run_method(
-    method: str, pipe, evaluator, target: str, num_images: int, seed: int, max_oracle: int, ours: dict | None = None
-):
-    """Draw `num_images` images of `target` with `method`; returns (images in [-1, 1], proposals, seconds).
-
-    `pipe` is the unconditional pipeline, or for `ours_conditional` the class-conditional one; `ours` holds the
-    pipeline's keyword arguments for `ours` and `ours_conditional`.
-    """
-    generator = torch.Generator().manual_seed(seed)
+def run_cell(world: World, method: str, k: int, seed: int, args: argparse.Namespace) -> dict:
+    """One method's images of target ``k`` with ``seed``, scored: the row."""
+    target, n = SEVEN_TARGETS[k], args.num_images
+    generator = torch.Generator().manual_seed((10_000 if method == "iid" else 0) + 1000 * seed + k)
     t0 = time.perf_counter()
-    extra = {}
     if method == "raw":
-        images = pipe.get_proposal(256).sample(num_images, generator).images
-        proposals = num_images
+        draw = draw_raw(world, target, n, generator)
     elif method == "official":
-        parsed = parse_target(target, list(pipe.heads.config.attribute_names))
-        proposal = pipe.get_proposal(256)
-        evaluate = official_evaluate(pipe.heads, proposal, parsed)
-        result = sample_official(
-            evaluate, StandardNormal(proposal.latent_shape), num_images, OFFICIAL_STEPS, generator=generator
-        )
-        images, proposals = result.x, result.stats.proposals
-    elif method == "ours_full_fit":
-        # Ours as it was before the fit's spend limit: every stage runs whatever the call's size (`pipe.fit` fits for
-        # no particular number of images), then the call samples from that fit; the fit's proposals count in the call.
-        # The cache is cleared before (ours' own fit, limited or not, must not be reused) and restored after.
-        saved = dict(pipe.fits)
-        pipe.fits.clear()
-        settings = {"fit_seed": seed, **(ours or {})}
-        budget = (OFFICIAL_STEPS + 1) * num_images
-        fit = pipe.fit(target, max_proposals=budget, **{k: v for k, v in settings.items() if k != "max_proposals"})
-        left = max(1, budget - fit.stats.proposals)
-        out = pipe(
-            target,
-            num_images=num_images,
-            generator=generator,
-            output_type="pt",
-            allow_partial=True,
-            **{**settings, "max_proposals": left},
-        )
-        pipe.fits.clear()
-        pipe.fits.update(saved)
-        images, proposals = out.images * 2 - 1, out.stats["proposals"] + fit.stats.proposals
-        extra = {"fit_proposals": fit.stats.proposals, "fit": out.stats["fit"], "mixing": out.stats["mixing"]}
-        if out.stats.get("unet_calls") is not None:
-            extra["unet_calls"] = out.stats["unet_calls"] + fit.stats.unet_calls
-            extra["fit_unet_calls"] = fit.stats.unet_calls
-    elif method in ("previous", "ours", *SCREEN_METHODS, "ours_again", "ours_conditional"):
-        # The budget is the official recipe's cost (201 proposals per image); allow_partial: a combination the heads
-        # can barely reach is reported (fewer images), not a crash. Every seed fits anew (`fit_seed`), and its fit's
-        # proposals count in its call; `ours_again` is a later call of AGAIN_IMAGES images that reuses that fit.
-        n = AGAIN_IMAGES if method == "ours_again" else num_images
-        settings = {"max_proposals": (OFFICIAL_STEPS + 1) * n, "fit_seed": seed, **NO_SCREEN_SETTINGS, **(ours or {})}
-        if method == "ours_wrapped":
-            pipe = wrapped_pipeline(pipe)
-        if method in SCREEN_METHODS:  # it pays its own fit, as ours does (the cache would hand it ours')
-            settings.update(SCREEN_SETTINGS)
-            pipe.fits.clear()
-        screen_heads = getattr(pipe, "screen_heads", None)
-        if method != "ours_screen_heads":
-            pipe.register_modules(screen_heads=None)
-        elif screen_heads is None:
-            raise ValueError("ours_screen_heads needs the DDPM's screen heads: run examples/distil_screen_heads.py.")
-        try:
-            out = pipe(target, num_images=n, generator=generator, output_type="pt", allow_partial=True, **settings)
-        finally:
-            pipe.register_modules(screen_heads=screen_heads)
-        images, proposals = out.images * 2 - 1, out.stats["proposals"]
-        extra = {"fit_proposals": out.stats["fit_proposals"], "fit": out.stats["fit"], "mixing": out.stats["mixing"]}
-        if out.stats.get("unet_calls") is not None:  # a diffusion proposal: its UNet calls, screening included
-            extra["unet_calls"], extra["fit_unet_calls"] = out.stats["unet_calls"], out.stats["fit_unet_calls"]
-            extra["screen"] = {k: v for k, v in out.stats["screen"].items() if k != "candidates"}
+        draw = draw_official(world, target, n, generator)
+    elif method == "iid":
+        draw = draw_iid(world, target, n, generator)
+    elif method in OURS_VARIANTS:
+        draw = draw_ours(world, method, target, n, generator, args.ours_overrides)
     elif method == "oracle":
-        parsed = parse_target(target, list(evaluator.config.attribute_names))
-        in_target = parsed.holds_batch(evaluator.class_table.cpu())
-        proposal = pipe.get_proposal(256)
-        kept, found, proposals = [], 0, 0
-        while found < num_images:
-            if proposals >= max_oracle:
-                raise RuntimeError(f"oracle: {found}/{num_images} on target after {proposals} proposals for {target}.")
-            x = proposal.sample(256, generator).images
-            ok = evaluator_class_probs(evaluator, x)[:, in_target].sum(1) > 0.5
-            needed = num_images - found
-            if int(ok.sum()) >= needed:  # count the draws up to the last image needed, not the whole batch
-                last = int(torch.nonzero(ok).flatten()[needed - 1])
-                ok[last + 1 :] = False
-                proposals += last + 1
-            else:
-                proposals += len(x)
-            kept.append(x[ok])
-            found += int(ok.sum())
-        images = torch.cat(kept)
+        draw = draw_oracle(world, target, n, generator, args.max_oracle_proposals)
     else:
         raise ValueError(f"Unknown method {method!r}; choose among {list(METHODS)}.")
-    steps = getattr(pipe.get_proposal(1), "num_steps", None)  # UNet calls per proposal of a diffusion model
-    if steps and "unet_calls" not in extra:
-        extra["unet_calls"] = proposals * steps
-    return images.float().cpu(), proposals, time.perf_counter() - t0, extra
+    seconds = time.perf_counter() - t0
+    if world.steps and draw.unet_calls is None:
+        draw.unet_calls = draw.proposals * world.steps
+    return score(world, method, k, seed, n, draw, seconds)
 
 
-def print_unet_table(rows: list[dict]) -> None:
-    """UNet calls per returned image of the diffusion methods, beside accuracy and Fréchet distance (means over the
-    targets and seeds run), and ours with the screen against ours."""
-    mine = [r for r in rows if r.get("unet_calls_per_image") is not None]
-    if not mine:
-        return
-    print("\nUNet calls per returned image (diffusion proposals; mean over targets and seeds)\n")
-    print(
-        "| dataset | method | accuracy | Fréchet | proposals/image | UNet calls/image | vs ours | "
-        "sampling UNet calls/image (fit excluded) | vs ours | screen step |"
+def score(world: World, method: str, k: int, seed: int, n: int, draw: Draw, seconds: float) -> dict:
+    """The row of a draw: the evaluator's accuracy and Fréchet distance beside the method's own figures."""
+    images = draw.images.float().cpu()
+    found = len(images)
+    target = SEVEN_TARGETS[k]
+
+    def per_image(count):
+        return None if count is None else (count / found if found else math.inf)
+
+    return {
+        "dataset": world.dataset,
+        "proposal": world.kind,
+        "target": target,
+        "target_index": k,
+        "method": method,
+        "seed": seed,
+        "num_images": found,
+        "num_images_asked": n,
+        "budget_exhausted": found < n,
+        "accuracy": formula_accuracy(world.evaluator, images, target) if found else math.nan,
+        "frechet": (
+            frechet_distance(evaluator_features(world.evaluator, images), world.real_features(k))
+            if found >= 2
+            else math.nan
+        ),
+        "proposals": draw.proposals,
+        "proposals_per_image": per_image(draw.proposals),
+        "unet_calls_per_image": per_image(draw.unet_calls),
+        "distinct_share": None if draw.distinct is None or not found else draw.distinct / found,
+        "warnings": draw.warnings,
+        "num_warnings": None if draw.warnings is None else len(draw.warnings),
+        "pool_share": None if draw.pool is None or not draw.proposals else draw.pool / draw.proposals,
+        "seconds": seconds,
+        "reference": draw.reference,
+        "num_inference_steps": world.steps,
+        **draw.extra,
+    }
+
+
+def previous_rows(args: argparse.Namespace, dataset: str, kind: str) -> list[dict]:
+    """The previous default's rows for (dataset, kind), run by its own commit's `bench_7to3.py --methods ours`."""
+    argv = ["benchmarks/bench_7to3.py", "--datasets", dataset, "--proposals", kind, "--methods", "ours"]
+    argv += ["--num-images", str(args.num_images), "--num-threads", str(args.num_threads)]
+    argv += ["--seeds", *map(str, args.seeds)]
+    if args.targets is not None:
+        argv += ["--targets", *map(str, args.targets)]
+    if args.num_inference_steps is not None:
+        argv += ["--num-inference-steps", str(args.num_inference_steps)]
+    print(f"previous: {args.previous_commit}'s bench_7to3.py --methods ours for {dataset} {kind}", flush=True)
+    try:
+        old = run_previous(argv, args.previous_commit, show=lambda line: line.startswith(f"{dataset:<8} "))
+    except RuntimeError as err:
+        print(f"{err}\nGoing on without `previous`.", flush=True)
+        return []
+    return [previous_row(r, args.previous_commit) for r in old if r.get("method") == "ours"]
+
+
+def previous_row(old: dict, commit: str) -> dict:
+    """An old `bench_7to3.py` row as a row of method `previous` (what it did not report is `None`)."""
+    found = old["num_images"]
+    unique = old.get("unique_images")
+    per_image = old.get("proposals_per_image")
+    return {
+        "dataset": old["dataset"],
+        "proposal": old["proposal"],
+        "target": old["target"],
+        "target_index": SEVEN_TARGETS.index(old["target"]),
+        "method": "previous",
+        "seed": old["seed"],
+        "num_images": found,
+        "num_images_asked": old.get("num_images_asked", found),
+        "budget_exhausted": bool(old.get("budget_exhausted")),
+        "accuracy": old.get("accuracy"),
+        "frechet": old.get("frechet"),
+        "proposals": None if per_image is None or not found else round(per_image * found),
+        "proposals_per_image": per_image,
+        "unet_calls_per_image": old.get("unet_calls_per_image"),
+        "distinct_share": unique / found if unique is not None and found else None,
+        "warnings": None,
+        "num_warnings": None,
+        "pool_share": None,
+        "seconds": old.get("seconds"),
+        "reference": False,
+        "num_inference_steps": old.get("num_inference_steps"),
+        "commit": commit,
+        "fit_proposals": old.get("fit_proposals"),
+        "fit": old.get("fit"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def pick(rows: list[dict], **where) -> list[dict]:
+    return [r for r in rows if all(r.get(k) == v for k, v in where.items())]
+
+
+def cost_key(kind: str) -> str:
+    """The main cost column: UNet calls per image for the DDPM, generator calls per image for the GAN."""
+    return "unet_calls_per_image" if kind == "ddpm" else "proposals_per_image"
+
+
+def cell(selected: list[dict], kind: str) -> str:
+    """accuracy / Fréchet / calls per image / distinct (mean ± sd over seeds), and what came short or warned."""
+    if not selected:
+        return "-"
+    keys = ("accuracy", "frechet", cost_key(kind))
+    text = " / ".join(
+        [*(spread([r[k] for r in selected]) for k in keys), spread([r["distinct_share"] for r in selected], 2)]
     )
-    print("|---" * 10 + "|")
-    for dataset, steps_k in sorted({(r["dataset"], r.get("num_inference_steps") or 0) for r in mine}):
-        sel = [r for r in mine if r["dataset"] == dataset and (r.get("num_inference_steps") or 0) == steps_k]
-        base = [r["unet_calls_per_image"] for r in sel if r["method"] == "ours"]
-        base_sampling = [r["sampling_unet_calls_per_image"] for r in sel if r["method"] == "ours"]
-        for method in [m for m in METHODS if any(r["method"] == m for r in sel)]:
-            cell = [r for r in sel if r["method"] == method]
-            calls = _mean([r["unet_calls_per_image"] for r in cell])
-            steps = sorted({str(r.get("screen", {}).get("step")) for r in cell if r.get("screen")})
-            ratio = calls / _mean(base) if base else float("nan")
-            keys = ("accuracy", "frechet", "proposals_per_image")
-            means = [_fmt(_mean([r[k] for r in cell])) for k in keys]
-            sampling = [r["sampling_unet_calls_per_image"] for r in cell if "sampling_unet_calls_per_image" in r]
-            sampling_ratio = _mean(sampling) / _mean(base_sampling) if sampling and base_sampling else float("nan")
-            cells = [
-                f"{dataset} ({steps_k} steps)",
-                method,
-                *means,
-                _fmt(calls),
-                _fmt(ratio, 2),
-                _fmt(_mean(sampling)),
-            ]
-            cells += [_fmt(sampling_ratio, 2), ", ".join(steps) or "-"]
-            print("| " + " | ".join(cells) + " |")
+    short = [r for r in selected if r["num_images"] < r["num_images_asked"]]
+    if short:
+        text += " (returned " + ", ".join(f"{r['num_images']}/{r['num_images_asked']}" for r in short) + ")"
+    warned = [r for r in selected if r.get("num_warnings")]
+    if warned:
+        text += f" (warned {len(warned)}/{len(selected)})"
+    return text
 
 
-def print_fit_table(rows: list[dict]) -> None:
-    """Where ours spends its proposals: the fit (once per target and seed) and the sampling, per image."""
-    mine = [r for r in rows if "fit_proposals" in r]
+def mean_cell(selected: list[dict], kind: str, seeds) -> str:
+    """The cell of the mean over targets: per seed the mean over the targets, then mean ± sd over seeds."""
+    keys = ("accuracy", "frechet", cost_key(kind), "distinct_share")
+    per_seed = [
+        {key: mean([r[key] for r in pick(selected, seed=seed)]) for key in keys}
+        for seed in seeds
+        if pick(selected, seed=seed)
+    ]
+    return " / ".join(spread([p[key] for p in per_seed], 2 if key == "distinct_share" else 3) for key in keys)
+
+
+def print_tables(rows: list[dict], dataset: str, kind: str) -> None:
+    """The tables of (dataset, kind): per target x method, the mean over targets, and each method's details."""
+    mine = pick(rows, dataset=dataset, proposal=kind)
     if not mine:
         return
-    print("\nproposals per image of the sampling alone, and the fit's proposals (mean over targets and seeds)\n")
-    print("| dataset | proposal | method | sampling per image | fit proposals | fit chosen | bound reached |")
-    print("|---|---|---|---|---|---|---|")
-    for key in sorted({(r["dataset"], r["proposal"], r["method"]) for r in mine}):
-        sel = [r for r in mine if (r["dataset"], r["proposal"], r["method"]) == key]
-        chosen = sorted({r["fit"] for r in sel})
-        bounds = [r["mixing"].get("bound") for r in sel if r.get("mixing")]
-        bound = max((b for b in bounds if b is not None), default=None)
-        print(
-            f"| {key[0]} | {key[1]} | {key[2]} | {_fmt(_mean([r['sampling_proposals_per_image'] for r in sel]))} | "
-            f"{_fmt(_mean([r['fit_proposals'] for r in sel]))} | {', '.join(chosen)} | {_fmt(bound)} |"
+    methods = [m for m in METHODS if pick(mine, method=m)]
+    seeds = sorted({r["seed"] for r in mine})
+    asked = sorted({r["num_images_asked"] for r in mine})
+    calls = "UNet calls per image" if kind == "ddpm" else "generator calls per image"
+    print(f"\n{dataset}-7to3, {kind} proposal, {'/'.join(map(str, asked))} images per cell, seeds {seeds}")
+    print(f"cells: accuracy / Fréchet / {calls} / distinct share (mean ± sd over seeds); iid's calls are the prior")
+    print("draws it weighed (a reference)\n")
+    print(f"| target | {' | '.join(methods)} |")
+    print("|---" * (len(methods) + 1) + "|")
+    for target in SEVEN_TARGETS:
+        if pick(mine, target=target):
+            cells = [cell(pick(mine, target=target, method=m), kind) for m in methods]
+            print(f"| `{target}` | {' | '.join(cells)} |")
+    cells = [mean_cell(pick(mine, method=m), kind, seeds) for m in methods]
+    print(f"| **mean over targets** | {' | '.join(cells)} |")
+    print_details(mine, methods, kind)
+
+
+def print_details(mine: list[dict], methods: list[str], kind: str) -> None:
+    """Per method: images returned / asked, generator (and UNet) calls per image, the pool's share of the calls, the
+    calls that warned, seconds per call; then the text of every warning."""
+    print(
+        "\n| method | images returned / asked | generator calls / image | UNet calls / image | pool share of calls "
+        "| calls that warned | seconds / call |"
+    )
+    print("|---" * 7 + "|")
+    for m in methods:
+        sel = pick(mine, method=m)
+        warned = [r for r in sel if r.get("num_warnings")]
+        known = [r for r in sel if r.get("num_warnings") is not None]
+        cells = [
+            f"{sum(r['num_images'] for r in sel)} / {sum(r['num_images_asked'] for r in sel)}",
+            fmt(mean([r["proposals_per_image"] for r in sel])) + (" (ref)" if m == "iid" else ""),
+            fmt(mean([r["unet_calls_per_image"] for r in sel])) if kind == "ddpm" else "-",
+            fmt(mean([r["pool_share"] for r in sel]), 2),
+            f"{len(warned)} / {len(known)}" if known else "-",
+            fmt(mean([r["seconds"] for r in sel])),
+        ]
+        print(f"| {m} | {' | '.join(cells)} |")
+    warned = [r for r in mine if r.get("num_warnings")]
+    if warned:
+        print("\nWarnings (the calls whose diagnostics went beyond their thresholds):\n")
+        for r in warned:
+            print(f"- {r['method']} `{r['target']}` seed {r['seed']}: {'; '.join(r['warnings'])}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Goals
+
+
+def paired(rows: list[dict], a: str, b: str) -> tuple[list[dict], list[dict]]:
+    """The rows of methods ``a`` and ``b`` on the (target, seed) cells both ran, in the same order."""
+    keys = sorted({(r["target_index"], r["seed"]) for r in pick(rows, method=a)})
+    keys = [key for key in keys if pick(rows, method=b, target_index=key[0], seed=key[1])]
+    first = [pick(rows, method=a, target_index=t, seed=s)[0] for t, s in keys]
+    second = [pick(rows, method=b, target_index=t, seed=s)[0] for t, s in keys]
+    return first, second
+
+
+def describe(selected: list[dict]) -> str:
+    """The cells a goal is judged on: how many targets, which seeds."""
+    targets = len({r["target_index"] for r in selected})
+    return f"{targets} of 7 targets, seeds {sorted({r['seed'] for r in selected})}"
+
+
+def all_seven(selected: list[dict], met: bool) -> bool | None:
+    """A goal over every combination: not met where a cell fails, undecided (`None`) where targets were left out."""
+    return (met if len({r["target_index"] for r in selected}) == 7 else None) if met else False
+
+
+def against(rows: list[dict], goal: str, key: str, bound: float, reference: str = "iid", **how) -> list:
+    """A goal row: ours' mean of ``key`` against ``reference``'s mean plus ``bound``, at least (at most with
+    ``larger=False``), on the cells both ran, with the targets where a cell misses it; with ``every_cell=True`` the
+    goal is met only where no cell misses it."""
+    larger, every_cell = how.get("larger", True), how.get("every_cell", False)
+    ours, ref = paired(rows, "ours", reference)
+    if not ours:
+        return [goal, describe(pick(rows, method="ours")), "-", f"(run {reference})", verdict(None)]
+
+    def holds(mine: float, theirs: float) -> bool:
+        return mine >= theirs + bound if larger else mine <= theirs + bound
+
+    mine, theirs = mean([r[key] for r in ours]), mean([r[key] for r in ref])
+    misses = sorted({a["target"] for a, b in zip(ours, ref) if not holds(a[key], b[key])})
+    measured = f"{fmt(mine)}; cells missing it: {misses or 'none'}"
+    bound_text = f"{'>=' if larger else '<='} {fmt(theirs + bound)} ({reference} {fmt(theirs)})"
+    return [goal, describe(ours), measured, bound_text, verdict(holds(mine, theirs) and not (every_cell and misses))]
+
+
+def goals_gan(rows: list[dict]) -> list[list]:
+    """Digits GAN: at 64 images, ours against the iid reference and the calls and distinct bounds (on the mean over
+    targets and seeds); at 16 images, every call returns its 16 images at <= 16 calls per image."""
+    out = []
+    sel = pick(rows, dataset="digits", proposal="gan", num_images_asked=64)
+    ours = pick(sel, method="ours")
+    if ours:
+        name = "Digits GAN, 64 images:"
+        out.append(against(sel, f"{name} accuracy >= iid's - 0.01 (mean)", "accuracy", -0.01))
+        out.append(against(sel, f"{name} Fréchet <= iid's + 0.5 (mean)", "frechet", 0.5, larger=False))
+        calls = [r["proposals_per_image"] for r in ours]
+        measured = f"{fmt(mean(calls))} (worst cell {fmt(max(calls))})"
+        out.append([f"{name} <= 10 generator calls per image (mean)", describe(ours), measured, "<= 10"])
+        out[-1].append(verdict(mean(calls) <= 10))
+        distinct = [r["distinct_share"] or 0.0 for r in ours]
+        measured = f"{fmt(mean(distinct))} (least {fmt(min(distinct))})"
+        out.append([f"{name} >= 95% of the images distinct (mean)", describe(ours), measured, ">= 0.95"])
+        out[-1].append(verdict(mean(distinct) >= 0.95))
+    ours = pick(rows, dataset="digits", proposal="gan", num_images_asked=16, method="ours")
+    if ours:
+        good = [r for r in ours if r["num_images"] == 16 and r["proposals_per_image"] <= 16]
+        worst, fewest = max(r["proposals_per_image"] for r in ours), min(r["num_images"] for r in ours)
+        measured = f"{len(good)} of {len(ours)} calls (worst {fmt(worst)} calls per image, fewest {fewest} images)"
+        goal = "Digits GAN, 16 images: every combination returns 16 images at <= 16 calls per image"
+        out.append([goal, describe(ours), measured, "every call", verdict(all_seven(ours, len(good) == len(ours)))])
+    return out
+
+
+def goals_ddpm(rows: list[dict]) -> list[list]:
+    """Digits DDPM, per number of images: accuracy >= 0.96 and UNet calls per image <= the oracle's (on the mean and
+    per target), and the screen where it pays (ours' UNet calls per image <= ours_noscreen's)."""
+    out = []
+    digits = pick(rows, dataset="digits", proposal="ddpm")
+    for n in sorted({r["num_images_asked"] for r in pick(digits, method="ours")}):
+        sel = pick(digits, num_images_asked=n)
+        ours = pick(sel, method="ours")
+        name = f"Digits DDPM, {n} images:"
+        acc = mean([r["accuracy"] for r in ours])
+        low = sorted({r["target"] for r in ours if not r["accuracy"] >= 0.96})
+        measured = f"{fmt(acc)}; cells missing it: {low or 'none'}"
+        out.append([f"{name} accuracy >= 0.96 (mean; every cell)", describe(ours), measured, ">= 0.96"])
+        out[-1].append(verdict(acc >= 0.96 and not low))
+        goal = f"{name} UNet calls per image <= the oracle's (mean; every cell)"
+        out.append(against(sel, goal, "unet_calls_per_image", 0.0, "oracle", larger=False, every_cell=True))
+        goal = f"{name} the screen where it pays: UNet calls per image <= ours_noscreen's (mean)"
+        out.append(against(sel, goal, "unet_calls_per_image", 0.0, reference="ours_noscreen", larger=False))
+    return out
+
+
+def goals_fashion(rows: list[dict]) -> list[list]:
+    """Fashion GAN and DDPM: every combination returns images; accuracy >= iid's - 0.02 (mean; every cell)."""
+    out = []
+    for kind in PROPOSALS:
+        sel = pick(rows, dataset="fashion", proposal=kind)
+        ours = pick(sel, method="ours")
+        if not ours:
+            continue
+        sizes = "/".join(str(n) for n in sorted({r["num_images_asked"] for r in ours}))
+        name = f"Fashion {kind.upper()}, {sizes} images:"
+        empty = sorted({r["target"] for r in ours if not r["num_images"]})
+        measured = f"none returned on {empty}" if empty else "every call returned images"
+        out.append([f"{name} every combination returns images", describe(ours), measured, "every call"])
+        out[-1].append(verdict(all_seven(ours, not empty)))
+        out.append(
+            against(sel, f"{name} accuracy >= iid's - 0.02 (mean; every cell)", "accuracy", -0.02, every_cell=True)
         )
+    return out
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
+def goals_warnings(rows: list[dict]) -> list[list]:
+    """Every call of ours (each variant) within the diagnostics' thresholds; the others warned (listed above)."""
+    out = []
+    cells = {
+        (r["dataset"], r["proposal"], r["num_images_asked"], r["method"])
+        for r in rows
+        if r.get("warnings") is not None
+    }
+    for dataset, kind, n, method in sorted(cells):
+        sel = pick(rows, dataset=dataset, proposal=kind, num_images_asked=n, method=method)
+        quiet = [r for r in sel if not r["num_warnings"]]
+        goal = f"{dataset} {kind.upper()}, {n} images, {method}: R-hat and the reading check within their thresholds"
+        measured = f"{len(quiet)} of {len(sel)} calls" + (", the others warned" if len(quiet) < len(sel) else "")
+        out.append([goal, describe(sel), measured, "every call", verdict(len(quiet) == len(sel))])
+    return out
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
+def print_goals(rows: list[dict]) -> None:
+    """The goals table: each goal of issue 27 the run has cells for, the figures side by side, met or not."""
+    lines = goals_gan(rows) + goals_ddpm(rows) + goals_fashion(rows) + goals_warnings(rows)
+    if not lines:
+        return
+    print("\nGoals (issue 27) for this run's cells\n")
+    print("| goal | cells | ours | bound | |")
+    print("|---|---|---|---|---|")
+    for line in lines:
+        print("| " + " | ".join(line) + " |")
 
 
-def _spread(values: list[float]) -> str:
-    """`mean` or `mean ± sd` over seeds."""
-    if len(values) < 2:
-        return _fmt(_mean(values))
-    m = _mean(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    return f"{_fmt(m)} ± {_fmt(sd, 2)}"
+# ----------------------------------------------------------------------------------------------------------------
+# Running
 
 
-def _missing(dataset: str, kind: str) -> str | None:
+def load_world(dataset: str, kind: str, args: argparse.Namespace) -> World | None:
+    """The models of (dataset, kind), or `None` (with the reason printed) where they are missing."""
+    why = missing(dataset, kind)
+    if why:
+        print(why, flush=True)
+        return None
+    root = PRETRAINED_ROOTS[dataset]
+    pipe = load_demo_pipeline(kind, root)
+    pipe.set_progress_bar_config(disable=True)
+    if args.num_inference_steps is not None and kind == "ddpm":
+        pipe.register_to_config(num_inference_steps=args.num_inference_steps)
+    conditional = None
+    if "ours_conditional" in args.methods and kind == "gan":
+        why = missing(dataset, "gan_conditional")
+        if why:
+            print(why, flush=True)
+        else:
+            conditional = load_demo_pipeline("gan_conditional", root)
+            conditional.set_progress_bar_config(disable=True)
+    evaluator = load_evaluator(root)
+    heldout = load_7to3(dataset, size=int(pipe.heads.config.sample_size)).heldout()
+    return World(dataset, kind, pipe, conditional, evaluator, heldout)
+
+
+def missing(dataset: str, kind: str) -> str | None:
     """Why (dataset, kind) cannot run here, or None."""
     root = PRETRAINED_ROOTS[dataset]
     if dataset == "fashion":
@@ -401,43 +706,31 @@ def _missing(dataset: str, kind: str) -> str | None:
     return None
 
 
-def print_table(rows: list[dict], dataset: str, kind: str, methods: list[str], num_images: int, seeds) -> None:
-    """One markdown table for (dataset, proposal): per target and method, mean (± sd over seeds) of each column."""
-    mine = [r for r in rows if r["dataset"] == dataset and r["proposal"] == kind]
-    methods = [m for m in methods if any(r["method"] == m for r in mine)]
-    if not mine:
-        return
-    print(f"\n{dataset}-7to3, {kind} proposal, {num_images} images per cell, seeds {list(seeds)}")
-    print("cells: accuracy / Fréchet / proposals per image / seconds (mean ± sd over seeds)\n")
-    print(f"| target | {' | '.join(methods)} |")
-    print("|---" * (len(methods) + 1) + "|")
-
-    def cell(selected: list[dict]) -> str:
-        text = " / ".join(
-            [_spread([r[k] for r in selected]) for k in COLUMNS] + [f"{_mean([r['seconds'] for r in selected]):.1f}"]
-        )
-        short = [r for r in selected if r.get("budget_exhausted")]
-        if short:  # the budget ran out: say how many images were found
-            found = [f"{r['num_images']}/{r.get('num_images_asked', num_images)}" for r in short]
-            text += f" (budget: {', '.join(found)} images)"
-        return text
-
-    for target in SEVEN_TARGETS:
-        cells = [cell([r for r in mine if r["target"] == target and r["method"] == m]) for m in methods]
-        print(f"| `{target}` | {' | '.join(cells)} |")
-    means = []
-    for m in methods:
-        per_seed = []
-        for seed in seeds:
-            sel = [r for r in mine if r["method"] == m and r["seed"] == seed]
-            if sel:
-                per_seed.append({k: _mean([r[k] for r in sel]) for k in COLUMNS})
-        secs = _mean([r["seconds"] for r in mine if r["method"] == m])
-        means.append(" / ".join(_spread([p[k] for p in per_seed]) for k in COLUMNS) + f" / {secs:.1f}")
-    print(f"| **mean of the 7** | {' | '.join(means)} |")
+def run_world(world: World, args: argparse.Namespace) -> list[dict]:
+    """Every method, target and seed of one (dataset, kind); `previous` first, in one subprocess."""
+    methods = [m for m in args.methods if ONLY.get(m, world.kind) == world.kind]
+    if "ours_conditional" in methods and world.conditional is None:
+        methods.remove("ours_conditional")
+    rows = previous_rows(args, world.dataset, world.kind) if "previous" in methods else []
+    for k in args.targets if args.targets is not None else range(len(SEVEN_TARGETS)):
+        for seed in args.seeds:
+            for method in methods:
+                if method == "previous" or (method == "official" and seed not in (args.official_seeds or args.seeds)):
+                    continue
+                row = run_cell(world, method, k, seed, args)
+                rows.append(row)
+                print(
+                    f"{world.dataset:<8} {world.kind:<5} {row['target']:<12} seed {seed} {method:<16} "
+                    f"acc {fmt(row['accuracy']):>5}  frechet {fmt(row['frechet']):>6}  "
+                    f"calls/img {fmt(row[cost_key(world.kind)]):>6}  distinct {fmt(row['distinct_share'], 2):>4}  "
+                    f"images {row['num_images']}/{row['num_images_asked']}  warnings {fmt(row['num_warnings'])}  "
+                    f"{row['seconds']:6.1f} s",
+                    flush=True,
+                )
+    return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--proposals", nargs="+", default=list(PROPOSALS), choices=PROPOSALS)
@@ -452,8 +745,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--ours-overrides",
         type=json.loads,
         default={},
-        help="JSON of pipeline settings applied on top of OURS_SETTINGS for ours and ours_screen, e.g. "
-        '\'{"refit": "off"}\'',
+        help="JSON of pipeline settings beside the defaults for every ours* method, e.g. '{\"jump_rate\": 0.2}'",
     )
     parser.add_argument(
         "--official-seeds",
@@ -463,103 +755,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="seeds of the (costly) official recipe, default all of --seeds",
     )
     parser.add_argument("--max-oracle-proposals", type=int, default=200_000)
+    parser.add_argument("--previous-commit", default=PREVIOUS_COMMIT, help="the commit of the previous default")
     parser.add_argument("--num-threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="write the rows to this file")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.num_threads)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.num_threads)
     rows = []
     for dataset in args.datasets:
-        root = PRETRAINED_ROOTS[dataset]
         for kind in args.proposals:
-            why = _missing(dataset, kind)
-            if why:
-                print(why, flush=True)
-                continue
-            pipe = load_demo_pipeline(kind, root)
-            pipe.set_progress_bar_config(disable=True)
-            conditional = None
-            if "ours_conditional" in args.methods and kind == "gan":
-                why = _missing(dataset, "gan_conditional")
-                if why:
-                    print(why, flush=True)
-                else:
-                    conditional = load_demo_pipeline("gan_conditional", root)
-                    conditional.set_progress_bar_config(disable=True)
-            evaluator = load_evaluator(root)
-            heldout = load_7to3(dataset, size=int(pipe.heads.config.sample_size)).heldout()
-            if args.num_inference_steps is not None and kind == "ddpm":
-                pipe.register_to_config(num_inference_steps=args.num_inference_steps)
-            for k, target in enumerate(SEVEN_TARGETS):
-                if args.targets is not None and k not in args.targets:
-                    continue
-                real = evaluator_features(evaluator, heldout.images[heldout.source_classes == k])
-                for seed in args.seeds:
-                    for method in args.methods:
-                        if method == "ours_conditional" and conditional is None:
-                            continue
-                        if method == "official" and seed not in (args.official_seeds or args.seeds):
-                            continue
-                        settings = (PREVIOUS_SETTINGS if method == "previous" else OURS_SETTINGS)[kind]
-                        if method in ("ours", *SCREEN_METHODS) and args.ours_overrides:
-                            settings = {**settings, **args.ours_overrides}
-                        images, proposals, seconds, extra = run_method(
-                            method,
-                            conditional if method == "ours_conditional" else pipe,
-                            evaluator,
-                            target,
-                            args.num_images,
-                            1000 * seed + k,
-                            args.max_oracle_proposals,
-                            settings,
-                        )
-                        found = len(images)
-                        asked = AGAIN_IMAGES if method == "ours_again" else args.num_images
-                        row = {
-                            "dataset": dataset,
-                            "proposal": kind,
-                            "target": target,
-                            "method": method,
-                            "seed": seed,
-                            "num_images": found,
-                            "num_images_asked": asked,
-                            "budget_exhausted": found < asked,
-                            "accuracy": formula_accuracy(evaluator, images, target) if found else float("nan"),
-                            "frechet": (
-                                frechet_distance(evaluator_features(evaluator, images), real)
-                                if found >= 2
-                                else float("nan")
-                            ),
-                            "proposals_per_image": proposals / found if found else float("inf"),
-                            "num_inference_steps": pipe.config.num_inference_steps if kind == "ddpm" else None,
-                            "seconds": seconds,
-                            **extra,
-                        }
-                        if "unet_calls" in extra:
-                            row["unet_calls_per_image"] = extra["unet_calls"] / found if found else float("inf")
-                            if "fit_unet_calls" in extra:  # the fit's UNet calls, its screened draws included
-                                sampling_calls = extra["unet_calls"] - extra["fit_unet_calls"]
-                                row["sampling_unet_calls_per_image"] = sampling_calls / found if found else math.inf
-                        if "fit_proposals" in extra:
-                            sampling = proposals - extra["fit_proposals"]
-                            row["sampling_proposals_per_image"] = sampling / found if found else float("inf")
-                        rows.append(row)
-                        print(
-                            f"{dataset:<8} {kind:<5} {target:<12} seed {seed} {method:<16} acc {row['accuracy']:.3f}  "
-                            f"frechet {row['frechet']:8.3f}  prop/img {row['proposals_per_image']:8.1f}  "
-                            f"{seconds:6.1f} s",
-                            flush=True,
-                        )
-            print_table(rows, dataset, kind, args.methods, args.num_images, args.seeds)
-
-    print(f"\nOurs: {OURS_SETTINGS}\nPrevious: {PREVIOUS_SETTINGS}")
-    print_fit_table(rows)
-    print_unet_table(rows)
+            world = load_world(dataset, kind, args)
+            if world is not None:
+                rows += run_world(world, args)
+                print_tables(rows, dataset, kind)
+    print(
+        f"\nOurs: the pipeline's defaults, micro_batch_size {MICRO_BATCH}, a budget of {BUDGET_PER_IMAGE} generator "
+        f"calls per image; variants {OURS_VARIANTS}; overrides {args.ours_overrides or 'none'}"
+    )
     for dataset in args.datasets:
         for kind in args.proposals:
-            print_table(rows, dataset, kind, args.methods, args.num_images, args.seeds)
+            print_tables(rows, dataset, kind)
+    print_goals(rows)
     if args.json:
-        write_json_atomically(args.json, rows)
+        write_json_atomically(args.json, jsonable(rows))
     return rows
 
 

@@ -20,7 +20,7 @@ Readings:
 - `hand_set`: negation margin 30, presence margin 0.5, ``beta = 1`` (what the demo and benchmarks set by hand before
   the heads chose their own);
 - `official`: the official recipe's weights (hand-set gammas, margin 1, ``D_r`` temperature by the number of present
-  attributes, ``beta = 1``; `bench_7to3.official_evaluate`);
+  attributes, ``beta = 1``; `common.official_evaluate`);
 - `raw`: every generated image, weight 1.
 
 ```sh
@@ -37,7 +37,7 @@ import math
 import os
 
 import torch
-from bench_7to3 import OFFICIAL_GAMMA_ABSENT, OFFICIAL_GAMMA_PRESENT, OFFICIAL_TEMPERATURES
+from common import OFFICIAL_GAMMA_ABSENT, OFFICIAL_GAMMA_PRESENT, OFFICIAL_TEMPERATURES
 from pretrained_roots import PRETRAINED_ROOTS
 
 from s2m_diffusers import calibration, maths

@@ -61,7 +61,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from bench_7to3 import OFFICIAL_STEPS, official_evaluate  # noqa: E402  (the same folder)
+from common import OFFICIAL_STEPS, official_evaluate  # noqa: E402  (the same folder)
 
 from s2m_diffusers.densities import StandardNormal  # noqa: E402
 from s2m_diffusers.evaluation import frechet_distance  # noqa: E402

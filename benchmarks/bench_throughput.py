@@ -13,20 +13,25 @@ its shipped heads. For every process count and micro-batch size, one call draws 
 | `proposals_per_second` | generator calls / wall time |
 | `generator_share` | seconds in generator calls / (wall time x processes) |
 | `heads_share` | seconds in head passes / (wall time x processes) |
-| `bookkeeping_share` | the rest (1 - the two above): latent sampling, acceptance, chain indexing, refitting fits, |
-| | statistics, gathering, conversion to PIL images, waiting for other processes |
+| `bookkeeping_share` | the rest (1 - the two above): the pool, the chains' proposals and acceptances, the |
+| | screen's bookkeeping, the diagnostics, gathering, conversion to PIL images, waiting for other processes |
+| `sampler_share` | the pipeline's own figure for the sampler's bookkeeping: ``seconds_sampler / seconds_wall`` of |
+| | its ``stats`` (summed over the processes) |
 
-Each process runs one torch thread (`--num-threads`), so that 2 processes use 2 cores. The pipeline's own
-``seconds_sampler`` leaves out the work after sampling (gathering, statistics, PIL conversion); this benchmark times
-the whole call from outside, so that ``bookkeeping_share`` counts everything that is neither a generator call nor a
-head pass.
+The call runs at the pipeline's defaults (chains that move locally, the screen where it pays) but for
+``micro_batch_size``, ``num_inference_steps`` and ``max_proposals``. Each process runs one torch thread
+(`--num-threads`), so that 2 processes use 2 cores. The pipeline's own ``seconds_sampler`` leaves out the work after
+sampling (gathering, statistics, PIL conversion); this benchmark also times the whole call from outside, so that
+``bookkeeping_share`` counts everything that is neither a generator call nor a head pass. With several processes each
+process's seconds are gathered here and summed (the pipeline reports its own process's; where it reports them summed
+already, every process holds the same figures, and they are taken once).
 
 Usage:
 
 ```sh
 python benchmarks/bench_throughput.py                                   # prints the table
 python benchmarks/bench_throughput.py --micro-batches 16 64 256 --processes 1 2 --json throughput.json
-python benchmarks/bench_throughput.py --refit sequential --num-images 64
+python benchmarks/bench_throughput.py --micro-batches 16 --processes 1 --num-images 4    # a smoke run
 ```
 """
 
@@ -37,6 +42,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -53,7 +59,10 @@ COLUMNS = (
     "generator_share",
     "heads_share",
     "bookkeeping_share",
+    "sampler_share",
 )
+# The seconds of a call's stats that are per process.
+SECONDS = ("seconds_generator", "seconds_heads", "seconds_sampler", "seconds_wall")
 _PIPE = None  # loaded once in the parent; forked processes share it
 
 
@@ -72,7 +81,6 @@ def _call(args: argparse.Namespace, micro_batch: int, num_images: int, distribut
         args.target,
         num_images=num_images,
         generator=torch.Generator().manual_seed(seed),
-        refit=args.refit,
         micro_batch_size=micro_batch,
         num_inference_steps=args.num_inference_steps,
         max_proposals=args.max_proposals,
@@ -90,13 +98,15 @@ def measure(args: argparse.Namespace, micro_batch: int, processes: int, state=No
     start = time.perf_counter()
     stats = _call(args, micro_batch, args.num_images, distributed, seed=args.seed)
     wall = time.perf_counter() - start
-    if state is not None:  # the slowest process's wall time
+    seconds = {key: stats[key] for key in SECONDS}
+    if state is not None:  # the slowest process's wall time; every process's seconds
         from s2m_diffusers.distributed import gather_objects
 
         wall = max(gather_objects(wall, state))
+        seconds = summed(gather_objects(seconds, state))
     process_seconds = wall * processes
-    generator_share = stats["seconds_generator"] / process_seconds
-    heads_share = stats["seconds_heads"] / process_seconds
+    generator_share = seconds["seconds_generator"] / process_seconds
+    heads_share = seconds["seconds_heads"] / process_seconds
     return {
         "processes": processes,
         "micro_batch": micro_batch,
@@ -108,11 +118,23 @@ def measure(args: argparse.Namespace, micro_batch: int, processes: int, state=No
         "generator_share": generator_share,
         "heads_share": heads_share,
         "bookkeeping_share": 1.0 - generator_share - heads_share,
-        "sampler_share": stats["seconds_sampler"] / process_seconds,  # the pipeline's own figure, for comparison
-        "refit": args.refit,
+        "sampler_share": seconds["seconds_sampler"] / seconds["seconds_wall"],  # the pipeline's own figure
+        "unet_calls_per_image": stats.get("unet_calls_per_image"),
+        "screen": stats.get("screen"),
+        "warnings": stats.get("warnings"),
         "target": args.target,
         "num_threads": args.num_threads,
     }
+
+
+def summed(per_process: list[dict]) -> dict:
+    """The processes' seconds summed; taken once where every process holds the same figures (a pipeline that
+    gathered them already: its wall time is then the slowest process's, counted once per process)."""
+    if all(p == per_process[0] for p in per_process):
+        one = dict(per_process[0])
+        one["seconds_wall"] *= len(per_process)
+        return one
+    return {key: sum(p[key] for p in per_process) for key in per_process[0]}
 
 
 def _worker(args: argparse.Namespace, path: str) -> None:
@@ -151,14 +173,15 @@ def run(args: argparse.Namespace) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| processes | micro_batch | images | proposals | wall s | images/s | proposals/s | generator | heads "
-        "| bookkeeping |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| bookkeeping | sampler (own figure) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['processes']} | {r['micro_batch']} | {r['num_images']} | {r['proposals']} | "
             f"{r['wall_seconds']:.2f} | {r['images_per_second']:.2f} | {r['proposals_per_second']:.1f} | "
-            f"{r['generator_share']:.1%} | {r['heads_share']:.1%} | {r['bookkeeping_share']:.1%} |"
+            f"{r['generator_share']:.1%} | {r['heads_share']:.1%} | {r['bookkeeping_share']:.1%} | "
+            f"{r['sampler_share']:.1%} |"
         )
     return "\n".join(lines)
 
@@ -169,15 +192,13 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], metavar="P")
     parser.add_argument("--num-images", type=int, default=64, help="images per timed call (default 64)")
     parser.add_argument("--target", default="A & B", help="target (default 'A & B')")
-    parser.add_argument(
-        "--refit", default="off", choices=("off", "once", "sequential"), help="as the demo's DDPM (default off)"
-    )
     parser.add_argument("--num-inference-steps", type=int, default=10, help="DDIM steps (default 10, the demo's)")
     parser.add_argument("--max-proposals", type=int, default=None, help="proposal budget (default: the pipeline's)")
     parser.add_argument("--num-threads", type=int, default=1, help="torch threads per process (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", message="S2M sampling")  # the diagnostics' warnings are in the JSON rows
     rows = run(args)
     print(markdown(rows))
     if args.json:

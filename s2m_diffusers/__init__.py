@@ -1,8 +1,9 @@
 """S2M sampling for Hugging Face diffusers: multi-label samples from single-positive labels.
 
-The maths is pure functions in ``maths`` (spec §3-6); ``targets`` parses targets, ``densities`` holds the latent
-prior ``p_z`` and the refitted densities ``q``, ``sampling`` the samplers over callables, ``proposals`` the generator
-adapters, and ``S2MPipeline`` composes them. ``demo`` and ``testing`` hold the demo's and the tests' worlds; the
+The maths is pure functions in ``maths`` (spec §3-5b); ``targets`` parses targets, ``densities`` holds the latent
+prior ``p_z``, ``kernels``, ``chains``, ``screen`` and ``diagnostics`` the sampler that ``sampling`` drives over
+callables, ``proposals`` the generator adapters, and ``S2MPipeline`` composes them. ``demo`` and ``testing`` hold
+the demo's and the tests' worlds; the
 library never imports them.
 """
 
@@ -10,7 +11,7 @@ library never imports them.
 # that is already in sys.modules.
 from . import distributed, hub
 from .data import ImageBank, ImageBankProposal, SinglePositiveDataset, prepare_images
-from .densities import LowRankGaussianMixture, StandardNormal, TiltedNormal
+from .densities import StandardNormal
 from .evaluation import AttributeEvaluator
 from .maths import auto_dr_temperature, log_r, log_w, log_weight, temper_dr
 from .models.gan import DCGANDiscriminator, DCGANGenerator
@@ -41,7 +42,6 @@ __all__ = [
     "GeneratorProposal",
     "ImageBank",
     "ImageBankProposal",
-    "LowRankGaussianMixture",
     "PipelineProposal",
     "ProposalSample",
     "S2MHeads",
@@ -55,7 +55,6 @@ __all__ = [
     "StandardNormal",
     "Target",
     "TargetError",
-    "TiltedNormal",
     "auto_dr_temperature",
     "distributed",
     "estimate_priors",

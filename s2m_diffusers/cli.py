@@ -70,7 +70,7 @@ _SAMPLE_EPILOG = (
     '  s2m sample --pipeline my-s2m --target "black_hair & male & ~smiling" --num-images 16 \\\n'
     "      --output samples/ --seed 0\n"
     '  s2m sample --pipeline user/s2m-digits --revision 3f2c1ab --target "A | B" --num-images 4 \\\n'
-    "      --output out/ --refit off --max-proposals 20000\n"
+    "      --output out/ --kernel independent --max-proposals 20000\n"
     "  accelerate launch --num_processes 4 -m s2m_diffusers.cli sample --pipeline my-s2m \\\n"
     "      --target 'a & b' --num-images 64 --output samples/ --seed 0\n"
     "\n"
@@ -122,17 +122,11 @@ def _sample_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, recorded in stats)")
     p.add_argument(
-        "--refit",
-        choices=("off", "once", "sequential"),
-        default="sequential",
-        help="latent refitting: one literal at a time (default), once on the full target, or off",
-    )
-    p.add_argument(
-        "--fit-spend",
-        choices=("call", "full"),
-        default="call",
-        help="what refitting may spend: at most what a fit could save on these images (default: 'call'), or every "
-        "stage ('full')",
+        "--kernel",
+        choices=("pcn", "mala", "independent"),
+        default=None,
+        help="how the chains move in the noise space: 'pcn' local steps (default), 'mala' gradient-guided local steps "
+        "(a GAN), 'independent' independent draws from the prior (the paper's)",
     )
     p.add_argument(
         "--screen",
@@ -140,16 +134,16 @@ def _sample_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         metavar="{auto,off,S}",
         help="for a diffusion generator: judge each proposal on its predicted clean image after S denoising steps "
-        "and stop those rejected there (exact: delayed acceptance); 'auto' picks S from a calibration, 'off' never "
-        "screens (default: the pipeline's)",
+        "and stop those rejected there (exact: delayed acceptance); 'auto' screens after a tenth of the steps where "
+        "that saves, 'off' never screens (default: auto)",
     )
     p.add_argument(
         "--screen-min-finish",
         type=float,
         default=None,
         metavar="P",
-        help="with a screen, the least probability (in (0, 1]) with which a refitting draw is run to the end "
-        "whatever its screen says; 1 does not screen the fit's draws (default: 0.2)",
+        help="with a screen, the least probability (in (0, 1]) with which a draw of the entry pool is run to the "
+        "end whatever its screen says; 1 does not screen the pool (default: 0.2)",
     )
     p.add_argument("--max-proposals", type=int, default=None, metavar="N", help="proposal budget (generator calls)")
     p.add_argument(
@@ -160,10 +154,11 @@ def _sample_parser(subparsers) -> argparse.ArgumentParser:
         help="latents per generator and heads call (device memory; default 64)",
     )
     p.add_argument(
-        "--num-chains", type=int, default=None, metavar="N", help="chains side by side (default: min(N images, 256))"
-    )
-    p.add_argument(
-        "--fit-size", type=int, default=None, metavar="N", help="on-target latents per refit (default: the sampler's)"
+        "--num-chains",
+        type=int,
+        default=None,
+        metavar="N",
+        help="chains side by side (default: a quarter of the images, at most 256)",
     )
     p.add_argument(
         "--cpu-offload",
@@ -232,7 +227,7 @@ def sample(args: argparse.Namespace) -> int:
         stats = _sample_calls(pipe, args, seed, state, None)  # the main process holds the same output and writes it
         return EXIT_BUDGET if stats["budget_exhausted"] else EXIT_OK
     except BudgetExhaustedError as err:
-        return _fail_on(main_process, _budget_message(err, args, pipe), EXIT_BUDGET)
+        return _fail_on(main_process, _budget_message(err, args), EXIT_BUDGET)
     except TargetError as err:
         cause = err.__cause__  # the parser's own message, without what the pipeline adds for unknown attributes
         if isinstance(cause, TargetError) and cause.unknown_attribute is None:
@@ -313,8 +308,7 @@ _CLI_OPTIONS = {
         "num_images",
         "max_proposals",
         "num_chains",
-        "fit_size",
-        "fit_spend",
+        "kernel",
         "screen",
         "screen_min_finish",
         "micro_batch_size",
@@ -322,7 +316,6 @@ _CLI_OPTIONS = {
         "presence_margin",
         "class_label",
         "num_inference_steps",
-        "refit",
     )
 }
 
@@ -335,37 +328,16 @@ def _cli_words(message: str) -> str:
     return re.sub(pattern, lambda m: _CLI_OPTIONS[m.group(1)] + (" " if m.group(2) else ""), message)
 
 
-def _budget_message(err, args: argparse.Namespace, pipe) -> str:
-    """The budget error of `s2m sample`, with only what applies to try, in its options' words."""
-    from .sampling import budget_error
-
+def _budget_message(err, args: argparse.Namespace) -> str:
+    """The pipeline's budget error (what the pool saw, what to try) in the words of `s2m sample`'s options; for a
+    later call of a run of several (`--images-per-call`), which call it was and what the earlier calls found."""
+    message = _cli_words(str(err))
     before = getattr(err, "found_before", 0)  # images the run's earlier pipeline calls found
-    found = err.result.num_samples + before
-    budget = getattr(err, "budget", None) or args.max_proposals
-    if budget is None:
-        match = re.search(r"budget of (\d+)", str(err))
-        budget = int(match.group(1)) if match else None
-    tries = []
-    if args.refit != "sequential":
-        tries.append(
-            f"--refit sequential (this run used --refit {args.refit}): each refitting stage then adds one literal"
-        )
-    if budget is not None:  # (a later call's budget is what the earlier ones left of the run's)
-        tries.append(f"a larger budget, e.g. --max-proposals {4 * (args.max_proposals if before else budget)}")
-    if not pipe.get_proposal().is_conditional:
-        tries.append(
-            "a class-conditional generator (one class per attribute) with heads trained on it, which then get D_f"
-        )
-    if found:
-        tries.append(f"--allow-partial to write the {found} image(s) found")
-    target = str(pipe.parse_target(args.target))
-    requested = getattr(err, "requested", args.num_images)
-    message = str(budget_error(err.result, requested, budget, target=target, tries=tries, unit="images"))
     if before:
         message += (
-            f" (This was the pipeline call for images {before + 1} to {before + requested} of {args.num_images}, "
+            f" (This was the pipeline call for images {before + 1} to {before + err.requested} of {args.num_images}, "
             f"--images-per-call {args.images_per_call}, with what the earlier calls left of --max-proposals "
-            f"{args.max_proposals}; they had found {before} images.)"
+            f"{args.max_proposals}; they had found {before} images, which --allow-partial would write with these.)"
         )
     return message
 
@@ -540,12 +512,10 @@ def _sample_calls(pipe, args: argparse.Namespace, seed: int, state, sink: _Sampl
                 num_images=count,
                 generator=torch.Generator(device="cpu").manual_seed(call_seed(seed, index)),
                 output_type="pil",
-                refit=args.refit,
+                kernel=args.kernel,
                 max_proposals=budget,
                 micro_batch_size=args.micro_batch_size,
                 num_chains=args.num_chains,
-                fit_size=args.fit_size,
-                fit_spend=args.fit_spend,
                 **({} if args.screen is None else {"screen": args.screen}),
                 **({} if args.screen_min_finish is None else {"screen_min_finish": args.screen_min_finish}),
                 negation_margin=args.negation_margin,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .models.heads import _check_attribute_names
+from .targets import check_attribute_names
 from .utils import optional_dependency
 
 MIN_IMAGES_PER_ATTRIBUTE = 2  # one to train on and one held out for early stopping and calibration
@@ -235,7 +235,7 @@ class SinglePositiveDataset(torch.utils.data.Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, attribute_names: Sequence[str]):
         names = list(attribute_names)
-        _check_attribute_names(names)
+        check_attribute_names(names)
         labels = torch.as_tensor(labels)
         if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
             raise ValueError(f"`images` must be (N, C, S, S) with square images, got shape {tuple(images.shape)}.")
@@ -376,7 +376,7 @@ class SinglePositiveDataset(torch.utils.data.Dataset):
                 d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")
             )
         names = list(attribute_names)
-        _check_attribute_names(names)
+        check_attribute_names(names)
         images, labels = [], []
         for label, name in enumerate(names):
             folder = os.path.join(root, name)

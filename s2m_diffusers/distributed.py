@@ -32,7 +32,7 @@ from accelerate import PartialState
 from accelerate.utils import gather, gather_object, pad_across_processes, parse_flag_from_env
 
 if TYPE_CHECKING:
-    from .sampling import SampleResult
+    from .results import SampleResult
 
 __all__ = [
     "get_state",
@@ -154,6 +154,19 @@ def generator_list(generator, num_images: int) -> list[torch.Generator | None]:
     return [generator]
 
 
+def gather_result(result: SampleResult, runs: RunPlan) -> SampleResult:
+    """Every process's result, in image order, with every process's statistics merged (this process's own when it
+    runs alone); the pool's readings stay this process's."""
+    if runs.num_processes == 1:
+        return result
+    from .results import SampleResult, SamplerStats
+
+    state = runs.dist_state
+    gathered = [gather_rows(getattr(result, k), state) for k in ("z", "x", "log_w", "on_target")]
+    stats = SamplerStats.merge(gather_objects(result.stats, state))
+    return SampleResult(*gathered, stats, pool_readings=result.pool_readings)
+
+
 @dataclass
 class RunPlan:
     """This process's share of a call: one sampler run per generator (one for all its images, or one per image with a
@@ -167,7 +180,7 @@ class RunPlan:
     results: list[SampleResult] = field(default_factory=list)
 
     @classmethod
-    def plan(cls, generator, num_images, distributed, max_proposals, config, num_fit_stages) -> RunPlan:
+    def plan(cls, generator, num_images, distributed, max_proposals) -> RunPlan:
         generators = generator_list(generator, num_images)
         dist_state, share = None, range(num_images)
         if distributed:
@@ -176,7 +189,7 @@ class RunPlan:
         if max_proposals is not None and (not isinstance(max_proposals, int) or max_proposals < 1):
             raise ValueError(f"max_proposals must be a positive integer, got {max_proposals!r}.")
         if max_proposals is None:
-            budget = max(10_000, 1_000 * len(share) + 20 * config.fit_size * num_fit_stages)
+            budget = max(10_000, 1_000 * len(share))
         elif dist_state is None:
             budget = max_proposals
         else:  # this process's part of the budget, in proportion to its images
@@ -186,13 +199,22 @@ class RunPlan:
         gen = generators[0] if dist_state is None else process_generator(generators[0], dist_state)
         return cls([gen] if len(share) else [], len(share), share, budget, dist_state)
 
-    @property
-    def remaining(self) -> int:
-        """The whole proposals left of this process's budget (a proposal screened out after ``s`` of ``K`` steps
-        counts ``s / K``: `SamplerStats.cost`)."""
-        from .sampling import _left
+    def spend(self, proposals: int, num_steps: int | None) -> None:
+        """Count ``proposals`` drawn outside the sampler's runs (measuring ``dv_strength="auto"``), by the main
+        process."""
+        if proposals and self.is_main_process:
+            from .results import SampleResult, SamplerStats
 
-        return _left(self.budget, sum(r.stats.cost for r in self.results))
+            calls = (num_steps or 0) * proposals
+            self.results.append(
+                SampleResult.empty(SamplerStats(proposals=proposals, unet_calls=calls, cost=proposals))
+            )
+
+    @property
+    def remaining(self) -> float:
+        """What is left of this process's budget, in proposals (a proposal screened out after ``s`` of ``K`` steps
+        counts ``s / K``: `SamplerStats.cost`)."""
+        return max(0.0, self.budget - sum(r.stats.cost for r in self.results))
 
     @property
     def is_main_process(self) -> bool:

@@ -39,7 +39,6 @@ versions.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import importlib
@@ -52,7 +51,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .utils import replace_folder_atomically, write_text_atomically
+from .utils import hub_repo_id, replace_folder_atomically, write_text_atomically
 
 __all__ = [
     "SHIM_HEADER",
@@ -404,18 +403,6 @@ def _write_pipeline_folder(
     card = dict(card) if card is not None else _card_context(pipeline)
     write_text_atomically(os.path.join(folder, CARD_FILE), model_card(pipeline, training_data=training_data, **card))
     write_manifest(folder, card={k: v for k, v in card.items() if v})
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def hub_repo_id(value: Any) -> str | None:
-    """`value` when it names a Hub repo (``"user/name"``, not a local path), else `None`."""
-    if isinstance(value, os.PathLike):
-        return None
-    if not isinstance(value, str) or not _HUB_ID.match(value) or os.path.exists(value):
-        return None
-    return value
 
 
 def drop_local_paths(folder: str | os.PathLike) -> list[str]:
@@ -1067,9 +1054,7 @@ def model_card(
             ``"apache-2.0"``), which include the generator's. Left out when not given.
         base_model (`str`, *optional*): the Hub repo of the generator; by default the one the generator was loaded
             from (its ``_name_or_path``) when that names a Hub repo.
-        sampling (`Mapping`, *optional*): call settings for the snippets (e.g. ``{"negation_margin": 30.0}``),
-            added to those of the pipeline's first cached fit (its target and the settings that differ from the
-            defaults, so that the snippet reuses that fit).
+        sampling (`Mapping`, *optional*): call settings for the snippets (e.g. ``{"negation_margin": 30.0}``).
 
     Returns:
         `str`: the model card, YAML metadata included.
@@ -1079,10 +1064,9 @@ def model_card(
     counts = list(heads.config.label_counts) if getattr(heads.config, "label_counts", None) else None
     proposal = pipeline.proposal_description()
     base_model = base_model or proposal.get("base_model") or _generator_hub_id(pipeline)
-    fit_target, settings = _fit_settings(pipeline)
-    settings.update(sampling or {})
+    settings = dict(sampling or {})
     default = f"{names[0]} & ~{names[1]}" if len(names) > 1 else names[0]
-    example = pipeline.config.default_target or fit_target or default
+    example = pipeline.config.default_target or default
     lines = [
         *_card_header(base_model, license, names, example),
         *_card_attributes(heads, names, counts),
@@ -1121,32 +1105,6 @@ def _generator_hub_id(pipeline) -> str | None:
         if repo is not None:
             return repo
     return None
-
-
-def _fit_settings(pipeline) -> tuple[str | None, dict]:
-    """The target of the pipeline's first cached fit and its settings that differ from the defaults: a call with
-    them reuses the fit (`S2MPipeline.fits`), and they are those the pipeline was fitted with."""
-    from .sampling import S2MSamplingConfig
-
-    base = S2MSamplingConfig()
-    if callable(getattr(pipeline, "heads_reading", None)):  # the defaults as this pipeline's heads resolve them
-        base = pipeline.heads_reading(base)
-    defaults = {f.name: getattr(base, f.name) for f in dataclasses.fields(S2MSamplingConfig)}
-    for key in getattr(pipeline, "fits", None) or {}:
-        try:
-            record = json.loads(key)
-        except (TypeError, ValueError):
-            continue
-        settings = {}
-        for name, default in defaults.items():
-            value = record.get(name, default)
-            if (tuple(value) if isinstance(value, list) else value) != default:
-                settings[name] = value
-        steps = record.get("steps")
-        if steps is not None and steps != pipeline.config.num_inference_steps:
-            settings["num_inference_steps"] = steps
-        return record.get("target"), settings
-    return None, {}
 
 
 def _card_header(base_model: str | None, license: str | None, names: list[str], example: str) -> list[str]:
@@ -1254,8 +1212,7 @@ def _card_proposal(proposal: Mapping[str, Any]) -> list[str]:
 
 # the settings `s2m sample` takes as options, with their option names
 _CLI_SETTINGS = {
-    "refit": "--refit",
-    "fit_size": "--fit-size",
+    "kernel": "--kernel",
     "num_chains": "--num-chains",
     "negation_margin": "--negation-margin",
     "presence_margin": "--presence-margin",

@@ -7,8 +7,9 @@ Everything a sampler decides comes from here:
   function** that the pipeline, the benchmarks and the tests all call: heads' outputs in, ``log w`` out;
 - ``log p_data(c)`` and ``log pi_c`` from counts and priors ([`log_p_data`], [`log_priors`]);
 - reading ``D_r`` tempered ([`temper_dr`], [`auto_dr_temperature`]);
-- the independent Metropolis-Hastings acceptance ([`imh_accept`]; spec §5);
-- resampling and tempering the fit data of latent refitting ([`importance_resample`], [`fit_exponent`]; spec §6).
+- the independent Metropolis-Hastings acceptance of the official recipe ([`imh_accept`]; spec §5; the chains' kernels
+  are in `s2m_diffusers.kernels`);
+- the strength of ``logit D_v`` in the weights ([`dv_strength`], [`ess_share`]).
 
 Names: ``p_z`` is the latent prior, ``q`` a latent proposal density, ``pi_c`` the attribute priors, ``p_data(c)`` the
 share of single-positive labels, ``g_c = pi_c / p_data(c) * D_r(c|x)``. Everything is in log space, in float64.
@@ -25,8 +26,6 @@ from .targets import Attr, Node, Not, Or, Target
 
 __all__ = [
     "DEFAULT_NEGATION_MARGIN",
-    "da_imh_distances",
-    "da_imh_steps",
     "LABELLINGS",
     "log_p_data",
     "log_priors",
@@ -39,10 +38,6 @@ __all__ = [
     "temper_dr",
     "auto_dr_temperature",
     "imh_accept",
-    "imh_distance",
-    "imh_steps",
-    "importance_resample",
-    "fit_exponent",
 ]
 
 # lambda of the negation margin when neither the call nor the heads set one (spec §3: a margin well above 1 is the
@@ -307,7 +302,7 @@ def log_weight(
     float64.
 
     Args:
-        target ([`Target`]): the target (or a refitting stage of it).
+        target ([`Target`]): the target (or one of its `stages`).
         dr_log_probs (`torch.Tensor` of shape `(B, n)`): ``log D_r(c|x)``.
         dv_logit (`torch.Tensor` of shape `(B,)`): ``logit D_v(x)``.
         log_p_data (`torch.Tensor` of shape `(n,)`): from [`log_p_data`].
@@ -328,7 +323,7 @@ def log_weight(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Independent Metropolis-Hastings (spec §5) and the fit data of refitting (spec §6)
+# The official recipe's independent Metropolis-Hastings acceptance (spec §5), and the D_v strength
 
 
 def imh_accept(
@@ -349,261 +344,6 @@ def imh_accept(
     log_alpha = torch.where(empty, torch.zeros_like(log_ratio_proposed), log_ratio_proposed - log_ratio_current)
     log_alpha = torch.where(finite_new, log_alpha, torch.full_like(log_alpha, -math.inf))
     return torch.log(u) < log_alpha
-
-
-def imh_distance(log_ratios: torch.Tensor, steps: Sequence[int], weights: torch.Tensor | None = None) -> list[float]:
-    """Total variation distance to the target of an independent-MH chain after each of ``steps`` steps, started from
-    the proposal ``q`` restricted to the target, when the importance ratios ``r = pi / q`` are distributed as the
-    given draws' (spec §5): exact for that empirical distribution.
-
-    It uses Smith and Tierney's exact ``n``-step transition of the independence sampler (1996): with ``r`` normalised
-    to mean 1 over ``q``, ``lambda(v) = 1 - E_q min(1, r / v)`` the rejection probability at a state of ratio ``v`` and
-    ``T_n(v) = int_v^inf n lambda(u)^(n-1) / u^2 du``,
-
-        P^n(x, dy) = T_n(max(r(x), r(y))) pi(dy) + lambda(r(x))^n delta_x(dy).
-
-    A chain enters the target with a draw of ``q`` restricted to it (``mu_0 = q 1[r > 0] / s``, ``s`` the on-target
-    share), so ``mu_0 P^n`` has the density ``f_n(y) = E_{mu_0}[T_n(max(r(x), r(y)))] + lambda(r(y))^n / (s r(y))``
-    against ``pi``, a function of ``r(y)`` alone, and the distance is ``E_pi |f_n - 1| / 2``. ``lambda`` is piecewise
-    ``1 - a - b / v`` between consecutive sorted ratios, so ``T_n`` has a closed form on each piece. It is far below
-    the uniform bound ``(1 - 1/W)^n`` (``W = sup r``), which holds from the worst state: a chain that enters with a
-    typical state leaves it at the typical acceptance rate.
-
-    Args:
-        log_ratios (`torch.Tensor` of shape `(N,)`): ``log r`` of ``N`` draws of ``q`` (``-inf`` off the target), up
-            to a constant.
-        steps (`Sequence[int]`): the numbers of steps ``n >= 0``.
-        weights (`torch.Tensor` of shape `(N,)`, *optional*): the draws' weights (``1 / P(finished)`` of a screened
-            pilot's draws: a Horvitz-Thompson picture of ``q``); default equal. Integer weights give the distance of
-            the draws repeated that often.
-
-    Returns:
-        `list[float]`: the distance after each number of steps (1.0 each when no draw is on the target).
-    """
-    pieces = _imh_pieces(log_ratios, weights)
-    return [_imh_distance_at(pieces, n) for n in steps]
-
-
-def _imh_pieces(
-    log_ratios: torch.Tensor, weights: torch.Tensor | None = None
-) -> dict[str, torch.Tensor | float] | None:
-    """What [`imh_distance`] computes once for every number of steps: the sorted, normalised ratios, their weights and
-    the pieces of ``lambda`` between them (`None` when no draw is on the target)."""
-    lr = log_ratios.double().flatten().cpu()
-    w_all = torch.ones_like(lr) if weights is None else weights.double().flatten().cpu()
-    total = float(w_all.sum())
-    on = torch.isfinite(lr)
-    if not on.any():
-        return None
-    # Ratios below 1e-300 of the largest (an underflow to 0) count as ties at that level: a chain leaves them at once.
-    r, order = torch.sort(torch.exp(lr[on] - lr[on].max()).clamp_min(1e-300))
-    w = w_all[on][order]
-    r = r / (float((w * r).sum()) / total)  # mean 1 over q
-    m = r.numel()
-    cum = torch.cat([r.new_zeros(1), torch.cumsum(w * r, 0)])
-    cum_w = torch.cat([r.new_zeros(1), torch.cumsum(w, 0)])
-    a = (cum_w[m] - cum_w[:m]) / total  # P_q(r >= r_j)
-    b = cum[:m] / total  # E_q[r 1(r < r_j)]
-    # The piece of T_n over (r_j, r_(j+1)]: lambda = 1 - a - b u with u = 1/v, a and b of index j + 1.
-    a_up, b_up, du = a[1:], b[1:], 1 / r[:-1] - 1 / r[1:]
-    lam_lo = (1 - a_up - b_up / r[:-1]).clamp(0, 1)  # at v = r_j
-    return {
-        "r": r,
-        "lam": (1 - a - b / r).clamp(0, 1),  # lambda(r_j)
-        "b_up": b_up,
-        "lam_hi": (1 - a_up - b_up / r[1:]).clamp(0, 1),  # at v = r_(j+1)
-        "lam_lo": lam_lo,
-        # int_{u_lo}^{u_hi} n lambda^(n-1) du = (lam_hi^n - lam_lo^n) / b = lam_lo^n expm1(n log1p(b du / lam_lo)) / b
-        "log_step": torch.where(lam_lo > 0, torch.log1p(b_up * du / lam_lo.clamp_min(1e-300)), lam_lo.new_zeros(1)),
-        "pi_share": w * r / (w * r).sum(),  # pi's mass on each draw
-        "mu_share": w / cum_w[m],  # the entry's mass on each draw: q restricted to the target
-        "below": cum_w[1:] / cum_w[m],  # the entry's mass at or below each draw
-    }
-
-
-def _imh_distance_at(pieces: dict | None, n: int) -> float:
-    """[`imh_distance`] after ``n`` steps, from [`_imh_pieces`]."""
-    if pieces is None:
-        return 1.0
-    r, lam, pi_share, mu_share = pieces["r"], pieces["lam"], pieces["pi_share"], pieces["mu_share"]
-    # pi_j f_j = pi_j E_mu0[T_n(max(r_x, r_j))] + mu0_j lambda_j^n, with mu0 the entry's law.
-    if n == 0:
-        pif = mu_share
-    else:
-        lam_lo, lam_hi, b_up = pieces["lam_lo"], pieces["lam_hi"], pieces["b_up"]
-        inner = lam_lo.pow(n) * torch.expm1(n * pieces["log_step"])
-        piece = torch.where(lam_lo > 0, inner, lam_hi.pow(n)) / b_up
-        top = -torch.expm1(n * torch.log1p(-1 / r[-1])) if r[-1] > 1 else r.new_tensor(1.0)  # v >= max r
-        t_n = top + torch.cat([torch.flip(torch.cumsum(torch.flip(piece, [0]), 0), [0]), r.new_zeros(1)])
-        mu_t = mu_share * t_n
-        above = torch.cat([torch.flip(torch.cumsum(torch.flip(mu_t, [0]), 0), [0])[1:], r.new_zeros(1)])
-        pif = pi_share * (pieces["below"] * t_n + above) + mu_share * lam.pow(n)
-    return min(1.0, 0.5 * float((pif - pi_share).abs().sum()))
-
-
-def imh_steps(
-    log_ratios: torch.Tensor,
-    tolerance: float,
-    min_steps: int = 0,
-    max_steps: int = 200,
-    hint: int | None = None,
-    weights: torch.Tensor | None = None,
-) -> int:
-    """The fewest steps ``n`` in ``[min_steps, max_steps]`` after which [`imh_distance`] is at most ``tolerance``
-    (``max_steps`` when none is); the distance never grows with ``n``, so a bisection finds it. ``hint`` (a previous
-    answer, e.g. before more ratios were seen) is tried first: the answer is the same, found in 2-3 evaluations when
-    it has not moved. ``weights``: see [`imh_distance`]."""
-    pieces = _imh_pieces(log_ratios, weights)
-
-    def within(n: int) -> bool:
-        return _imh_distance_at(pieces, n) <= tolerance
-
-    lo, hi = min_steps, max_steps
-    if within(lo):
-        return lo
-    # Invariant: the distance after lo steps is above the tolerance; hi is the answer or max_steps.
-    if hint is not None and lo < hint <= hi:
-        if not within(hint):
-            lo = hint
-        elif hint - 1 == lo or not within(hint - 1):
-            return hint
-        else:
-            hi = hint - 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if within(mid) else (mid, hi)
-    return hi
-
-
-def da_imh_distances(
-    log_ratios: torch.Tensor,
-    log_ratios_s: torch.Tensor,
-    max_steps: int,
-    weights: torch.Tensor | None = None,
-    log_bar: float | None = None,
-) -> torch.Tensor:
-    """Total variation distance to the target of a delayed-acceptance independent-MH chain (Christen and Fox 2005)
-    after ``0 .. max_steps`` steps from its entry, exact for the empirical distribution of the given draws of ``q``.
-
-    The chain proposes ``z' ~ q`` and accepts in two stages, ``min(1, s(z') / s(z))`` with the surrogate ratio ``s``
-    and ``min(1, rho(z') / rho(z))`` with ``rho = r / s``, ``r = pi / q``. On the empirical distribution (atom ``j``
-    drawn with probability ``weights_j / sum(weights)``), its kernel on the on-target atoms is a matrix ``P`` with
-    ``P_ij = p_j a(i, j)`` off the diagonal, and the target is ``pi_j ∝ p_j r_j``; a chain enters with the first
-    on-target proposal that passes the first stage against the bar ``b`` (``mu_0 ∝ p_j min(1, s_j / b)``, as
-    `sampling.sample_imh` enters chains). The distance after ``n`` steps is ``|mu_0 P^n - pi|_TV``, computed by ``n``
-    vector-matrix products. It is the screened chain's counterpart of [`imh_distance`] (to which it reduces for a
-    constant surrogate, or for ``s = r`` and ``b = 0``), and far below the uniform bound ``(1 - 1/W_bound)^n``.
-
-    Args:
-        log_ratios (`torch.Tensor` of shape `(N,)`): ``log r`` of the draws (``-inf`` off the target), up to a
-            constant.
-        log_ratios_s (`torch.Tensor` of shape `(N,)`): the surrogate's ``log s`` of the same draws (finite wherever
-            ``log r`` is: floored).
-        max_steps (`int`): the last number of steps.
-        weights (`torch.Tensor` of shape `(N,)`, *optional*): the draws' weights (e.g. ``1 / P(pass)`` of draws that
-            passed a screen: a Horvitz-Thompson picture of ``q``); default equal.
-        log_bar (`float`, *optional*): ``log b``; default the log of the weighted mean of ``s``. ``-inf``: the entry
-            is ``q`` restricted to the target.
-
-    Returns:
-        `torch.Tensor` of shape `(max_steps + 1,)`: the distance after each number of steps (1.0 each when no draw is
-        on the target).
-    """
-    lr, ls = log_ratios.double().flatten().cpu(), log_ratios_s.double().flatten().cpu()
-    w = torch.ones_like(lr) if weights is None else weights.double().flatten().cpu()
-    p_all = w / w.sum()
-    if log_bar is None:
-        log_bar = float(torch.logsumexp(ls + p_all.log(), 0))
-    on = torch.isfinite(lr)
-    if not on.any():
-        return torch.ones(max_steps + 1, dtype=torch.float64)
-    lr, ls, p = lr[on], ls[on], p_all[on]
-    if not torch.isfinite(ls).all():
-        raise ValueError("The surrogate must be positive wherever the weight is (floor it): got a -inf on the target.")
-    rho = lr - ls
-    log_accept = torch.clamp(ls[None, :] - ls[:, None], max=0.0) + torch.clamp(rho[None, :] - rho[:, None], max=0.0)
-    accept = log_accept.exp()
-    kernel = accept * p[None, :]
-    kernel.fill_diagonal_(0.0)
-    kernel += torch.diag(1.0 - kernel.sum(1))
-    pi = torch.softmax(lr + p.log(), 0)
-    mu = p * torch.clamp(ls - log_bar, max=0.0).exp()
-    mu = mu / mu.sum()
-    out = torch.empty(max_steps + 1, dtype=torch.float64)
-    for n in range(max_steps + 1):
-        out[n] = 0.5 * float((mu - pi).abs().sum())
-        mu = mu @ kernel
-    return out
-
-
-def da_imh_steps(
-    log_ratios: torch.Tensor,
-    log_ratios_s: torch.Tensor,
-    tolerance: float,
-    min_steps: int = 0,
-    max_steps: int = 200,
-    weights: torch.Tensor | None = None,
-    log_bar: float | None = None,
-) -> tuple[int, float]:
-    """The fewest steps ``n`` in ``[min_steps, max_steps]`` after which [`da_imh_distances`] is at most ``tolerance``
-    (``max_steps`` when none is), and the distance after them."""
-    d = da_imh_distances(log_ratios, log_ratios_s, max_steps, weights, log_bar)
-    within = (d[min_steps:] <= tolerance).nonzero()
-    n = min_steps + int(within[0]) if within.numel() else max_steps
-    return n, float(d[n])
-
-
-def importance_resample(
-    log_weights: torch.Tensor, n: int, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, float]:
-    """Multinomial resampling proportional to ``exp(log_weights)``.
-
-    Returns:
-        indices `(n,)` and the effective sample size ``(sum w)^2 / sum w^2`` of the weights.
-    """
-    finite = torch.isfinite(log_weights)
-    if not finite.any():
-        raise ValueError("No finite weight to resample from: no proposal reached the target.")
-    lw = torch.where(finite, log_weights, torch.full_like(log_weights, -math.inf)).double()
-    p = torch.softmax(lw, 0)
-    ess = float(1.0 / p.pow(2).sum())
-    gen_device = generator.device if generator is not None else "cpu"
-    idx = torch.multinomial(p.to(gen_device), n, replacement=True, generator=generator)
-    return idx.to(log_weights.device), ess
-
-
-def fit_exponent(log_weights: torch.Tensor, min_ess: float, iterations: int = 40) -> float:
-    """The largest ``beta`` in [0, 1] whose tempered weights ``w^beta`` keep an effective sample size of ``min_ess``.
-
-    Refitting resamples the on-target latents in proportion to their importance ratios. When those ratios are
-    heavy-tailed (real ``D_v`` heads), a handful of latents take all the mass and the fit collapses onto them
-    (an effective sample size of 2-3 out of 128 was seen on Digits-7to3, and the refitted proposal then left the
-    target). Tempering the ratios, as adaptive sequential Monte Carlo does, keeps the fit broad; the fit only shapes
-    the proposal, and the final independent Metropolis-Hastings stage corrects for it exactly whatever ``beta`` is.
-
-    Args:
-        log_weights (`torch.Tensor` of shape `(n,)`): log importance ratios, ``-inf`` off target.
-        min_ess (`float`): the effective sample size to keep (at most the number of finite weights).
-        iterations (`int`, defaults to 40): bisection steps.
-
-    Returns:
-        `float`: ``beta``; 1.0 when the untempered weights already keep ``min_ess``.
-    """
-    lw = log_weights[torch.isfinite(log_weights)].double()
-    if len(lw) == 0:
-        raise ValueError("No finite weight: no proposal reached the target.")
-    min_ess = min(float(min_ess), float(len(lw)))
-
-    def ess(beta: float) -> float:
-        return float(1.0 / torch.softmax(beta * lw, 0).pow(2).sum())
-
-    if ess(1.0) >= min_ess:
-        return 1.0
-    lo, hi = 0.0, 1.0  # ess(lo) >= min_ess > ess(hi)
-    for _ in range(iterations):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if ess(mid) >= min_ess else (lo, mid)
-    return lo
 
 
 def ess_share(log_weights: torch.Tensor) -> float:

@@ -295,6 +295,25 @@ class ProposalAdapter:
             self.range_checked = True
         return images
 
+    # Whether `generate_with_grad` can differentiate the images by the latents (for `kernel="mala"`).
+    differentiable: bool = False
+
+    def generate_with_grad(self, latents: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The images of one micro-batch of latents `(b, C, H, W)` in [-1, 1], keeping the autograd graph from the
+        latents (MALA's gradient of ``log w``, `s2m_diffusers.kernels.mala_propose`).
+
+        Raises:
+            ValueError: a generator that cannot be differentiated here (a diffusion model).
+        """
+        if not self.differentiable:
+            raise ValueError(
+                f"{self.generator_name()} cannot be differentiated by its latents here (kernel='mala' needs a GAN "
+                "generator); use kernel='pcn', which needs no gradient."
+            )
+        labels = self._check_labels(class_labels, latents.shape[0])
+        with torch.enable_grad(), eval_mode(*self._models()):
+            return self._checked(self._generate(latents, labels)).clamp(-1.0, 1.0)
+
     def _check_step(self, step: int) -> None:
         if not (isinstance(step, int) and 1 <= step < self.num_steps):
             raise ValueError(f"A screen step must lie in 1..{self.num_steps - 1} (of {self.num_steps}), got {step!r}.")
@@ -965,6 +984,8 @@ class GeneratorProposal(ProposalAdapter):
     def _models(self) -> list[nn.Module]:
         return [self.model]
 
+    differentiable = True
+
     def _generate(self, latents: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         device, dtype = execution_device(self.model), module_device_dtype(self.model)[1]
         z = latents.to(device=device, dtype=dtype)
@@ -1089,6 +1110,25 @@ def _class_index(class_label: int | str, names: tuple[str, ...]) -> int:
 def standard_normal_cdf(u: torch.Tensor) -> torch.Tensor:
     """``Phi(u)``, the standard normal CDF (used to turn one latent coordinate into a class draw)."""
     return torch.special.ndtr(u)
+
+
+def components_from_pipe(pipeline) -> dict:
+    """The proposal components of an S2M pipeline made from a loaded diffusers pipeline (`S2MPipeline.from_pipe`):
+    ``unet`` and ``scheduler`` (run as DDIM) for a pipeline with a pixel-space `UNet2DModel` that takes no
+    ``latents=`` (`DDPMPipeline`, `DDIMPipeline`), else ``proposal_pipeline`` (a pipeline that takes ``latents=``)."""
+    from diffusers import DiffusionPipeline, UNet2DModel
+
+    if not isinstance(pipeline, DiffusionPipeline):
+        raise ValueError(
+            f"from_pipe wraps a loaded diffusers pipeline; got {type(pipeline).__name__}. For a GAN generator use "
+            "`S2MPipeline(heads=heads, gan=generator)`."
+        )
+    components = pipeline.components
+    takes_latents = "latents" in inspect.signature(pipeline.__call__).parameters
+    unet, scheduler = components.get("unet"), components.get("scheduler")
+    if not takes_latents and isinstance(unet, UNet2DModel) and scheduler is not None:
+        return {"unet": unet, "scheduler": scheduler}
+    return {"proposal_pipeline": pipeline}
 
 
 def check_components(heads, gan, unet, scheduler, proposal_pipeline, need_heads: bool = True) -> None:

@@ -5,8 +5,9 @@ A target is written against the attribute names of the heads, e.g. ``"black_hair
 Operators: ``&`` AND, ``|`` OR, ``~`` or ``!`` NOT, parentheses. Precedence, from tightest: NOT, AND
 (``&``, ``+``, binary ``-``), OR.
 
-A [`Target`] knows what it says about attribute sets (``holds``, ``holds_batch``), its refitting stages
-(``stages``) and the attribute a class-conditional proposal is given (``first_present``). Its density ratio to
+A [`Target`] knows what it says about attribute sets (``holds``, ``holds_batch``), its refinements one literal at a
+time (``stages``, which a budget error reports on) and the attribute a class-conditional proposal is given
+(``first_present``). Its density ratio to
 ``p_data``, ``log r_T``, is [`s2m_diffusers.maths.log_r`].
 """
 
@@ -19,7 +20,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Attr", "And", "Or", "Not", "Target", "TargetError", "parse_target"]
+__all__ = [
+    "Attr",
+    "And",
+    "Or",
+    "Not",
+    "Target",
+    "TargetError",
+    "parse_target",
+    "parse_target_for_heads",
+    "check_attribute_names",
+]
 
 _MAX_SATISFIABILITY_CHECK = 16  # attributes up to which "can this target ever hold" is checked exhaustively
 MAX_NESTING = 50  # parentheses and negations inside one another; real targets need a handful
@@ -180,7 +191,8 @@ class Target:
         return _holds_batch(self.expression, attributes.bool())
 
     def stages(self) -> list[Target]:
-        """The targets of sequential refitting (spec §6): one more literal of the top-level AND per stage.
+        """The target one more literal of its top-level AND at a time (what a budget error reports the entry pool's
+        shares on, `weights.Weigher.pool_report`).
 
         ``a & b & ~c`` gives ``a``, ``a & b``, ``a & b & ~c``: present literals first, in the order written,
         then negated ones, then any other conjunct. A target that is not an AND is a single stage. There are never
@@ -347,6 +359,37 @@ def _attribute_indices(node: Node) -> set[int]:
     return out
 
 
+def parse_target_for_heads(target: str | Target | None, names: Sequence[str], default: str | None = None) -> Target:
+    """``target`` (or ``default``, a pipeline's ``default_target``) parsed against the heads' attribute ``names``; an
+    unknown attribute's error says that the heads were not trained on it."""
+    names = list(names)
+    if target is None:
+        target = default
+    if target is None:
+        raise ValueError(
+            f"Name a target over the heads' attributes {names}, e.g. pipe('{names[0]} & ~{names[-1]}'); from "
+            f'`diffusers-cli run`, pass --pipeline-kwargs \'{{"target": "{names[0]} & ~{names[-1]}"}}\'. '
+            "A pipeline saved with `default_target=` uses that one."
+        )
+    if isinstance(target, Target):
+        if list(target.attribute_names) != names:
+            raise TargetError(
+                f"The target was parsed against attributes {list(target.attribute_names)}, but the heads know "
+                f"{names}. Pass the target as a string to parse it against the heads' attributes."
+            )
+        return target
+    try:
+        return parse_target(target, names)
+    except TargetError as err:
+        if getattr(err, "unknown_attribute", None) is None:
+            raise
+        raise TargetError(
+            f"{err} These are the attributes this pipeline's heads were trained on; to target another attribute, "
+            "train heads on single-positive data that includes it.",
+            unknown_attribute=err.unknown_attribute,
+        ) from err
+
+
 def parse_target(text: str, attribute_names: Sequence[str]) -> Target:
     """Parse a target expression against a list of attribute names.
 
@@ -402,3 +445,24 @@ def parse_target(text: str, attribute_names: Sequence[str]) -> Target:
                 f"(every image in the data holds at least one attribute, spec §1)."
             )
     return target
+
+
+_ATTRIBUTE_NAME = re.compile(r"[A-Za-z0-9_.]+")
+
+
+def check_attribute_names(names: list[str]) -> None:
+    """Refuse attribute lists the target syntax cannot name: fewer than 2, names outside [A-Za-z0-9_.]+, duplicates."""
+    if len(names) < 2:
+        raise ValueError(
+            f"S2M needs at least 2 attributes, got {names}. With one attribute there is nothing to combine: "
+            "use the proposal alone, or add single-positive data for more attributes."
+        )
+    for name in names:
+        if not isinstance(name, str) or not _ATTRIBUTE_NAME.fullmatch(name):
+            raise ValueError(
+                f"Attribute name {name!r} is not allowed: names must match [A-Za-z0-9_.]+ (no spaces or "
+                "`&|~!()+-`, which the target syntax uses). Rename it, e.g. 'black_hair'."
+            )
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"Duplicate attribute names {duplicates} in {names}; each attribute needs one name.")

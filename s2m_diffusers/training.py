@@ -28,6 +28,7 @@ metrics), the class counts of a conditional proposal are summed over the process
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -417,6 +418,119 @@ class _LoopConfig:
     checkpointing_steps: int | None
     checkpoints_total_limit: int | None
 
+    @classmethod
+    def of(cls, config: HeadsTrainingConfig, micro_batch: int, output_dir) -> _LoopConfig:
+        """The loop's settings from the run's."""
+        return cls(
+            num_steps=config.num_steps,
+            micro_batch=micro_batch,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            dv_augment=tuple(config.augment),
+            dv_gradient_penalty=config.dv_gradient_penalty,
+            dr_augment=tuple(config.augment if config.dr_augment is None else config.dr_augment),
+            ema_decay=config.ema_decay,
+            eval_steps=config.eval_steps,
+            seed=config.seed,
+            progress=config.progress,
+            report_to=config.report_to,
+            output_dir=output_dir,
+            checkpointing_steps=config.checkpointing_steps,
+            checkpoints_total_limit=config.checkpoints_total_limit,
+        )
+
+
+@dataclass(frozen=True)
+class HeadsTrainingConfig:
+    """Every setting of [`train_heads`], each default in one place (pass one as ``config=``, or fields by name).
+
+    - ``num_steps`` (`int`, defaults to 2000): optimizer steps (early stopping picks the best evaluated step per head).
+    - ``batch_size`` (`int`, defaults to 64): real images per step (and as many proposal samples), over all processes
+      and accumulation micro-steps. A proposal's images larger than the data's (same channels) are downscaled to the
+      data's size (as `S2MPipeline.heads_view` does), so heads can be trained on small copies of a large generator's.
+    - ``learning_rate`` (`float`, defaults to 1e-3), ``weight_decay`` (`float`, defaults to 1e-4): AdamW.
+    - ``lr_scheduler`` (`str`, defaults to `"constant"`): the schedule over ``num_steps``, by its name in
+      `diffusers.optimization.get_scheduler` (``"constant"``, ``"constant_with_warmup"``, ``"linear"``,
+      ``"cosine"``, ``"cosine_with_restarts"``, ``"polynomial"``); saved in the checkpoints (a decaying one resumes
+      only with the same ``num_steps``). ``lr_warmup_steps`` (`int`, defaults to 0): linear warm-up steps.
+    - ``ema_decay`` (`float`, *optional*, defaults to 0.99): evaluate, early-stop and return an exponential moving
+      average of the weights (smoother, better calibrated ``D_r``); `None`: the raw weights.
+    - ``heldout_fraction`` (`float`, defaults to 0.2): share of the real data held out for early stopping and
+      calibration (stratified by label); ``num_heldout_samples`` (`int`, defaults to 1024): fixed proposal samples for
+      the same purpose; ``eval_steps`` (`int`, defaults to 100): evaluate on them every this many steps and keep, per
+      head, the weights with the lowest calibrated held-out NLL.
+    - ``augment`` (`Sequence[str]`, defaults to ``("shift",)``): augmentations of the real and generated images of
+      ``D_v`` and ``D_f`` (the same for both, so that they do not tell real from generated; [`augment_images`]);
+      ``dr_augment`` (`Sequence[str]`, *optional*): those of the real images of ``D_r`` (by default also blur, noise
+      and contrast, artefacts that generated images have; `None`: ``augment``).
+    - ``dv_gradient_penalty`` (`float`, defaults to 0.0): ``gamma`` of a zero-centred gradient penalty ``gamma / 2
+      E ||grad_x logit D_v(x)||^2``, which keeps ``D_v``'s logit moderate where real and generated images separate.
+    - ``seed`` (`int`, defaults to 0): seed of the split, the held-out proposal samples and every training step.
+    - ``mixed_precision`` (`str`, defaults to `"no"`), ``gradient_accumulation_steps`` (`int`, defaults to 1): passed
+      to `accelerate.Accelerator`.
+    - ``checkpointing_steps`` (`int`, *optional*): save the training state to ``output_dir/checkpoint-STEP`` every
+      this many steps; ``checkpoints_total_limit`` (`int`, *optional*): keep at most this many;
+      ``resume_from_checkpoint`` (`str`, *optional*): a ``checkpoint-STEP`` folder, or ``"latest"`` in ``output_dir``.
+    - ``priors`` (`Sequence[float]`, `"estimate"` or `None`, defaults to `"estimate"`): attribute priors ``pi_c`` to
+      store; ``"estimate"`` estimates them from the calibrated ``D_r`` on the real data (spec §3).
+    - ``negation_margin``, ``presence_margin``, ``dv_strength`` (`float` or `"auto"`, defaults to `"auto"`): how the
+      sampler reads the heads, stored in their config; ``"auto"`` chooses each from the held-out data
+      ([`choose_sampling_settings`]).
+    - ``labelling`` (`str`, defaults to `"independent"`): how the data were labelled (spec §1): ``"independent"``
+      or ``"one_label_per_image"``.
+    - ``report_to`` (`str`, *optional*): an accelerate tracker (``"tensorboard"``, ``"wandb"``, ...);
+      ``logging_dir`` (`str`, *optional*): its logs (relative to ``output_dir``; defaults to it).
+    - ``progress`` (`bool`, defaults to `True`): a progress bar on the main process.
+    """
+
+    num_steps: int = 2000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    weight_decay: float = 1e-4
+    ema_decay: float | None = 0.99
+    heldout_fraction: float = 0.2
+    num_heldout_samples: int = 1024
+    eval_steps: int = 100
+    augment: Sequence[str] = ("shift",)
+    dv_gradient_penalty: float = 0.0
+    dr_augment: Sequence[str] | None = ("shift", "blur", "noise", "contrast")
+    seed: int = 0
+    mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1
+    checkpointing_steps: int | None = None
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | os.PathLike | None = None
+    priors: Sequence[float] | str | None = "estimate"
+    negation_margin: float | str = "auto"
+    presence_margin: float | str = "auto"
+    dv_strength: float | str = "auto"
+    labelling: str = "independent"
+    report_to: str | None = None
+    logging_dir: str | os.PathLike | None = None
+    progress: bool = True
+
+    @classmethod
+    def split(cls, config: HeadsTrainingConfig | dict | None, settings: dict) -> tuple[HeadsTrainingConfig, dict]:
+        """``config`` with the fields named in ``settings`` replaced, and the rest of ``settings`` (the config of new
+        heads)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        base = cls(**config) if isinstance(config, dict) else (config or cls())
+        ours = {k: v for k, v in settings.items() if k in names}
+        return dataclasses.replace(base, **ours), {k: v for k, v in settings.items() if k not in names}
+
+    def run_settings(self) -> dict:
+        """The settings a checkpoint records and a resumed run must share (all but ``num_steps`` and the evaluation,
+        checkpoint, logging and resume settings, which may change on resume; a decaying schedule depends on
+        ``num_steps`` too)."""
+        free = ("num_steps", "eval_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint")
+        free += ("priors", "negation_margin", "presence_margin", "dv_strength", "labelling", "report_to")
+        free += ("logging_dir", "progress")
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in free}
+        if self.lr_scheduler in _DECAYING_SCHEDULERS:
+            out["lr_num_training_steps"] = self.num_steps
+        return out
+
 
 def train_heads(
     data: SinglePositiveDataset,
@@ -424,36 +538,10 @@ def train_heads(
     *,
     heads: S2MHeads | None = None,
     output_dir: str | os.PathLike | None = None,
-    num_steps: int = 2000,
-    batch_size: int = 64,
-    learning_rate: float = 1e-3,
-    lr_scheduler: str = "constant",
-    lr_warmup_steps: int = 0,
-    weight_decay: float = 1e-4,
-    ema_decay: float | None = 0.99,
-    heldout_fraction: float = 0.2,
-    num_heldout_samples: int = 1024,
-    eval_steps: int = 100,
-    augment: Sequence[str] = ("shift",),
-    dv_gradient_penalty: float = 0.0,
-    dr_augment: Sequence[str] | None = ("shift", "blur", "noise", "contrast"),
-    seed: int = 0,
-    mixed_precision: str = "no",
-    gradient_accumulation_steps: int = 1,
-    checkpointing_steps: int | None = None,
-    checkpoints_total_limit: int | None = None,
-    resume_from_checkpoint: str | os.PathLike | None = None,
-    priors: Sequence[float] | str | None = "estimate",
-    negation_margin: float | str = "auto",
-    presence_margin: float | str = "auto",
-    dv_strength: float | str = "auto",
-    labelling: str = "independent",
-    report_to: str | None = None,
-    logging_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-    **heads_kwargs,
+    config: HeadsTrainingConfig | dict | None = None,
+    **settings,
 ) -> tuple[S2MHeads, dict]:
-    """Train and calibrate the S2M heads on single-positive data and a proposal.
+    """Train and calibrate the S2M heads on single-positive data and a proposal (module docstring).
 
     Args:
         data ([`~s2m_diffusers.data.SinglePositiveDataset`]): real images in the proposal's format and their
@@ -463,61 +551,12 @@ def train_heads(
             pre-generated samples (or an [`~s2m_diffusers.data.ImageBank`]), of which `heldout_fraction` is
             kept apart for calibration.
         heads ([`~s2m_diffusers.models.heads.S2MHeads`], *optional*): heads to train; by default new ones are
-            built from the data's attribute names, size and channels and `heads_kwargs`.
+            built from the data's attribute names, size and channels and the settings that are not training's.
         output_dir (`str`, *optional*): where the trained heads (`save_pretrained`), `metrics.json` and the
             checkpoints `checkpoint-STEP` go.
-        num_steps (`int`, defaults to 2000): optimizer steps (early stopping picks the best evaluated step per head).
-        batch_size (`int`, defaults to 64): real images per step (and as many proposal samples), over all
-            processes and accumulation micro-steps. A proposal's images larger than the data's (same channels) are
-            downscaled to the data's size (see [`S2MPipeline.heads_view`]), so heads can be trained on small copies
-            of a large generator's images.
-        learning_rate (`float`, defaults to 1e-3), weight_decay (`float`, defaults to 1e-4): AdamW.
-        lr_scheduler (`str`, defaults to `"constant"`): the learning-rate schedule over the `num_steps` steps, by
-            its name in `diffusers.optimization.get_scheduler`: `"constant"`, `"constant_with_warmup"`, `"linear"`,
-            `"cosine"`, `"cosine_with_restarts"` or `"polynomial"`. It steps with the optimizer and is saved in the
-            checkpoints; a run that decays it over `num_steps` resumes only with the same `num_steps`.
-        lr_warmup_steps (`int`, defaults to 0): steps of linear warm-up from 0 to `learning_rate` (every schedule
-            but `"constant"`).
-        ema_decay (`float`, *optional*, defaults to 0.99): evaluate, early-stop and return an exponential moving
-            average of the weights (smoother, better calibrated ``D_r``: measured on Digits-7to3); `None`: the raw
-            weights.
-        heldout_fraction (`float`, defaults to 0.2): share of the real data held out for early stopping and
-            calibration (stratified by label).
-        num_heldout_samples (`int`, defaults to 1024): fixed proposal samples for the same purpose.
-        eval_steps (`int`, defaults to 100): evaluate on the held-out data every this many steps and keep, per head,
-            the weights with the lowest calibrated held-out NLL (early stopping).
-        augment (`Sequence[str]`, defaults to `("shift",)`): augmentations of the real and generated images of
-            ``D_v`` and ``D_f`` (see [`augment_images`]); the same for both, so that they do not tell real from
-            generated.
-        dv_gradient_penalty (`float`, defaults to 0.0): weight ``gamma`` of a zero-centred gradient penalty
-            ``gamma / 2 E ||grad_x logit D_v(x)||^2`` over the real and generated images of each step: it bounds how
-            fast ``D_v``'s logit may change between images, so that where real and generated images can be told apart
-            the logit stays moderate instead of growing without bound (a density ratio only where they overlap).
-        dr_augment (`Sequence[str]`, *optional*): augmentations of the real images of ``D_r``; the default adds
-            blur, noise and contrast changes, artefacts that generated images have. `None`: same as `augment`.
-        seed (`int`, defaults to 0): seed of the split, the held-out proposal samples and every training step.
-        mixed_precision (`str`, defaults to `"no"`), gradient_accumulation_steps (`int`, defaults to 1): passed to
-            `accelerate.Accelerator`.
-        checkpointing_steps (`int`, *optional*): save the training state to `output_dir/checkpoint-STEP` every
-            this many steps (needs `output_dir`).
-        checkpoints_total_limit (`int`, *optional*): keep at most this many checkpoints.
-        resume_from_checkpoint (`str`, *optional*): a `checkpoint-STEP` folder, or `"latest"` for the newest one in
-            `output_dir`; training continues from its step.
-        priors (`Sequence[float]`, `"estimate"` or `None`, defaults to `"estimate"`): attribute priors ``pi_c``
-            to store; `"estimate"` estimates them from the calibrated ``D_r`` on the real data (spec §3).
-        negation_margin (`float` or `"auto"`, defaults to `"auto"`), presence_margin (`float` or `"auto"`, defaults
-            to `"auto"`), dv_strength (`float` or `"auto"`, defaults to `"auto"`): how the sampler reads the heads,
-            stored in their config: the margins of negated and required literals and the strength ``beta`` of
-            ``logit D_v``. `"auto"` chooses each from the held-out data ([`choose_sampling_settings`]); a number
-            stores that value.
-        labelling (`str`, defaults to `"independent"`): how the data were labelled, stored in the heads (spec §1):
-            `"independent"` (each attribute's folder samples the images that hold it) or `"one_label_per_image"`
-            (each image in exactly one folder, labelled with one of its attributes).
-        report_to (`str`, *optional*): an accelerate tracker (`"tensorboard"`, `"wandb"`, ...) for the metrics.
-        logging_dir (`str`, *optional*): where the tracker writes its logs (accelerate's `ProjectConfiguration`);
-            a relative path is taken under `output_dir`; defaults to `output_dir`.
-        progress (`bool`, defaults to `True`): show a progress bar on the main process.
-        heads_kwargs: config of new [`S2MHeads`] (e.g. `cnn_channels`, `transformers_config`, `shared_backbone`).
+        config ([`HeadsTrainingConfig`] or `dict`, *optional*): the training settings (every one documented there).
+        settings: single fields of [`HeadsTrainingConfig`] by name (e.g. ``num_steps=500``); any other name configures
+            new [`S2MHeads`] (e.g. ``cnn_channels``, ``transformers_config``, ``shared_backbone``).
 
     Returns:
         `tuple[S2MHeads, dict]`: the trained, calibrated heads (on the CPU) and the metrics: for each head `h` in
@@ -543,129 +582,102 @@ def train_heads(
     ```
     """
     start_time = time.perf_counter()
-    if resume_from_checkpoint is not None and output_dir is None and resume_from_checkpoint == "latest":
-        raise ValueError("`resume_from_checkpoint='latest'` needs `output_dir`, where the checkpoints are.")
-    if checkpointing_steps is not None and output_dir is None:
-        raise ValueError("`checkpointing_steps` needs `output_dir` to save checkpoints into.")
-    _check_lr_scheduler(lr_scheduler, lr_warmup_steps)
-    accelerator, micro_batch = _make_accelerator(
-        batch_size, mixed_precision, gradient_accumulation_steps, report_to, output_dir, logging_dir
-    )
-
+    config, heads_kwargs = HeadsTrainingConfig.split(config, settings)
+    _check_run(config, output_dir)
+    accelerator, micro_batch = _make_accelerator(config, output_dir)
     # Data: a stratified held-out split of the real images and a fixed held-out set of proposal samples.
-    train, proposal, heldout = _prepare_data(data, proposal, heldout_fraction, num_heldout_samples, seed)
-    heads = _build_heads(heads, data, heldout.fake_labels is not None, seed, heads_kwargs)
-    heads.register_to_config(labelling=_check_labelling(labelling))
-
-    # Model, optimizer and learning-rate schedule, prepared by accelerate; the state the steps share; a checkpoint
-    # to resume from.
-    optimizer = torch.optim.AdamW(
-        [p for p in heads.parameters() if p.requires_grad], lr=learning_rate, weight_decay=weight_decay
+    train, proposal, heldout = _prepare_data(
+        data, proposal, config.heldout_fraction, config.num_heldout_samples, config.seed
     )
-    # accelerate steps a prepared schedule once per process at each optimizer step: count the steps the same way
-    schedule = get_scheduler(
-        lr_scheduler,
-        optimizer,
-        num_warmup_steps=lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=num_steps * accelerator.num_processes,
-    )
-    model, optimizer, schedule = accelerator.prepare(_TrainingForward(heads), optimizer, schedule)
-    if report_to is not None:
-        accelerator.init_trackers("s2m_heads")
-    state = _start_state(accelerator, model, optimizer, schedule, heads, heldout, ema_decay)
-    state.run_config = _run_config(
-        heads,
-        accelerator,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        lr_scheduler=lr_scheduler,
-        lr_warmup_steps=lr_warmup_steps,
-        weight_decay=weight_decay,
-        ema_decay=ema_decay,
-        heldout_fraction=heldout_fraction,
-        num_heldout_samples=num_heldout_samples,
-        augment=augment,
-        dv_gradient_penalty=dv_gradient_penalty,
-        dr_augment=dr_augment,
-        seed=seed,
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        # a decaying schedule depends on the number of steps: resuming with another would mix two schedules
-        **({"lr_num_training_steps": num_steps} if lr_scheduler in _DECAYING_SCHEDULERS else {}),
-    )
-    if resume_from_checkpoint is not None:
-        _resume(state, resume_from_checkpoint, output_dir)
-
+    heads = _build_heads(heads, data, heldout.fake_labels is not None, config.seed, heads_kwargs)
+    heads.register_to_config(labelling=_check_labelling(config.labelling))
+    # The model, optimizer and schedule prepared by accelerate, the state the steps share, a checkpoint resumed.
+    state = _start_training(accelerator, heads, heldout, config, output_dir)
     # Training, with held-out evaluation (early stopping) every `eval_steps` and checkpoints.
-    config = _LoopConfig(
-        num_steps=num_steps,
-        micro_batch=micro_batch,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        dv_augment=tuple(augment),
-        dv_gradient_penalty=dv_gradient_penalty,
-        dr_augment=tuple(augment if dr_augment is None else dr_augment),
-        ema_decay=ema_decay,
-        eval_steps=eval_steps,
-        seed=seed,
-        progress=progress,
-        report_to=report_to,
-        output_dir=output_dir,
-        checkpointing_steps=checkpointing_steps,
-        checkpoints_total_limit=checkpoints_total_limit,
-    )
-    _train_loop(state, train, proposal, config)
+    _train_loop(state, train, proposal, _LoopConfig.of(config, micro_batch, output_dir))
     if state.step == 0 or state.best[next(iter(state.best))]["nll"] == math.inf:
         _evaluate(state)
+    # Early stopping and calibration; then what the sampler needs besides the weights.
+    heads, metrics = _finish_training(state, data, heldout, config)
+    metrics["train_time_s"] = time.perf_counter() - start_time
+    _report_and_save(state, heads, metrics, output_dir, config.report_to)
+    return heads, metrics
 
-    # Early stopping and calibration; then what the sampler needs besides the weights: p_G(c) and the priors.
+
+def _check_run(config: HeadsTrainingConfig, output_dir) -> None:
+    """Settings that cannot work together, refused before anything runs."""
+    if config.resume_from_checkpoint == "latest" and output_dir is None:
+        raise ValueError("`resume_from_checkpoint='latest'` needs `output_dir`, where the checkpoints are.")
+    if config.checkpointing_steps is not None and output_dir is None:
+        raise ValueError("`checkpointing_steps` needs `output_dir` to save checkpoints into.")
+    _check_lr_scheduler(config.lr_scheduler, config.lr_warmup_steps)
+
+
+def _start_training(accelerator, heads: S2MHeads, heldout, config: HeadsTrainingConfig, output_dir) -> _TrainingState:
+    """AdamW and its learning-rate schedule prepared by accelerate with the heads, the trackers, the state at step 0
+    (or at a resumed checkpoint's), and the run configuration a checkpoint records."""
+    trainable = [p for p in heads.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # accelerate steps a prepared schedule once per process at each optimizer step: count the steps the same way
+    schedule = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.num_steps * accelerator.num_processes,
+    )
+    model, optimizer, schedule = accelerator.prepare(_TrainingForward(heads), optimizer, schedule)
+    if config.report_to is not None:
+        accelerator.init_trackers("s2m_heads")
+    state = _start_state(accelerator, model, optimizer, schedule, heads, heldout, config.ema_decay)
+    state.run_config = _run_config(heads, accelerator, **config.run_settings())
+    if config.resume_from_checkpoint is not None:
+        _resume(state, config.resume_from_checkpoint, output_dir)
+    return state
+
+
+def _finish_training(state: _TrainingState, data, heldout, config: HeadsTrainingConfig) -> tuple[S2MHeads, dict]:
+    """The best weights per head, calibrated; the class shares of a conditional proposal, the priors, and how the
+    sampler reads the heads, chosen from the held-out data."""
     heads, metrics = _calibrate(state)
     if heads.conditional:
         _store_proposal_class_probs(state, heads)
-    metrics.update(_store_priors(heads, data, priors))
+    metrics.update(_store_priors(heads, data, config.priors))
     metrics.update(
         choose_sampling_settings(
             heads,
             heldout.real.images,
             heldout.real.labels,
             heldout.fake,
-            negation_margin,
-            presence_margin,
-            dv_strength,
+            config.negation_margin,
+            config.presence_margin,
+            config.dv_strength,
             metrics.get("dv_temperature_fitted"),
         )
     )
-    metrics["train_time_s"] = time.perf_counter() - start_time
-    _report_and_save(state, heads, metrics, output_dir, report_to)
     return heads, metrics
 
 
 # ----- the steps of `train_heads` -------------------------------------------------------------------------------
-def _make_accelerator(
-    batch_size: int,
-    mixed_precision: str,
-    gradient_accumulation_steps: int,
-    report_to: str | None,
-    output_dir: str | os.PathLike | None,
-    logging_dir: str | os.PathLike | None = None,
-) -> tuple[Accelerator, int]:
+def _make_accelerator(config: HeadsTrainingConfig, output_dir: str | os.PathLike | None) -> tuple[Accelerator, int]:
     """The `Accelerator`, and the micro-batch of one process and accumulation step."""
     get_state()  # several CPU processes where there is no accelerator (a plain Accelerator() would see one)
+    batch_size, accumulation, logging_dir = config.batch_size, config.gradient_accumulation_steps, config.logging_dir
     project_dir = None if output_dir is None else os.fspath(output_dir)
     if logging_dir is not None and project_dir is not None:
         logging_dir = os.path.join(project_dir, os.fspath(logging_dir))  # an absolute logging_dir stays as it is
     accelerator = Accelerator(
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        log_with=report_to,
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=accumulation,
+        log_with=config.report_to,
         project_config=ProjectConfiguration(
             project_dir=project_dir, logging_dir=None if logging_dir is None else os.fspath(logging_dir)
         ),
     )
-    micro_batch = batch_size // (accelerator.num_processes * gradient_accumulation_steps)
+    micro_batch = batch_size // (accelerator.num_processes * accumulation)
     if micro_batch < 1:
         raise ValueError(
             f"batch_size={batch_size} is smaller than processes x accumulation steps "
-            f"({accelerator.num_processes} x {gradient_accumulation_steps})."
+            f"({accelerator.num_processes} x {accumulation})."
         )
     return accelerator, micro_batch
 

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FolderBusyError",
     "folder_lock",
+    "hub_repo_id",
     "jsonable",
     "module_device_dtype",
     "optional_dependency",
@@ -596,3 +597,15 @@ def _hooked_device_dtype(module: torch.nn.Module) -> tuple[torch.device | None, 
         if device is not None and dtype is not None:
             break
     return device, dtype
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_repo_id(value: Any) -> str | None:
+    """`value` when it names a Hub repo (``"user/name"``, not a local path), else `None`."""
+    if isinstance(value, os.PathLike):
+        return None
+    if not isinstance(value, str) or not _HUB_ID.match(value) or os.path.exists(value):
+        return None
+    return value

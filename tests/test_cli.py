@@ -16,6 +16,7 @@ from s2m_diffusers.models.gan import DCGANGenerator
 from s2m_diffusers.pipeline_s2m import S2MPipeline
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore:S2M sampling")  # a few images: the diagnostics may warn
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,6 @@ def sample_args(pipeline, output, *extra):
         "3",
         "--output",
         str(output),
-        "--fit-size",
-        "32",
         "--negation-margin",
         "1",
         "--quiet",
@@ -54,8 +53,9 @@ def test_help_lists_commands_and_options(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
     out = capsys.readouterr().out
-    for option in ["--pipeline", "--target", "--num-images", "--output", "--seed", "--refit", "--max-proposals"]:
+    for option in ["--pipeline", "--target", "--num-images", "--output", "--seed", "--kernel", "--max-proposals"]:
         assert option in out, option
+    assert "--refit" not in out and "--fit-size" not in out and "--fit-spend" not in out
     assert "examples:" in out and "a & (b | c) & ~d" in out
     assert main([]) == 2  # no command: help, usage error
 
@@ -70,7 +70,8 @@ def test_sample_writes_images_stats_and_latents(saved, tmp_path, capsys):
     with Image.open(tmp_path / "a" / "grid.png") as grid:  # 2 x 2 cells of 8 x 8 images enlarged to 64, a header
         assert grid.height == 2 * 64 + 16 and grid.width >= 2 * 64
     assert stats["proposals_per_image"] * stats["num_images"] == pytest.approx(stats["proposals"])
-    assert stats["on_target"] == [True] * 3 and stats["refit"] == "sequential"
+    assert stats["on_target"] == [True] * 3 and stats["kernel"] == "pcn"
+    assert stats["chains"]["num_chains"] == 2 and "split_rhat" in stats["diagnostics"]
     assert load_file(str(tmp_path / "a" / "latents.safetensors"))["latents"].shape == (3, 8)
     assert "wrote 3 images" in capsys.readouterr().out
     # same seed, same images; the random default seed is recorded so that a run can be repeated
@@ -83,20 +84,36 @@ def test_sample_writes_images_stats_and_latents(saved, tmp_path, capsys):
     assert (tmp_path / "c" / "0000.png").read_bytes() == (tmp_path / "d" / "0000.png").read_bytes()
 
 
+def test_sample_of_two_images_has_no_acceptance_rate_and_still_succeeds(saved, tmp_path, capsys):
+    """Two images: two chains return one image each at the end of the burn-in, so no chain moves after it and the
+    acceptance rate is `None`; the run is still a success (exit 0), and stats.json says so."""
+    args = sample_args(saved, tmp_path / "a", "--seed", "0")
+    args[args.index("--num-images") + 1] = "2"
+    assert main(args) == 0, capsys.readouterr().err
+    stats = json.loads((tmp_path / "a" / "stats.json").read_text())
+    assert stats["num_images"] == 2 and stats["acceptance_rate"] is None and stats["chains"]["moves"] == 0
+    assert "wrote 2 images" in capsys.readouterr().out
+
+
 def test_errors_exit_with_a_message(saved, tmp_path, capsys):
     code = main(["sample", "--pipeline", saved, "--target", "A & ~Z", "--output", str(tmp_path / "x"), "--quiet"])
     assert code == 2 and "Unknown attribute 'Z'" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
     code = main(["sample", "--pipeline", str(tmp_path / "nowhere"), "--target", "A", "--output", str(tmp_path)])
     assert code == 2 and "neither a folder nor a Hub repo id" in capsys.readouterr().err
-    args = sample_args(saved, tmp_path / "y", "--seed", "0", "--refit", "off", "--max-proposals", "2")
+    args = sample_args(saved, tmp_path / "y", "--seed", "0", "--max-proposals", "2")
     assert main(args) == 1
-    err = capsys.readouterr().err
-    assert "budget of 2 ran out" in err and "--refit sequential" in err and "refit='sequential'" not in err
+    err = capsys.readouterr().err  # what the pool saw, and what to try in the words of `s2m sample`
+    assert "budget of 2 ran out" in err and "Of the entry pool's 2 draws" in err
+    assert "--max-proposals 8" in err and "max_proposals=" not in err
     assert main([*args, "--allow-partial"]) == 1  # partial results are written, and the status says so
     assert json.loads((tmp_path / "y" / "stats.json").read_text())["budget_exhausted"] is True
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["sample", "--pipeline", saved, "--output", "o", "--refit", "maybe"])
+    for removed in (["--kernel", "maybe"], ["--refit", "off"], ["--fit-size", "32"], ["--fit-spend", "full"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["sample", "--pipeline", saved, "--output", "o", *removed])
+    capsys.readouterr()
+    assert main(sample_args(saved, tmp_path / "z", "--seed", "0", "--kernel", "independent")) == 0
+    assert json.loads((tmp_path / "z" / "stats.json").read_text())["kernel"] == "independent"
 
 
 def test_sample_presence_margin_reaches_the_pipeline(saved, tmp_path, capsys):
@@ -107,6 +124,7 @@ def test_sample_presence_margin_reaches_the_pipeline(saved, tmp_path, capsys):
     assert "--screen-min-finish must be a probability in (0, 1]" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh interpreter
 @pytest.mark.skipif(shutil.which("s2m") is None, reason="the console script is not installed")
 def test_console_script_is_installed():
     result = subprocess.run(["s2m", "sample", "--help"], capture_output=True, text=True, timeout=120)
@@ -147,7 +165,9 @@ def test_train_heads_sample_size_must_not_exceed_the_generator(tmp_path, capsys)
     assert main([*small, "--priors", "none", "--quiet"]) == 0
     pipe = S2MPipeline.from_pretrained(str(tmp_path / "out"))
     assert pipe.heads.config.sample_size == 4 and pipe.gan.config.sample_size == 8
-    out = pipe("a", num_images=2, generator=torch.Generator().manual_seed(0), output_type="pt", fit_size=16)
+    out = pipe(
+        "a", num_images=2, generator=torch.Generator().manual_seed(0), output_type="pt", pool_size=16, burn_in=2
+    )
     assert out.images.shape == (2, 1, 8, 8)  # the generator's size; the heads saw 4x4 copies
 
 

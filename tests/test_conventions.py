@@ -27,6 +27,7 @@ from s2m_diffusers.proposals import GeneratorProposal
 from s2m_diffusers.utils import module_device_dtype
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore:S2M sampling")  # a few images: the diagnostics may warn
 CASTING = {"storage_dtype": torch.float8_e4m3fn, "compute_dtype": torch.bfloat16}
 
 
@@ -57,14 +58,14 @@ def sample(pipe, target="A", num_images=4, **kwargs):
 @pytest.mark.parametrize("make", [gan_pipeline, ddim_pipeline], ids=["gan", "ddim"])
 def test_layerwise_casting_of_the_proposal_and_the_heads(make):
     pipe = make()
-    reference = sample(pipe, refit="off")
+    reference = sample(pipe)
     for model in (pipe.gan, pipe.unet, pipe.heads):
         if model is not None:
             model.enable_layerwise_casting(**CASTING)
             assert model.dtype == torch.bfloat16 and module_device_dtype(model)[1] == torch.bfloat16
     stored = {p.dtype for p in pipe.heads.parameters()}
     assert torch.float8_e4m3fn in stored  # stored in float8, computed in bfloat16
-    out = sample(pipe, refit="off")
+    out = sample(pipe)
     assert out.images.shape == reference.images.shape and torch.isfinite(out.images).all()
     assert out.on_target.all()
 
@@ -128,30 +129,31 @@ def test_callback_kwargs_hold_exactly_the_requested_tensors(requested):
 
     sample(pipe, "A & ~B", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=requested)
     assert seen == set(requested or ["latents"])
-    assert pipe.num_timesteps == 3  # two refitting stages, then the final sampling
-    assert phases[0] == 0 and phases[-1] == pipe.num_timesteps - 1 and phases == sorted(phases)
+    assert pipe.num_timesteps == 3  # the entry pool, the burn-in, the sampling
+    assert set(phases) == set(range(pipe.num_timesteps)) and phases == sorted(phases)
 
 
-def test_returned_log_w_is_used_in_the_final_sampling():
-    """Vetoing (log w = -inf) the images that hold B turns the target "A" into "A & ~B"."""
+def test_returned_log_w_is_used_in_every_phase():
+    """Vetoing (log w = -inf) the images that hold B turns the target "A" into "A & ~B": in the entry pool (the chains
+    start from its draws on the target), the burn-in and the sampling alike."""
     pipe = exact_pipeline()
-    plain = sample(pipe, "A", num_images=16, refit="off")
+    plain = sample(pipe, "A", num_images=16)
     assert quadrant_attributes(plain.images * 2 - 1)[:, 1].any()  # without the veto, some images hold B
+    phases = []
 
     def veto_b(p, step, timestep, kw):
+        phases.append(timestep)
         holds_b = quadrant_attributes(kw["images"])[:, 1].to(kw["log_w"].device)
         return {"log_w": torch.where(holds_b, -math.inf, kw["log_w"])}
 
     out = sample(
-        pipe,
-        "A",
-        num_images=16,
-        refit="off",
-        callback_on_step_end=veto_b,
-        callback_on_step_end_tensor_inputs=["images", "log_w"],
+        pipe, "A", num_images=16, callback_on_step_end=veto_b, callback_on_step_end_tensor_inputs=["images", "log_w"]
     )
     present = quadrant_attributes(out.images * 2 - 1)
     assert len(out.images) == 16 and present[:, 0].all() and not present[:, 1].any()
+    assert set(phases) == {0, 1, 2}
+    pool, vetoed_pool = plain.stats["chains"]["pool"], out.stats["chains"]["pool"]
+    assert vetoed_pool["on_target"] < pool["on_target"]  # the pool saw the veto too
 
 
 def test_changed_latents_or_images_are_refused_with_the_reason():
@@ -162,18 +164,16 @@ def test_changed_latents_or_images_are_refused_with_the_reason():
         return kw
 
     with pytest.raises(ValueError, match="only 'log_w' can be changed"):
-        sample(pipe, refit="off", callback_on_step_end=zero_latents)
+        sample(pipe, callback_on_step_end=zero_latents)
     with pytest.raises(ValueError, match="must have shape"):
-        sample(pipe, refit="off", callback_on_step_end=lambda p, s, t, kw: {"log_w": torch.zeros(1)})
-    out = sample(pipe, refit="off", callback_on_step_end=lambda p, s, t, kw: None)  # None: nothing changed
+        sample(pipe, callback_on_step_end=lambda p, s, t, kw: {"log_w": torch.zeros(1)})
+    out = sample(pipe, callback_on_step_end=lambda p, s, t, kw: None)  # None: nothing changed
     assert len(out.images) == 4 and out.stats["interrupted"] is False
 
 
-def test_interrupt_in_the_final_sampling_returns_the_images_finished():
+def test_interrupt_in_the_sampling_returns_the_images_finished():
     pipe = exact_pipeline()
-    # a chain returns its image one step after entering the target, which presence_margin makes exact (-inf off it)
-    settings = {"refit": "off", "mixing_tolerance": None, "steps_after_entry": 1, "samples_per_chain": 1}
-    settings["presence_margin"] = 0.5
+    settings = {"presence_margin": 0.5}  # exact: -inf off the target
     rounds = []
 
     def stop_after_five(p, step, timestep, kw):
@@ -186,19 +186,22 @@ def test_interrupt_in_the_final_sampling_returns_the_images_finished():
     out = sample(pipe, "A", num_images=40, num_chains=4, callback_on_step_end=stop_after_five, **settings)
     assert len(rounds) == 5  # no round after the interrupt
     assert 0 < len(out.images) < 40 and out.on_target.all() and out.stats["interrupted"] is True
+    assert len(out.images) % 4 == 0  # every chain returns its image at the same steps
     assert quadrant_attributes(out.images * 2 - 1)[:, 0].all()
     again = sample(pipe, "A", num_images=40, num_chains=4, **settings)  # the next call starts uninterrupted
     assert len(again.images) == 40 and again.stats["interrupted"] is False
 
 
-def test_interrupt_during_refitting_returns_no_image_and_caches_no_fit():
+@pytest.mark.parametrize("phase", [0, 1], ids=["pool", "burn_in"])
+def test_interrupt_before_the_sampling_returns_no_image(phase):
     pipe = exact_pipeline()
 
     def stop(p, step, timestep, kw):
-        p._interrupt = True  # diffusers' spelling works too
+        if timestep == phase:
+            p._interrupt = True  # diffusers' spelling works too
         return kw
 
     out = sample(pipe, "A & ~B", num_images=3, callback_on_step_end=stop)
-    assert len(out.images) == 0 and out.stats["interrupted"] is True and not pipe.fits
+    assert len(out.images) == 0 and out.stats["interrupted"] is True and out.stats["num_images"] == 0
     again = sample(pipe, "A & ~B", num_images=3)
-    assert len(again.images) == 3 and pipe.fits
+    assert len(again.images) == 3 and again.stats["interrupted"] is False

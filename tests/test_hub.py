@@ -23,6 +23,7 @@ from s2m_diffusers import hub
 from s2m_diffusers.pipeline_s2m import S2MPipeline
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore:S2M sampling")  # a few images: the diagnostics may warn
 KWARGS = dict(num_images=2, negation_margin=1.0, output_type="pt", **FAST)
 
 
@@ -236,23 +237,26 @@ def test_card_license_base_model_and_no_local_paths(tmp_path):
     assert ModelCard((tmp_path / "again" / "README.md").read_text()).data.license == "mit"
 
 
-def test_card_snippet_calls_with_the_settings_of_the_cached_fit(tmp_path):
+def test_card_snippets_call_with_the_given_settings_and_a_saved_card_keeps_them(tmp_path):
     pipe = gan_pipeline()
-    pipe.fit("A & ~B", negation_margin=30.0, presence_margin=0.5, **FAST)
-    text = hub.model_card(pipe, "user/s2m-tiny", sampling={"samples_per_chain": 1})
+    sampling = {"negation_margin": 30.0, "presence_margin": 0.5, "kernel": "independent", "samples_per_chain": 1}
+    text = hub.model_card(pipe, "user/s2m-tiny", sampling=sampling)
     for fragment in [
         'pipe("A & ~B", num_images=4, generator=torch.Generator().manual_seed(0), negation_margin=30.0, '
-        "presence_margin=0.5, fit_size=32, samples_per_chain=1)",
-        '"target": "A & ~B", "num_images": 4, "negation_margin": 30.0, "presence_margin": 0.5, "fit_size": 32',
-        "--negation-margin 30.0 --presence-margin 0.5 --fit-size 32",
+        "presence_margin=0.5, kernel='independent', samples_per_chain=1)",
+        '"target": "A & ~B", "num_images": 4, "negation_margin": 30.0, "presence_margin": 0.5, '
+        '"kernel": "independent"',
+        "--negation-margin 30.0 --presence-margin 0.5 --kernel independent",
         "no option for samples_per_chain",
     ]:
         assert fragment in text, fragment
-    pipe.save_pretrained(tmp_path / "s2m")
-    loaded = S2MPipeline.from_pretrained(tmp_path / "s2m")  # the fit is saved with it: a call reuses it
+    pipe.save_pretrained(tmp_path / "s2m", sampling=sampling)
+    loaded = S2MPipeline.from_pretrained(tmp_path / "s2m")
+    loaded.save_pretrained(tmp_path / "again")  # the card keeps its settings through a load and a save
+    assert "--kernel independent" in (tmp_path / "again" / "README.md").read_text()
     loaded.set_progress_bar_config(disable=True)
-    out = loaded("A & ~B", num_images=1, generator=seeded(), negation_margin=30.0, presence_margin=0.5, **FAST)
-    assert out.stats["fit_proposals"] == 0
+    out = loaded("A & ~B", num_images=2, generator=seeded(), **{**sampling, **FAST})  # the snippet's call runs
+    assert out.stats["kernel"] == "independent" and out.on_target.all()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,11 +286,23 @@ def test_push_to_hub_uploads_the_layout_and_a_card_pinned_to_the_code_commit(tmp
     assert f'revision="{commit.oid}"' in readme and "Digits, 7to3 split." in readme
 
 
-def test_repo_uploaded_to_the_hub_loads_in_a_fresh_process(tmp_path):
+def push_tiny(tmp_path):
+    """A tiny pipeline's images (seed 7) and the commit of its upload to a stand-in Hub cached in `tmp_path/cache`."""
     pipe = gan_pipeline()
     expected = pipe("A & ~B", generator=seeded(7), **KWARGS).images
-    api = StandInHub(tmp_path / "cache")
-    commit = pipe.push_to_hub("user/s2m-tiny", api=api)
+    return expected, pipe.push_to_hub("user/s2m-tiny", api=StandInHub(tmp_path / "cache"))
+
+
+def test_repo_uploaded_to_the_hub_loads_through_the_installed_package(tmp_path):
+    expected, commit = push_tiny(tmp_path)
+    loaded = S2MPipeline.from_pretrained("user/s2m-tiny", revision=commit.oid, cache_dir=tmp_path / "cache")
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.allclose(loaded("A & ~B", generator=seeded(7), **KWARGS).images, expected, atol=1e-5)
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_repo_uploaded_to_the_hub_loads_in_a_fresh_process(tmp_path):
+    expected, commit = push_tiny(tmp_path)
     code = f"""
 import sys, types, torch
 import diffusers.pipelines.pipeline_utils as pipeline_utils
@@ -319,10 +335,6 @@ print(type(pipe).__name__, pipe.name_or_path)
     assert torch.allclose(
         torch.load(tmp_path / "images.pt"), expected, atol=1e-5
     )  # float32 rounding of reloaded weights
-    # and without remote code, through the installed package
-    loaded = S2MPipeline.from_pretrained("user/s2m-tiny", revision=commit.oid, cache_dir=tmp_path / "cache")
-    loaded.set_progress_bar_config(disable=True)
-    assert torch.allclose(loaded("A & ~B", generator=seeded(7), **KWARGS).images, expected, atol=1e-5)
 
 
 def test_push_to_hub_goes_through_huggingface_hub_hfapi_by_default(tmp_path, monkeypatch):
@@ -346,6 +358,7 @@ def test_save_pretrained_with_push_to_hub(tmp_path):
 # diffusers-cli
 
 
+@pytest.mark.slow  # a fresh interpreter
 @pytest.mark.skipif(shutil.which("diffusers-cli") is None, reason="diffusers-cli is not installed")
 def test_diffusers_cli_run_writes_images(tmp_path):
     gan_pipeline(default_target="A & ~B").save_pretrained(tmp_path / "s2m")
@@ -362,7 +375,7 @@ def test_diffusers_cli_run_writes_images(tmp_path):
         "--output",
         str(tmp_path / "out") + os.sep,
         "--pipeline-kwargs",
-        json.dumps({"num_images": 2, "fit_size": 32, "negation_margin": 1.0}),
+        json.dumps({"num_images": 2, "negation_margin": 1.0, **FAST}),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)

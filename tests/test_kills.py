@@ -117,6 +117,7 @@ MOMENTS = {
 }
 
 
+@pytest.mark.slow  # a child process killed (about 14 s on 2 cores)
 @pytest.mark.parametrize("moment", list(MOMENTS))
 def test_a_save_killed_over_an_existing_pipeline_leaves_the_old_or_the_new_one_never_a_mix(tmp_path, moment):
     dest = tmp_path / "s2m"
@@ -138,6 +139,7 @@ def test_a_save_killed_over_an_existing_pipeline_leaves_the_old_or_the_new_one_n
     assert hidden(tmp_path) == [] and digests(dest) == before
 
 
+@pytest.mark.slow  # a child process killed (about 14 s on 2 cores)
 def test_a_save_killed_into_a_new_folder_leaves_no_folder(tmp_path):
     dest = tmp_path / "s2m"
     kill_at_pause(SAVE_OTHER_PIPELINE.format(patch=MOMENTS["weights written"], dest=str(dest)), tmp_path)
@@ -193,6 +195,7 @@ def saved(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # a child process killed (about 14 s on 2 cores)
 def test_a_killed_sample_leaves_no_output_and_evaluate_refuses_it(saved, tmp_path, capsys):
     out = tmp_path / "samples"
     kill_at_pause(SAMPLE.format(args=sample_args(saved, out)), tmp_path)
@@ -207,6 +210,7 @@ def test_a_killed_sample_leaves_no_output_and_evaluate_refuses_it(saved, tmp_pat
     assert hidden(tmp_path) == [] and sorted(os.listdir(out))[-1] == "stats.json"
 
 
+@pytest.mark.slow  # a child process killed (about 14 s on 2 cores)
 def test_a_killed_sample_with_overwrite_leaves_the_previous_output_untouched(saved, tmp_path):
     out = tmp_path / "samples"
     assert main(sample_args(saved, out)) == 0

@@ -18,12 +18,14 @@ from s2m_diffusers.models.gan import DCGANGenerator
 from s2m_diffusers.models.heads import S2MHeads, S2MHeadsOutput
 from s2m_diffusers.pipeline_s2m import S2MPipeline, S2MPipelineOutput
 from s2m_diffusers.proposals import GeneratorProposal, execution_device
-from s2m_diffusers.sampling import BudgetExhaustedError, sample_s2m
+from s2m_diffusers.sampling import BudgetExhaustedError
 from s2m_diffusers.targets import TargetError
 
 torch.set_num_threads(1)
 NAMES = ["A", "B", "C"]
-FAST = {"fit_size": 32}
+# A small entry pool and a short burn-in: these tests are about the pipeline, not the chains' statistics.
+FAST = {"pool_size": 16, "burn_in": 2}
+pytestmark = pytest.mark.filterwarnings("ignore:S2M sampling")  # a few images: the diagnostics may warn
 
 
 def spread_heads(heads: S2MHeads, images: torch.Tensor, scale: float = 3.0) -> S2MHeads:
@@ -136,27 +138,62 @@ def test_tempered_dr_keeps_exact_heads_on_target_and_bad_temperatures_are_refuse
 # Every proposal kind, end to end
 
 
-@pytest.mark.parametrize("refit", ["off", "once", "sequential"])
-def test_gan_end_to_end_and_the_statistics_add_up(refit):
+@pytest.mark.parametrize("kernel", ["pcn", "mala", "independent"])
+def test_gan_end_to_end_and_the_statistics_add_up(kernel):
     pipe = gan_pipeline()
-    # every stage runs (fit_spend="full"; "A & ~B" is so common here that 5 images are worth no stage)
-    kwargs = dict(refit=refit, negation_margin=1.0, fit_spend="full", **FAST)
+    kwargs = dict(kernel=kernel, negation_margin=1.0, **FAST)
     out = pipe("A & ~B", num_images=5, generator=seeded(), **kwargs)
     assert isinstance(out, S2MPipelineOutput)
     assert len(out.images) == 5 and out.latents.shape == (5, 8) and out.on_target.all()
     s = out.stats
     assert s["proposals_per_image"] * s["num_images"] == pytest.approx(s["proposals"], rel=1e-12)
-    assert s["num_images"] == 5 and s["on_target_images"] == 5 and s["refit"] == refit
+    assert s["num_images"] == 5 and s["on_target_images"] == 5 and s["kernel"] == kernel
     assert 0 < s["acceptance_rate"] <= 1 and s["accepted"] <= s["proposals"]
     assert s["seconds_generator"] > 0 and s["seconds_heads"] > 0 and s["seconds_sampler"] >= 0
     assert s["seconds_generator"] + s["seconds_heads"] + s["seconds_sampler"] == pytest.approx(s["seconds_total"])
-    assert sum("stage" in st for st in s["stages"]) == {"off": 0, "once": 1, "sequential": 2}[refit]
-    assert sum("pilot" in st for st in s["stages"]) == {"off": 1, "once": 2, "sequential": 3}[refit]
-    assert s["fit"] in ("prior", "stage 0", "stage 1") and s["mixing"]["bound"] <= 0.01
+    assert s["unet_calls"] is None and s["budget_spent"] == s["proposals"] and not s["budget_exhausted"]
+    # the pool, the burn-in (MALA first weighs the starting points with their gradients), then the sampling steps
+    chains = s["chains"]
+    c, per_chain, thinning = chains["num_chains"], chains["samples_per_chain"], chains["thinning"]
+    assert chains["kernel"] == kernel and c == 2 and per_chain == 3 and chains["pool"]["proposals"] == 16
+    assert chains["moves"] == c * (per_chain - 1) * thinning and s["accepted"] <= chains["moves"]
+    starts = c if kernel == "mala" else 0
+    assert s["proposals"] == chains["pool"]["proposals"] + starts + c * FAST["burn_in"] + chains["moves"]
+    assert (chains["jump_share"] == 1.0) == (kernel == "independent")  # local moves, with a few jumps
+    d = s["diagnostics"]
+    assert {"split_rhat", "ess_bulk", "nested_rhat", "reading_check", "warnings"} <= set(d)
+    assert set(d["split_rhat"]) == {"log_w", "ratio[A]", "ratio[B]", "ratio[C]"} and s["warnings"] == d["warnings"]
     # the images are the generator's images of the returned latents
     again = pipe.get_proposal().generate(out.latents)
     pt = pipe("A & ~B", num_images=5, generator=seeded(), output_type="pt", **kwargs)
     assert torch.allclose(pt.images, (again / 2 + 0.5).clamp(0, 1), atol=1e-6)
+
+
+def test_mala_refuses_a_proposal_without_gradients():
+    ddim = S2MPipeline(
+        heads=S2MHeads(NAMES, sample_size=8, in_channels=1, cnn_channels=(4, 8)),
+        unet=tiny_unet(),
+        scheduler=DDPMScheduler(num_train_timesteps=100),
+        num_inference_steps=2,
+    )
+    with pytest.raises(ValueError, match="kernel='mala' needs"):
+        ddim("A", num_images=1, generator=seeded(), kernel="mala", **FAST)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        ddim("A", kernel="hmc")
+
+
+def test_mala_with_heads_that_give_no_gradient_moves_without_one_or_says_why():
+    """ExactHeads read thresholds of the image: log w has no gradient (it is 0 wherever it is finite). MALA is then
+    still a valid chain with a zero gradient; what it must not do is fail inside autograd."""
+    pipe = S2MPipeline(heads=ExactHeads(), gan=QuadrantGenerator())
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        out = pipe("A & ~B", num_images=2, generator=seeded(), kernel="mala", output_type="pt", **FAST)
+    except ValueError as err:
+        assert "mala" in str(err) and "differentiable" in str(err)
+    else:
+        present = quadrant_attributes(out.images * 2 - 1)
+        assert (present[:, 0] & ~present[:, 1]).all() and out.stats["kernel"] == "mala"
 
 
 def test_returned_images_satisfy_the_target_with_exact_heads():
@@ -168,7 +205,7 @@ def test_returned_images_satisfy_the_target_with_exact_heads():
         ("B & C & ~A", lambda s: s[:, 1] & s[:, 2] & ~s[:, 0]),
         ("A | B", lambda s: s[:, 0] | s[:, 1]),
     ]:
-        out = pipe(target, num_images=16, generator=seeded(), output_type="pt", **FAST)
+        out = pipe(target, num_images=16, generator=seeded(), output_type="pt", pool_size=16)
         images = out.images * 2 - 1
         assert rule(quadrant_attributes(images)).all(), target
         assert out.stats["unique_images"] > 8, target
@@ -203,7 +240,7 @@ def test_text_to_image_pipeline_as_proposal_through_from_pipe(tmp_path):
     # no weights copied: the very same modules
     assert pipe.proposal_pipeline is sd and pipe.proposal_pipeline.unet is sd.unet
     assert pipe.proposal_pipeline.vae.decoder.conv_out.weight.data_ptr() == sd.vae.decoder.conv_out.weight.data_ptr()
-    out = pipe("A & B", num_images=2, generator=seeded(), output_type="pt", fit_size=8)
+    out = pipe("A & B", num_images=2, generator=seeded(), output_type="pt", pool_size=8, burn_in=2)
     assert out.images.shape == (2, 1, 16, 16) and out.latents.shape == (2, 4, 8, 8)
     assert out.stats["proposal"] == "pipeline"
     reference = sd(
@@ -215,7 +252,7 @@ def test_text_to_image_pipeline_as_proposal_through_from_pipe(tmp_path):
     loaded = S2MPipeline.from_pretrained(tmp_path / "s2m")
     loaded.set_progress_bar_config(disable=True)
     assert loaded.config.proposal_kwargs == {"prompt": "a cat"}
-    again = loaded("A & B", num_images=2, generator=seeded(), output_type="pt", fit_size=8)
+    again = loaded("A & B", num_images=2, generator=seeded(), output_type="pt", pool_size=8, burn_in=2)
     assert torch.allclose(again.images, out.images, atol=1e-5)
 
 
@@ -294,9 +331,7 @@ def test_same_seed_same_images_other_seed_other_images():
     b = pipe("A & ~B", generator=seeded(3), **kwargs)
     c = pipe("A & ~B", generator=seeded(4), **kwargs)
     assert torch.equal(a.images, b.images) and torch.equal(a.latents, b.latents)
-    # the first call fitted q (with its own seed, `fit_seed`); the others reuse the fit and return the same images
-    assert a.stats["fit_proposals"] > 0 and b.stats["fit_proposals"] == 0
-    assert a.stats["proposals"] - a.stats["fit_proposals"] == b.stats["proposals"]
+    assert a.stats["proposals"] == b.stats["proposals"] and a.stats["chains"] == b.stats["chains"]
     assert not torch.equal(a.latents, c.latents)
 
 
@@ -308,7 +343,7 @@ def test_a_list_of_generators_gives_each_image_its_own_generator():
     assert torch.equal(both.images[1], second.images[0])
     assert not torch.equal(both.images[0], both.images[1])
     assert both.stats["proposals_per_image"] * 2 == pytest.approx(both.stats["proposals"])
-    assert both.stats["fit_proposals"] > 0 and second.stats["fit_proposals"] == 0  # one fit serves every image
+    assert len(both.stats["chains"]["runs"]) == 2  # one run (its own pool and chain) per image
     with pytest.raises(ValueError, match="list of 3 generators but requested 2 images"):
         pipe("A", num_images=2, generator=[seeded(0)] * 3)
 
@@ -342,7 +377,8 @@ def test_callback_runs_once_per_sampler_round_with_that_rounds_proposals():
     assert [c[0] for c in calls] == list(range(len(calls)))
     assert sum(c[2] for c in calls) == out.stats["proposals"]  # every proposal went through one round
     phases = [c[1] for c in calls]
-    assert phases == sorted(phases) and phases[0] == 0 and phases[-1] == 2  # two refitting stages, then sampling
+    assert phases == sorted(phases) and set(phases) == {0, 1, 2}  # the entry pool, the burn-in, the sampling
+    assert calls[0][2] == FAST["pool_size"] and pipe.num_timesteps == 3
     with pytest.raises(ValueError, match="not available"):
         pipe("A", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise"])
 
@@ -398,40 +434,36 @@ def test_missing_heads_or_proposal():
         pipe("A")
 
 
-def test_budget_exhausted_says_how_far_it_got_and_what_to_try():
+def test_budget_exhausted_says_how_far_it_got_what_the_pool_saw_and_what_to_try():
     pipe = S2MPipeline(heads=ExactHeads(), gan=QuadrantGenerator())
     pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_images=20, max_proposals=60, num_chains=2, **FAST)
     with pytest.raises(BudgetExhaustedError) as info:
-        pipe(
-            "B & C & ~A",
-            num_images=20,
-            generator=seeded(),
-            refit="off",
-            max_proposals=60,
-            num_chains=2,
-            steps_after_entry=3,
-            mixing_tolerance=None,
-            samples_per_chain=1,
-        )
+        pipe("B & C & ~A", generator=seeded(), **kwargs)
     message = str(info.value)
-    assert "budget of 60 ran out after 60 proposals with" in message and "of 20 on-target images" in message
-    assert "acceptance rate" in message and "refit='sequential'" in message and "max_proposals=240" in message
-    assert "class-conditional proposal" in message and "allow_partial=True" in message
-    partial = pipe(
-        "B & C & ~A",
-        num_images=20,
-        generator=seeded(),
-        refit="off",
-        max_proposals=60,
-        num_chains=2,
-        steps_after_entry=3,
-        mixing_tolerance=None,
-        samples_per_chain=1,
-        allow_partial=True,
+    assert (
+        "budget of 60 ran out after 60 proposals with" in message and "of 20 images for target 'B & C & ~A'" in message
     )
+    assert "the entry pool had" in message and "of its 16 draws on the target; 2 chains" in message
+    assert (
+        "Of the entry pool's 16 draws, the shares on the target's literals and on the whole were: 1 on 'B'" in message
+    )
+    assert (
+        "max_proposals=240" in message and "class-conditional proposal" in message and "allow_partial=True" in message
+    )
+    assert "No proposal reached" not in message
+    partial = pipe("B & C & ~A", generator=seeded(), allow_partial=True, **kwargs)
     assert partial.stats["budget_exhausted"] and 0 < partial.stats["num_images"] < 20
     assert f"with {partial.stats['num_images']} of 20" in message
-    assert partial.stats["proposals"] == 60 and partial.on_target.all()
+    assert partial.stats["proposals"] == 60 and partial.stats["budget_spent"] == 60 and partial.on_target.all()
+    # a combination no image holds (C is "not both A and B"): its weight is exp(-40)-small but finite under the
+    # paper's formula; with a presence margin no draw reaches it, and the error says that the margins are why
+    with pytest.raises(BudgetExhaustedError) as info:
+        pipe("A & B & C", num_images=2, generator=seeded(), max_proposals=40, presence_margin=0.5, **FAST)
+    message = str(info.value)
+    assert "after 40 proposals with 0 of 2 images" in message and "pool had 0 of its 40 draws" in message
+    assert "No proposal reached the whole target" in message and "presence_margin=0.5" in message
+    assert "without the margins" in message and "allow_partial" not in message
 
 
 def test_missing_target_explains_how_to_name_one():
@@ -456,33 +488,13 @@ def test_save_and_load_in_this_process(tmp_path):
     assert type(loaded.heads) is S2MHeads and type(loaded.gan) is DCGANGenerator
     assert loaded.config.default_target == "A & ~B"
     after = loaded(generator=seeded(), **kwargs)
-    # the same latents (the fit came back with the folder); images equal up to float32 rounding of the reloaded weights
+    # the same latents; images equal up to float32 rounding of the reloaded weights
     assert torch.equal(before.latents, after.latents) and torch.allclose(before.images, after.images, atol=1e-5)
-    assert loaded.fits.keys() == pipe.fits.keys() and after.stats["fit_proposals"] == 0
     assert sorted(os.listdir(tmp_path)) == ["s2m"]  # no temporary folder left behind
+    assert not os.path.exists(tmp_path / "s2m" / "fits")  # nothing measured: no fits folder
 
 
-def test_a_call_fits_for_its_images_and_a_call_for_more_fits_again(tmp_path):
-    """A call's fit spends at most what it could save on the call's images (`sampling.fit_latent`); the cache hands
-    that fit to calls for as many images or fewer, a call for more fits again, and `pipe.fit` fits in full. Saving
-    keeps the limit."""
-    pipe = gan_pipeline()
-    kwargs = dict(negation_margin=1.0, output_type="pt", **FAST)
-    first = pipe("A & ~B & ~C", num_images=2, generator=seeded(), **kwargs)
-    (key,) = pipe.fits
-    assert first.stats["fit_proposals"] > 0 and pipe.fits[key].limited_to == 2
-    assert pipe("A & ~B & ~C", num_images=2, generator=seeded(), **kwargs).stats["fit_proposals"] == 0
-    assert pipe("A & ~B & ~C", num_images=1, generator=seeded(), **kwargs).stats["fit_proposals"] == 0
-    pipe.save_pretrained(tmp_path / "s2m")
-    loaded = S2MPipeline.from_pretrained(tmp_path / "s2m")
-    assert loaded.fits[key].limited_to == 2
-    more = pipe("A & ~B & ~C", num_images=3, generator=seeded(), **kwargs)
-    assert more.stats["fit_proposals"] > 0 and pipe.fits[key].limited_to in (None, 3)
-    fit = pipe.fit("A & ~B & ~C", negation_margin=1.0, **FAST)
-    assert fit.limited_to is None and pipe.fits[key] is fit
-    assert pipe("A & ~B & ~C", num_images=50, generator=seeded(), **kwargs).stats["fit_proposals"] == 0
-
-
+@pytest.mark.slow  # a fresh interpreter
 def test_save_and_load_in_a_fresh_process_that_imports_only_diffusers(tmp_path):
     pipe = gan_pipeline()
     kwargs = dict(num_images=3, negation_margin=1.0, output_type="pt", **FAST)
@@ -519,33 +531,26 @@ def test_ddim_pipeline_round_trip(tmp_path):
         heads=heads, unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100), num_inference_steps=2
     )
     pipe.set_progress_bar_config(disable=True)
-    before = pipe("A & B", num_images=2, generator=seeded(), output_type="pt", fit_size=16)
+    before = pipe("A & B", num_images=2, generator=seeded(), output_type="pt", **FAST)
     pipe.save_pretrained(tmp_path / "s2m")
     loaded = S2MPipeline.from_pretrained(tmp_path / "s2m")
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded.scheduler, DDPMScheduler) and loaded.config.num_inference_steps == 2
-    after = loaded("A & B", num_images=2, generator=seeded(), output_type="pt", fit_size=16)
+    after = loaded("A & B", num_images=2, generator=seeded(), output_type="pt", **FAST)
     assert torch.equal(before.latents, after.latents) and torch.allclose(before.images, after.images, atol=1e-5)
 
 
 def test_budget_spent_by_earlier_images_of_a_generator_list():
     pipe = S2MPipeline(heads=ExactHeads(), gan=QuadrantGenerator())
     pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(
-        num_images=2,
-        generator=[seeded(0), seeded(1)],
-        refit="off",
-        max_proposals=4,
-        steps_after_entry=3,
-        mixing_tolerance=None,
-    )
-    # every image holds one of the attributes, so each chain takes exactly 1 + steps_after_entry = 4 proposals
-    with pytest.raises(BudgetExhaustedError, match="after 4 proposals with 1 of 2 on-target images") as info:
+    kwargs = dict(num_images=2, generator=[seeded(0), seeded(1)], max_proposals=18, **FAST)
+    # every image holds one of the attributes, so each image's run takes its pool of 16 and 2 burn-in steps: 18
+    with pytest.raises(BudgetExhaustedError, match="after 18 proposals with 1 of 2 images") as info:
         pipe("A | B | C", **kwargs)
     assert info.value.result.z.shape[0] == 1
     partial = pipe("A | B | C", allow_partial=True, **kwargs)
     assert partial.stats["num_images"] == 1 and partial.stats["budget_exhausted"]
-    assert partial.stats["proposals"] == 4 and partial.stats["proposals_per_image"] == 4
+    assert partial.stats["proposals"] == 18 and partial.stats["proposals_per_image"] == 18
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -599,56 +604,15 @@ def test_generator_and_heads_run_in_micro_batches_and_chains_are_bounded():
     rounds = []
     out = pipe(
         "A | B",
-        num_images=300,
+        num_images=1030,  # 258 chains of 4 images by default, but at most 256 side by side
         generator=seeded(),
-        refit="off",
         micro_batch_size=16,
         callback_on_step_end=lambda p, r, phase, kw: rounds.append(kw["latents"].shape[0]),
-    )
-    assert len(out.images) == 300 and out.on_target.all()
-    assert gan.largest == 16 and heads.largest == 16  # never more than a micro-batch at once
-    assert max(rounds) == 256  # the default pool: at most 256 chains (and their images) at once
-
-
-def test_refitting_stages_keep_images_only_when_a_callback_asks(monkeypatch):
-    import s2m_diffusers.pipeline_s2m as module
-    from s2m_diffusers.sampling import fit_latent
-
-    kept = []  # per evaluate call: were the images kept?
-
-    def wrap(evaluate):
-        def recorded(z):
-            x, lw = evaluate(z)
-            kept.append(x is not None)
-            return x, lw
-
-        return recorded
-
-    monkeypatch.setattr(
-        module, "fit_latent", lambda evaluates, *a, **k: fit_latent([wrap(e) for e in evaluates], *a, **k)
-    )
-    monkeypatch.setattr(
-        module, "sample_s2m", lambda evaluates, *a, **k: sample_s2m([wrap(e) for e in evaluates], *a, **k)
-    )
-    pipe = gan_pipeline()
-    kwargs = dict(negation_margin=1.0, output_type="pt", fit_spend="full", **FAST)  # every stage runs
-    out = pipe("A & ~B", num_images=2, generator=seeded(), **kwargs)
-    assert sum("stage" in st for st in out.stats["stages"]) == 2 and out.images.shape == (2, 1, 8, 8)
-    n_fit = sum(not k for k in kept)
-    assert n_fit >= 2 and kept == [False] * n_fit + [True] * (len(kept) - n_fit)  # refitting, then sampling
-    phases = []
-    pipe.fits.clear()  # fit again, with a callback that asks for every round's images
-    pipe(
-        "A & ~B",
-        num_images=2,
-        generator=seeded(),
-        negation_margin=1.0,
-        fit_spend="full",
-        callback_on_step_end=lambda p, r, phase, kw: phases.append((phase, kw["images"] is not None)),
-        callback_on_step_end_tensor_inputs=["images"],
         **FAST,
     )
-    assert {phase for phase, _ in phases} == {0, 1, 2} and all(has for _, has in phases)
+    assert len(out.images) == 1030 and out.on_target.all()
+    assert gan.largest == 16 and heads.largest == 16  # never more than a micro-batch at once
+    assert out.stats["chains"]["num_chains"] == 256 and max(rounds) == 256  # 256 chains (and their images) at once
 
 
 def test_model_cpu_offload_sequence_names_components_and_runs():
@@ -676,31 +640,51 @@ def test_sampling_settings_as_one_config_or_as_keywords():
     from s2m_diffusers import S2MSamplingConfig
 
     pipe = gan_pipeline()
-    config = S2MSamplingConfig(refit="once", fit_size=16, steps_after_entry=2)
+    config = S2MSamplingConfig(kernel="independent", pool_size=16, burn_in=2)
     a = pipe("A & ~B", num_images=3, generator=seeded(), output_type="pt", sampling=config)
     b = pipe(
-        "A & ~B", num_images=3, generator=seeded(), output_type="pt", refit="once", fit_size=16, steps_after_entry=2
+        "A & ~B", num_images=3, generator=seeded(), output_type="pt", kernel="independent", pool_size=16, burn_in=2
     )
     c = pipe(
         "A & ~B",
         num_images=3,
         generator=seeded(),
         output_type="pt",
-        sampling={"refit": "once"},
-        fit_size=16,
-        steps_after_entry=2,
+        sampling={"kernel": "independent"},
+        pool_size=16,
+        burn_in=2,
     )
-    assert torch.equal(a.latents, b.latents) and torch.equal(a.latents, c.latents) and a.stats["refit"] == "once"
-    with pytest.raises(TypeError, match=r"Unknown sampling setting\(s\) \['fitsize'\]"):
-        pipe("A", num_images=1, fitsize=3)
+    assert (
+        torch.equal(a.latents, b.latents) and torch.equal(a.latents, c.latents) and a.stats["kernel"] == "independent"
+    )
+    with pytest.raises(TypeError, match=r"Unknown sampling setting\(s\) \['poolsize'\]"):
+        pipe("A", num_images=1, poolsize=3)
+    # settings of the removed latent refitting say what took their place
+    for name, value, hint in [
+        ("refit", "once", "latent refitting was removed"),
+        ("fit_size", 16, "pool_size, pool_ess"),
+        ("defensive", 0.1, "refitted densities were removed"),
+        ("steps_after_entry", 2, "burn_in sets the steps"),
+    ]:
+        with pytest.raises(TypeError, match=f"The sampling setting '{name}' no longer exists: .*{hint}"):
+            pipe("A", num_images=1, **{name: value})
+        with pytest.raises(TypeError, match=f"'{name}' no longer exists"):
+            pipe("A", num_images=1, sampling={name: value})
 
 
-def test_auto_dv_strength_is_measured_once_per_target_and_counted():
+def test_auto_dv_strength_is_measured_once_per_target_counted_and_saved(tmp_path):
     pipe = gan_pipeline()
     kwargs = dict(num_images=2, negation_margin=1.0, output_type="pt", dv_strength="auto", **FAST)
     first = pipe("A & ~B", generator=seeded(), **kwargs)
-    measured = [st for st in first.stats["stages"] if "dv_strength" in st]
-    assert len(measured) == 1 and 0.0 <= first.stats["dv_strength"] <= 1.0
-    assert measured[0]["dv_strength"] == first.stats["dv_strength"] and measured[0]["proposals"] >= 256
-    again = pipe("A & ~B", generator=seeded(), **kwargs)  # cached: no measurement, no fit
-    assert again.stats["fit_proposals"] == 0 and torch.equal(first.latents, again.latents)
+    assert 0.0 <= first.stats["dv_strength"] <= 1.0 and list(pipe.auto_dv_strengths.values()) == [
+        first.stats["dv_strength"]
+    ]
+    again = pipe("A & ~B", generator=seeded(), **kwargs)  # cached: no measurement
+    assert torch.equal(first.latents, again.latents) and again.stats["dv_strength"] == first.stats["dv_strength"]
+    assert first.stats["proposals"] - again.stats["proposals"] >= 256  # the measurement's draws counted once
+    pipe.save_pretrained(tmp_path / "s2m")
+    assert os.listdir(tmp_path / "s2m" / "fits") == ["dv_strength.json"]
+    loaded = S2MPipeline.from_pretrained(tmp_path / "s2m")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.auto_dv_strengths == pipe.auto_dv_strengths
+    assert loaded("A & ~B", generator=seeded(), **kwargs).stats["proposals"] == again.stats["proposals"]

@@ -29,6 +29,7 @@ from s2m_diffusers.targets import MAX_NESTING, TargetError, parse_target
 from s2m_diffusers.training import train_heads
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore:S2M sampling")  # a few images: the diagnostics may warn
 KWARGS = dict(num_images=2, negation_margin=1.0, output_type="pt", **FAST)
 
 
@@ -46,8 +47,9 @@ def copy_of(saved, tmp_path, name="copy"):
 
 
 def sample(pipeline, output, *extra, target="A & ~B"):
+    """`s2m sample` of 3 images (with 2, no chain moves after the burn-in: see test_cli's test of two images)."""
     args = ["sample", "--pipeline", str(pipeline), "--target", target, "--output", str(output), "--quiet"]
-    return main([*args, "--num-images", "2", "--fit-size", "32", "--negation-margin", "1", "--seed", "0", *extra])
+    return main([*args, "--num-images", "3", "--negation-margin", "1", "--seed", "0", *extra])
 
 
 def error_of(capsys) -> str:
@@ -190,7 +192,9 @@ def test_sample_refuses_a_folder_that_holds_files_unless_overwrite(saved, tmp_pa
     evaluate = ["evaluate", "--images", str(out), "--target", "A", "--evaluator", evaluator]
     assert main(evaluate) == 2 and "0007.png" in error_of(capsys)  # not counted silently
     assert sample(saved, out, "--overwrite") == 0  # replaced whole: the stale image is gone
-    assert sorted(os.listdir(out)) == ["0000.png", "0001.png", "grid.png", "latents.safetensors", "stats.json"]
+    assert sorted(os.listdir(out)) == ["0000.png", "0001.png", "0002.png", "grid.png", "latents.safetensors"] + [
+        "stats.json"
+    ]
     assert main(evaluate) == 0 and "accuracy" in capsys.readouterr().out
     # --overwrite replaces only what `s2m sample` wrote
     (out / "thesis.tex").write_text("mine")
@@ -313,10 +317,10 @@ def test_deep_and_long_targets_are_bounded(saved, tmp_path, capsys):
 
 
 def test_cli_messages_use_the_cli_words_and_say_only_what_applies(saved, tmp_path, capsys):
-    assert sample(saved, tmp_path / "o", "--refit", "off", "--max-proposals", "2") == 1
+    assert sample(saved, tmp_path / "o", "--max-proposals", "2") == 1
     err = error_of(capsys)
-    assert "--max-proposals 8" in err and "--refit sequential" in err
-    assert "max_proposals=" not in err and "allow_partial" not in err and "refit='" not in err
+    assert "--max-proposals 8" in err and "Of the entry pool's 2 draws" in err
+    assert "max_proposals=" not in err and "allow_partial" not in err and "refit" not in err
     assert "--allow-partial" not in err  # no image was found: nothing to keep
     assert sample(saved, tmp_path / "o", target="a & ~B") == 2
     assert "Did you mean 'A'?" in error_of(capsys)

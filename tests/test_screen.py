@@ -3,18 +3,11 @@
 The analytic toy (`s2m_diffusers.testing.toy`) gains a generator with an intermediate view: after ``s`` of its K
 "denoising" steps the view is the final sample plus a fixed, latent-determined perturbation of scale
 ``noise (1 - s / K)``, standing in for a diffusion model's predicted clean image, and the exact heads judge it with the
-soft margins (the surrogate is 0 wherever the view is off target). With the screen on, the returned samples pass the
-exactness test of `tests/test_exactness.py` (Pearson's chi-square on 16 cells of equal reference probability, per
-slot of the chains, Bonferroni over the slots), since delayed acceptance leaves the target unchanged whatever the
-surrogate once the sampler floors it.
-
-``max_steps_after_entry`` is raised to 2,000 so that the delayed-acceptance bound itself reaches the tolerance where
-it can (with the prior as ``q``; refitted densities can push ``W_bound`` into the thousands, and then the cap holds).
-The full matrix runs with ``S2M_SLOW_TESTS=1``.
+soft margins (the surrogate is 0 wherever the view is off target). With the screen on (the chains' local moves and
+jumps screened, the entry pool screened by Poisson sampling), the images pass the exactness test of
+`tests/test_exactness.py` (independent calls, Hotelling's statistic), since delayed acceptance leaves the target
+unchanged whatever the surrogate once the sampler floors it. The full matrix is marked slow.
 """
-
-import math
-import os
 
 import pytest
 import torch
@@ -22,120 +15,98 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from test_pipeline import spread_heads, tiny_unet
 
 from s2m_diffusers.densities import StandardNormal
-from s2m_diffusers.maths import da_imh_distances, imh_distance, imh_steps
 from s2m_diffusers.models.heads import S2MHeads
 from s2m_diffusers.pipeline_s2m import S2MPipeline
 from s2m_diffusers.proposals import DDIMProposal, PipelineProposal
-from s2m_diffusers.sampling import (
-    S2MSamplingConfig,
-    SamplerStats,
-    _chain_cost,
-    _propose,
-    calibrate_screen,
-    fit_latent,
-    sample_s2m,
-)
-from s2m_diffusers.testing.toy import ToyProblem, chi_square_cells
+from s2m_diffusers.sampling import S2MSamplingConfig, sample_s2m
+from s2m_diffusers.testing.toy import ToyProblem, calls_test
 
 ALPHA = 1e-3
 FAR = (-0.8, -0.8)
-SLOW = os.environ.get("S2M_SLOW_TESTS") == "1"
-DEFAULT_CASES = {("A & B", "off", 5, False), ("A & ~B", "sequential", 3, False), ("A & ~B", "sequential", 3, True)}
+RUNS, N = 60, 50
+DEFAULT_CASES = {("A & B", 3, False), ("A & ~B", 3, True)}
 CASES = [
-    (target, refit, step, restarts)
+    (target, step, restarts)
     for target in ("A & B", "A & ~B", "~A", "B & ~A & ~C")
-    for refit in ("off", "sequential")
     for step in (3, 5)
     for restarts in (False, True)
 ]
+
+pytestmark = pytest.mark.filterwarnings("ignore:S2M sampling")  # a call's own diagnostics may warn on 50 images
 
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def slot_p_values(toy: ToyProblem, target: str, result) -> list[float]:
-    """The chi-square p-value of the ``j``-th samples of all chains, for each ``j`` (as `test_exactness` does)."""
-    reference = toy.exact_sample(target, 200_000, gen(1))
-    slots = torch.zeros(result.num_samples, dtype=torch.long)
-    for chain in result.chain.unique():
-        idx = (result.chain == chain).nonzero().flatten()
-        slots[idx] = torch.arange(idx.numel())
-    return [chi_square_cells(result.x[slots == j], reference)[2] for j in range(int(slots.max()) + 1)]
-
-
 def _cases():
     for case in CASES:
-        marks = [] if SLOW or case in DEFAULT_CASES else [pytest.mark.skip(reason="S2M_SLOW_TESTS=1 runs it")]
-        restarts = "-restarts" if case[3] else ""
-        yield pytest.param(*case, marks=marks, id=f"{case[0]}-{case[1]}-screen{case[2]}{restarts}")
+        marks = [] if case in DEFAULT_CASES else [pytest.mark.slow]
+        restarts = "-restarts" if case[2] else ""
+        yield pytest.param(*case, marks=marks, id=f"{case[0]}-screen{case[1]}{restarts}")
 
 
-@pytest.mark.parametrize("target, refit, step, restarts", list(_cases()))
-def test_screened_sampler_is_exact(target, refit, step, restarts):
+@pytest.mark.parametrize("target, step, restarts", list(_cases()))
+def test_screened_sampler_is_exact(target, step, restarts):
     """With ``restarts`` a proposal that passes the screen is rerun whole (a wrapped pipeline): the same chain, more
     steps counted."""
     toy = ToyProblem(offset=FAR)
-    evaluates = toy.stage_evaluates(target, screened=True, restarts=restarts)
-    n = 20_000 if SLOW else 8_000
-    result = sample_s2m(
-        evaluates, StandardNormal((2,)), n, generator=gen(7), refit=refit, screen=step, max_steps_after_entry=2000
-    )
-    assert result.num_samples == n and bool(toy.holds(target, result.x).all())
-    screen, mixing = result.stats.screen, result.stats.mixing
-    assert screen["step"] == step and screen["screened_out_share"] > 0  # it screened
-    # the delayed-acceptance bound itself was reached, or T is at its cap (refitted densities: W_bound in the 1,000s)
-    assert mixing["bound"] <= 0.01 or mixing["steps_after_entry"] == 2000, mixing
-    p_values = slot_p_values(toy, target, result)
-    assert min(p_values) > ALPHA / len(p_values), (p_values, screen, mixing)
+    evaluate = toy.screened_evaluate_fn(target, restarts=restarts)
+    p, results = calls_test(toy, target, evaluate, StandardNormal((2,)), RUNS, N, screen=step)
+    screen = results[0].stats.screen
+    assert screen["step"] == step and screen["screened_out_share"] > 0 and screen["restarts"] is restarts
+    assert screen["pool_finished"] < screen["pool_drawn"]  # the pool was screened too
+    assert p > ALPHA, (p, screen)
     # every step the toy ran is counted: s per proposal, K - s (restarts: K) more per proposal that passed the screen
-    assert result.stats.unet_calls == sum(e.calls for e in evaluates)
-    assert screen["restarts"] is restarts
+    assert sum(r.stats.unet_calls for r in results) == evaluate.calls
 
 
-def test_a_faithful_surrogate_is_chosen_and_saves_calls_at_the_same_exactness():
-    """A view without perturbation (the surrogate is the true weight up to its margins): "auto" screens at the first
-    step, and the samples are as exact as without the screen, for a fraction of the steps."""
+def test_a_faithful_surrogate_saves_calls_at_the_same_exactness():
+    """A view without perturbation (the surrogate is the true weight up to its margins): "auto" screens after one
+    step of ten and keeps screening, and the images are as exact as without the screen, for fewer steps."""
     toy = ToyProblem(offset=FAR)
-    runs = {}
+    calls = {}
     for screen in (None, "auto"):
-        evaluates = toy.stage_evaluates("A & B", screened=True, noise=0.0)
-        runs[screen] = sample_s2m(evaluates, StandardNormal((2,)), 4_000, generator=gen(3), refit="off", screen=screen)
-    auto = runs["auto"].stats
-    assert auto.screen["step"] == 1 and auto.screen["chosen"] == "auto" and auto.screen["predicted_cost"] < 0.5
-    assert auto.unet_calls < 0.5 * runs[None].stats.unet_calls
-    p_values = slot_p_values(toy, "A & B", runs["auto"])
-    assert min(p_values) > ALPHA / len(p_values)
-    assert auto.screen["agreement"] > 0.99  # the surrogate ranks the pilot's on-target draws as the true weight does
+        evaluate = toy.screened_evaluate_fn("A & B", noise=0.0)
+        p, results = calls_test(toy, "A & B", evaluate, StandardNormal((2,)), RUNS, N, screen=screen)
+        assert p > ALPHA, screen
+        calls[screen] = evaluate.calls
+    screen = results[0].stats.screen
+    assert screen["step"] == 1 and screen["chosen"] == "auto" and screen["active_after_burn_in"]
+    assert calls["auto"] < 0.8 * calls[None]
 
 
 def test_auto_is_a_no_op_without_steps_and_a_given_step_is_checked():
     toy = ToyProblem(offset=FAR)
-    plain = toy.stage_evaluates("A & B")  # no steps (a GAN): "auto" samples as without
-    a = sample_s2m(plain, StandardNormal((2,)), 200, generator=gen(0), refit="off", screen="auto")
-    b = sample_s2m(plain, StandardNormal((2,)), 200, generator=gen(0), refit="off")
+    plain = toy.evaluate_fn("A & B")  # no steps (a GAN): "auto" samples as without
+    a = sample_s2m(plain, StandardNormal((2,)), 200, generator=gen(0), screen="auto")
+    b = sample_s2m(plain, StandardNormal((2,)), 200, generator=gen(0), screen=None)
     assert torch.equal(a.x, b.x) and a.stats.screen == {} and a.stats.unet_calls == 0
     with pytest.raises(ValueError, match="cannot be stopped after a denoising step"):
-        sample_s2m(plain, StandardNormal((2,)), 10, generator=gen(0), refit="off", screen=3)
-    screened = toy.stage_evaluates("A & B", screened=True)
+        sample_s2m(plain, StandardNormal((2,)), 10, generator=gen(0), screen=3)
+    screened = toy.screened_evaluate_fn("A & B")
     with pytest.raises(ValueError, match="must be below the proposal's 10 denoising steps"):
-        sample_s2m(screened, StandardNormal((2,)), 10, generator=gen(0), refit="off", screen=10)
+        sample_s2m(screened, StandardNormal((2,)), 10, generator=gen(0), screen=10)
     with pytest.raises(ValueError, match="screen must be None"):
         S2MSamplingConfig(screen=0)
     assert S2MSamplingConfig(screen="off").screen is None
 
 
-def test_fit_pilot_carries_the_surrogate_and_saved_fits_keep_it(tmp_path):
-    from s2m_diffusers.sampling import load_fits, save_fits
-
+@pytest.mark.parametrize("restarts", [False, True])
+def test_the_budget_counts_a_screened_out_proposal_as_its_share_of_the_steps(restarts):
     toy = ToyProblem(offset=FAR)
-    evaluates = toy.stage_evaluates("A & B", screened=True)
-    fit = fit_latent(evaluates, StandardNormal((2,)), refit="once", screen="auto", fit_size=64, generator=gen(0))
-    assert fit.pilot_log_surrogates.shape == (fit.pilot_log_ratios.numel(), len(fit.pilot_screen_steps))
-    save_fits({"k": fit}, tmp_path)
-    back = load_fits(tmp_path)["k"]
-    assert torch.equal(back.pilot_log_surrogates, fit.pilot_log_surrogates)
-    assert back.pilot_screen_steps == fit.pilot_screen_steps
+    evaluate = toy.screened_evaluate_fn("A & B", restarts=restarts)
+    result = sample_s2m(
+        evaluate, StandardNormal((2,)), 1000, generator=gen(0), screen=3, max_proposals=3000, allow_partial=True
+    )
+    s = result.stats
+    assert s.budget_exhausted and result.num_samples < 1000
+    assert s.unet_calls == evaluate.calls and s.cost == pytest.approx(s.unet_calls / 10)
+    # more proposals than the budget: those screened out cost 3 / 10 (those rerun whole, restarts, 13 / 10); a round
+    # of the 250 chains runs only where the budget holds it whole at the most it can cost
+    assert 3000 - 250 * 1.3 < s.cost <= 3000 < s.proposals
+    with pytest.raises(ValueError, match="screen_min_finish"):
+        S2MSamplingConfig(screen_min_finish=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,7 +144,7 @@ def test_screened_pipeline_returns_on_target_images_and_counts_unet_calls():
     calls = []
     hook = unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     try:
-        settings = dict(refit="off", pilot_size=64, mixing_tolerance=None, steps_after_entry=20, samples_per_chain=4)
+        settings = dict(pool_size=32, burn_in=6)
         out = pipe(
             "A & B", num_images=8, generator=gen(0), output_type="pt", screen=2, negation_margin=1.0, **settings
         )
@@ -184,16 +155,12 @@ def test_screened_pipeline_returns_on_target_images_and_counts_unet_calls():
     assert stats["screen"]["step"] == 2 and stats["screen"]["num_steps"] == 4
     assert 0 < stats["screen"]["screened_out_share"] < 1
     assert stats["unet_calls"] == sum(calls) < 4 * stats["proposals"]  # screened-out proposals stopped after 2 steps
+    # 2 steps per proposal (pool and chains), 2 more for each one finished
+    screen = stats["screen"]
+    assert sum(calls) == 2 * stats["proposals"] + 2 * (screen["pool_finished"] + screen["passed"])
     assert stats["unet_calls_per_image"] == pytest.approx(sum(calls) / 8)
     # the returned images are what the UNet makes of their latents, to the end
     assert torch.allclose(out.images * 2 - 1, proposal.generate(out.latents), atol=1e-5)
-    # the fit depends on the screen (its draws are screened, its candidates weighed by the screened cost): a call with
-    # other screen settings fits anew, one with the same reuses the fit
-    fit = dict(refit="off", pilot_size=16, negation_margin=1.0)  # with a tolerance: the prior's pilot is drawn
-    pipe.fits.clear()
-    for screen, min_finish in ((2, 0.2), (2, 0.2), (2, 0.5), (None, 0.2)):
-        pipe.fit("A & B", screen=screen, screen_min_finish=min_finish, **fit)
-    assert len(pipe.fits) == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,8 +235,7 @@ def test_a_screened_wrapped_pipeline_returns_its_own_images_and_counts_its_unet_
     pipe.set_progress_bar_config(disable=True)
     proposal = pipe.get_proposal()
     spread_heads(heads, proposal.generate(proposal.p_z().sample(64, gen(1))), scale=6.0)
-    settings = dict(refit="off", pilot_size=32, mixing_tolerance=None, steps_after_entry=10, samples_per_chain=4)
-    settings.update(screen=2, negation_margin=1.0)
+    settings = dict(pool_size=16, burn_in=4, screen=2, negation_margin=1.0)
     pipe("A & B", num_images=2, generator=gen(0), **{**settings, "screen": None})
     assert not any(pipe._screen_checks.values())  # no screen asked for: the pipeline is not checked for one
     pipe("A & B", num_images=2, generator=gen(0), **settings)  # the pipeline's checks run once
@@ -284,9 +250,9 @@ def test_a_screened_wrapped_pipeline_returns_its_own_images_and_counts_its_unet_
     assert stats["proposal"] == "pipeline" and bool(out.on_target.all())
     assert stats["screen"]["step"] == 2 and stats["screen"]["restarts"] is True
     assert 0 < stats["screen"]["screened_out_share"] < 1
-    screened, finished = stats["screen"]["proposals"], stats["screen"]["finished"]
-    # the unscreened calibration pilot's 4 steps each, 2 per screened proposal, and 4 more for each one rerun whole
-    expected = 4 * (stats["proposals"] - screened) + 2 * screened + 4 * finished
+    finished = stats["screen"]["pool_finished"] + stats["screen"]["passed"]
+    # 2 steps per proposal (the pool's and the chains'), and 4 more for each one rerun whole
+    expected = 2 * stats["proposals"] + 4 * finished
     assert stats["unet_calls"] == sum(calls) / per_latent == expected
     # the returned images are the pipeline's own for their latents
     reference = sd(
@@ -299,175 +265,3 @@ def test_a_screened_wrapped_pipeline_returns_its_own_images_and_counts_its_unet_
         pipe("A & B", num_images=2, generator=gen(0), **settings)
     out = pipe("A & B", num_images=2, generator=gen(0), **{**settings, "screen": "auto"})
     assert out.stats["screen"]["step"] is None and "pred_original_sample" in out.stats["screen"]["reason"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The screened chain's exact distance (`maths.da_imh_distances`), from which its T comes
-
-
-def _atoms(seed: int, n: int = 60):
-    g = gen(seed)
-    log_r = torch.randn(n, generator=g) * 1.5
-    log_r[torch.rand(n, generator=g) < 0.6] = -math.inf
-    noise = torch.randn(n, generator=g)
-    log_s = torch.where(torch.isfinite(log_r), 0.5 * log_r + 0.5 * noise, noise)  # positive off the target too
-    return log_r, log_s
-
-
-def test_delayed_acceptance_distance_reduces_to_smith_tierney_for_a_flat_or_exact_surrogate():
-    log_r, _ = _atoms(0, 400)
-    exact = torch.tensor(imh_distance(log_r, list(range(31))), dtype=torch.float64)
-    flat = da_imh_distances(log_r, torch.zeros(400), 30, log_bar=-math.inf)
-    same = da_imh_distances(log_r, torch.where(torch.isfinite(log_r), log_r, -5.0), 30, log_bar=-math.inf)
-    assert torch.allclose(flat, exact, atol=1e-7) and torch.allclose(same, exact, atol=1e-7)
-    with pytest.raises(ValueError, match="positive wherever"):
-        da_imh_distances(log_r, torch.full((400,), -math.inf), 3)
-
-
-def test_delayed_acceptance_distance_is_that_of_the_simulated_chain():
-    """100,000 screened chains on the empirical atoms, entered and moved as `sample_imh`'s `_Screen` moves them (stage
-    one against the bar before entry, then against the state; stage two on ``r / s``): the law of their states T steps
-    after entry is at the computed distance from the target (Monte-Carlo error of the TV estimate ~0.005)."""
-    log_r, log_s = _atoms(0)
-    n, steps, chains = log_r.numel(), 6, 100_000
-    bar = float(torch.logsumexp(log_s, 0) - math.log(n))
-    on, rho, g = torch.isfinite(log_r), log_r - log_s, gen(1)
-    state, age, found = torch.full((chains,), -1), torch.zeros(chains, dtype=torch.long), []
-    for _ in range(300):
-        j = torch.randint(0, n, (chains,), generator=g)
-        entered = state >= 0
-        cur_s = torch.where(entered, log_s[state.clamp(min=0)], torch.tensor(bar, dtype=log_s.dtype))
-        cur_rho = torch.where(entered, rho[state.clamp(min=0)], torch.tensor(-math.inf))
-        stage1 = torch.rand(chains, generator=g) < torch.clamp(log_s[j] - cur_s, max=0).exp()
-        stage2 = torch.rand(chains, generator=g) < torch.clamp(rho[j] - cur_rho, max=0).nan_to_num(nan=0.0).exp()
-        moved = stage1 & stage2 & on[j]
-        state = torch.where(moved, j, state)
-        age = torch.where(entered, age + 1, age)
-        due = entered & (age == steps)
-        found.append(state[due])
-    law = torch.bincount(torch.cat(found), minlength=n).double()
-    law = law / law.sum()
-    simulated = 0.5 * float((law - torch.softmax(log_r, 0)).abs().sum())
-    computed = float(da_imh_distances(log_r, log_s, steps)[steps])
-    assert abs(simulated - computed) < 0.01, (simulated, computed)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Screening the fit's draws, and a budget that counts a proposal screened out after s of K steps as s / K
-
-
-def test_weighted_smith_tierney_distance_is_that_of_the_draws_repeated():
-    log_r, _ = _atoms(3, 80)
-    counts = torch.randint(1, 4, (80,), generator=gen(4))
-    steps = [0, 1, 5, 20, 60]
-    weighted = imh_distance(log_r, steps, counts.double())
-    assert weighted == pytest.approx(imh_distance(log_r.repeat_interleave(counts), steps), abs=1e-12)
-    assert imh_steps(log_r, 0.05, weights=counts.double()) == imh_steps(log_r.repeat_interleave(counts), 0.05)
-
-
-def test_screened_fit_draws_weighted_are_unbiased_and_a_completed_pilot_is_the_unscreened_one():
-    toy = ToyProblem(offset=FAR)
-    evaluate = toy.stage_evaluates("A & B", screened=True)[-1]
-    q = StandardNormal((2,))
-    truth = float(torch.isfinite(evaluate(q.sample(200_000, generator=gen(99)))[1]).double().mean())
-    stats, shares = SamplerStats(), []
-    for seed in range(200):  # Horvitz-Thompson: the weighted on-target share estimates the true one without bias
-        drawn = _propose(evaluate, q, 256, gen(seed), stats, screen=(5, 0.2))
-        shares.append(float(drawn.log_weight[torch.isfinite(drawn.log_ratio)].exp().sum()) / 256)
-        assert float(drawn.log_weight.max()) <= math.log(1 / 0.2) + 1e-9  # the weights stay below 1 / min_finish
-    shares = torch.tensor(shares, dtype=torch.float64)
-    assert abs(float(shares.mean()) - truth) < 4 * float(shares.std()) / math.sqrt(200)
-    assert stats.proposals == 200 * 256 and stats.cost < 0.8 * stats.proposals  # screened out: 5 of 10 steps each
-    assert stats.cost == pytest.approx(stats.unet_calls / 10)
-    # finishing the screened-out draws gives the unscreened pilot: the same latents, weights and surrogates, in order
-    drawn = _propose(evaluate, q, 64, gen(1), SamplerStats(), views=[5, 7], screen=(5, 0.2))
-    assert drawn.z.shape[0] < 64
-    whole = drawn.pending(SamplerStats())
-    z = q.sample(64, generator=gen(1))
-    _, log_w, log_w_s = evaluate.views(z, [5, 7])
-    assert torch.equal(whole.z, z) and whole.log_weight is None
-    assert torch.equal(whole.log_w, log_w.double()) and torch.equal(whole.log_ratio_s, log_w_s.double())
-
-
-def test_the_fit_screens_its_draws_and_finishes_the_chosen_pilot():
-    toy = ToyProblem(offset=FAR)
-    evaluates = toy.stage_evaluates("A & B", screened=True)
-    fit = fit_latent(evaluates, StandardNormal((2,)), refit="once", screen="auto", fit_size=64, generator=gen(0))
-    stage = next(s for s in fit.stats.stages if "stage" in s and "on_target" in s)
-    assert stage["screen_step"] == 1 and stage["cost"] < stage["proposals"] and stage["on_target"] >= 64
-    chosen = next(s for s in fit.stats.stages if s.get("pilot") == fit.chosen)
-    assert chosen["finished"] == chosen["proposals"] == fit.pilot_log_ratios.numel()  # whole: it seeds the bound
-    others = [s for s in fit.stats.stages if "pilot" in s and s["pilot"] != fit.chosen]
-    assert others and all(s["finished"] < s["proposals"] for s in others)
-    assert fit.stats.cost == pytest.approx(sum(e.calls for e in evaluates) / 10)
-    assert (
-        sum(s.get("unet_calls", 0) for s in fit.stats.stages)
-        == fit.stats.unet_calls
-        == sum(e.calls for e in evaluates)
-    )
-    # screen_min_finish=1 finishes every fit draw: no screening of the fit
-    whole = fit_latent(
-        evaluates, StandardNormal((2,)), refit="once", screen_min_finish=1.0, fit_size=64, generator=gen(0)
-    )
-    assert whole.stats.cost == whole.stats.proposals and not any("screen_step" in s for s in whole.stats.stages)
-
-
-@pytest.mark.parametrize("restarts", [False, True])
-def test_the_budget_counts_a_screened_out_proposal_as_its_share_of_the_steps(restarts):
-    toy = ToyProblem(offset=FAR)
-    evaluates = toy.stage_evaluates("A & B", screened=True, restarts=restarts)
-    result = sample_s2m(
-        evaluates,
-        StandardNormal((2,)),
-        10_000,
-        generator=gen(0),
-        refit="off",
-        screen=3,
-        max_proposals=3000,
-        allow_partial=True,
-    )
-    s = result.stats
-    assert s.budget_exhausted and result.num_samples < 10_000
-    assert s.unet_calls == sum(e.calls for e in evaluates) and s.cost == pytest.approx(s.unet_calls / 10)
-    # more proposals than the budget: those screened out cost 3 / 10 (those rerun whole, restarts, 13 / 10)
-    assert 2990 < s.cost <= 3000 < s.proposals
-    with pytest.raises(ValueError, match="screen_min_finish"):
-        S2MSamplingConfig(screen_min_finish=0.0)
-
-
-def test_a_screened_pilot_predicts_the_chains_cost_as_its_draws_repeated_would():
-    """`calibrate_screen` on a screened pilot (finished draws weighted by their inverse finishing probability, as the
-    fit measures its candidates): a chain's predicted UNet calls, screened or not, equal those of the draws repeated
-    as often as their weights say."""
-    log_r, log_s = _atoms(5, 80)
-    counts = torch.randint(1, 4, (80,), generator=gen(6))
-    config = S2MSamplingConfig()
-    for surrogate, step in ((None, 0), (torch.clamp(log_s, min=-1.0), 3)):
-        weighted = _chain_cost(log_r, surrogate, step, 10, config, counts.double().log())
-        rep = None if surrogate is None else surrogate.repeat_interleave(counts)
-        repeated = _chain_cost(log_r.repeat_interleave(counts), rep, step, 10, config)
-        assert weighted[1] == repeated[1] and weighted[0] == pytest.approx(repeated[0], rel=1e-9)
-    unweighted = calibrate_screen(log_r, log_s[:, None], [3], 10, config)
-    assert calibrate_screen(log_r, log_s[:, None], [3], 10, config, torch.zeros(80)) == unweighted
-
-
-def test_a_screened_fit_counts_its_candidates_and_its_spend_in_screened_cost():
-    """Where the sampler screens, the fit predicts each candidate's cost per sample as the budget counts it (its
-    proposals times the share the screen leaves), chooses by that, and spends at most ``n * (c - 1)`` of it beyond
-    the prior's pilot, ``c`` the prior's screened cost per sample: a cheap screened prior leaves a fit less to buy."""
-    toy = ToyProblem(offset=FAR)
-    evaluates = toy.stage_evaluates("A & B & ~C", screened=True)
-    fit = fit_latent(evaluates, StandardNormal((2,)), num_samples=32, screen="auto", generator=gen(0))
-    pilots = [s for s in fit.stats.stages if "pilot" in s]
-    for pilot in pilots:
-        share = pilot["screen_predicted_share"]
-        assert 0 < share <= 1
-        assert pilot["predicted_cost_per_sample"] == pytest.approx(pilot["predicted_proposals_per_sample"] * share)
-    assert pilots[0]["screen_predicted_share"] < 0.9  # the screen saves on this target: the prior is cheaper
-    best = min(pilots, key=lambda s: s["predicted_cost_per_sample"])
-    assert fit.chosen == best["pilot"]
-    limit = 32 * (pilots[0]["predicted_cost_per_sample"] - 1)
-    completed = sum(s.get("completed_cost", 0) for s in fit.stats.stages)
-    assert fit.stats.cost - pilots[0]["cost"] - completed <= limit
-    unscreened = fit_latent(evaluates, StandardNormal((2,)), num_samples=32, screen=None, generator=gen(0))
-    assert fit.stats.cost < unscreened.stats.cost

@@ -6,6 +6,7 @@ predicted clean image after the first of 10 steps closer to the final reading th
 that a pipeline carries them through a save and a reload in a fresh process, and that the screen reads them.
 """
 
+import os
 import subprocess
 import sys
 
@@ -16,6 +17,8 @@ from test_screen import tiny_pipeline
 from s2m_diffusers.models.heads import S2MHeads, S2MHeadsOutput
 from s2m_diffusers.pipeline_s2m import S2MPipeline
 from s2m_diffusers.screen_heads import distil_screen_heads, distillation_loss, screen_train_steps
+
+pytestmark = pytest.mark.filterwarnings("ignore:S2M sampling")  # a few images: the diagnostics may warn
 
 
 def gen(seed: int) -> torch.Generator:
@@ -49,6 +52,7 @@ def test_screen_train_steps_are_the_early_shares():
         screen_train_steps(1)
 
 
+@pytest.mark.slow  # 768 runs of the shipped DDPM, distilled for 3 epochs: a measurement (40 s on 2 cores)
 def test_screen_heads_read_the_digits_ddpm_early_views_better_than_the_heads():
     """The shipped Digits DDPM (10 DDIM steps) and its heads: after 3 epochs on 768 runs the distilled heads' held-out
     loss against the heads' reading of the final image is well below the heads' own reading of the predicted clean
@@ -66,36 +70,48 @@ def test_screen_heads_read_the_digits_ddpm_early_views_better_than_the_heads():
     assert not any(p.requires_grad for p in screen_heads.parameters())
 
 
-RELOAD = """
-import sys, torch
-from s2m_diffusers.pipeline_s2m import S2MPipeline
-pipe = S2MPipeline.from_pretrained(sys.argv[1])
-pipe.set_progress_bar_config(disable=True)
-assert pipe.screen_heads is not None and pipe.screen_heads.config.screen_steps == [1, 2]
-settings = dict(refit="off", pilot_size=64, mixing_tolerance=None, steps_after_entry=5, samples_per_chain=1)
-settings["negation_margin"] = 1.0
-out = pipe("A & B", num_images=4, generator=torch.Generator().manual_seed(0), output_type="pt", screen=1, **settings)
-screen = out.stats["screen"]
-print(screen["surrogate"], screen["step"], bool(out.on_target.all()), out.images.shape[0])
-out = pipe("A & B", num_images=4, generator=torch.Generator().manual_seed(0), output_type="pt", screen=3, **settings)
-print(out.stats["screen"]["surrogate"])
-"""
+def screen_readings(folder) -> list[str]:
+    """Load the pipeline saved in ``folder`` and sample with a screen after step 1 (within the distilled timesteps)
+    and after step 3 (beyond them): what read each screen, and whether the first call's 4 images are on target."""
+    pipe = S2MPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.screen_heads is not None and pipe.screen_heads.config.screen_steps == [1, 2]
+    settings = dict(num_images=4, output_type="pt", negation_margin=1.0, pool_size=16, burn_in=2)
+    out = pipe("A & B", generator=torch.Generator().manual_seed(0), screen=1, **settings)
+    screen = out.stats["screen"]
+    first = f"{screen['surrogate']} {screen['step']} {bool(out.on_target.all())} {out.images.shape[0]}"
+    out = pipe("A & B", generator=torch.Generator().manual_seed(0), screen=3, **settings)
+    return [first, out.stats["screen"]["surrogate"]]
 
 
-def test_a_pipeline_saves_and_reloads_its_screen_heads_and_the_screen_reads_them(tmp_path):
+def save_with_screen_heads(folder) -> None:
     pipe = tiny_pipeline()
     screen_heads, _ = distil_screen_heads(pipe, num_samples=64, num_epochs=1, progress=False)
     assert screen_heads.config.screen_steps == [1, 2]  # shares 0.1-0.5 of 4 steps
     pipe.register_modules(screen_heads=screen_heads)
-    pipe.save_pretrained(tmp_path / "pipe")
-    assert (tmp_path / "pipe" / "screen_heads" / "diffusion_pytorch_model.safetensors").is_file()
+    pipe.save_pretrained(folder)
+    assert (folder / "screen_heads" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_a_pipeline_saves_and_reloads_its_screen_heads_and_the_screen_reads_them(tmp_path):
+    save_with_screen_heads(tmp_path / "pipe")
+    # step 1 lies within the distilled timesteps, step 3 does not: the heads read it
+    assert screen_readings(tmp_path / "pipe") == ["screen_heads 1 True 4", "heads"]
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_a_pipeline_with_screen_heads_reloads_in_a_fresh_process(tmp_path):
+    save_with_screen_heads(tmp_path / "pipe")
+    code = "import sys; sys.path.insert(0, sys.argv[2]); from test_screen_heads import screen_readings; "
+    code += "print(*screen_readings(sys.argv[1]), sep=chr(10))"
     done = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(tmp_path / "pipe")], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code, str(tmp_path / "pipe"), os.path.dirname(__file__)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()
-    assert lines[-2] == "screen_heads 1 True 4"  # step 1 lies within the distilled timesteps
-    assert lines[-1] == "heads"  # step 3 does not: the heads read it
+    assert done.stdout.strip().splitlines()[-2:] == ["screen_heads 1 True 4", "heads"]
 
 
 def test_screen_heads_are_checked():

@@ -37,27 +37,9 @@ GENERATORS = ("gan", "ddpm")
 GENERATOR_KINDS = (*GENERATORS, "gan_conditional")
 # DDIM steps of the DDPM proposal: the shipped heads were trained on samples drawn with this many steps.
 DDIM_STEPS = 10
-# The demo's sampler recipe, the same for both generators: 3 MH steps after a chain enters the target, one image per
-# chain, no stated bound (`mixing_tolerance=None`), chosen for the demo's time on a 2-core CPU. The pipeline's default
-# is exact to a tolerance of 0.01, but with these heads the bound needs ~200 steps per chain (the weights' sup / mean
-# ratio W is 100-400 on the combinations): minutes per combination for the DDPM on a CPU (benchmarks/RESULTS.md).
-# Both refit (the default, sequential); what differs is what a fit is worth, since a DDPM proposal (10 UNet calls)
-# costs about 100 GAN proposals: the GAN fits every stage (`fit_spend="full"`, 128 latents per stage, unwidened: the
-# recipe the demo was first measured with), the DDPM spends what a fit could save on the call's 16 images (the
-# default), which for these combinations is less than a stage costs, so it samples from the prior.
-# The heads are read with their own margins and D_v strength, chosen from data when they were trained.
-DEMO_RECIPE: dict = {"refit": "sequential", "mixing_tolerance": None, "samples_per_chain": 1, "steps_after_entry": 3}
-DEMO_SETTINGS: dict[str, dict] = {
-    "gan": {
-        **DEMO_RECIPE,
-        "fit_spend": "full",
-        "fit_size": 128,
-        "covariance_scale": 1.0,
-        "micro_batch_size": 256,
-        "max_proposals": 100000,
-    },
-    "ddpm": {**DEMO_RECIPE, "num_inference_steps": DDIM_STEPS, "micro_batch_size": 128, "max_proposals": 3000},
-}
+# The demo samples with the pipeline's defaults, for both generators: what differs is only how many latents go
+# through the generator at once (memory and speed, not the images: `micro_batch_size`).
+MICRO_BATCH_SIZE: dict[str, int] = {"gan": 256, "ddpm": 128}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,20 +248,22 @@ def report_markdown(report: dict) -> str:
         f"wall time {report['wall_seconds']:.1f} s{' (heads retrained)' if report['retrain'] else ''}.",
         "Accuracy: share of images the shipped evaluator judges on target.",
         "",
-        "| generator | target | accuracy | proposals / image | acceptance rate | seconds | refit |",
-        "|---|---|---|---|---|---|---|",
+        "| generator | target | accuracy | proposals / image | UNet calls / image | acceptance rate | distinct | "
+        "seconds | warnings |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['generator']} | `{r['target']}` | {_fmt(r['accuracy'])} | {_fmt(r['proposals_per_image'])} | "
-            f"{_fmt(r['acceptance_rate'])} | {_fmt(r['seconds'])} | {r['refit']} |"
+            f"{_fmt(r['unet_calls_per_image'])} | {_fmt(r['acceptance_rate'])} | {r['unique_images']} | "
+            f"{_fmt(r['seconds'])} | {'; '.join(r['warnings']) or '-'} |"
         )
     lines += ["", "| generator | mean accuracy | mean proposals / image | seconds |", "|---|---|---|---|"]
     for g, s in report["summary"].items():
         lines.append(
             f"| {g} | {_fmt(s['mean_accuracy'])} | {_fmt(s['mean_proposals_per_image'])} | {_fmt(s['seconds'])} |"
         )
-    lines += ["", "Sampler settings: " + json.dumps(report["settings"])]
+    lines += ["", "Sampler settings: the defaults; call arguments " + json.dumps(report["settings"])]
     folders = ", ".join(f"`pipelines/{g}`" for g in report["paths"]["pipelines"])
     lines += ["", f"Pipelines (load with `S2MPipeline.from_pretrained`): {folders}"]
     lines += ["", "![grid](grid.png)", ""]
@@ -319,14 +303,16 @@ def run_demo(
         targets (`Sequence[str]`, defaults to `SEVEN_TARGETS`): the combinations, one grid row each.
         root (`str`): the folder of the shipped weights.
         retrain_steps (`int`, defaults to 1000): training steps of each head set with `retrain`.
-        settings (`dict`, *optional*): per-generator pipeline call arguments overriding `DEMO_SETTINGS`.
+        settings (`dict`, *optional*): per-generator pipeline call arguments beside the defaults (by default only
+            `micro_batch_size`, `MICRO_BATCH_SIZE`).
         progress (`bool`, defaults to `True`): progress bars.
 
     Returns:
         `dict`: the report (as in `report.json`): `rows` (one per generator and target: `generator`, `target`,
-        `accuracy`, `proposals_per_image`, `acceptance_rate`, `seconds`, `num_images`, `refit`, `proposals`,
-        `budget_exhausted`), `summary` per generator, `settings`, `wall_seconds`, and `paths` of the files written
-        (`grid`, `markdown`, `json`, and `pipelines`: `{generator: folder}`).
+        `accuracy`, `proposals_per_image`, `acceptance_rate`, `seconds`, `num_images`, `unet_calls_per_image`,
+        `unique_images`, `warnings` (the diagnostics'), `proposals`, `budget_exhausted`), `summary` per generator,
+        `settings`, `wall_seconds`, and `paths` of the files written (`grid`, `markdown`, `json`, and `pipelines`:
+        `{generator: folder}`).
     """
     start = time.perf_counter()
     settings = demo_settings(num_images, generators, settings)
@@ -360,13 +346,14 @@ def run_demo(
 
 
 def demo_settings(num_images: int, generators: Sequence[str], overrides: dict[str, dict] | None) -> dict[str, dict]:
-    """The pipeline call arguments of each generator: `DEMO_SETTINGS` updated by `overrides`, after checking."""
+    """The pipeline call arguments of each generator: its `micro_batch_size`, updated by `overrides`, after
+    checking; every sampler setting is the pipeline's default."""
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}.")
     unknown = [g for g in generators if g not in GENERATORS]
     if unknown:
         raise ValueError(f"Unknown generators {unknown}; choose among {list(GENERATORS)}.")
-    return {g: {**DEMO_SETTINGS[g], **((overrides or {}).get(g, {}))} for g in generators}
+    return {g: {"micro_batch_size": MICRO_BATCH_SIZE[g], **((overrides or {}).get(g, {}))} for g in generators}
 
 
 def retrain_heads(
@@ -447,7 +434,9 @@ def sample_combinations(
                     "acceptance_rate": stats["acceptance_rate"],
                     "seconds": seconds,
                     "num_images": int(len(out.images)),
-                    "refit": stats["refit"],
+                    "unet_calls_per_image": stats["unet_calls_per_image"],
+                    "unique_images": stats["unique_images"],
+                    "warnings": stats["warnings"],
                     "proposals": stats["proposals"],
                     "budget_exhausted": bool(stats["budget_exhausted"]),
                 }

@@ -23,7 +23,6 @@ import copy
 import functools
 import json
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,10 +34,10 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..maths import DEFAULT_NEGATION_MARGIN, LABELLINGS, log_p_data, log_priors
-from ..utils import optional_dependency
+from ..targets import check_attribute_names
+from ..utils import hub_repo_id, optional_dependency
 
 HEAD_NAMES = ("dv", "dr", "df")
-_ATTRIBUTE_NAME = re.compile(r"[A-Za-z0-9_.]+")
 
 
 @dataclass
@@ -147,8 +146,6 @@ def _checkpoint_model(
     `revision`), with its config dict and image mean/std if known."""
     with optional_dependency("transformers", "A transformers backbone (`transformers_checkpoint`)"):
         from transformers import AutoModel
-
-    from ..hub import hub_repo_id
 
     local = os.path.isdir(path)
     if not local and (hub_repo_id(path) is None or _hub_offline()):
@@ -283,7 +280,7 @@ class S2MHeads(ModelMixin, ConfigMixin):
                 "attribute's folder samples the images that hold it, 'one_label_per_image' when each image sits in "
                 "exactly one folder."
             )
-        _check_attribute_names(names)
+        check_attribute_names(names)
         n = len(names)
         for field, values in (
             ("label_counts", label_counts),
@@ -494,20 +491,3 @@ class S2MHeads(ModelMixin, ConfigMixin):
         if not return_dict:
             return dv_logit, dr_log_probs, df_log_probs
         return S2MHeadsOutput(dv_logit=dv_logit, dr_log_probs=dr_log_probs, df_log_probs=df_log_probs)
-
-
-def _check_attribute_names(names: list[str]) -> None:
-    if len(names) < 2:
-        raise ValueError(
-            f"S2M needs at least 2 attributes, got {names}. With one attribute there is nothing to combine: "
-            "use the proposal alone, or add single-positive data for more attributes."
-        )
-    for name in names:
-        if not isinstance(name, str) or not _ATTRIBUTE_NAME.fullmatch(name):
-            raise ValueError(
-                f"Attribute name {name!r} is not allowed: names must match [A-Za-z0-9_.]+ (no spaces or "
-                "`&|~!()+-`, which the target syntax uses). Rename it, e.g. 'black_hair'."
-            )
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ValueError(f"Duplicate attribute names {duplicates} in {names}; each attribute needs one name.")

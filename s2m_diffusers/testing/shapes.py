@@ -10,7 +10,7 @@ pattern ``B_j`` takes the values +-1 and has mean exactly 0 inside every patch. 
 and the attributes of any image are read from its pixels without an evaluator ([`ShapesGenerator.image_attributes`]).
 Under the prior each attribute holds with probability ``1 - Phi(threshold)`` (0.3 with the default threshold), the
 ``n`` attributes independently, so a conjunction of ``k`` attributes holds with probability ``0.3^k`` (7.3e-4 for
-``k = 6``): the cost of sampling it from the prior grows exponentially in ``k``, which latent refitting should break.
+``k = 6``): the cost of sampling it from the prior grows exponentially in ``k``, which the chains' local moves break.
 
 Single-positive data ([`shapes_single_positive`]) is drawn as spec §1 states it: a label ``c`` uniform over the
 attributes, then an image from ``p(x | y_c = 1)`` (``z_c`` drawn from the normal truncated to ``z_c > threshold``,

@@ -25,7 +25,16 @@ import torch
 from ..maths import log_weight
 from ..targets import Target, parse_target
 
-__all__ = ["ToyProblem", "ToyScreenedEvaluate", "energy_distance", "mean_distance", "chi_square_cells"]
+__all__ = [
+    "ToyProblem",
+    "ToyScreenedEvaluate",
+    "WithGradient",
+    "energy_distance",
+    "mean_distance",
+    "chi_square_cells",
+    "clustered_chi_square",
+    "calls_test",
+]
 
 
 def _normal_cdf(x: float) -> float:
@@ -180,13 +189,9 @@ class ToyProblem:
                 **settings,
             )
 
+        if class_label == "drawn":  # local moves keep the class coordinate, as the pipeline's do (`chains`)
+            evaluate.frozen = torch.tensor([False, False, True])
         return evaluate
-
-    def stage_evaluates(self, target: Target | str, screened: bool = False, **kwargs) -> list:
-        """``evaluate_fn`` of each refitting stage (``screened_evaluate_fn`` with ``screened=True``)."""
-        target = self.target(target) if isinstance(target, str) else target
-        make = self.screened_evaluate_fn if screened else self.evaluate_fn
-        return [make(stage, **kwargs) for stage in target.stages()]
 
     # --- a generator with an intermediate view, for screening (delayed acceptance) ----------------------------------
     def view_noise(self, z: torch.Tensor) -> torch.Tensor:
@@ -210,7 +215,7 @@ class ToyProblem:
         negation_margin: float = 1.0,
         restarts: bool = False,
     ) -> ToyScreenedEvaluate:
-        """``evaluate_fn`` of the unconditional generator, with the screen's interface (`sampling.sample_imh`): a
+        """``evaluate_fn`` of the unconditional generator, with the screen's interface (`s2m_diffusers.screen`): a
         "denoising" run of ``num_steps`` steps whose intermediate views the same exact heads judge, with the negation
         margin 1 and no floor (the surrogate is 0 wherever the view is off target: the sampler's floor must make up
         for it). With ``restarts`` a screened proposal is finished by rerunning it whole (``num_steps`` more steps), as
@@ -240,11 +245,30 @@ class ToyProblem:
         return float(self.holds(target, x).double().mean())
 
 
+class WithGradient:
+    """An evaluate function with ``value_and_grad`` by autograd through the toy's closed forms (``kernel="mala"``);
+    ``frozen`` is passed through."""
+
+    def __init__(self, evaluate):
+        self.evaluate = evaluate
+        self.frozen = getattr(evaluate, "frozen", None)
+
+    def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.evaluate(z)
+
+    def value_and_grad(self, z: torch.Tensor):
+        with torch.enable_grad():
+            leaf = z.detach().double().requires_grad_(True)
+            x, log_w = self.evaluate(leaf)
+            on = torch.isfinite(log_w)
+            grad = torch.autograd.grad(log_w[on].sum(), leaf)[0] if bool(on.any()) else torch.zeros_like(leaf)
+        return x.detach(), log_w.detach(), None, grad.nan_to_num(0.0).to(z.dtype)
+
+
 class ToyScreenedEvaluate:
-    """``z -> (x, log w)`` of the toy's unconditional generator with ``num_steps`` "denoising" steps: ``views`` (full
-    runs, surrogate log weights at given steps), ``start`` (the first steps and the surrogate) and ``finish`` (the
-    rest, or all of them again with ``screen_restarts``), as `s2m_diffusers.sampling.sample_imh` screens them.
-    ``calls`` counts the steps run, per latent."""
+    """``z -> (x, log w)`` of the toy's unconditional generator with ``num_steps`` "denoising" steps: ``start`` (the
+    first steps and the surrogate) and ``finish`` (the rest, or all of them again with ``screen_restarts``), as
+    `s2m_diffusers.screen` screens them. ``calls`` counts the steps run, per latent."""
 
     def __init__(
         self,
@@ -272,24 +296,16 @@ class ToyScreenedEvaluate:
         x = self.toy.generate(z)
         return x, self.log_w(x)
 
-    def views(self, z: torch.Tensor, steps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, log_w = self(z)
-        log_w_s = [self.log_w(self.toy.view(z, s, self.num_steps, self.noise), 1.0) for s in steps]
-        return x, log_w, torch.stack(log_w_s, 1)
-
     def start(self, z: torch.Tensor, step: int) -> tuple[tuple[torch.Tensor, int], torch.Tensor]:
         self.calls += z.shape[0] * step
         return (z, step), self.log_w(self.toy.view(z, step, self.num_steps, self.noise), 1.0)
 
-    def finish(self, handle: tuple[torch.Tensor, int], keep: torch.Tensor, views=None):
+    def finish(self, handle: tuple[torch.Tensor, int], keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z, step = handle
         z = z[keep]
         self.calls += z.shape[0] * (self.num_steps if self.screen_restarts else self.num_steps - step)
         x = self.toy.generate(z)
-        if views is None:
-            return x, self.log_w(x)
-        log_w_s = [self.log_w(self.toy.view(z, s, self.num_steps, self.noise), 1.0) for s in views]
-        return x, self.log_w(x), torch.stack(log_w_s, 1) if log_w_s else torch.zeros(z.shape[0], 0)
+        return x, self.log_w(x)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -350,3 +366,82 @@ def chi_square_cells(samples: torch.Tensor, reference: torch.Tensor, bins: int =
     stat = float(((obs - expected) ** 2 / expected).sum())
     dof = int(expected.numel()) - 1
     return stat, dof, float(chi2.sf(stat, dof))
+
+
+def _cells(samples: torch.Tensor, reference: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's cell of a ``bins x bins`` grid on the reference's per-axis quantiles, and the reference's cell
+    probabilities."""
+    q = torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1]
+    edges = [torch.quantile(reference[:, d], q) for d in range(2)]
+
+    def cell(a: torch.Tensor) -> torch.Tensor:
+        i = torch.bucketize(a[:, 0].contiguous(), edges[0])
+        j = torch.bucketize(a[:, 1].contiguous(), edges[1])
+        return i * bins + j
+
+    ref = torch.bincount(cell(reference), minlength=bins * bins).double()
+    return cell(samples), ref / ref.sum()
+
+
+def clustered_chi_square(
+    samples: torch.Tensor, clusters: torch.Tensor, reference: torch.Tensor, bins: int = 4
+) -> tuple[float, int, float]:
+    """A chi-square test of ``samples`` against cell probabilities estimated from a large exact ``reference``, for
+    samples that are correlated within ``clusters`` (the images of one chain, or of chains started together) and
+    independent across them: the Wald statistic ``(p_hat - p)^T V^-1 (p_hat - p)`` with the cluster-robust covariance
+    ``V`` of the cell shares (a ratio estimator over clusters), on all cells but one. Under the null it is
+    chi-square with ``cells - 1`` degrees of freedom as the number of clusters grows; for independent samples (one per
+    cluster) it is close to Pearson's statistic. Returns ``(statistic, degrees of freedom, p-value)``."""
+    from ..utils import optional_dependency
+
+    with optional_dependency("scipy", "toy.clustered_chi_square (a test helper)"):
+        pass
+
+    cell, p0 = _cells(samples, reference, bins)
+    # Cells expected to hold fewer than 5 samples are pooled into one, as the chi-square approximation needs.
+    small = p0 * samples.shape[0] < 5
+    onehot = torch.nn.functional.one_hot(cell, bins * bins).double()
+    if bool(small.any()):
+        onehot = torch.cat([onehot[:, ~small], onehot[:, small].sum(1, keepdim=True)], 1)
+        p0 = torch.cat([p0[~small], p0[small].sum()[None]])
+    keep = p0 > 0
+    if bool((onehot[:, ~keep].sum(0) > 0).any()):  # a sample where the exact target has no mass
+        return math.inf, int(keep.sum()) - 1, 0.0
+    onehot = onehot[:, keep]  # (n, J)
+    j = int(keep.sum())
+    ids = torch.unique(clusters.cpu(), return_inverse=True)[1]
+    k = int(ids.max()) + 1
+    counts = torch.zeros(k, j, dtype=torch.float64).index_add_(0, ids, onehot)  # (K, J)
+    sizes = counts.sum(1, keepdim=True)  # (K, 1)
+    total = float(sizes.sum())
+    p_hat = counts.sum(0) / total
+    resid = counts - sizes * p_hat  # (K, J)
+    cov = resid.T @ resid / total**2 * k / (k - 1)
+    diff = (p_hat - p0[keep])[:-1]
+    stat = float(diff @ torch.linalg.pinv(cov[:-1, :-1], hermitian=True) @ diff)
+    dof = j - 1
+    if k <= dof + 1:
+        return stat, dof, math.nan
+    # Hotelling's small-sample correction: T^2 (K - d) / (d (K - 1)) ~ F(d, K - d) for K clusters.
+    from scipy.stats import f
+
+    return stat, dof, float(f.sf(stat * (k - dof) / (dof * (k - 1)), dof, k - dof))
+
+
+def calls_test(
+    toy: ToyProblem, target: str, evaluate, q, runs: int, n: int, seed: int = 0, reference_seed: int = 1, **settings
+) -> tuple[float, list]:
+    """``runs`` independent calls of `sampling.sample_s2m` for ``n`` images each (seeds ``10000 * seed + r``), tested
+    against the exact target with the calls as clusters ([`clustered_chi_square`]): images of one call are correlated,
+    calls are not. Checks that every image is on the target. Returns the p-value and the calls' results."""
+    from ..sampling import sample_s2m
+
+    xs, calls, results = [], [], []
+    for r in range(runs):
+        result = sample_s2m(evaluate, q, n, generator=torch.Generator().manual_seed(10_000 * seed + r), **settings)
+        assert bool(toy.holds(target, result.x).all()), "a returned sample is off target"
+        xs.append(result.x)
+        calls.append(torch.full((result.num_samples,), r))
+        results.append(result)
+    reference = toy.exact_sample(target, 400_000, torch.Generator().manual_seed(reference_seed))
+    return clustered_chi_square(torch.cat(xs), torch.cat(calls), reference)[2], results

@@ -1,0 +1,509 @@
+"""The chains of S2M sampling (spec §5b): enter by importance resampling a pool, adapt during burn-in, then sample.
+
+[`sample_chains`] is the one driver. It sees ``evaluate(z) -> (x, log_w[, readings])`` and a latent density ``q``
+(``sample(n, generator)``, ``log_prior_ratio(z) = log p_z(z) - log q(z)``), never a model:
+
+1. **Entry.** A pool of draws of ``q`` (at least ``pool_size``, in batches until the importance ratios of its
+   draws have an effective sample size of ``pool_ess``) is importance-resampled (systematic resampling by
+   ``r = w p_z / q``) to the chains' starting points.
+   Chains are started in pairs from one point (superchains, for [`diagnostics.nested_rhat`]).
+2. **Burn-in.** ``burn_in`` steps of the kernel, each chain adapting its own step size towards
+   ``target_acceptance`` (Robbins-Monro on the log step, with the acceptance probability itself, not the coin;
+   the step kept is the average over the burn-in's second half, shrunk towards the chains' median); the thinning is
+   then set from the acceptance rate so that a chain has moved between two of its images with probability 0.95.
+3. **Sampling.** The step sizes and the thinning are frozen: each chain is an exact Metropolis-Hastings chain for
+   ``pi(z) ∝ p_z(z) w(G(z))`` and returns its state every ``thinning`` steps, ``samples_per_chain`` times, the first
+   at the end of the burn-in.
+
+Each step is a mixture kernel (`s2m_diffusers.kernels`): a local move (pCN, or MALA) and, with probability
+``jump_rate`` per chain, an independent draw from ``q`` (so that chains can jump between modes; ``kernel=
+"independent"`` makes every move one). A diffusion proposal can be screened (delayed acceptance,
+`s2m_diffusers.screen`). The chains' ``log w`` and readings at every step after the burn-in feed the diagnostics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import diagnostics, kernels
+from .results import SamplerStats
+from .screen import Screen, count, prepare_screen, screened_pool_batch, unpack
+
+__all__ = ["ChainState", "Pool", "draw_pool", "start_chains", "thinning_for", "sample_chains"]
+
+Evaluate = Callable[[torch.Tensor], tuple]
+# Two images of one chain are this many steps apart that the chain has moved in between with probability 0.95.
+STUCK_SHARE = 0.05
+MAX_THINNING = 20
+# Step sizes stay in [MIN_STEP, 1] (pCN's b = 1 is an independent draw from the prior).
+MIN_STEP = 1e-3
+# The Robbins-Monro gain of the step-size adaptation at burn-in step t: ADAPT_GAIN / sqrt(t + 1).
+ADAPT_GAIN = 1.5
+
+
+@dataclass
+class ChainState:
+    """A batch of chain states (or of proposals): latents `(C, ...)`, images `(C, ...)`, ``log w`` and the importance
+    ratio ``log r = log w + log p_z - log q`` `(C,)` (float64, CPU), the heads' readings `(C, m)`, and where a kernel
+    needs them, the gradient of ``log w`` (MALA) and the screen's floored surrogate ``log w_s``."""
+
+    z: torch.Tensor
+    x: Any
+    log_w: torch.Tensor
+    log_ratio: torch.Tensor
+    readings: torch.Tensor | None = None
+    grad: torch.Tensor | None = None
+    log_w_s: torch.Tensor | None = None
+
+    def take(self, rows: torch.Tensor) -> ChainState:
+        """The states ``rows`` (a long tensor of indices)."""
+        return ChainState(*(None if v is None else v[rows.to(v.device)] for v in self._values()))
+
+    def replace_where(self, accept: torch.Tensor, new: ChainState) -> None:
+        """Move the chains where ``accept`` to ``new``'s states, in place."""
+        for name, mine in zip(_FIELDS, self._values()):
+            other = getattr(new, name)
+            if mine is None or other is None:
+                continue
+            mask = accept.to(mine.device).reshape(-1, *([1] * (mine.ndim - 1)))
+            setattr(self, name, torch.where(mask, other.to(mine.device, mine.dtype), mine))
+
+    def put(self, rows: torch.Tensor, new: ChainState) -> None:
+        """Write ``new``'s states into the chains ``rows``, in place."""
+        for name in _FIELDS:
+            mine, other = getattr(self, name), getattr(new, name)
+            if mine is not None and other is not None:
+                mine[rows.to(mine.device)] = other.to(mine.device, mine.dtype)
+
+    def _values(self) -> list:
+        return [getattr(self, name) for name in _FIELDS]
+
+
+_FIELDS = ("z", "x", "log_w", "log_ratio", "readings", "grad", "log_w_s")
+
+
+@dataclass
+class Pool:
+    """The entry pool: every draw's latent, log importance ratio (``log r``, plus ``-log P(finished)`` for a screened
+    draw) and readings, the surrogate ``log w_s`` of a screened pool; the images of the on-target draws only (the only
+    ones a chain can start from)."""
+
+    z: torch.Tensor
+    log_ratio: torch.Tensor
+    readings: torch.Tensor | None
+    on_target: dict[int, Any]  # index -> image
+    log_w: torch.Tensor
+    log_w_s: torch.Tensor | None = None
+    proposals: int = 0
+    records: list = field(default_factory=list)
+
+    @property
+    def num_on_target(self) -> int:
+        return int(torch.isfinite(self.log_ratio).sum())
+
+    @property
+    def ess(self) -> float:
+        """The effective sample size of the pool's importance ratios (0 when no draw is on the target)."""
+        if not self.num_on_target:
+            return 0.0
+        return float(1.0 / torch.softmax(self.log_ratio, 0).pow(2).sum())
+
+
+def _cat(a, b):
+    return b if a is None else torch.cat([a, b])
+
+
+def draw_pool(evaluate, q, config, generator, stats, budget: float | None, screen: Screen | None = None) -> Pool:
+    """Draws of ``q`` in batches of ``pool_batch`` until at least ``pool_size`` are drawn and their importance ratios
+    have an effective sample size of ``pool_ess`` (or ``budget`` proposals are spent). With a ``screen`` each batch is
+    screened
+    ([`screen.screened_pool_batch`])."""
+    size = config.pool_size
+    batch = config.pool_batch or size
+    pool = Pool(torch.zeros(0), torch.zeros(0, dtype=torch.float64), None, {}, torch.zeros(0, dtype=torch.float64))
+    zs = []
+    while pool.proposals < size or pool.ess < config.pool_ess:
+        n = batch if budget is None else min(batch, math.floor(budget - stats.cost + 1e-9))
+        if n <= 0:
+            break
+        z = q.sample(n, generator=generator)
+        correction = q.log_prior_ratio(z).detach().double().cpu()
+        if screen is not None:
+            keep, x, log_w, readings, log_w_s, log_p = screened_pool_batch(evaluate, z, screen, generator, stats)
+        else:
+            t0 = time.perf_counter()
+            x, log_w, readings = unpack(evaluate(z))
+            stats.seconds_evaluate += time.perf_counter() - t0
+            count(stats, n, evaluate)
+            keep, log_w_s, log_p = torch.arange(n), None, torch.zeros(n, dtype=torch.float64)
+        offset = sum(v.shape[0] for v in zs)
+        log_ratio = log_w + correction[keep] - log_p
+        for i in torch.isfinite(log_ratio).nonzero().flatten().tolist():
+            pool.on_target[offset + i] = x[i]
+        zs.append(z[keep.to(z.device)])
+        pool.log_ratio = torch.cat([pool.log_ratio, log_ratio])
+        pool.log_w = torch.cat([pool.log_w, log_w])
+        pool.readings = readings if pool.readings is None else torch.cat([pool.readings, readings])
+        if log_w_s is not None:
+            pool.log_w_s = _cat(pool.log_w_s, log_w_s)
+        pool.proposals += n
+    pool.z = torch.cat(zs) if zs else torch.zeros(0)
+    return pool
+
+
+def systematic_resample(log_weights: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``n`` indices drawn in proportion to ``exp(log_weights)`` by systematic resampling (one uniform): each index
+    appears ``floor(n p_i)`` or ``ceil(n p_i)`` times, fewer repeats than multinomial draws."""
+    p = torch.softmax(log_weights.double(), 0)
+    device = generator.device if generator is not None else "cpu"
+    u = (torch.rand(1, generator=generator, device=device, dtype=torch.float64).cpu() + torch.arange(n)) / n
+    return torch.searchsorted(torch.cumsum(p, 0), u.clamp(max=1 - 1e-12)).clamp(max=p.numel() - 1)
+
+
+def start_chains(pool: Pool, num_chains: int, per_start: int, generator) -> tuple[ChainState, torch.Tensor]:
+    """The chains' starting states: ``num_chains / per_start`` points resampled from the pool by their importance
+    ratios, each shared by ``per_start`` chains (a superchain). Returns the states and each chain's superchain."""
+    starts = systematic_resample(pool.log_ratio, num_chains // per_start, generator)
+    rows = starts.repeat_interleave(per_start)
+    z = pool.z[rows.to(pool.z.device)].clone()
+    x = torch.stack([pool.on_target[int(i)] for i in rows])
+    readings = None if pool.readings is None else pool.readings[rows]
+    log_w_s = None if pool.log_w_s is None else pool.log_w_s[rows]
+    state = ChainState(z, x, pool.log_w[rows], pool.log_ratio[rows], readings, None, log_w_s)
+    return state, torch.arange(num_chains // per_start).repeat_interleave(per_start)
+
+
+def thinning_for(acceptance: float, stuck_share: float = STUCK_SHARE, most: int = MAX_THINNING) -> int:
+    """The fewest steps after which a chain accepting at this rate has moved with probability ``1 - stuck_share``."""
+    if acceptance >= 1.0:
+        return 1
+    if acceptance <= 0.0:
+        return most
+    return max(1, min(most, math.ceil(math.log(stuck_share) / math.log1p(-acceptance) - 1e-9)))
+
+
+def _propose(evaluate, q, state: ChainState, step, jump, kernel, generator, frozen) -> torch.Tensor:
+    """One round's proposed latents: a local move for each chain, an independent draw of ``q`` where ``jump``."""
+    if kernel == "mala":
+        local = kernels.mala_propose(state.z, state.grad, step, generator, frozen)
+    else:
+        local = kernels.pcn_propose(state.z, step, generator, frozen)
+    if not bool(jump.any()):
+        return local
+    drawn = q.sample(state.z.shape[0], generator=generator).to(local.device, local.dtype)
+    return torch.where(jump.to(local.device).reshape(-1, *([1] * (local.ndim - 1))), drawn, local)
+
+
+def _weigh(evaluate, q, z, kernel, stats) -> ChainState:
+    """Proposals through ``evaluate`` (with the gradient for MALA), counted."""
+    t0 = time.perf_counter()
+    grad = None
+    if kernel == "mala":
+        x, log_w, readings, grad = evaluate.value_and_grad(z)
+        log_w = log_w.detach().double().cpu()
+        readings = None if readings is None else readings.detach().double().cpu()
+    else:
+        x, log_w, readings = unpack(evaluate(z))
+    stats.seconds_evaluate += time.perf_counter() - t0
+    count(stats, z.shape[0], evaluate)
+    log_ratio = log_w + q.log_prior_ratio(z).detach().double().cpu()
+    return ChainState(z, x, log_w, log_ratio, readings, grad)
+
+
+def _log_alpha(state: ChainState, new: ChainState, jump, kernel, step, frozen) -> torch.Tensor:
+    """The log acceptance ratio of each chain's proposal: the independent kernel's where ``jump``, else the local
+    one."""
+    independent = kernels.log_alpha_independent(state.log_ratio, new.log_ratio)
+    if kernel == "mala":
+        local = kernels.log_alpha_mala(state.z, state.log_w, state.grad, new.z, new.log_w, new.grad, step, frozen)
+    else:
+        local = kernels.log_alpha_pcn(state.log_w, new.log_w)
+    return torch.where(jump, independent, local.cpu())
+
+
+def step_chains(evaluate, q, state: ChainState, step, config, generator, stats, screen: Screen | None, frozen):
+    """One Metropolis-Hastings step of every chain, in place; returns (accepted `(C,)`, acceptance probabilities
+    `(C,)`, jumped `(C,)`)."""
+    c = state.z.shape[0]
+    kernel = config.kernel
+    if kernel == "independent":
+        jump = torch.ones(c, dtype=torch.bool)
+    else:
+        device = generator.device if generator is not None else "cpu"
+        jump = (torch.rand(c, generator=generator, device=device, dtype=torch.float64) < config.jump_rate).cpu()
+    z_new = _propose(evaluate, q, state, step, jump, kernel, generator, frozen)
+    if screen is not None:
+        accept, alpha = screen.move(evaluate, q, state, z_new, jump, generator, stats)
+        return accept, alpha, jump
+    new = _weigh(evaluate, q, z_new, kernel, stats)
+    log_alpha = _log_alpha(state, new, jump, kernel, step, frozen)
+    accept = kernels.mh_accept(log_alpha, generator).cpu()
+    state.replace_where(accept, new)
+    return accept, torch.clamp(log_alpha, max=0.0).exp(), jump
+
+
+def adapt(log_step: torch.Tensor, alpha: torch.Tensor, local: torch.Tensor, t: int, target: float) -> torch.Tensor:
+    """One Robbins-Monro update of each chain's log step size towards the target acceptance (chains that made a local
+    move this step only), ``log b += gain_t (alpha - target)``."""
+    gain = ADAPT_GAIN / math.sqrt(t + 1)
+    updated = log_step + gain * (alpha.double() - target)
+    return torch.where(local, updated, log_step).clamp(math.log(MIN_STEP), 0.0)
+
+
+def frozen_steps(late: list[torch.Tensor], last: torch.Tensor) -> torch.Tensor:
+    """The log step sizes the chains keep after the burn-in: each chain's mean over the second half of the burn-in
+    (Polyak averaging: the last iterate of a few Robbins-Monro steps is noisy), shrunk halfway towards the chains'
+    median (one chain's few acceptances say little)."""
+    own = torch.stack(late).mean(0) if late else last
+    return 0.5 * own + 0.5 * own.median()
+
+
+@dataclass
+class _Run:
+    """One run's context, shared by its phases: what it evaluates, its settings and randomness, what it counts, and
+    its record (``stats.chains``)."""
+
+    evaluate: Any
+    q: Any
+    config: Any
+    generator: torch.Generator | None
+    budget: float | None
+    callback: Callable | None
+    stats: SamplerStats = field(default_factory=SamplerStats)
+    screen: Screen | None = None
+    record: dict = field(default_factory=dict)
+    rounds: int = 0
+
+    def step(self, state: ChainState, step: torch.Tensor):
+        """One step of every chain (`step_chains`), counted as a round."""
+        self.rounds += 1
+        frozen = getattr(self.evaluate, "frozen", None)
+        return step_chains(
+            self.evaluate, self.q, state, step, self.config, self.generator, self.stats, self.screen, frozen
+        )
+
+    def affordable(self, num_chains: int) -> bool:
+        """Whether the budget holds one more round of ``num_chains`` proposals at the most they can cost."""
+        worst = num_chains * (self.screen.worst_cost if self.screen is not None else 1.0)
+        if self.budget is None or self.stats.cost + worst <= self.budget + 1e-9:
+            return True
+        self.stats.budget_exhausted = True
+        return False
+
+    def stop(self, phase: str, done: int = 0) -> bool:
+        """Tell the callback where the run is; `True` when it asks to stop."""
+        return self.callback is not None and bool(self.callback(self.rounds, {"phase": phase, "done": done}))
+
+    def phase(self, name: str) -> None:
+        """Tell ``evaluate`` the phase (``set_phase``, where it has one: the pipeline's `callback_on_step_end`)."""
+        set_phase = getattr(self.evaluate, "set_phase", None)
+        if callable(set_phase):
+            set_phase(name)
+
+
+def _layout(num_samples: int, config) -> tuple[int, int, int]:
+    """The chains, the chains per start (pairs from 4 chains on: superchains) and the images per chain."""
+    per_chain = min(config.samples_per_chain, num_samples)
+    num_chains = config.num_chains or max(min(2, num_samples), math.ceil(num_samples / per_chain))
+    per_start = 2 if num_chains >= 4 else 1
+    num_chains = per_start * math.ceil(num_chains / per_start)
+    return num_chains, per_start, math.ceil(num_samples / num_chains)
+
+
+def _enter(run: _Run, num_chains: int, per_start: int):
+    """The entry: the pool, and the chains' starting states and superchains (`None` when no draw is on the target or
+    the callback stops the run)."""
+    run.phase("pool")
+    pool = draw_pool(run.evaluate, run.q, run.config, run.generator, run.stats, run.budget, run.screen)
+    run.record["pool"] = {"proposals": pool.proposals, "on_target": pool.num_on_target, "ess": pool.ess}
+    if run.stop("pool") or not pool.num_on_target:
+        run.stats.budget_exhausted = not pool.num_on_target
+        return pool, None, None
+    if run.screen is not None:
+        run.screen.calibrate(pool)  # the surrogate's floor, from the pool's on-target draws
+        if not run.screen.active:
+            run.record["screen"], run.screen = run.screen.report(), None
+    state, superchains = start_chains(pool, num_chains, per_start, run.generator)
+    if run.config.kernel == "mala":  # the starting states' gradients: one more evaluation of the starts
+        state = _weigh(run.evaluate, run.q, state.z, "mala", run.stats)
+    return pool, state, superchains
+
+
+def _burn_in(run: _Run, state: ChainState) -> tuple[torch.Tensor, int] | None:
+    """``burn_in`` steps adapting each chain's step size; the step sizes and the thinning the chains keep (`None`
+    when the budget or the callback stops the run)."""
+    config, c = run.config, state.z.shape[0]
+    run.phase("burn_in")
+    log_step = torch.full((c,), math.log(config.initial_step), dtype=torch.float64)
+    late_alpha, late_steps = [], []
+    for t in range(config.burn_in):
+        if not run.affordable(c):
+            return None
+        _, alpha, jump = run.step(state, log_step.exp())
+        log_step = adapt(log_step, alpha, ~jump, t, config.target_acceptance)
+        if t >= config.burn_in // 2:
+            late_alpha.append(alpha)
+            late_steps.append(log_step)
+        if run.stop("burn_in"):
+            return None
+    if run.screen is not None:  # "auto" keeps the screen only where the burn-in's steps saved with it
+        run.screen.end_burn_in()
+        run.record["screen"] = run.screen.report()
+        run.screen = run.screen if run.screen.active else None
+    rate = float(torch.cat(late_alpha).mean()) if late_alpha else config.target_acceptance
+    thinning = config.thinning or thinning_for(rate)
+    step = frozen_steps(late_steps, log_step).exp()
+    run.record.update(thinning=thinning, burn_in_acceptance=rate, step_size=_summary(step))
+    return step, thinning
+
+
+def _sample(run: _Run, state: ChainState, step: torch.Tensor, thinning: int, per_chain: int, num_samples: int):
+    """The exact Metropolis-Hastings chains: every chain's state every ``thinning`` steps, ``per_chain`` times (the
+    first at the end of the burn-in), and every step's ``log w`` and readings for the diagnostics."""
+    run.phase("sampling")
+    c = state.z.shape[0]
+    taken, trace_w, trace_r = [_snapshot(state)], [state.log_w.clone()], [state.readings]
+    accepted = moves = jumps = 0
+    for t in range(1, (per_chain - 1) * thinning + 1):
+        if not run.affordable(c):
+            break
+        accept, _, jump = run.step(state, step)
+        accepted, moves, jumps = accepted + int(accept.sum()), moves + c, jumps + int(jump.sum())
+        trace_w.append(state.log_w.clone())
+        trace_r.append(state.readings)
+        if t % thinning == 0:
+            taken.append(_snapshot(state))
+        if run.stop("sampling", min(num_samples, len(taken) * c)):
+            break
+    run.stats.accepted = accepted
+    run.record.update(moves=moves, acceptance=accepted / moves if moves else None)
+    run.record["jump_share"] = jumps / moves if moves else None
+    traces = {"log_w": torch.stack(trace_w, 1)}
+    if all(r is not None for r in trace_r):
+        traces["readings"] = torch.stack(trace_r, 1)  # (C, T, m)
+    out = {
+        name: torch.cat([getattr(s, name) for s in taken])[:num_samples]
+        for name in ("z", "x", "log_w", "readings")
+        if all(getattr(s, name) is not None for s in taken)
+    }
+    out["chain"] = torch.arange(c).repeat(len(taken))[:num_samples]
+    return out, traces
+
+
+def sample_chains(
+    evaluate,
+    q,
+    num_samples: int,
+    config,
+    *,
+    max_proposals: float | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable | None = None,
+):
+    """Run the chains and return their images (module docstring): the entry, the burn-in, the sampling. See
+    `s2m_diffusers.sampling.sample_s2m`.
+
+    Returns:
+        (`dict` of the returned states ``z``, ``x``, ``log_w``, ``readings``, ``chain``, or `None` when no image was
+        made; the pool; the traces with the chains' superchains; the run's record; its `SamplerStats`), which
+        `sampling.sample_s2m` assembles into a `SampleResult`.
+    """
+    if config.kernel == "mala" and not callable(getattr(evaluate, "value_and_grad", None)):
+        raise ValueError(
+            "kernel='mala' needs an evaluate function with value_and_grad (the gradient of log w: a GAN and heads "
+            "that are differentiable); use kernel='pcn', which needs no gradient."
+        )
+    num_chains, per_start, per_chain = _layout(num_samples, config)
+    run = _Run(evaluate, q, config, generator, max_proposals, callback)
+    run.screen, screen_record = prepare_screen(evaluate, config)
+    run.record.update(num_chains=num_chains, samples_per_chain=per_chain, kernel=config.kernel, screen=screen_record)
+    pool, state, superchains = _enter(run, num_chains, per_start)
+    frozen = None if state is None else _burn_in(run, state)
+    out = traces = None
+    if frozen is not None:
+        out, traces = _sample(run, state, *frozen, per_chain, num_samples)
+        traces.update(superchains=superchains, per_start=per_start)
+        if run.screen is not None:
+            run.record["screen"] = run.screen.report()
+    run.stats.rounds = run.rounds
+    return out, pool, traces, run.record, run.stats
+
+
+def _snapshot(state: ChainState) -> ChainState:
+    return ChainState(
+        state.z.clone(), state.x.clone(), state.log_w.clone(), state.log_ratio.clone(),
+        None if state.readings is None else state.readings.clone(),
+    )  # fmt: skip
+
+
+def _summary(values: torch.Tensor) -> dict:
+    v = values.double()
+    return {"min": float(v.min()), "median": float(v.median()), "max": float(v.max())}
+
+
+def chain_diagnostics(traces: dict, returned_readings, returned_log_w, chain_ids, pool: Pool, names) -> dict:
+    """R-hat, ESS and the reading check of a run (`s2m_diffusers.diagnostics`), with the warnings they call for."""
+    log_w = traces["log_w"]  # (C, T)
+    columns = {"log_w": log_w}
+    if "readings" in traces:
+        for j, name in enumerate(names):
+            columns[f"ratio[{name}]"] = traces["readings"][:, :, j]
+    per_start = traces["per_start"]
+    out: dict[str, Any] = {"draws_per_chain": int(log_w.shape[1]), "chains": int(log_w.shape[0])}
+    rhat, ess, nested = {}, {}, {}
+    for key, draws in columns.items():
+        rhat[key] = diagnostics.split_rhat(draws)
+        ess[key] = diagnostics.ess_bulk(draws)
+        nested[key] = diagnostics.nested_rhat(draws, traces["superchains"]) if per_start > 1 else math.nan
+    out.update(split_rhat=rhat, ess_bulk=ess, nested_rhat=nested)
+    threshold = diagnostics.nested_rhat_threshold(per_start)
+    out["nested_rhat_threshold"] = threshold
+    warnings = []
+    finite_ess = [v for v in ess.values() if math.isfinite(v)]
+    long_enough = finite_ess and min(finite_ess) / (2 * log_w.shape[0]) >= diagnostics.MIN_ESS_PER_SPLIT_CHAIN
+    out["rhat_used"] = "split_rhat" if long_enough else "nested_rhat"
+    for key in columns:
+        if long_enough and rhat[key] > diagnostics.RHAT_THRESHOLD:
+            warnings.append(f"split-R-hat of {key} is {rhat[key]:.3f} (> {diagnostics.RHAT_THRESHOLD})")
+        elif not long_enough and nested[key] > threshold:
+            warnings.append(f"nested R-hat of {key} is {nested[key]:.3f} (> {threshold:.3f})")
+    checks = {}
+    if returned_log_w is not None and returned_log_w.numel() >= 2:
+        values = {"log_w": (returned_log_w, pool.log_w)}
+        if returned_readings is not None and pool.readings is not None:
+            for j, name in enumerate(names):
+                values[f"ratio[{name}]"] = (returned_readings[:, j], pool.readings[:, j])
+        n_eff = _returned_ess(returned_log_w, chain_ids)
+        for key, (mine, theirs) in values.items():
+            checks[key] = diagnostics.reading_check(mine, n_eff, theirs, pool.log_ratio)
+            z = checks[key]["z"]
+            if math.isfinite(z) and z > diagnostics.READING_CHECK_SE:
+                warnings.append(
+                    f"the returned images' mean {key} {checks[key]['mean']:.3g} is {z:.1f} standard errors from the "
+                    f"pool's importance-weighted estimate {checks[key]['estimate']:.3g}"
+                )
+        out["returned_ess"] = n_eff
+    out["reading_check"] = checks
+    out["warnings"] = warnings
+    return out
+
+
+def _returned_ess(values: torch.Tensor, chain_ids: torch.Tensor) -> float:
+    """The effective number of the returned images: their bulk-ESS across chains where every chain returned as many
+    (at least 4), else their number (correlation unseen)."""
+    ids = chain_ids.cpu()
+    counts = torch.bincount(ids)
+    counts = counts[counts > 0]
+    n = values.numel()
+    if counts.numel() < 2 or int(counts.min()) != int(counts.max()) or int(counts[0]) < 4:
+        return float(n)
+    per = int(counts[0])
+    draws = values.double().cpu()[torch.argsort(ids, stable=True)].reshape(-1, per)  # (chains, images), in order
+    ess = diagnostics.ess_bulk(draws)
+    return float(min(n, ess)) if math.isfinite(ess) else float(n)
