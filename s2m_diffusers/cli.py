@@ -483,13 +483,19 @@ def _sample_into_output(pipe, args: argparse.Namespace, seed: int, state) -> int
     calls = f", {stats['calls']} calls" if stats.get("calls", 1) > 1 else ""
     print(
         f"wrote {count} images to {args.output} ({stats['proposals']} proposals, "
-        f"{stats['proposals_per_image']:.3g} per image, acceptance rate {stats['acceptance_rate']:.3g}, "
-        f"{stats['seconds_total']:.3g} s{calls})"
+        f"{_shown_number(stats.get('proposals_per_image'))} per image, acceptance rate "
+        f"{_shown_number(stats.get('acceptance_rate'))}, {_shown_number(stats.get('seconds_total'))} s{calls})"
     )
     if stats["budget_exhausted"]:
         print(f"s2m: warning: the budget ran out with {count} of {args.num_images} images.", file=sys.stderr)
         return EXIT_BUDGET
     return EXIT_OK
+
+
+def _shown_number(value) -> str:
+    """A statistic for the summary line: 3 significant digits, or ``n/a`` where the run has none (e.g. no
+    acceptance rate when no proposal was judged)."""
+    return f"{value:.3g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
 
 
 def _sample_calls(pipe, args: argparse.Namespace, seed: int, state, sink: _SampleFolder | None) -> dict:
