@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import sample_args as cli_sample_args
 from test_conventions import ddim_pipeline
 from test_kills import TESTS, digests, hidden
 from test_pipeline import FAST, gan_pipeline, seeded
@@ -247,12 +248,13 @@ print("done", flush=True)
 SAMPLE_ROUNDS = """
 import contextlib
 from s2m_diffusers.cli import main
+from test_races import into
 
 codes = []
 for round in range({rounds}):
     released(round)
     with contextlib.redirect_stdout(sys.stderr):  # what it wrote: into the log
-        codes.append(main({args!r} + ["--output", os.path.join({root!r}, f"out-{{round}}")]))
+        codes.append(main(into({args!r}, os.path.join({root!r}, f"out-{{round}}"))))
 print("done", flush=True)
 print(json.dumps(codes), flush=True)
 """
@@ -302,6 +304,13 @@ def test_two_processes_saving_into_one_folder_at_once_end_as_one_whole_save(two_
     assert hidden(tmp_path) == []
 
 
+def into(args: list[str], output) -> list[str]:
+    """`s2m sample` arguments with another --output."""
+    args = list(args)
+    args[args.index("--output") + 1] = str(output)
+    return args
+
+
 def without_stats(files: dict) -> dict:
     """The files of a sample folder but stats.json (its seconds differ from run to run)."""
     return {name: digest for name, digest in files.items() if name != "stats.json"}
@@ -312,12 +321,11 @@ def without_stats(files: dict) -> dict:
 def test_two_sample_runs_into_one_output_never_mix(tmp_path, overwrite):
     saved = tmp_path / "s2m"
     gan_pipeline().save_pretrained(saved)
-    base = ["sample", "--pipeline", str(saved), "--target", "A & ~B", "--num-images", "3", "--quiet"]
-    base += ["--fit-size", "32", "--negation-margin", "1"] + (["--overwrite"] if overwrite else [])
-    runs = {seed: [*base, "--seed", str(seed)] for seed in (1, 2)}
+    extra = ["--overwrite"] if overwrite else []
+    runs = {seed: cli_sample_args(str(saved), "OUTPUT", "--seed", str(seed), *extra) for seed in (1, 2)}
     references = {}
     for seed, args in runs.items():  # each run alone: the folder it writes
-        assert main([*args, "--output", str(tmp_path / f"alone-{seed}")]) == 0
+        assert main(into(args, tmp_path / f"alone-{seed}")) == 0
         references[seed] = without_stats(digests(tmp_path / f"alone-{seed}"))
     rounds = 4
     bodies = [SAMPLE_ROUNDS.format(rounds=rounds, root=str(tmp_path), args=args) for args in runs.values()]
