@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -22,7 +24,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 from .hub import TRAINING_FOLDER, check_save_directory, generator_image_shape, load_generator_folder, save_pipeline
-from .utils import jsonable, replace_folder_atomically, write_json_atomically
+from .utils import FolderBusyError, jsonable, replace_folder_atomically, write_json_atomically
 
 __all__ = ["main", "build_parser"]
 
@@ -30,7 +32,12 @@ EXIT_OK, EXIT_BUDGET, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 # the files `s2m sample` writes (and `s2m evaluate` added before it wrote beside the folder): a folder of only these
 # may be replaced with --overwrite
 SAMPLE_FILES = re.compile(r"^(\d{4,}\.png|grid\.png|stats\.json|latents\.safetensors|evaluation\.json)$")
-GRID_FILE = "grid.png"  # every image of an `s2m sample` run in one picture, under a header naming the target
+GRID_FILE = "grid.png"  # the images of an `s2m sample` run's first call in one picture, under a header naming it
+# `s2m sample --images-per-call`: the images of one pipeline call, written before the next call starts
+IMAGES_PER_CALL = 1024
+# what `s2m sample` keeps of each image until stats.json is written last (its name, on-target flag and class label,
+# as Python objects and as JSON): the part of its memory that grows with --num-images
+BOOKKEEPING_BYTES = 160
 # diffusers' `get_scheduler` names (`training.LR_SCHEDULERS`; here so that `--help` imports no torch)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -43,11 +50,6 @@ def _float_or_auto(value: str) -> float | str:
         return float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
-
-
-def _number(value, digits: int = 3) -> str:
-    """A statistic for a summary line: ``n/a`` where a run has none (a chain that returned one image never moved)."""
-    return "n/a" if value is None else f"{value:.{digits}g}"
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -82,7 +84,13 @@ _SAMPLE_EPILOG = (
     "\n"
     "output: the folder is written whole (beside it, then moved into place): a run that is stopped leaves\n"
     "no folder or the previous one. A folder that already holds files is refused unless --overwrite,\n"
-    "which replaces the whole folder of an earlier `s2m sample`.\n"
+    "which replaces the whole folder of an earlier `s2m sample`; a folder another run is writing is refused.\n"
+    "\n"
+    "many images: the pipeline is called for at most --images-per-call images at a time (1024), and each\n"
+    "call's PNGs are written before the next, so memory does not grow with --num-images (a run refuses, before\n"
+    "it starts, a count whose images, chains or bookkeeping cannot fit). Call k draws from a seed derived\n"
+    "from --seed and k (the first call: --seed itself): the same --seed, --num-images and --images-per-call\n"
+    "give the same images; grid.png shows the first call's images.\n"
     "Exit status: 0 done, 1 budget exhausted, 2 invalid input, 3 unexpected error."
 )
 
@@ -171,6 +179,14 @@ def _sample_parser(subparsers) -> argparse.ArgumentParser:
         help="class of a conditional proposal: 'auto' (default), 'none' (drawn with the latent), or an attribute",
     )
     p.add_argument("--allow-partial", action="store_true", help="write the images found if the budget runs out")
+    p.add_argument(
+        "--images-per-call",
+        type=int,
+        default=IMAGES_PER_CALL,
+        metavar="N",
+        help=f"images per pipeline call; each call's images are written before the next call, so memory holds at "
+        f"most N images (default: {IMAGES_PER_CALL}; the images depend on it, as on --seed)",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -178,8 +194,6 @@ def _sample_parser(subparsers) -> argparse.ArgumentParser:
 
 def sample(args: argparse.Namespace) -> int:
     """Run `s2m sample`."""
-    import torch
-
     from .distributed import get_state, launched_processes
     from .pipeline_s2m import S2MPipeline
     from .sampling import BudgetExhaustedError
@@ -200,29 +214,20 @@ def sample(args: argparse.Namespace) -> int:
         pipe = S2MPipeline.from_pretrained(args.pipeline, revision=args.revision)
     except (OSError, ValueError) as err:
         return _fail_on(main_process, f"could not load the pipeline {args.pipeline!r}: {err}", EXIT_USAGE)
-    _place_pipeline(pipe, args, state)
-    seed = _sample_seed(args.seed, state)
     try:
-        out = pipe(
-            args.target,
-            num_images=args.num_images,
-            generator=torch.Generator(device="cpu").manual_seed(seed),
-            output_type="pil",
-            kernel=args.kernel,
-            max_proposals=args.max_proposals,
-            micro_batch_size=args.micro_batch_size,
-            num_chains=args.num_chains,
-            **({} if args.screen is None else {"screen": args.screen}),
-            **({} if args.screen_min_finish is None else {"screen_min_finish": args.screen_min_finish}),
-            negation_margin=args.negation_margin,
-            presence_margin=args.presence_margin,
-            class_label=_class_label(args.class_label),
-            num_inference_steps=args.num_inference_steps,
-            allow_partial=args.allow_partial,
-            distributed=state is not None,
-        )
+        problem = _memory_problem(args, pipe)
+        if problem is not None:
+            return _fail_on(main_process, problem, EXIT_USAGE)
+        _place_pipeline(pipe, args, state)
+        seed = _sample_seed(args.seed, state)
+        if main_process:
+            return _sample_into_output(pipe, args, seed, state)
+        if not _agree(state, None):  # the main process could not take --output, and says why
+            return EXIT_USAGE
+        stats = _sample_calls(pipe, args, seed, state, None)  # the main process holds the same output and writes it
+        return EXIT_BUDGET if stats["budget_exhausted"] else EXIT_OK
     except BudgetExhaustedError as err:
-        return _fail_on(main_process, _budget_message(err), EXIT_BUDGET)
+        return _fail_on(main_process, _budget_message(err, args), EXIT_BUDGET)
     except TargetError as err:
         cause = err.__cause__  # the parser's own message, without what the pipeline adds for unknown attributes
         if isinstance(cause, TargetError) and cause.unknown_attribute is None:
@@ -230,10 +235,22 @@ def sample(args: argparse.Namespace) -> int:
         return _fail_on(main_process, str(err), EXIT_USAGE)
     except ValueError as err:
         return _fail_on(main_process, _cli_words(str(err)), EXIT_USAGE)
-
-    if not main_process:  # the main process holds the same, gathered output and writes it
-        return EXIT_BUDGET if out.stats["budget_exhausted"] else EXIT_OK
-    return _write_samples(args, out, seed)
+    except FolderBusyError as err:
+        who = f"another process (PID {err.pid})" if err.pid is not None else "another process"
+        return _fail_on(
+            main_process,
+            f"--output {args.output!r} is being written by {who} right now (another `s2m sample`, or a save); two "
+            "runs into one folder would mix their images. Wait for it to finish and choose another --output (or "
+            "--overwrite its folder then), or write this run elsewhere.",
+            EXIT_USAGE,
+        )
+    except OSError as err:  # writing the images: a full disk, a folder without write permission
+        return _fail_on(
+            main_process,
+            f"could not write --output {args.output!r} ({err}); nothing was written there. Free space or choose a "
+            "folder you can write to.",
+            EXIT_USAGE,
+        )
 
 
 def _fail_on(main_process: bool, message: str, code: int) -> int:
@@ -247,6 +264,8 @@ def _check_sample_arguments(args: argparse.Namespace) -> str | None:
         return f"--num-images must be at least 1, got {args.num_images}."
     if args.num_chains is not None and args.num_chains < 1:
         return f"--num-chains must be at least 1, got {args.num_chains}."
+    if args.images_per_call < 1:
+        return f"--images-per-call must be at least 1, got {args.images_per_call}."
     if not os.path.isdir(args.pipeline) and (args.pipeline.count("/") != 1 or os.path.exists(args.pipeline)):
         return (
             f"--pipeline {args.pipeline!r} is neither a folder nor a Hub repo id ('user/name'). Save one with "
@@ -309,9 +328,18 @@ def _cli_words(message: str) -> str:
     return re.sub(pattern, lambda m: _CLI_OPTIONS[m.group(1)] + (" " if m.group(2) else ""), message)
 
 
-def _budget_message(err) -> str:
-    """The pipeline's budget error (what the pool saw, what to try) in the words of `s2m sample`'s options."""
-    return _cli_words(str(err))
+def _budget_message(err, args: argparse.Namespace) -> str:
+    """The pipeline's budget error (what the pool saw, what to try) in the words of `s2m sample`'s options; for a
+    later call of a run of several (`--images-per-call`), which call it was and what the earlier calls found."""
+    message = _cli_words(str(err))
+    before = getattr(err, "found_before", 0)  # images the run's earlier pipeline calls found
+    if before:
+        message += (
+            f" (This was the pipeline call for images {before + 1} to {before + err.requested} of {args.num_images}, "
+            f"--images-per-call {args.images_per_call}, with what the earlier calls left of --max-proposals "
+            f"{args.max_proposals}; they had found {before} images, which --allow-partial would write with these.)"
+        )
+    return message
 
 
 def _place_pipeline(pipe, args: argparse.Namespace, state) -> None:
@@ -365,45 +393,292 @@ def _class_label(value: str) -> str | int | None:
     return value
 
 
-def _write_samples(args: argparse.Namespace, out, seed: int) -> int:
-    """Write the PNGs, latents.safetensors and stats.json of `s2m sample` as one folder (beside `--output`, then moved
-    into place whole: a kill leaves no folder or the previous one), and say what was written."""
-    from safetensors.torch import save_file
+def call_seed(seed: int, index: int) -> int:
+    """The seed of the `index`-th pipeline call of an `s2m sample` run (`--images-per-call` images each): `seed`
+    itself for the first, so that a run of one call draws what the Python call with that seed draws; then 63 bits of
+    SHA-256 of both, so that no two calls of any runs share a seed by construction."""
+    if index == 0:
+        return seed
+    digest = hashlib.sha256(f"s2m sample: seed {seed}, call {index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
-    stats = out.stats
-    names = [f"{i:04d}.png" for i in range(len(out.images))]
+
+def _agree(state, ok: bool | None) -> bool:
+    """Under `accelerate launch`: the main process's `ok` (whether it took --output), told to every process, so that
+    none starts sampling alone; `ok` itself otherwise."""
+    if state is None:
+        return bool(ok)
+    import torch
+    from accelerate.utils import broadcast
+
+    flag = torch.tensor([1 if ok else 0], device=state.device)
+    return bool(broadcast(flag, from_process=0).item())
+
+
+def _memory_problem(args: argparse.Namespace, pipe) -> str | None:
+    """Whether an `s2m sample` run fits in memory (`s2m_diffusers.memory`): one call's images, latents and chains,
+    and the few bytes per image the run keeps until stats.json; `None` when it does, or when the memory available
+    cannot be read."""
+    from .memory import available_memory, call_memory, call_shapes, format_bytes
+    from .pipeline_s2m import DEFAULT_MAX_CHAINS
+
+    per_call = min(args.num_images, args.images_per_call)
+    chains = min(args.num_chains or min(per_call, DEFAULT_MAX_CHAINS), per_call)
+    image_shape, latent_numel = call_shapes(pipe)
+    parts = call_memory(per_call, chains, image_shape, latent_numel, "pil")
+    bookkeeping = args.num_images * BOOKKEEPING_BYTES
+    call = sum(parts.values())
+    free, source = available_memory()
+    if free is None or call + bookkeeping <= free:
+        return None
+    shape = "x".join(map(str, image_shape))
+    held = (
+        f"{format_bytes(call + bookkeeping)}: one call of {per_call} images of {shape} holds "
+        f"{format_bytes(parts['images'] + parts['latents'])} and its {chains} chains {format_bytes(parts['chains'])}, "
+        f"and the run keeps {BOOKKEEPING_BYTES} bytes per image until stats.json is written "
+        f"({format_bytes(bookkeeping)})"
+    )
+    available = f"{format_bytes(free)} is available ({source})"
+    if bookkeeping >= call:
+        most = max((free - call) // BOOKKEEPING_BYTES, 0)
+        return (
+            f"--num-images {args.num_images} needs at least {held}, but {available}. Ask for at most about {most} "
+            "images per run, and spread more over several runs into other --output folders with other --seed values."
+        )
+    if parts["chains"] > parts["images"] + parts["latents"]:
+        most = max((free - bookkeeping - parts["images"] - parts["latents"]) // max(parts["chains"] // chains, 1), 0)
+        return (
+            f"--num-chains {args.num_chains} needs at least {held}, but {available}. Use --num-chains {most} or less."
+        )
+    per_image = max((parts["images"] + parts["latents"]) // per_call, 1)
+    most = max((free - bookkeeping - parts["chains"]) // per_image, 0)
+    return (
+        f"--images-per-call {args.images_per_call} needs at least {held}, but {available}. Use --images-per-call "
+        f"{most} or fewer (the images then depend on it as on --seed)."
+    )
+
+
+def _sample_into_output(pipe, args: argparse.Namespace, seed: int, state) -> int:
+    """The main process's run: take --output (refused at once while another run or save writes it), sample call by
+    call into the hidden staging folder beside it, writing each call's images as they come, then move the folder
+    into place whole (`replace_folder_atomically`) and say what was written."""
+    agreed, done = [], {}
 
     def write(folder: str) -> None:
-        for name, image in zip(names, out.images):
-            image.save(os.path.join(folder, name))
-        if names:
-            sample_grid(out.images, stats["target"]).save(os.path.join(folder, GRID_FILE))
-        save_file({"latents": out.latents.contiguous().cpu()}, os.path.join(folder, "latents.safetensors"))
-        record = {
-            "pipeline": args.pipeline,
-            "revision": args.revision,
-            "seed": seed,
-            "images": names,
-            "grid": GRID_FILE if names else None,
-            "on_target": out.on_target.tolist(),
-            "class_labels": None if out.class_labels is None else out.class_labels.tolist(),
-            **stats,
-        }
-        _write_json(os.path.join(folder, "stats.json"), record)  # last
+        problem = _output_problem(args.output, args.overwrite)  # again under the lock: a run that just finished
+        if problem is not None:
+            raise ValueError(problem)
+        agreed.append(_agree(state, True))
+        sink = _SampleFolder(folder)
+        done["stats"] = stats = _sample_calls(pipe, args, seed, state, sink)
+        done["count"] = sink.finish({"pipeline": args.pipeline, "revision": args.revision, "seed": seed}, stats)
 
-    replace_folder_atomically(write, args.output)
+    try:
+        replace_folder_atomically(write, args.output, wait=False)
+    except BaseException:
+        if not agreed:
+            _agree(state, False)
+        raise
+    stats, count = done["stats"], done["count"]
+    calls = f", {stats['calls']} calls" if stats.get("calls", 1) > 1 else ""
     print(
-        f"wrote {len(names)} images to {args.output} ({stats['proposals']} proposals, "
-        f"{stats['proposals_per_image']:.3g} per image, acceptance rate {_number(stats['acceptance_rate'])}, "
-        f"{stats['seconds_total']:.3g} s)"
+        f"wrote {count} images to {args.output} ({stats['proposals']} proposals, "
+        f"{_shown_number(stats.get('proposals_per_image'))} per image, acceptance rate "
+        f"{_shown_number(stats.get('acceptance_rate'))}, {_shown_number(stats.get('seconds_total'))} s{calls})"
     )
     if stats["budget_exhausted"]:
-        print(f"s2m: warning: the budget ran out with {len(names)} of {args.num_images} images.", file=sys.stderr)
+        print(f"s2m: warning: the budget ran out with {count} of {args.num_images} images.", file=sys.stderr)
         return EXIT_BUDGET
     return EXIT_OK
 
 
-def sample_grid(images: Sequence, target: str, min_side: int = 64):
+def _shown_number(value) -> str:
+    """A statistic for the summary line: 3 significant digits, or ``n/a`` where the run has none (e.g. no
+    acceptance rate when no proposal was judged)."""
+    return f"{value:.3g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+
+
+def _sample_calls(pipe, args: argparse.Namespace, seed: int, state, sink: _SampleFolder | None) -> dict:
+    """Call the pipeline for `--images-per-call` images at a time (call `k` with the generator of `call_seed(seed,
+    k)`; `--max-proposals` shared: each call gets what the earlier ones left), hand each call's output to `sink`
+    (the main process's folder) before the next call, and return the run's statistics (`merge_call_stats`)."""
+    import torch
+
+    from .sampling import BudgetExhaustedError
+
+    stats, found = None, 0
+    for index, start in enumerate(range(0, args.num_images, args.images_per_call)):
+        count = min(args.images_per_call, args.num_images - start)
+        budget = args.max_proposals
+        if budget is not None and stats is not None:
+            budget = max(1, math.floor(budget - (stats.get("budget_spent") or stats["proposals"])))
+        try:
+            out = pipe(
+                args.target,
+                num_images=count,
+                generator=torch.Generator(device="cpu").manual_seed(call_seed(seed, index)),
+                output_type="pil",
+                kernel=args.kernel,
+                max_proposals=budget,
+                micro_batch_size=args.micro_batch_size,
+                num_chains=args.num_chains,
+                **({} if args.screen is None else {"screen": args.screen}),
+                **({} if args.screen_min_finish is None else {"screen_min_finish": args.screen_min_finish}),
+                negation_margin=args.negation_margin,
+                presence_margin=args.presence_margin,
+                class_label=_class_label(args.class_label),
+                num_inference_steps=args.num_inference_steps,
+                allow_partial=args.allow_partial,
+                distributed=state is not None,
+            )
+        except BudgetExhaustedError as err:
+            if index:
+                err.found_before, err.requested = found, count
+            raise
+        if sink is not None:
+            sink.add(out)
+        found += len(out.images)
+        stats = dict(out.stats) if stats is None else merge_call_stats(stats, out.stats)
+        if out.stats["budget_exhausted"] or out.stats.get("interrupted"):
+            break
+    if stats.get("calls", 1) > 1:
+        stats["images_per_call"] = args.images_per_call
+        if args.max_proposals is not None:  # the run's budget (each call's was what the earlier calls left of it)
+            stats["max_proposals"] = args.max_proposals
+    return stats
+
+
+# the statistics of an `s2m sample` run's calls that add up; the ratios are recomputed from them, and the rest (the
+# target, the fit and its stages, the mixing bound, the screen) are the first call's, which fitted
+_ADDITIVE_STATS = (
+    "num_images",
+    "proposals",
+    "accepted",
+    "on_target_images",
+    "unique_images",
+    "chains_started",
+    "chains_entered",
+    "rounds",
+    "fit_proposals",
+    "fit_unet_calls",
+    "unet_calls",
+    "budget_spent",
+    "max_proposals",
+    "seconds_generator",
+    "seconds_heads",
+    "seconds_sampler",
+    "seconds_total",
+    "seconds_wall",
+)
+
+
+def merge_call_stats(run: dict, call: dict) -> dict:
+    """The statistics of an `s2m sample` run so far (`run`) with those of its next pipeline call: counts and seconds
+    added, ``acceptance_rate`` and the per-image ratios recomputed, ``budget_exhausted`` and ``interrupted`` if any
+    call's was, ``calls`` counted; every other entry stays the first call's."""
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    out = dict(run)
+    for key in _ADDITIVE_STATS:
+        if number(run.get(key)) and number(call.get(key)):
+            out[key] = run[key] + call[key]
+    for key in ("budget_exhausted", "interrupted"):
+        out[key] = bool(run.get(key)) or bool(call.get(key))
+    if number(out.get("proposals")) and number(out.get("accepted")):
+        out["acceptance_rate"] = out["accepted"] / out["proposals"] if out["proposals"] else 0.0
+    if number(out.get("num_images")) and out["num_images"]:
+        for total, ratio in (("proposals", "proposals_per_image"), ("unet_calls", "unet_calls_per_image")):
+            if number(out.get(total)):
+                out[ratio] = out[total] / out["num_images"]
+    out["calls"] = run.get("calls", 1) + 1
+    return out
+
+
+class _LatentsFile:
+    """``latents.safetensors`` written a call at a time: the latents are appended to a raw file as they come, and
+    the safetensors header (which states the final shape) is written before them at the end."""
+
+    _DTYPES = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16", "int64": "I64"}
+
+    def __init__(self, path: str):
+        self.path, self.part = path, path + ".part"
+        self.rows, self.shape, self.dtype = 0, None, None
+        open(self.part, "wb").close()
+
+    def add(self, latents) -> None:
+        import torch
+
+        latents = latents.detach().cpu().contiguous()
+        if self.dtype is None:
+            self.shape, self.dtype = tuple(latents.shape[1:]), latents.dtype
+        if tuple(latents.shape[1:]) != self.shape:
+            raise ValueError(f"latents of shape {tuple(latents.shape[1:])} after latents of shape {self.shape}")
+        latents = latents.to(self.dtype)
+        if latents.numel():
+            with open(self.part, "ab") as f:
+                f.write(latents.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self.rows += int(latents.shape[0])
+
+    def finish(self) -> None:
+        size = os.path.getsize(self.part)
+        dtype = self._DTYPES[str(self.dtype).removeprefix("torch.")]
+        header = json.dumps(
+            {"latents": {"dtype": dtype, "shape": [self.rows, *self.shape], "data_offsets": [0, size]}},
+            separators=(",", ":"),
+        ).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(self.path, "wb") as out, open(self.part, "rb") as data:
+            out.write(len(header).to_bytes(8, "little") + header)
+            while block := data.read(1 << 20):
+                out.write(block)
+        os.remove(self.part)
+
+
+class _SampleFolder:
+    """The staging folder of an `s2m sample` run: each call's PNGs and latents as they come (`add`), then grid.png,
+    latents.safetensors and, last, stats.json (`finish`)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.names: list[str] = []
+        self.on_target: list[bool] = []
+        self.class_labels: list[int] | None = None
+        self.grid_images: list = []  # the images of the first call that found any, for grid.png
+        self.latents = _LatentsFile(os.path.join(folder, "latents.safetensors"))
+
+    def add(self, out) -> None:
+        for image in out.images:
+            name = f"{len(self.names):04d}.png"
+            image.save(os.path.join(self.folder, name))
+            self.names.append(name)
+        if not self.grid_images:
+            self.grid_images = list(out.images)
+        self.latents.add(out.latents)
+        self.on_target += out.on_target.tolist()
+        if out.class_labels is not None:
+            self.class_labels = (self.class_labels or []) + out.class_labels.tolist()
+
+    def finish(self, record: dict, stats: dict) -> int:
+        names = self.names
+        if names:
+            grid = sample_grid(self.grid_images, stats["target"], total=len(names))
+            grid.save(os.path.join(self.folder, GRID_FILE))
+        self.latents.finish()
+        record = {
+            **record,
+            "images": names,
+            "grid": GRID_FILE if names else None,
+            "on_target": self.on_target,
+            "class_labels": self.class_labels,
+            **stats,
+        }
+        _write_json(os.path.join(self.folder, "stats.json"), record)  # last
+        return len(names)
+
+
+def sample_grid(images: Sequence, target: str, min_side: int = 64, total: int | None = None):
     """The images of a run in one picture (`diffusers.utils.make_image_grid`, as square as it gets), under a header
     that names the target; small images are enlarged (nearest neighbour) to at least `min_side` pixels.
 
@@ -411,6 +686,7 @@ def sample_grid(images: Sequence, target: str, min_side: int = 64):
         images (`Sequence[PIL.Image.Image]`): the images, of one size.
         target (`str`): the target, written in the header.
         min_side (`int`, defaults to 64): the least side of a cell.
+        total (`int`, *optional*): the run's images, when `images` are the first of them (said in the header).
 
     Returns:
         `PIL.Image.Image`: the grid (RGB).
@@ -427,7 +703,8 @@ def sample_grid(images: Sequence, target: str, min_side: int = 64):
     rows = math.ceil(len(cells) / cols)
     cells += [Image.new("RGB", cells[0].size, "white")] * (rows * cols - len(cells))
     grid = make_image_grid(cells, rows=rows, cols=cols)
-    label = f"{target}  ({len(images)} images)"
+    shown = len(images)
+    label = f"{target}  ({shown} images)" if total in (None, shown) else f"{target}  (first {shown} of {total} images)"
     header = 16
     text_width = int(ImageDraw.Draw(grid).textlength(label)) + 8
     out = Image.new("RGB", (max(grid.width, text_width), grid.height + header), "white")
@@ -1240,7 +1517,7 @@ def demo(args: argparse.Namespace) -> int:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         print(
             f"{r['generator']:<10} {r['target']:<14} {acc:>8} {r['proposals_per_image']:>9.1f} "
-            f"{_number(r['acceptance_rate']):>7} {r['seconds']:>8.1f}"
+            f"{_shown_number(r['acceptance_rate']):>7} {r['seconds']:>8.1f}"
         )
     for g, s in report["summary"].items():
         acc = "-" if s["mean_accuracy"] is None else f"{s['mean_accuracy']:.3f}"

@@ -85,6 +85,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # a training run's state inside the pipeline folder it writes (`s2m train-heads --checkpointing_steps`): kept by a
 # save like any file that is not part of the pipeline, and never uploaded
 TRAINING_FOLDER = "checkpoints"
+# the pipeline's cached fits (`S2MPipeline.write_extra_files`), loaded by `from_pretrained`: always the pipeline's,
+# replaced by every save and covered by its manifest
+FITS_FOLDER = "fits"
 
 
 # the libraries whose components diffusers loads by itself; `save_pretrained` records any other component under its
@@ -286,8 +289,10 @@ def save_pipeline(
     The folder is written whole beside its destination, ends with the manifest ([`write_manifest`]), and replaces
     the destination in one step ([`~s2m_diffusers.utils.replace_folder_atomically`]): a kill at any moment leaves the
     previous pipeline (or no folder) or the new one, never a mix, and the temporaries of a killed save are removed by
-    the next one. Of an existing pipeline folder, the entries that are not part of a pipeline (notes, checkpoints,
-    ``metrics.json``) are carried over; its components are not.
+    the next one. Of an existing pipeline folder, the entries that are not part of a pipeline (notes, checkpoints)
+    are carried over; its components, ``fits/`` and every file its manifest lists are not. Saves into one folder
+    take turns ([`~s2m_diffusers.utils.folder_lock`], held from that decision through the final rename): two saves
+    at once end as the later one, whole, never a mix of both.
 
     Args:
         pipeline ([`~s2m_diffusers.pipeline_s2m.S2MPipeline`]): the pipeline. Its ``write_extra_files(folder)``,
@@ -319,11 +324,14 @@ def save_pipeline(
             stacklevel=3,
         )
     destination = os.path.abspath(os.fspath(save_directory))
-    part_of_old = _pipeline_entries(destination)
-
+    _pipeline_entries(destination)  # refused before anything is written
     card = _card_context(pipeline, license, base_model, sampling)
+    part_of_old: set[str] = set()
 
     def write(folder: str) -> None:
+        # under the folder's lock: what the folder holds now (another save may have just replaced it) decides which
+        # of its entries are the old pipeline's (replaced) and which are the user's (kept)
+        part_of_old.update(_pipeline_entries(destination))
         _write_pipeline_folder(pipeline, folder, variant, max_shard_size, training_data, extra_files, card)
 
     return replace_folder_atomically(write, destination, keep=lambda name: name not in part_of_old)
@@ -341,8 +349,9 @@ def check_save_directory(save_directory: str | os.PathLike) -> None:
 
 def _pipeline_entries(folder: str) -> set[str]:
     """The top-level entries of an existing pipeline folder that belong to the pipeline (replaced by a save, not
-    carried over). Raises for an existing folder that holds files but is not a saved pipeline."""
-    names = {INDEX_FILE, MANIFEST_FILE, CARD_FILE, f"{PIPELINE_FILE}.py"}
+    carried over): the index, manifest, card and shim, ``fits/``, every component the index names and every entry
+    the manifest lists. Raises for an existing folder that holds files but is not a saved pipeline."""
+    names = {INDEX_FILE, MANIFEST_FILE, CARD_FILE, f"{PIPELINE_FILE}.py", FITS_FOLDER}
     if not os.path.lexists(folder):
         return names
     if not os.path.isdir(folder):
@@ -353,11 +362,14 @@ def _pipeline_entries(folder: str) -> set[str]:
     try:
         with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as f:
             index = json.load(f)
-    except (OSError, ValueError):
+        if not isinstance(index, dict):
+            raise ValueError(f"a JSON {_json_kind(index)}, not an object")
+    except (OSError, ValueError) as err:
         shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
         raise ValueError(
-            f"save_directory {folder!r} holds files ({shown}) but no saved pipeline (no readable {INDEX_FILE}); a "
-            "save replaces its folder as a whole. Save into a new or empty folder, or into a saved pipeline."
+            f"save_directory {folder!r} holds files ({shown}) but no saved pipeline (no readable {INDEX_FILE}: "
+            f"{err}); a save replaces its folder as a whole. Save into a new or empty folder, or into a saved "
+            "pipeline."
         ) from None
     names |= {k for k, v in index.items() if not k.startswith("_") and _is_component_entry(v)}
     names |= {path.split("/")[0] for path in _read_manifest(folder).get("files", {})}
@@ -505,16 +517,20 @@ def _shown(items: list[str], limit: int = 5) -> str:
     return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def check_pipeline_folder(folder: str | os.PathLike, config: Mapping[str, Any] | None = None) -> None:
-    """Refuse a saved S2M pipeline folder that cannot be loaded as one pipeline, before anything is loaded:
+def check_pipeline_folder(folder: str | os.PathLike, config: Any = None) -> None:
+    """Refuse a saved S2M pipeline folder that cannot be loaded as one pipeline, before anything is loaded, in this
+    order (the first problem found is the one named):
 
+    - a `model_index.json` that is not a JSON object, or a setting of it of the wrong type ([`check_index`]);
     - a component that `model_index.json` lists whose folder is missing;
     - weights in pickle form (``.bin``, ``.pt``, ...) in a folder without safetensors weights: pickle runs code
       when it is read;
+    - files that differ from the manifest or are missing (named: e.g. the one-line ``.py`` shims, which some
+      download filters drop), or that lie in a component folder or ``fits/`` without being listed in it: parts of
+      different saves, or a damaged folder;
     - a pipeline class or a component class that the installed packages do not define, or that the index names
-      otherwise than the folder's shim;
-    - files that differ from the manifest, are missing from it, or lie in a component folder without being listed
-      in it: parts of different saves, or a damaged folder.
+      otherwise than the folder's shim (a shim that is missing is named as such);
+    - components in the index other than those the manifest records.
 
     It warns about a folder without a manifest (saved by diffusers' own `save_pretrained` or an older
     s2m-diffusers: its parts cannot be checked) and about one saved by a newer diffusers or s2m-diffusers.
@@ -524,19 +540,22 @@ def check_pipeline_folder(folder: str | os.PathLike, config: Mapping[str, Any] |
         config (`Mapping`, *optional*): its `model_index.json` content, as read; read from the folder by default.
 
     Raises:
-        ValueError: naming what is wrong and what to do.
+        ValueError: naming the file, the setting or the files that are wrong, and what to do.
     """
     folder = os.fspath(folder)
     if config is None:
         with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as f:
             config = json.load(f)
+    check_index(config, os.path.join(folder, INDEX_FILE))
     components = _components(config)
     _check_component_folders(folder, components)
     _check_no_pickle(folder, components)
-    _check_classes(folder, config, components)
     manifest = _read_manifest(folder)
     if manifest:
-        _check_manifest(folder, manifest, components)
+        _check_manifest_files(folder, manifest, config)
+    _check_classes(folder, config, components)
+    if manifest:
+        _check_manifest_components(folder, manifest, components)
     else:
         warnings.warn(
             f"{folder!r} has no {MANIFEST_FILE}: it was saved by diffusers' own save_pretrained or an s2m-diffusers "
@@ -546,6 +565,71 @@ def check_pipeline_folder(folder: str | os.PathLike, config: Mapping[str, Any] |
             stacklevel=3,
         )
     _warn_newer_versions(folder, config, manifest)
+
+
+def _json_kind(value: Any) -> str:
+    """How JSON names the type of a parsed value, for messages: ``"list"``, ``"string"``, ``"number"``, ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", tuple: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+# the settings `S2MPipeline` records in `model_index.json`: what each must be, and an example
+_INDEX_SETTINGS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "num_inference_steps": (_positive_int, "a positive integer, e.g. 25"),
+    "latent_shape": (
+        lambda v: v is None or (isinstance(v, list) and len(v) > 0 and all(_positive_int(s) for s in v)),
+        "null or a list of positive integers, e.g. [4, 64, 64]",
+    ),
+    "proposal_kwargs": (lambda v: v is None or isinstance(v, dict), 'null or an object, e.g. {"prompt": "a photo"}'),
+    "default_target": (lambda v: v is None or isinstance(v, str), 'null or a string, e.g. "a & ~b"'),
+}
+
+
+def check_index(config: Any, path: str) -> None:
+    """Refuse a `model_index.json` that is not a JSON object, a setting of `S2MPipeline` of the wrong type
+    (``num_inference_steps`` a positive integer; ``latent_shape`` null or a list of positive integers;
+    ``proposal_kwargs`` null or an object; ``default_target`` null or a string), and a component entry (``heads``,
+    ``gan``, ``unet``, ...) that is not ``[library, class]`` (strings, or both null for a component not saved).
+
+    Args:
+        config: the parsed content of the file.
+        path (`str`): the file, named in the message.
+
+    Raises:
+        ValueError: naming the file, the key, the value and the fix.
+    """
+    from .pipeline_s2m import S2MPipeline
+
+    restore = "restore the file from the saved pipeline, or save the pipeline again with S2MPipeline.save_pretrained"
+    if not isinstance(config, Mapping):
+        shown = json.dumps(config)[:80] if isinstance(config, (list, str, int, float, bool, type(None))) else config
+        raise ValueError(
+            f"{path} holds a JSON {_json_kind(config)} ({shown}), not an object: a pipeline's index is an object such "
+            'as {"_class_name": ["pipeline", "S2MPipeline"], "heads": [...], "num_inference_steps": 25}. The file '
+            f"was edited or replaced; {restore}."
+        )
+    for key, (valid, expected) in _INDEX_SETTINGS.items():
+        if key in config and not valid(config[key]):
+            raise ValueError(
+                f"{path}: the setting {key!r} is {json.dumps(config[key])} (a {_json_kind(config[key])}); it must be "
+                f"{expected}. Correct it in the file (or delete the line for the default), or {restore}."
+            )
+    for key in getattr(S2MPipeline, "_optional_components", []):
+        if key in config and not _is_component_entry(config[key]):
+            raise ValueError(
+                f"{path}: the component {key!r} is {json.dumps(config[key])}; a component entry is "
+                f'["library", "ClassName"] (e.g. ["s2m_diffusers_models_heads", "S2MHeads"]), or [null, null] for '
+                f"one that was not saved. Correct it in the file, or {restore}."
+            )
 
 
 def _components(config: Mapping[str, Any]) -> dict[str, list]:
@@ -610,6 +694,7 @@ def _check_classes(folder: str, config: Mapping[str, Any], components: Mapping[s
     index = os.path.join(folder, INDEX_FILE)
     name = config.get("_class_name")
     if isinstance(name, (list, tuple)) and len(name) == 2 and isinstance(name[0], str):
+        _check_shim_present(folder, f"{name[0]}.py", "pipeline", name[1])
         shim = _read_shim(os.path.join(folder, f"{name[0]}.py"))
         cls = _installed_class(*shim) if shim is not None and shim[1] == name[1] else None
     else:
@@ -632,6 +717,8 @@ def _check_classes(folder: str, config: Mapping[str, Any], components: Mapping[s
             )
         module = shim[0] if shim is not None else library
         if _installed_class(module, class_name) is None:
+            if "." not in library and not _loadable_library(library):  # a shim's name: its file must be there
+                _check_shim_present(folder, f"{key}/{library}.py", key, class_name)
             raise ValueError(
                 f"{index} names the {key} class {module}.{class_name}, which the installed packages do not define: "
                 "neither s2m_diffusers, diffusers nor transformers has it, nor a module imported before loading. "
@@ -640,7 +727,18 @@ def _check_classes(folder: str, config: Mapping[str, Any], components: Mapping[s
             )
 
 
-def _check_manifest(folder: str, manifest: Mapping[str, Any], components: Mapping[str, Any]) -> None:
+def _check_shim_present(folder: str, rel: str, role: str, class_name: Any) -> None:
+    """Name a shim that the index points to and the folder lacks (a folder copied without its ``.py`` files)."""
+    if not os.path.isfile(os.path.join(folder, *rel.split("/"))):
+        raise ValueError(
+            f"{os.path.join(folder, INDEX_FILE)} names the {role} class {class_name!r} through {rel}, which is "
+            f"missing from {folder!r}: the folder was copied without its .py files (one-line shims that name the "
+            "installed classes; they hold no model code, and some download filters drop them). Copy or download the "
+            "whole folder again (every file), or save the pipeline again with S2MPipeline.save_pretrained."
+        )
+
+
+def _check_manifest_components(folder: str, manifest: Mapping[str, Any], components: Mapping[str, Any]) -> None:
     saved = manifest.get("components")
     if isinstance(saved, dict) and saved != dict(components):
         differ = sorted(k for k in set(saved) | set(components) if saved.get(k) != components.get(k))
@@ -650,6 +748,18 @@ def _check_manifest(folder: str, manifest: Mapping[str, Any], components: Mappin
             "the index comes from another save or was edited. Save the pipeline again with "
             "S2MPipeline.save_pretrained, or restore the whole folder."
         )
+
+
+def _covered_folders(config: Mapping[str, Any], manifest: Mapping[str, Any]) -> set[str]:
+    """The top-level folders whose every file must be one the manifest lists: the components the index names (saved
+    or not), those the manifest records, ``fits/`` (loaded with the pipeline), and every folder of a listed file."""
+    names = {k for k, v in config.items() if not k.startswith("_") and _is_component_entry(v)} | {FITS_FOLDER}
+    if isinstance(manifest.get("components"), dict):
+        names |= set(manifest["components"])
+    return names | {rel.split("/")[0] for rel in manifest["files"] if "/" in rel}
+
+
+def _check_manifest_files(folder: str, manifest: Mapping[str, Any], config: Mapping[str, Any]) -> None:
     listed = manifest["files"]
     missing, changed = [], []
     for rel, entry in sorted(listed.items()):
@@ -658,12 +768,27 @@ def _check_manifest(folder: str, manifest: Mapping[str, Any], components: Mappin
             missing.append(rel)
         elif os.path.getsize(path) != entry.get("size") or _sha256(path) != entry.get("sha256"):
             changed.append(rel)
-    present = _folder_files(folder)
+    covered = _covered_folders(config, manifest)
     unlisted = [
-        rel for rel in present if rel.split("/")[0] in components and rel not in listed and "/." not in f"/{rel}"
+        rel
+        for rel in _folder_files(folder)
+        if "/" in rel and rel.split("/")[0] in covered and rel not in listed and "/." not in f"/{rel}"
     ]
     if not (missing or changed or unlisted):
         return
+    if missing and not (changed or unlisted):
+        shims = [rel for rel in missing if rel.endswith(".py")]
+        why = (
+            " The .py files are one-line shims that name the installed classes (they hold no model code); a "
+            "download or copy that keeps only some file types drops them."
+            if shims
+            else ""
+        )
+        raise ValueError(
+            f"The saved pipeline {folder!r} is incomplete: its manifest ({MANIFEST_FILE}) lists files that are "
+            f"missing: {_shown(missing)}.{why} Copy or download the whole folder again (every file), or save the "
+            "pipeline again with S2MPipeline.save_pretrained."
+        )
     problems = []
     if changed:
         problems.append(f"differ from the files saved with it: {_shown(changed)}")
@@ -674,9 +799,9 @@ def _check_manifest(folder: str, manifest: Mapping[str, Any], components: Mappin
     raise ValueError(
         f"The saved pipeline {folder!r} does not match its manifest ({MANIFEST_FILE}): files "
         + "; files ".join(problems)
-        + ". Its parts come from different saves (an interrupted save by an older version, or files copied in by "
-        "hand) and do not belong together. Save the pipeline again with S2MPipeline.save_pretrained, or restore the "
-        "whole folder."
+        + ". Its parts come from different saves (two saves into one folder at once by an older version, an "
+        "interrupted save, or files copied in by hand) and do not belong together. Save the pipeline again with "
+        "S2MPipeline.save_pretrained, or restore the whole folder."
     )
 
 

@@ -26,6 +26,7 @@ from . import hub
 from .callbacks import _ProgressCallback, _SilentBar, _StepEndCallback
 from .densities import StandardNormal
 from .distributed import RunPlan, gather_result
+from .memory import check_call_memory
 from .models.heads import S2MHeads
 from .pipeline_output import (
     OUTPUT_TYPES,
@@ -443,6 +444,7 @@ class S2MPipeline(DiffusionPipeline):
         if config.num_chains is None and runs.size:
             wanted = max(min(2, runs.size), math.ceil(runs.size / config.samples_per_chain))
             config = config.replace(num_chains=min(wanted, DEFAULT_MAX_CHAINS))
+        check_call_memory(self, num_images, config.num_chains, output_type, images_per_run=runs.size)
         step_end = _StepEndCallback(callback_on_step_end, inputs)
         proposal, plan, config, weigher, measured = self._prepare(
             target, config, micro_batch_size, num_inference_steps, step_end, inputs

@@ -6,6 +6,8 @@
 - [`replace_folder_atomically`] (on [`swap_into_place`]): a folder written beside its destination, then put in its
   place in one step, whole: a kill at any moment leaves the old folder (or none) or the new one, never a mix.
   Temporaries left by a killed writer are removed by the next write ([`remove_stale_temporaries`]).
+- [`folder_lock`]: one writer of a folder at a time, across processes and threads (held by both folder writers above
+  from what they decide to keep of the old folder through the final rename), so that two writes at once never mix.
 - [`optional_dependency`]: an import of an optional package whose error names the extra that installs it.
 - [`module_device_dtype`]: where and in which dtype a module computes (diffusers' offloading and casting hooks
   included).
@@ -23,13 +25,23 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: lock files created exclusively instead (`_acquire_exclusive_file`)
+    fcntl = None
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "FolderBusyError",
+    "folder_lock",
     "hub_repo_id",
     "jsonable",
     "module_device_dtype",
@@ -128,6 +140,170 @@ def remove_stale_temporaries(destination: str | os.PathLike) -> list[str]:
     return removed
 
 
+class FolderBusyError(BlockingIOError):
+    """Another process (or thread) is writing the folder, and the caller asked not to wait ([`folder_lock`] with
+    ``wait=False``). ``pid`` is the writer's process id, when its lock file names it."""
+
+    def __init__(self, message: str, destination: str, pid: int | None = None):
+        super().__init__(errno.EAGAIN, message)
+        self.destination = destination
+        self.pid = pid
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def lock_path(destination: str | os.PathLike) -> str:
+    """The lock file of a folder: the hidden sibling ``.NAME.lock`` (it names its holder's process id)."""
+    parent, name = os.path.split(os.path.abspath(os.fspath(destination)))
+    return os.path.join(parent, f".{name}.lock")
+
+
+# the locks this process holds, by lock file and thread: a thread that holds a folder's lock may take it again
+_HELD: dict[tuple[str, int], int] = {}
+_HELD_GUARD = threading.Lock()
+# an exclusively created lock file that names no process (its creator was killed before writing its id) is stale
+# after this many seconds
+_UNNAMED_LOCK_SECONDS = 10.0
+
+
+@contextlib.contextmanager
+def folder_lock(destination: str | os.PathLike, wait: bool = True) -> Iterator[str]:
+    """Hold the lock of `destination` for the block: one writer of a folder at a time, across processes and threads.
+
+    The lock is the hidden sibling ``.NAME.lock`` ([`lock_path`]), held with an exclusive ``flock``, which the system
+    releases when its holder ends, killed or not: a killed writer never leaves the folder locked. The holder writes
+    its process id into it (named to a writer that waits) and removes it when it is done; one left by a killed
+    holder is taken over and removed by the next writer. Where ``flock`` is not available, the file is created
+    exclusively instead, and one whose process no longer runs is taken as stale. A thread that holds the lock may
+    take it again (nested blocks).
+
+    Args:
+        destination (`str`): the folder (it need not exist; its parent is created).
+        wait (`bool`, defaults to `True`): wait for another writer to finish (with a warning that names it), or
+            raise [`FolderBusyError`] at once.
+
+    Yields:
+        `str`: the lock file's path.
+
+    Raises:
+        FolderBusyError: ``wait=False`` and another writer holds the lock.
+    """
+    path = lock_path(destination)
+    key = (path, threading.get_ident())
+    with _HELD_GUARD:
+        nested = key in _HELD
+        if nested:
+            _HELD[key] += 1
+    if nested:
+        try:
+            yield path
+        finally:
+            with _HELD_GUARD:
+                _HELD[key] -= 1
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, exclusive = _acquire(path, os.path.abspath(os.fspath(destination)), wait)
+    with _HELD_GUARD:
+        _HELD[key] = 1
+    try:
+        yield path
+    finally:
+        with _HELD_GUARD:
+            del _HELD[key]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # before the lock is released: a writer waiting on this file then sees it gone
+        if not exclusive:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _acquire(path: str, destination: str, wait: bool) -> tuple[int, bool]:
+    """An open, locked lock file that still is `path` (the previous holder removes it before it lets go: the file a
+    waiter got the lock on may be gone, then it locks the new one); its descriptor, and whether it was created
+    exclusively (no ``flock``)."""
+    warned = False
+    while True:
+        if fcntl is None:
+            return _acquire_exclusive_file(path, destination, wait), True
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                warned = _busy(destination, _lock_holder(path), wait, warned)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as err:  # a file system without flock (some network ones)
+                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                    raise
+                os.close(fd)
+                return _acquire_exclusive_file(path, destination, wait), True
+            if _same_file(fd, path):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return fd, False
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _acquire_exclusive_file(path: str, destination: str, wait: bool) -> int:
+    """The lock taken by creating the lock file exclusively; a file whose process no longer runs (or, naming none,
+    older than a few seconds) is stale and removed."""
+    warned = False
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            try:
+                age = time.time() - os.path.getmtime(path)
+            except FileNotFoundError:
+                continue
+            if (holder is not None and not _process_alive(holder)) or (holder is None and age > _UNNAMED_LOCK_SECONDS):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                continue
+            warned = _busy(destination, holder, wait, warned)
+            time.sleep(0.05)
+            continue
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+
+def _busy(destination: str, holder: int | None, wait: bool, warned: bool) -> bool:
+    """Another writer holds the lock of `destination`: raise, or warn once that this one waits."""
+    who = f"another process (PID {holder})" if holder not in (None, os.getpid()) else "another writer"
+    if not wait:
+        raise FolderBusyError(
+            f"{destination!r} is being written by {who} right now. Wait for it to finish, or write to another path.",
+            destination,
+            holder,
+        )
+    if not warned:
+        warnings.warn(f"{destination!r} is being written by {who}; waiting for it to finish.", UserWarning, 4)
+    return True
+
+
+def _lock_holder(path: str) -> int | None:
+    """The process id a lock file names, or `None`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(32).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
 @contextlib.contextmanager
 def staging_folder(destination: str | os.PathLike) -> Iterator[str]:
     """A fresh, empty folder beside `destination` (same file system, so that moving it is a rename), removed with
@@ -196,12 +372,20 @@ def swap_into_place(source: str | os.PathLike, destination: str | os.PathLike) -
 
 
 def replace_folder_atomically(
-    write: Callable[[str], Any], destination: str | os.PathLike, keep: Callable[[str], bool] | None = None
+    write: Callable[[str], Any],
+    destination: str | os.PathLike,
+    keep: Callable[[str], bool] | None = None,
+    wait: bool = True,
 ) -> str:
     """Write a whole folder with ``write(tmp)`` into a staging folder beside `destination`, make it readable by all,
     then put it in place in one step ([`swap_into_place`]). Whatever moment a kill strikes, `destination` is either
     what it was (or absent) or the complete new folder; never a mix of both. The temporaries of an earlier, killed
     write are removed first ([`remove_stale_temporaries`]).
+
+    One write at a time: the whole write, from the removal of stale temporaries through the final rename, holds the
+    lock of `destination` ([`folder_lock`]). `write` and `keep` run under it, so that what they decide from the
+    folder in place (e.g. which of its entries to keep) still holds when the new folder replaces it: two writes at
+    once end as the one, then the other, each whole.
 
     Args:
         write (`Callable[[str], Any]`): writes the folder's whole content into the folder it is given.
@@ -209,9 +393,14 @@ def replace_folder_atomically(
         keep (`Callable[[str], bool]`, *optional*): which top-level entries of an existing `destination` that `write`
             did not write are carried into the new folder (hard links where possible, else copies; their
             permissions untouched). By default none: the new folder is exactly what `write` wrote.
+        wait (`bool`, defaults to `True`): when another writer holds the lock, wait for it; `False` raises
+            [`FolderBusyError`] at once.
 
     Returns:
         `str`: `destination` as an absolute path.
+
+    Raises:
+        FolderBusyError: ``wait=False`` and another writer holds the lock.
     """
     destination = os.path.abspath(os.fspath(destination))
     if os.path.islink(destination):  # replace the folder it points to, from beside it
@@ -223,15 +412,16 @@ def replace_folder_atomically(
             f"Cannot replace {destination!r}: it is the working directory or holds it, and a folder is replaced as "
             "a whole. Run from another folder, or write to another path."
         )
-    remove_stale_temporaries(destination)
-    with staging_folder(destination) as tmp:
-        write(tmp)
-        _make_readable(tmp)
-        if keep is not None and os.path.isdir(destination):
-            for name in sorted(os.listdir(destination)):
-                if keep(name) and not os.path.lexists(os.path.join(tmp, name)):
-                    _link_or_copy(os.path.join(destination, name), os.path.join(tmp, name))
-        swap_into_place(tmp, destination)
+    with folder_lock(destination, wait=wait):
+        remove_stale_temporaries(destination)
+        with staging_folder(destination) as tmp:
+            write(tmp)
+            _make_readable(tmp)
+            if keep is not None and os.path.isdir(destination):
+                for name in sorted(os.listdir(destination)):
+                    if keep(name) and not os.path.lexists(os.path.join(tmp, name)):
+                        _link_or_copy(os.path.join(destination, name), os.path.join(tmp, name))
+            swap_into_place(tmp, destination)
     return destination
 
 
@@ -293,7 +483,8 @@ def _make_readable(folder: str) -> None:
 
 def save_folder_atomically(write: Callable[[str], Any], destination: str | os.PathLike, replace: bool = False) -> str:
     """Write a folder with `write(tmp)` into a staging folder beside `destination`, make it readable by all, then
-    [`move_into_place`]: a crash mid-write leaves `destination` as it was, never half written.
+    [`move_into_place`]: a crash mid-write leaves `destination` as it was, never half written. Holds the lock of
+    `destination` ([`folder_lock`]) throughout.
 
     Args:
         write (`Callable[[str], Any]`): writes the folder's content into the folder it is given, e.g.
@@ -306,11 +497,12 @@ def save_folder_atomically(write: Callable[[str], Any], destination: str | os.Pa
         `str`: `destination` as an absolute path.
     """
     destination = os.path.abspath(os.fspath(destination))
-    remove_stale_temporaries(destination)
-    with staging_folder(destination) as tmp:
-        write(tmp)
-        _make_readable(tmp)
-        move_into_place(tmp, destination, replace=replace)
+    with folder_lock(destination):
+        remove_stale_temporaries(destination)
+        with staging_folder(destination) as tmp:
+            write(tmp)
+            _make_readable(tmp)
+            move_into_place(tmp, destination, replace=replace)
     return destination
 
 

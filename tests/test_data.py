@@ -45,6 +45,19 @@ def test_from_folder(tmp_path):
     assert chosen.label_counts == [3, 4] and chosen.in_channels == 3
 
 
+def test_from_folder_skips_what_is_not_an_image(tmp_path):
+    """As the README's data section says: notes, hidden files and sub-folders in an attribute folder are skipped,
+    and a hidden folder is no attribute."""
+    root = _folder(tmp_path)
+    (root / "male" / "notes.txt").write_text("taken on 3 May")
+    (root / "male" / ".DS_Store").write_bytes(b"\0\1")
+    _write(root / "male" / ".ipynb_checkpoints" / "0-checkpoint.png")
+    _write(root / "male" / "._0.png")  # macOS metadata beside an image
+    _write(root / ".cache" / "0.png")
+    data = SinglePositiveDataset.from_folder(root, sample_size=8, in_channels=1)
+    assert data.attribute_names == ["male", "smiling"] and data.label_counts == [4, 3]
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         SinglePositiveDataset.from_folder(tmp_path / "nowhere", 8, 1)

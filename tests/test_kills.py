@@ -86,6 +86,12 @@ def hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
+def staged(folder: Path) -> list[str]:
+    """The hidden entries but lock files: a killed writer also leaves its `.NAME.lock`, which no longer locks
+    anything (the system released its flock with the process) and which the next writer removes."""
+    return [name for name in hidden(folder) if not name.endswith(".lock")]
+
+
 SAVE_OTHER_PIPELINE = """
 import torch
 import s2m_diffusers.hub as hub
@@ -138,7 +144,8 @@ def test_a_save_killed_into_a_new_folder_leaves_no_folder(tmp_path):
     dest = tmp_path / "s2m"
     kill_at_pause(SAVE_OTHER_PIPELINE.format(patch=MOMENTS["weights written"], dest=str(dest)), tmp_path)
     assert not dest.exists()
-    (stale,) = hidden(tmp_path)
+    (stale,) = staged(tmp_path)
+    assert hidden(tmp_path) == [".s2m.lock", stale]  # the killed writer's lock, released by the system
     assert stale.startswith(".s2m.tmp-") and (tmp_path / stale / "heads").is_dir()  # full weights, hidden
     gan_pipeline().save_pretrained(dest)
     assert hidden(tmp_path) == [] and hub.MANIFEST_FILE in os.listdir(dest)
@@ -192,11 +199,11 @@ def saved(tmp_path_factory):
 def test_a_killed_sample_leaves_no_output_and_evaluate_refuses_it(saved, tmp_path, capsys):
     out = tmp_path / "samples"
     kill_at_pause(SAMPLE.format(args=sample_args(saved, out)), tmp_path)
-    assert not out.exists() and len(hidden(tmp_path)) == 1  # the PNG went to the hidden staging folder
+    assert not out.exists() and len(staged(tmp_path)) == 1  # the PNG went to the hidden staging folder
     evaluator = tmp_path / "evaluator"  # never reached: the images are checked first
     assert main(["evaluate", "--images", str(out), "--target", "A", "--evaluator", str(evaluator)]) == 2
     assert "does not exist" in capsys.readouterr().err
-    (staging,) = hidden(tmp_path)
+    (staging,) = staged(tmp_path)
     assert main(["evaluate", "--images", str(tmp_path / staging), "--target", "A", "--evaluator", str(evaluator)]) == 2
     assert "did not finish" in capsys.readouterr().err
     assert main(sample_args(saved, out)) == 0  # the next run writes it whole and removes the stale staging folder

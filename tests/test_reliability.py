@@ -422,3 +422,151 @@ def test_other_inputs_through_the_command(saved, tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:100])
     assert sample(truncated, tmp_path / "o") == 2 and "could not load the pipeline" in error_of(capsys)
     save_file({"x": torch.zeros(1)}, tmp_path / "unused.safetensors")  # (safetensors itself is fine)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Second round (issue 29). Item 1, two writers at once: `test_races.py`.
+# 2: a folder copied without its `.py` files names them, not the classes
+
+
+def test_a_folder_copied_without_its_py_files_names_the_missing_files(saved, tmp_path, capsys):
+    folder = copy_of(saved, tmp_path)
+    for shim in folder.rglob("*.py"):
+        shim.unlink()
+    message = r"lists files that are missing: gan/s2m_diffusers_models_gan\.py, heads/s2m_diffusers_models_heads\.py"
+    with pytest.raises(ValueError, match=message + r", pipeline\.py\. The \.py files are one-line shims"):
+        S2MPipeline.from_pretrained(folder)
+    assert sample(folder, tmp_path / "out") == 2
+    err = error_of(capsys)
+    assert "pipeline.py" in err and "Copy or download the whole folder again" in err and "Install" not in err
+    # without a manifest (diffusers' own layout, older saves) the index's shim is named too
+    (folder / hub.MANIFEST_FILE).unlink()
+    with pytest.raises(ValueError, match=r"class 'S2MPipeline' through pipeline\.py, which is missing"):
+        S2MPipeline.from_pretrained(folder)
+    (folder / "pipeline.py").write_text((saved / "pipeline.py").read_text())
+    with pytest.raises(ValueError, match=r"'DCGANGenerator' through gan/s2m_diffusers_models_gan\.py, which is miss"):
+        S2MPipeline.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5: an edited model_index.json: not an object, or a setting of the wrong type, named with the file and the key
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ([], r"model_index\.json holds a JSON list \(\[\]\), not an object"),
+        (3, r"model_index\.json holds a JSON number \(3\), not an object"),
+        ({"num_inference_steps": "ten"}, r"model_index\.json: the setting 'num_inference_steps' is \"ten\" \(a str"),
+        ({"num_inference_steps": 0}, r"'num_inference_steps' is 0 \(a number\); it must be a positive integer"),
+        ({"latent_shape": "abc"}, r"'latent_shape' is \"abc\" \(a string\); it must be null or a list of positive"),
+        ({"proposal_kwargs": [1]}, r"'proposal_kwargs' is \[1\] \(a list\); it must be null or an object"),
+        ({"default_target": 5}, r"'default_target' is 5 \(a number\); it must be null or a string"),
+        ({"heads": "S2MHeads"}, r"the component 'heads' is \"S2MHeads\"; a component entry is \[\"library\""),
+    ],
+    ids=["list", "number", "steps-text", "steps-zero", "latent-shape", "proposal-kwargs", "default-target", "heads"],
+)
+def test_an_edited_index_names_the_file_the_setting_and_the_value(saved, tmp_path, capsys, content, message):
+    folder = copy_of(saved, tmp_path)
+    if isinstance(content, dict):
+        edit_index(folder, **content)
+    else:
+        (folder / "model_index.json").write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=message):
+        S2MPipeline.from_pretrained(folder)
+    assert sample(folder, tmp_path / "out") == 2
+    err = error_of(capsys)
+    assert str(folder / "model_index.json") in err and "unexpected error" not in err
+
+
+def test_saving_over_a_folder_whose_index_is_not_an_object_is_refused(saved, tmp_path):
+    folder = copy_of(saved, tmp_path)
+    (folder / "model_index.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"no readable model_index\.json: a JSON list, not an object"):
+        gan_pipeline().save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4: sizes nobody can serve are refused before any work; `s2m sample` writes many images call by call
+
+
+@pytest.fixture
+def memory_available(monkeypatch):
+    """Set the memory the machine has, as `s2m_diffusers.memory` reads it: ``memory_available(bytes, source)``."""
+    from s2m_diffusers import memory
+
+    def available(n: int, source: str) -> None:
+        monkeypatch.setattr(memory, "available_memory", lambda: (n, source))
+
+    available(2**30, "a test's 1 GiB")
+    return available
+
+
+def test_a_call_that_cannot_fit_in_memory_is_refused_before_any_work(memory_available):
+    pipe = gan_pipeline()
+    calls = []
+    pipe.gan.register_forward_hook(lambda *args: calls.append(1))
+    start = time.perf_counter()
+    cheap = dict(max_proposals=10, **FAST)  # were the check to let them through, they would stop at once
+    memory_available(2**20, "a test's 1 MiB")
+    with pytest.raises(ValueError, match=r"num_images=100000 would hold at least 33\.7 MiB in memory"):
+        pipe("A", num_images=10**5, **cheap)
+    memory_available(2**30, "a test's 1 GiB")  # and counts that no machine holds, without allocating them
+    with pytest.raises(ValueError, match=r"num_images=1000000000 would hold at least 327\.8 GiB in memory") as err:
+        pipe("A", num_images=10**9, **cheap)
+    assert "but 1.0 GiB is available (a test's 1 GiB)" in str(err.value) and "at most about 3" in str(err.value)
+    with pytest.raises(ValueError, match=r"num_chains=2000000 would hold .* 2000000 chains: 1\.2 GiB\)"):
+        pipe("A", num_images=2 * 10**6, num_chains=2 * 10**6, **cheap)
+    assert calls == [] and time.perf_counter() - start < 1  # nothing generated, nothing allocated
+    from s2m_diffusers.memory import check_call_memory
+
+    assert check_call_memory(pipe, 10**9, None, "pil", available=(None, "unknown"))["needed"] > 2**38  # unknown: run
+
+
+def test_sample_refuses_counts_it_cannot_hold_naming_the_option(saved, tmp_path, capsys, memory_available):
+    memory_available(2**20, "a test's 1 MiB")
+    assert sample(saved, tmp_path / "out", "--num-images", "100000", "--max-proposals", "10") == 2
+    assert "--num-images 100000 needs at least 15.8 MiB" in error_of(capsys) and not (tmp_path / "out").exists()
+    memory_available(2**30, "a test's 1 GiB")
+    for extra, option in [
+        (["--num-images", "1000000000"], "--num-images 1000000000 needs at least"),
+        (["--num-images", "1000000000", "--num-chains", "1000000000"], "--num-images 1000000000 needs at least"),
+        (["--num-images", "5000000", "--images-per-call", "5000000"], "--images-per-call 5000000 needs at least"),
+    ]:
+        assert sample(saved, tmp_path / "out", *extra) == 2
+        err = error_of(capsys)
+        assert option in err and "is available (a test's 1 GiB)" in err and "unexpected" not in err
+        assert not (tmp_path / "out").exists()
+
+
+def test_sample_writes_many_images_call_by_call_and_moves_the_folder_whole(saved, tmp_path, monkeypatch):
+    """`--images-per-call 2` for 5 images: 3 calls, each call's images written into the hidden staging folder before
+    the next call (memory does not grow with --num-images), the folder appearing whole at the end."""
+    from safetensors.torch import load_file
+
+    from s2m_diffusers.evaluation import check_sample_folder
+
+    staged = []
+    call = S2MPipeline.__call__
+
+    def counting(self, *args, **kwargs):
+        (staging,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+        staged.append((kwargs["num_images"], len(list(staging.glob("*.png"))), (tmp_path / "out").exists()))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(S2MPipeline, "__call__", counting)
+    assert sample(saved, tmp_path / "out", "--num-images", "5", "--images-per-call", "2") == 0
+    assert staged == [(2, 0, False), (2, 2, False), (1, 4, False)]
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["calls"] == 3 and stats["images_per_call"] == 2 and stats["num_images"] == 5
+    assert stats["proposals_per_image"] * 5 == pytest.approx(stats["proposals"]) and len(stats["on_target"]) == 5
+    assert len(check_sample_folder(str(tmp_path / "out"))) == 5  # complete: `s2m evaluate` takes it
+    latents = load_file(str(tmp_path / "out" / "latents.safetensors"))["latents"]
+    assert latents.shape == (5, 8) and latents.dtype == torch.float32
+    # the first call is the run of its seed alone: the same images and latents
+    monkeypatch.setattr(S2MPipeline, "__call__", call)
+    assert sample(saved, tmp_path / "two", "--num-images", "2") == 0
+    for name in ("0000.png", "0001.png"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert torch.equal(load_file(str(tmp_path / "two" / "latents.safetensors"))["latents"], latents[:2])
+    assert not (tmp_path / "out" / "0002.png").read_bytes() == (tmp_path / "out" / "0000.png").read_bytes()
