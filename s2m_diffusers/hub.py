@@ -85,7 +85,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # a training run's state inside the pipeline folder it writes (`s2m train-heads --checkpointing_steps`): kept by a
 # save like any file that is not part of the pipeline, and never uploaded
 TRAINING_FOLDER = "checkpoints"
-# the pipeline's cached fits (`S2MPipeline.write_extra_files`), loaded by `from_pretrained`: always the pipeline's,
+# what the pipeline measured once and keeps (`S2MPipeline.write_extra_files`: the dv_strength "auto" values), loaded by
+# `from_pretrained`: always the pipeline's,
 # replaced by every save and covered by its manifest
 FITS_FOLDER = "fits"
 
@@ -212,7 +213,7 @@ def custom_component_files(folder: str | os.PathLike) -> list[str]:
 # `save_pretrained` and `push_to_hub`)
 
 
-def resolve_local_config(config_out, pretrained_model_name_or_path: str | os.PathLike):
+def resolve_local_config(config_out, pretrained_model_name_or_path: str | os.PathLike, pipeline_class: type):
     """Post-process what `ConfigMixin.load_config` returned for a local pipeline folder: read the shims of the
     remote-code layout back to the installed modules (parsed, never executed, see [`resolve_remote_code_layout`])
     and import those of s2m_diffusers, so that `S2MPipeline.from_pretrained` needs no ``trust_remote_code``.
@@ -220,6 +221,8 @@ def resolve_local_config(config_out, pretrained_model_name_or_path: str | os.Pat
     Args:
         config_out (`dict` or `tuple`): the return value of `load_config` (the config, or a tuple starting with it).
         pretrained_model_name_or_path (`str`): the folder (or a file in it) the config was read from.
+        pipeline_class (`type`): the pipeline class that loads it (`S2MPipeline`), whose components and subclasses
+            the folder must name.
 
     Returns:
         `config_out` with the config resolved; unchanged when there is no `model_index.json` beside it.
@@ -232,7 +235,7 @@ def resolve_local_config(config_out, pretrained_model_name_or_path: str | os.Pat
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         return config_out
     raw = config_out[0] if isinstance(config_out, tuple) else config_out
-    check_pipeline_folder(folder, raw)
+    check_pipeline_folder(folder, pipeline_class, raw)
     config = resolve_remote_code_layout(raw, folder)
     for value in config.values():
         # diffusers resolves a component's module from `sys.modules` only; ours may be imported here.
@@ -517,7 +520,7 @@ def _shown(items: list[str], limit: int = 5) -> str:
     return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def check_pipeline_folder(folder: str | os.PathLike, config: Any = None) -> None:
+def check_pipeline_folder(folder: str | os.PathLike, pipeline_class: type, config: Any = None) -> None:
     """Refuse a saved S2M pipeline folder that cannot be loaded as one pipeline, before anything is loaded, in this
     order (the first problem found is the one named):
 
@@ -537,6 +540,8 @@ def check_pipeline_folder(folder: str | os.PathLike, config: Any = None) -> None
 
     Args:
         folder (`str`): the pipeline folder.
+        pipeline_class (`type`): the class that loads it (`S2MPipeline`): its components, and the class (or a
+            subclass) the folder must name.
         config (`Mapping`, *optional*): its `model_index.json` content, as read; read from the folder by default.
 
     Raises:
@@ -546,14 +551,14 @@ def check_pipeline_folder(folder: str | os.PathLike, config: Any = None) -> None
     if config is None:
         with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as f:
             config = json.load(f)
-    check_index(config, os.path.join(folder, INDEX_FILE))
+    check_index(config, os.path.join(folder, INDEX_FILE), pipeline_class)
     components = _components(config)
     _check_component_folders(folder, components)
     _check_no_pickle(folder, components)
     manifest = _read_manifest(folder)
     if manifest:
         _check_manifest_files(folder, manifest, config)
-    _check_classes(folder, config, components)
+    _check_classes(folder, config, components, pipeline_class)
     if manifest:
         _check_manifest_components(folder, manifest, components)
     else:
@@ -594,7 +599,7 @@ _INDEX_SETTINGS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def check_index(config: Any, path: str) -> None:
+def check_index(config: Any, path: str, pipeline_class: type) -> None:
     """Refuse a `model_index.json` that is not a JSON object, a setting of `S2MPipeline` of the wrong type
     (``num_inference_steps`` a positive integer; ``latent_shape`` null or a list of positive integers;
     ``proposal_kwargs`` null or an object; ``default_target`` null or a string), and a component entry (``heads``,
@@ -603,12 +608,11 @@ def check_index(config: Any, path: str) -> None:
     Args:
         config: the parsed content of the file.
         path (`str`): the file, named in the message.
+        pipeline_class (`type`): the class that loads it, whose ``_optional_components`` are the component keys.
 
     Raises:
         ValueError: naming the file, the key, the value and the fix.
     """
-    from .pipeline_s2m import S2MPipeline
-
     restore = "restore the file from the saved pipeline, or save the pipeline again with S2MPipeline.save_pretrained"
     if not isinstance(config, Mapping):
         shown = json.dumps(config)[:80] if isinstance(config, (list, str, int, float, bool, type(None))) else config
@@ -623,7 +627,7 @@ def check_index(config: Any, path: str) -> None:
                 f"{path}: the setting {key!r} is {json.dumps(config[key])} (a {_json_kind(config[key])}); it must be "
                 f"{expected}. Correct it in the file (or delete the line for the default), or {restore}."
             )
-    for key in getattr(S2MPipeline, "_optional_components", []):
+    for key in getattr(pipeline_class, "_optional_components", []):
         if key in config and not _is_component_entry(config[key]):
             raise ValueError(
                 f"{path}: the component {key!r} is {json.dumps(config[key])}; a component entry is "
@@ -686,11 +690,10 @@ def _installed_class(module: str, class_name: str):
     return cls if isinstance(cls, type) else None
 
 
-def _check_classes(folder: str, config: Mapping[str, Any], components: Mapping[str, Any]) -> None:
+def _check_classes(folder: str, config: Mapping[str, Any], components: Mapping[str, Any], pipeline_class) -> None:
     """The pipeline class and each component's class are defined by the installed packages, as the index names
-    them (a shim of this folder imports the class the index names)."""
-    from .pipeline_s2m import S2MPipeline
-
+    them (a shim of this folder imports the class the index names), the pipeline's being ``pipeline_class`` or a
+    subclass of it."""
     index = os.path.join(folder, INDEX_FILE)
     name = config.get("_class_name")
     if isinstance(name, (list, tuple)) and len(name) == 2 and isinstance(name[0], str):
@@ -699,7 +702,7 @@ def _check_classes(folder: str, config: Mapping[str, Any], components: Mapping[s
         cls = _installed_class(*shim) if shim is not None and shim[1] == name[1] else None
     else:
         cls = _installed_class("s2m_diffusers", name) if isinstance(name, str) else None
-    if cls is None or not issubclass(cls, S2MPipeline):
+    if cls is None or not issubclass(cls, pipeline_class):
         name = name[1] if isinstance(name, (list, tuple)) and len(name) == 2 else name
         raise ValueError(
             f"{index} names the pipeline class {name!r}, which is not S2MPipeline (or a subclass of it) in the "

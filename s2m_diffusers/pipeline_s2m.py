@@ -200,7 +200,7 @@ class S2MPipeline(DiffusionPipeline):
         """As `ConfigMixin.load_config`, reading the shims of the remote-code layout back to the installed modules
         (parsed, never executed), so that `S2MPipeline.from_pretrained` needs no ``trust_remote_code``."""
         out = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
-        return hub.resolve_local_config(out, pretrained_model_name_or_path)
+        return hub.resolve_local_config(out, pretrained_model_name_or_path, S2MPipeline)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> S2MPipeline:

@@ -169,7 +169,7 @@ def test_hub_functions_save_and_load_a_pipeline(tmp_path):
     assert "Digits, 7to3 split." in (tmp_path / "s2m" / "README.md").read_text()
     kwargs = {"revision": "main", "torch_dtype": torch.float32}
     assert hub.snapshot_path(tmp_path / "s2m", kwargs) == folder and "revision" in kwargs  # a folder: no download
-    config = hub.resolve_local_config(DiffusionPipeline.load_config(folder), folder)
+    config = hub.resolve_local_config(DiffusionPipeline.load_config(folder), folder, S2MPipeline)
     assert config["_class_name"] == "S2MPipeline" and config["heads"] == ["s2m_diffusers.models.heads", "S2MHeads"]
     api = StandInHub(tmp_path / "cache")
     commit = hub.push_pipeline(pipe, "user/s2m-tiny", folder=folder, api=api)
