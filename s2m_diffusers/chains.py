@@ -4,8 +4,9 @@
 (``sample(n, generator)``, ``log_prior_ratio(z) = log p_z(z) - log q(z)``), never a model:
 
 1. **Entry.** A pool of draws of ``q`` (at least ``pool_size``, in batches until the importance ratios of its
-   draws have an effective sample size of ``pool_ess``) is importance-resampled (systematic resampling by
-   ``r = w p_z / q``) to the chains' starting points.
+   draws have an effective sample size of ``pool_ess``, or of the square root of the number of starting points
+   where that is more: many chains should not all start from a few points) is importance-resampled (systematic
+   resampling by ``r = w p_z / q``) to the chains' starting points.
    Chains are started in pairs from one point (superchains, for [`diagnostics.nested_rhat`]).
 2. **Burn-in.** ``burn_in`` steps of the kernel, each chain adapting its own step size towards
    ``target_acceptance`` (Robbins-Monro on the log step, with the acceptance probability itself, not the coin;
@@ -119,16 +120,18 @@ def _cat(a, b):
     return b if a is None else torch.cat([a, b])
 
 
-def draw_pool(evaluate, q, config, generator, stats, budget: float | None, screen: Screen | None = None) -> Pool:
+def draw_pool(
+    evaluate, q, config, generator, stats, budget: float | None, screen: Screen | None = None, starts: int = 1
+) -> Pool:
     """Draws of ``q`` in batches of ``pool_batch`` until at least ``pool_size`` are drawn and their importance ratios
-    have an effective sample size of ``pool_ess`` (or ``budget`` proposals are spent). With a ``screen`` each batch is
-    screened
+    have an effective sample size of ``pool_ess``, or of the square root of the number of ``starts`` where that is
+    more (or ``budget`` proposals are spent). With a ``screen`` each batch is screened
     ([`screen.screened_pool_batch`])."""
-    size = config.pool_size
+    size, ess = config.pool_size, max(config.pool_ess, math.sqrt(starts))
     batch = config.pool_batch or size
     pool = Pool(torch.zeros(0), torch.zeros(0, dtype=torch.float64), None, {}, torch.zeros(0, dtype=torch.float64))
     zs = []
-    while pool.proposals < size or pool.ess < config.pool_ess:
+    while pool.proposals < size or pool.ess < ess:
         n = batch if budget is None else min(batch, math.floor(budget - stats.cost + 1e-9))
         if n <= 0:
             break
@@ -320,7 +323,8 @@ def _enter(run: _Run, num_chains: int, per_start: int):
     """The entry: the pool, and the chains' starting states and superchains (`None` when no draw is on the target or
     the callback stops the run)."""
     run.phase("pool")
-    pool = draw_pool(run.evaluate, run.q, run.config, run.generator, run.stats, run.budget, run.screen)
+    starts = num_chains // per_start
+    pool = draw_pool(run.evaluate, run.q, run.config, run.generator, run.stats, run.budget, run.screen, starts)
     run.record["pool"] = {"proposals": pool.proposals, "on_target": pool.num_on_target, "ess": pool.ess}
     if run.stop("pool") or not pool.num_on_target:
         run.stats.budget_exhausted = not pool.num_on_target
