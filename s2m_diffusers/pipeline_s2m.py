@@ -109,14 +109,11 @@ class S2MPipeline(DiffusionPipeline):
             config does not tell it.
         num_inference_steps (`int`, defaults to 25): DDIM steps of ``unet``, and the steps passed to
             ``proposal_pipeline`` unless ``proposal_kwargs`` sets them.
-        default_target (`str`, *optional*): the target used when a call names none (e.g. by `diffusers-cli run`
-            without `--pipeline-kwargs`).
+        default_target (`str`, *optional*): the target of a call that names none (e.g. `diffusers-cli run`).
         screen_heads ([`~s2m_diffusers.models.heads.S2MHeads`], *optional*): heads distilled to read ``unet``'s
-            predicted clean images part-way through the denoising (`s2m_diffusers.screen_heads.distil_screen_heads`),
-            which the screen (``screen="auto"``) reads instead of ``heads`` at the timesteps they were trained on.
+            predicted clean images for the screen (`s2m_diffusers.screen_heads.distil_screen_heads`).
 
-    Large generators: see "Memory" in [`~S2MPipeline.__call__`] and `enable_model_cpu_offload()`; several processes:
-    ``pipe(..., distributed=True)`` under ``accelerate launch`` (`s2m_diffusers.distributed`).
+    Large generators, several processes: `docs/processes.md`.
     """
 
     # diffusers' `enable_model_cpu_offload` order: the generator, then the heads. `proposal_pipeline` is a pipeline,
