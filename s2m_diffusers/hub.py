@@ -1067,7 +1067,7 @@ def model_card(
     counts = list(heads.config.label_counts) if getattr(heads.config, "label_counts", None) else None
     proposal = pipeline.proposal_description()
     base_model = base_model or proposal.get("base_model") or _generator_hub_id(pipeline)
-    settings = dict(sampling or {})
+    settings = _card_settings(sampling)
     default = f"{names[0]} & ~{names[1]}" if len(names) > 1 else names[0]
     example = pipeline.config.default_target or default
     lines = [
@@ -1078,6 +1078,30 @@ def model_card(
         *_card_usage(repo_id or "path/to/this/folder", revision, example, settings),
     ]
     return "\n".join(lines)
+
+
+# call arguments a card's snippets may pass beside the sampler's settings
+_CALL_ARGUMENTS = ("num_inference_steps", "max_proposals", "micro_batch_size", "num_images")
+
+
+def _card_settings(sampling: Mapping[str, Any] | None) -> dict:
+    """The call settings a card's snippets show: those of ``sampling`` that a call still takes (a card saved by an
+    earlier version may carry settings that were removed since, such as ``fit_size``: they are left out, with a
+    warning, since a snippet passing them would fail)."""
+    import dataclasses
+
+    from .sampling import S2MSamplingConfig
+
+    known = {f.name for f in dataclasses.fields(S2MSamplingConfig)} | set(_CALL_ARGUMENTS)
+    settings = dict(sampling or {})
+    dropped = sorted(k for k in settings if k not in known)
+    if dropped:
+        warnings.warn(
+            f"The model card's sampling settings {dropped} no longer exist; the card's snippets leave them out.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return {k: v for k, v in settings.items() if k in known}
 
 
 def _card_context(

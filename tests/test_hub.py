@@ -259,6 +259,16 @@ def test_card_snippets_call_with_the_given_settings_and_a_saved_card_keeps_them(
     assert out.stats["kernel"] == "independent" and out.on_target.all()
 
 
+def test_a_card_setting_of_an_earlier_version_is_left_out_of_the_snippets():
+    """A pipeline saved by an earlier version may carry settings that no longer exist (its card's `sampling`, kept
+    through loads and saves): the snippets would fail with them, so they are left out, with a warning."""
+    with pytest.warns(UserWarning, match=r"sampling settings \['fit_size', 'refit'\] no longer exist"):
+        text = hub.model_card(
+            gan_pipeline(), "user/s2m-tiny", sampling={"fit_size": 64, "refit": "off", "kernel": "pcn"}
+        )
+    assert "kernel='pcn'" in text and "fit_size" not in text and "refit" not in text
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Upload and load back from the Hub (a stand-in client, an offline cache)
 
