@@ -401,42 +401,23 @@ class _TrainingState:
 
 @dataclass(frozen=True)
 class _LoopConfig:
-    """The settings of the training loop (arguments of [`train_heads`])."""
+    """The training loop's settings: the run's ([`HeadsTrainingConfig`], read through), one process's micro-batch (real
+    images, and as many proposal samples, per accumulation micro-step), and where checkpoints go."""
 
-    num_steps: int
-    micro_batch: int  # real images (and as many proposal samples) per process and accumulation micro-step
-    gradient_accumulation_steps: int
-    dv_augment: tuple[str, ...]
-    dv_gradient_penalty: float
-    dr_augment: tuple[str, ...]
-    ema_decay: float | None
-    eval_steps: int
-    seed: int
-    progress: bool
-    report_to: str | None
+    run: HeadsTrainingConfig
+    micro_batch: int
     output_dir: str | os.PathLike | None
-    checkpointing_steps: int | None
-    checkpoints_total_limit: int | None
 
-    @classmethod
-    def of(cls, config: HeadsTrainingConfig, micro_batch: int, output_dir) -> _LoopConfig:
-        """The loop's settings from the run's."""
-        return cls(
-            num_steps=config.num_steps,
-            micro_batch=micro_batch,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            dv_augment=tuple(config.augment),
-            dv_gradient_penalty=config.dv_gradient_penalty,
-            dr_augment=tuple(config.augment if config.dr_augment is None else config.dr_augment),
-            ema_decay=config.ema_decay,
-            eval_steps=config.eval_steps,
-            seed=config.seed,
-            progress=config.progress,
-            report_to=config.report_to,
-            output_dir=output_dir,
-            checkpointing_steps=config.checkpointing_steps,
-            checkpoints_total_limit=config.checkpoints_total_limit,
-        )
+    def __getattr__(self, name: str):
+        return getattr(self.run, name)
+
+    @property
+    def dv_augment(self) -> tuple[str, ...]:
+        return tuple(self.run.augment)
+
+    @property
+    def dr_augment(self) -> tuple[str, ...]:
+        return tuple(self.run.augment if self.run.dr_augment is None else self.run.dr_augment)
 
 
 @dataclass(frozen=True)
@@ -594,7 +575,7 @@ def train_heads(
     # The model, optimizer and schedule prepared by accelerate, the state the steps share, a checkpoint resumed.
     state = _start_training(accelerator, heads, heldout, config, output_dir)
     # Training, with held-out evaluation (early stopping) every `eval_steps` and checkpoints.
-    _train_loop(state, train, proposal, _LoopConfig.of(config, micro_batch, output_dir))
+    _train_loop(state, train, proposal, _LoopConfig(config, micro_batch, output_dir))
     if state.step == 0 or state.best[next(iter(state.best))]["nll"] == math.inf:
         _evaluate(state)
     # Early stopping and calibration; then what the sampler needs besides the weights.

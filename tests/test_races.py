@@ -63,18 +63,24 @@ def assert_one_whole_save(folder: Path, references: dict) -> str:
 # The lock
 
 
-def test_the_lock_is_one_writer_at_a_time_and_names_its_holder(tmp_path):
-    dest = tmp_path / "out"
+def hold_lock(path) -> tuple[threading.Thread, threading.Event]:
+    """Another writer holding ``path``'s lock, in a thread, until the returned event is set."""
     taken, release = threading.Event(), threading.Event()
 
     def hold():
-        with folder_lock(dest):
+        with folder_lock(path):
             taken.set()
             release.wait(10)
 
     holder = threading.Thread(target=hold)
     holder.start()
     assert taken.wait(10)
+    return holder, release
+
+
+def test_the_lock_is_one_writer_at_a_time_and_names_its_holder(tmp_path):
+    dest = tmp_path / "out"
+    holder, release = hold_lock(dest)
     assert Path(lock_path(dest)).read_text().strip() == str(os.getpid())  # it names the process that holds it
     with pytest.raises(FolderBusyError, match="is being written by another writer") as busy:
         replace_folder_atomically(lambda folder: Path(folder, "x").write_text("x"), dest, wait=False)
@@ -84,11 +90,7 @@ def test_the_lock_is_one_writer_at_a_time_and_names_its_holder(tmp_path):
     release.set()
     holder.join()
     with pytest.warns(UserWarning, match="waiting for it to finish"):  # a waiting writer says why it waits
-        taken.clear()
-        release.clear()
-        holder = threading.Thread(target=hold)
-        holder.start()
-        assert taken.wait(10)
+        holder, release = hold_lock(dest)
         threading.Timer(0.2, release.set).start()
         replace_folder_atomically(lambda folder: Path(folder, "x").write_text("x"), dest)
     holder.join()
@@ -190,17 +192,8 @@ def test_a_sample_run_refuses_an_output_another_run_is_writing(tmp_path, capsys)
     saved = tmp_path / "s2m"
     gan_pipeline().save_pretrained(saved)
     out = tmp_path / "samples"
-    taken, release = threading.Event(), threading.Event()
-
-    def other_run():
-        with folder_lock(out):
-            taken.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=other_run)
-    thread.start()
+    thread, release = hold_lock(out)
     try:
-        assert taken.wait(10)
         for extra in ([], ["--overwrite"]):
             assert sample_command(saved, out, *extra) == 2
             assert "is being written by another process" in error_of(capsys)

@@ -31,7 +31,6 @@ __all__ = [
     "WithGradient",
     "energy_distance",
     "mean_distance",
-    "chi_square_cells",
     "clustered_chi_square",
     "calls_test",
 ]
@@ -329,43 +328,6 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor, yy: float | None = None) -
     """
     yy = mean_distance(y, y) if yy is None else yy
     return 2 * mean_distance(x, y) - mean_distance(x, x) - yy
-
-
-def chi_square_cells(samples: torch.Tensor, reference: torch.Tensor, bins: int = 4) -> tuple[float, int, float]:
-    """Pearson chi-square of ``samples`` against cell probabilities estimated from a large exact ``reference``.
-
-    Cells: a ``bins x bins`` grid on the reference's per-axis quantiles (cells the reference never visits are
-    merged away). Returns ``(statistic, degrees of freedom, p-value)``; the p-value uses scipy's chi-square
-    survival function.
-    """
-    from ..utils import optional_dependency
-
-    with optional_dependency("scipy", "toy.chi_square_cells (a test helper)"):
-        from scipy.stats import chi2
-
-    q = torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1]
-    edges = [torch.quantile(reference[:, d], q) for d in range(2)]
-
-    def cell(a: torch.Tensor) -> torch.Tensor:
-        i = torch.bucketize(a[:, 0].contiguous(), edges[0])
-        j = torch.bucketize(a[:, 1].contiguous(), edges[1])
-        return i * bins + j
-
-    ref_counts = torch.bincount(cell(reference), minlength=bins * bins).double()
-    obs = torch.bincount(cell(samples), minlength=bins * bins).double()
-    expected = ref_counts / ref_counts.sum() * samples.shape[0]
-    # Cells expected to hold fewer than 5 samples are pooled into one, as the chi-square approximation needs.
-    small = expected < 5
-    if small.any():
-        expected = torch.cat([expected[~small], expected[small].sum()[None]])
-        obs = torch.cat([obs[~small], obs[small].sum()[None]])
-    if (expected == 0).any():
-        if (obs[expected == 0] > 0).any():
-            return math.inf, int((expected > 0).sum()) - 1, 0.0
-        obs, expected = obs[expected > 0], expected[expected > 0]
-    stat = float(((obs - expected) ** 2 / expected).sum())
-    dof = int(expected.numel()) - 1
-    return stat, dof, float(chi2.sf(stat, dof))
 
 
 def _cells(samples: torch.Tensor, reference: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
