@@ -11,7 +11,8 @@
 2. **Burn-in.** ``burn_in`` steps of the kernel, each chain adapting its own step size towards
    ``target_acceptance`` (Robbins-Monro on the log step, with the acceptance probability itself, not the coin;
    the step kept is the average over the burn-in's second half, shrunk towards the chains' median); the thinning is
-   then set from the acceptance rate so that a chain has moved between two of its images with probability 0.95.
+   then set from the acceptance rate (its posterior median) so that a chain has moved between two of its images
+   with probability 0.95.
 3. **Sampling.** The step sizes and the thinning are frozen: each chain is an exact Metropolis-Hastings chain for
    ``pi(z) ∝ p_z(z) w(G(z))`` and returns its state every ``thinning`` steps, ``samples_per_chain`` times, the first
    at the end of the burn-in.
@@ -180,6 +181,18 @@ def start_chains(pool: Pool, num_chains: int, per_start: int, generator) -> tupl
     log_w_s = None if pool.log_w_s is None else pool.log_w_s[rows]
     state = ChainState(z, x, pool.log_w[rows], pool.log_ratio[rows], readings, None, log_w_s)
     return state, torch.arange(num_chains // per_start).repeat_interleave(per_start)
+
+
+def acceptance_estimate(alpha: torch.Tensor, level: float = 0.5) -> float:
+    """The acceptance rate the thinning is set from, from the burn-in's acceptance probabilities ``alpha``: the
+    ``level`` quantile of ``Beta(1 + sum alpha, 1 + n - sum alpha)`` (the posterior median by default, under a uniform
+    prior, which keeps a few values from an extreme: 2 chains give 10). Measured on Digits-7to3's GAN (7 targets x 2
+    seeds): distinct images 0.96 / 0.95 / 0.90 at 64 / 16 / 8 images for 9.7 / 13.9 / 21.4 calls per image; the 25%
+    quantile gave 0.97 / 0.96 / 0.96 for 10.2 / 15.1 / 23.3."""
+    from scipy.stats import beta
+
+    total, n = float(alpha.double().sum()), alpha.numel()
+    return float(beta.ppf(level, 1.0 + total, 1.0 + n - total))
 
 
 def thinning_for(acceptance: float, stuck_share: float = STUCK_SHARE, most: int = MAX_THINNING) -> int:
@@ -361,7 +374,8 @@ def _burn_in(run: _Run, state: ChainState) -> tuple[torch.Tensor, int] | None:
         run.record["screen"] = run.screen.report()
         run.screen = run.screen if run.screen.active else None
     rate = float(torch.cat(late_alpha).mean()) if late_alpha else config.target_acceptance
-    thinning = config.thinning or thinning_for(rate)
+    estimate = acceptance_estimate(torch.cat(late_alpha)) if late_alpha else config.target_acceptance
+    thinning = config.thinning or thinning_for(estimate)
     step = frozen_steps(late_steps, log_step).exp()
     run.record.update(thinning=thinning, burn_in_acceptance=rate, step_size=_summary(step))
     return step, thinning
@@ -466,8 +480,11 @@ def chain_diagnostics(traces: dict, returned_readings, returned_log_w, chain_ids
         ess[key] = diagnostics.ess_bulk(draws)
         nested[key] = diagnostics.nested_rhat(draws, traces["superchains"]) if per_start > 1 else math.nan
     out.update(split_rhat=rhat, ess_bulk=ess, nested_rhat=nested)
+    superchains = int(len(set(traces["superchains"].tolist())))
     threshold = diagnostics.nested_rhat_threshold(per_start)
-    out["nested_rhat_threshold"] = threshold
+    chance = diagnostics.nested_rhat_chance(superchains, per_start)
+    out.update(nested_rhat_threshold=threshold, nested_rhat_chance=chance, superchains=superchains)
+    warn_above = max(threshold, chance)
     warnings = []
     finite_ess = [v for v in ess.values() if math.isfinite(v)]
     long_enough = finite_ess and min(finite_ess) / (2 * log_w.shape[0]) >= diagnostics.MIN_ESS_PER_SPLIT_CHAIN
@@ -475,8 +492,11 @@ def chain_diagnostics(traces: dict, returned_readings, returned_log_w, chain_ids
     for key in columns:
         if long_enough and rhat[key] > diagnostics.RHAT_THRESHOLD:
             warnings.append(f"split-R-hat of {key} is {rhat[key]:.3f} (> {diagnostics.RHAT_THRESHOLD})")
-        elif not long_enough and nested[key] > threshold:
-            warnings.append(f"nested R-hat of {key} is {nested[key]:.3f} (> {threshold:.3f})")
+        elif not long_enough and nested[key] > warn_above:
+            warnings.append(
+                f"nested R-hat of {key} is {nested[key]:.3f} (> {warn_above:.3f}: the authors' threshold, or what "
+                f"independent draws in {superchains} pairs of chains exceed 1% of the time where that is more)"
+            )
     checks = {}
     if returned_log_w is not None and returned_log_w.numel() >= 2:
         values = {"log_w": (returned_log_w, pool.log_w)}
@@ -487,12 +507,14 @@ def chain_diagnostics(traces: dict, returned_readings, returned_log_w, chain_ids
         for key, (mine, theirs) in values.items():
             checks[key] = diagnostics.reading_check(mine, n_eff, theirs, pool.log_ratio)
             z = checks[key]["z"]
-            if math.isfinite(z) and z > diagnostics.READING_CHECK_SE:
+            judged = pool.ess >= diagnostics.READING_CHECK_MIN_POOL_ESS
+            if judged and math.isfinite(z) and z > diagnostics.READING_CHECK_SE:
                 warnings.append(
                     f"the returned images' mean {key} {checks[key]['mean']:.3g} is {z:.1f} standard errors from the "
                     f"pool's importance-weighted estimate {checks[key]['estimate']:.3g}"
                 )
         out["returned_ess"] = n_eff
+        out["reading_check_judged"] = pool.ess >= diagnostics.READING_CHECK_MIN_POOL_ESS
     out["reading_check"] = checks
     out["warnings"] = warnings
     return out

@@ -8,10 +8,13 @@
   variance between superchain means with the variance inside superchains. At stationarity ``B/W`` is about ``1/M``
   for ``M`` chains per superchain (less when each chain has more than one effective draw); the chains are taken to
   have forgotten their starting points when ``nR^2 < 1 + 1/M + delta``, ``delta = 0.01`` (the condition of the
-  authors' simulation code; the paper's threshold is of the same form).
+  authors' simulation code; the paper's threshold is of the same form). That condition is stated for many
+  superchains; with few, independent draws cross it by chance, so a call warns only above the larger of it and the
+  99th percentile of nested R-hat for independent draws with as many superchains ([`nested_rhat_chance`]).
 - [`reading_check`]: the returned images' mean of a reading of the heads (``log w``, each attribute's ratio)
   against its importance-weighted estimate from the entry pool, in standard errors: the same target seen by a chain
-  and without one.
+  and without one. It warns only where the pool's effective sample size is 10 or more (on fewer draws the pool's
+  estimate and its standard error mean little).
 
 All functions take draws as a `(chains, draws)` array (float64 numpy) and return plain floats.
 """
@@ -32,6 +35,7 @@ __all__ = [
     "ess_bulk",
     "nested_rhat",
     "nested_rhat_threshold",
+    "nested_rhat_chance",
     "reading_check",
 ]
 
@@ -41,8 +45,12 @@ RHAT_THRESHOLD = 1.01
 MIN_ESS_PER_SPLIT_CHAIN = 50
 # Margossian et al. (2024): nR^2 < 1 + 1/M + delta.
 NESTED_RHAT_DELTA = 0.01
-# The reading check warns beyond this many standard errors.
+# Nested R-hat warns where it exceeds what independent draws exceed with probability 1 - CHANCE_LEVEL.
+CHANCE_LEVEL = 0.99
+# The reading check warns beyond this many standard errors, where the pool's effective sample size is at least this
+# (below it, the pool's importance-weighted estimate stands on a few draws and its standard error means little).
 READING_CHECK_SE = 3.0
+READING_CHECK_MIN_POOL_ESS = 10.0
 
 
 def _as_array(draws) -> np.ndarray:
@@ -160,8 +168,22 @@ def nested_rhat(draws, superchains, rank_normalise: bool = True) -> float:
 
 
 def nested_rhat_threshold(chains_per_superchain: int, delta: float = NESTED_RHAT_DELTA) -> float:
-    """``sqrt(1 + 1/M + delta)``: nested R-hat above it says the chains have not forgotten their starting points."""
+    """``sqrt(1 + 1/M + delta)``: nested R-hat above it says the chains have not forgotten their starting points
+    (the authors' reliability condition, stated for many superchains)."""
     return math.sqrt(1.0 + 1.0 / chains_per_superchain + delta)
+
+
+def nested_rhat_chance(superchains: int, chains_per_superchain: int, level: float = CHANCE_LEVEL) -> float:
+    """The ``level`` quantile of nested R-hat for independent draws in ``superchains`` superchains of
+    ``chains_per_superchain`` chains: ``B / W`` is then ``F(K - 1, K (M - 1)) / M`` (rank-normalised, one draw per
+    chain; more draws per chain only lower it). With few superchains the authors' threshold is crossed by chance
+    (with 2 pairs of chains in about a third of such runs); a call warns above the larger of the two."""
+    from scipy.stats import f
+
+    k, m = superchains, chains_per_superchain
+    if k < 2 or m < 2:
+        return math.inf
+    return math.sqrt(1.0 + float(f.ppf(level, k - 1, k * (m - 1))) / m)
 
 
 def reading_check(returned, ess: float, pool_values, pool_log_weights) -> dict:

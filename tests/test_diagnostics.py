@@ -73,3 +73,18 @@ def test_reading_check_is_a_standard_normal_score_when_both_estimates_agree():
     assert shifted["z"] > 3
     off = torch.full((400,), -math.inf, dtype=torch.float64)
     assert math.isnan(diagnostics.reading_check(returned, 64.0, pool, off)["z"])  # no pool draw on the target
+
+
+def test_with_few_pairs_of_chains_the_warning_waits_for_more_than_chance():
+    """Independent draws cross the authors' threshold by chance when pairs of chains are few; the level a call warns
+    above (`nested_rhat_chance`) is crossed 1% of the time, and tends to the authors' threshold with many pairs."""
+    rng = np.random.default_rng(0)
+    for pairs in (2, 4, 8):
+        ids = np.repeat(np.arange(pairs), 2)
+        values = [diagnostics.nested_rhat(rng.standard_normal((2 * pairs, 1)), ids) for _ in range(3000)]
+        values = np.array(values)
+        chance = diagnostics.nested_rhat_chance(pairs, 2)
+        assert float(np.mean(values > chance)) < 0.02
+        assert float(np.mean(values > diagnostics.nested_rhat_threshold(2))) > 0.05
+    assert diagnostics.nested_rhat_chance(10_000, 2) == pytest.approx(diagnostics.nested_rhat_threshold(2), abs=0.02)
+    assert diagnostics.nested_rhat_chance(1, 2) == math.inf
