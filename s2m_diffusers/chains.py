@@ -39,7 +39,6 @@ from .screen import Screen, count, prepare_screen, screened_pool_batch, unpack
 
 __all__ = ["ChainState", "Pool", "draw_pool", "start_chains", "thinning_for", "sample_chains"]
 
-Evaluate = Callable[[torch.Tensor], tuple]
 # Two images of one chain are this many steps apart that the chain has moved in between with probability 0.95.
 STUCK_SHARE = 0.05
 MAX_THINNING = 20
@@ -62,10 +61,6 @@ class ChainState:
     readings: torch.Tensor | None = None
     grad: torch.Tensor | None = None
     log_w_s: torch.Tensor | None = None
-
-    def take(self, rows: torch.Tensor) -> ChainState:
-        """The states ``rows`` (a long tensor of indices)."""
-        return ChainState(*(None if v is None else v[rows.to(v.device)] for v in self._values()))
 
     def replace_where(self, accept: torch.Tensor, new: ChainState) -> None:
         """Move the chains where ``accept`` to ``new``'s states, in place."""
@@ -103,7 +98,6 @@ class Pool:
     log_w: torch.Tensor
     log_w_s: torch.Tensor | None = None
     proposals: int = 0
-    records: list = field(default_factory=list)
 
     @property
     def num_on_target(self) -> int:
