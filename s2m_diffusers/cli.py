@@ -549,18 +549,14 @@ def _sample_calls(pipe, args: argparse.Namespace, seed: int, state, sink: _Sampl
 
 
 # the statistics of an `s2m sample` run's calls that add up; the ratios are recomputed from them, and the rest (the
-# target, the fit and its stages, the mixing bound, the screen) are the first call's, which fitted
+# target, the chains' record, their diagnostics, the screen) are the first call's
 _ADDITIVE_STATS = (
     "num_images",
     "proposals",
     "accepted",
     "on_target_images",
     "unique_images",
-    "chains_started",
-    "chains_entered",
     "rounds",
-    "fit_proposals",
-    "fit_unet_calls",
     "unet_calls",
     "budget_spent",
     "max_proposals",
@@ -574,8 +570,8 @@ _ADDITIVE_STATS = (
 
 def merge_call_stats(run: dict, call: dict) -> dict:
     """The statistics of an `s2m sample` run so far (`run`) with those of its next pipeline call: counts and seconds
-    added, ``acceptance_rate`` and the per-image ratios recomputed, ``budget_exhausted`` and ``interrupted`` if any
-    call's was, ``calls`` counted; every other entry stays the first call's."""
+    added (the chains' moves too), ``acceptance_rate`` and the per-image ratios recomputed, ``budget_exhausted`` and
+    ``interrupted`` if any call's was, ``calls`` counted; every other entry stays the first call's."""
 
     def number(value) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -586,8 +582,10 @@ def merge_call_stats(run: dict, call: dict) -> dict:
             out[key] = run[key] + call[key]
     for key in ("budget_exhausted", "interrupted"):
         out[key] = bool(run.get(key)) or bool(call.get(key))
-    if number(out.get("proposals")) and number(out.get("accepted")):
-        out["acceptance_rate"] = out["accepted"] / out["proposals"] if out["proposals"] else 0.0
+    moves = [s.get("chains", {}).get("moves") for s in (run, call)]
+    if all(number(m) for m in moves) and number(out.get("accepted")):  # accepted moves over the moves after burn-in
+        out["chains"] = {**(run.get("chains") or {}), "moves": sum(moves)}
+        out["acceptance_rate"] = out["accepted"] / out["chains"]["moves"] if out["chains"]["moves"] else None
     if number(out.get("num_images")) and out["num_images"]:
         for total, ratio in (("proposals", "proposals_per_image"), ("unet_calls", "unet_calls_per_image")):
             if number(out.get(total)):

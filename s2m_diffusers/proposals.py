@@ -249,8 +249,8 @@ class ProposalAdapter:
             raise ValueError(
                 f"{bad} of the {latents.shape[0]} latents given to {self.generator_name()} hold NaN or infinite "
                 "values; latents must be finite draws of the standard normal prior (`p_z().sample(n, generator)`). "
-                "If they came from a refitted density or your own code, check it for a division by zero or an "
-                "overflow."
+                "If they came from a density of your own (the sampler's `q`) or your own code, check it for a "
+                "division by zero or an overflow."
             )
         class_labels = self._check_labels(class_labels, latents.shape[0])
         out = []
