@@ -88,8 +88,8 @@ _FIELDS = ("z", "x", "log_w", "log_ratio", "readings", "grad", "log_w_s")
 @dataclass
 class Pool:
     """The entry pool: every draw's latent, log importance ratio (``log r``, plus ``-log P(finished)`` for a screened
-    draw) and readings, the surrogate ``log w_s`` of a screened pool; the images of the on-target draws only (the only
-    ones a chain can start from)."""
+    draw: its weight as a start) and readings, the surrogate ``log w_s`` and ``log P(finished)`` of a screened pool;
+    the images of the on-target draws only (the only ones a chain can start from)."""
 
     z: torch.Tensor
     log_ratio: torch.Tensor
@@ -98,6 +98,7 @@ class Pool:
     log_w: torch.Tensor
     log_w_s: torch.Tensor | None = None
     proposals: int = 0
+    log_finish: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
 
     @property
     def num_on_target(self) -> int:
@@ -147,6 +148,7 @@ def draw_pool(
         zs.append(z[keep.to(z.device)])
         pool.log_ratio = torch.cat([pool.log_ratio, log_ratio])
         pool.log_w = torch.cat([pool.log_w, log_w])
+        pool.log_finish = torch.cat([pool.log_finish, log_p])
         pool.readings = readings if pool.readings is None else torch.cat([pool.readings, readings])
         if log_w_s is not None:
             pool.log_w_s = _cat(pool.log_w_s, log_w_s)
@@ -173,7 +175,11 @@ def start_chains(pool: Pool, num_chains: int, per_start: int, generator) -> tupl
     x = torch.stack([pool.on_target[int(i)] for i in rows])
     readings = None if pool.readings is None else pool.readings[rows]
     log_w_s = None if pool.log_w_s is None else pool.log_w_s[rows]
-    state = ChainState(z, x, pool.log_w[rows], pool.log_ratio[rows], readings, None, log_w_s)
+    # A state's own log r, without the screened pool's -log P(finished): that weighs a draw as a start, and would
+    # otherwise stay in the acceptance of the chain's first independent move (a jump away from a start the surrogate
+    # underrates would be accepted P(finished) times as often as it should).
+    log_ratio = pool.log_ratio[rows] + pool.log_finish[rows]
+    state = ChainState(z, x, pool.log_w[rows], log_ratio, readings, None, log_w_s)
     return state, torch.arange(num_chains // per_start).repeat_interleave(per_start)
 
 

@@ -143,7 +143,7 @@ def _sample_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         metavar="P",
         help="with a screen, the least probability (in (0, 1]) with which a draw of the entry pool is run to the "
-        "end whatever its screen says; 1 does not screen the pool (default: 0.2)",
+        "end whatever its screen says; 1 does not screen the pool (default: 0.5)",
     )
     p.add_argument("--max-proposals", type=int, default=None, metavar="N", help="proposal budget (generator calls)")
     p.add_argument(
