@@ -84,7 +84,6 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,6 +96,7 @@ from common import (  # noqa: E402  (the same folder)
     mean,
     official_evaluate,
     run_previous,
+    sample_quietly,
     spread,
     verdict,
 )
@@ -235,16 +235,7 @@ def draw_ours(world: World, method: str, target: str, n: int, generator: torch.G
         **OURS_VARIANTS[method],
         **overrides,
     }
-    with warnings.catch_warnings():  # the diagnostics' warnings are recorded in the row
-        warnings.filterwarnings("ignore", message="S2M sampling")
-        out = pipe(
-            target,
-            num_images=n,
-            generator=generator,
-            output_type="pt",
-            allow_partial=True,
-            **settings,
-        )
+    out = sample_quietly(pipe, target, n, generator, **settings)  # the diagnostics' warnings go in the row
     s = out.stats
     chains = s.get("chains") or {}
     diagnostics = s.get("diagnostics") or {}

@@ -60,7 +60,6 @@ import math
 import os
 import tempfile
 import time
-import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -72,6 +71,7 @@ from common import (  # noqa: E402  (the same folder)
     mean,
     official_evaluate,
     run_previous,
+    sample_quietly,
     verdict,
 )
 
@@ -190,18 +190,15 @@ def run_method(method: str, pipe: S2MPipeline, target: str, num_images: int, see
         }
     if method != "ours":
         raise ValueError(f"Unknown method {method!r}; choose among {list(METHODS)}.")
-    with warnings.catch_warnings():  # the diagnostics' warnings are recorded in the row
-        warnings.filterwarnings("ignore", message="S2M sampling")
-        out = pipe(
-            target,
-            num_images=num_images,
-            generator=rng,
-            output_type="pt",
-            presence_margin=args.presence_margin,
-            max_proposals=args.max_proposals,
-            micro_batch_size=256,
-            allow_partial=True,
-        )
+    out = sample_quietly(  # the diagnostics' warnings are recorded in the row
+        pipe,
+        target,
+        num_images,
+        rng,
+        presence_margin=args.presence_margin,
+        max_proposals=args.max_proposals,
+        micro_batch_size=256,
+    )
     s = out.stats
     pool = ((s.get("chains") or {}).get("pool") or {}).get("proposals")
     return {

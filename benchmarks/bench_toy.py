@@ -44,6 +44,7 @@ python benchmarks/bench_toy.py --targets 0 --num-samples 100 --repeats 1 --calls
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import time
@@ -227,15 +228,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if previous is None and "previous" in methods:
         methods.remove("previous")
     rows = []
-    for target in targets:
-        for method in methods:
-            rows.append(measure(problem, target, method, args, previous))
-            r = rows[-1]
-            print(
-                f"{target:<14} {method:<9} calls/sample {fmt(r['proposals_per_sample']):>6}  distance "
-                f"{r['distance']:.5f} (floor {r['iid_distance']:.5f})  p {fmt(r['p_value'])}",
-                flush=True,
-            )
+    for target, method in itertools.product(targets, methods):
+        r = measure(problem, target, method, args, previous)
+        rows.append(r)
+        print(
+            f"{target:<14} {method:<9} calls/sample {fmt(r['proposals_per_sample']):>6}  distance "
+            f"{r['distance']:.5f} (floor {r['iid_distance']:.5f})  p {fmt(r['p_value'])}",
+            flush=True,
+        )
     print()
     print_table(rows)
     print_goals(rows)

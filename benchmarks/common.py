@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -161,6 +162,16 @@ def run_previous(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Formatting
+
+
+def sample_quietly(pipe, target: str, num_images: int, generator: torch.Generator, **settings: Any):
+    """``pipe(target, ...)`` returning tensors and allowing a partial result, with the sampler's diagnostic warnings
+    silenced: the benchmarks record them in their rows instead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="S2M sampling")
+        return pipe(
+            target, num_images=num_images, generator=generator, output_type="pt", allow_partial=True, **settings
+        )
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
