@@ -135,7 +135,7 @@ def _sample_parser(subparsers) -> argparse.ArgumentParser:
         metavar="{auto,off,S}",
         help="for a diffusion generator: judge each proposal on its predicted clean image after S denoising steps "
         "and stop those rejected there (exact: delayed acceptance); 'auto' screens after a tenth of the steps where "
-        "that saves, 'off' never screens (default: auto)",
+        "that saves (not a wrapped pipeline, which reruns what passes), 'off' never screens (default: auto)",
     )
     p.add_argument(
         "--screen-min-finish",

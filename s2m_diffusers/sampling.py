@@ -128,8 +128,9 @@ class S2MSamplingConfig:
     - ``screen`` (`int`, `"auto"` or `None`, defaults to `"auto"`): delayed-acceptance screening. After ``screen`` of
       the K denoising steps the heads (or the pipeline's screen heads) judge the predicted clean image; a proposal
       rejected there stops denoising, and a second stage corrects with the true weight, so the chains' target is
-      unchanged. ``"auto"`` screens after ``max(1, round(K / 10))`` steps where the proposal allows it and keeps
-      screening after the burn-in only where it saved at least 10% there; `None` (or ``"off"``) never screens.
+      unchanged. ``"auto"`` screens after ``max(1, round(K / 10))`` steps where the proposal allows it and can resume
+      after the screen (not a wrapped pipeline, which would rerun what passes), and keeps screening after the burn-in
+      only where it saved at least 10% there; `None` (or ``"off"``) never screens.
     - ``screen_min_finish`` (`float`, defaults to 0.5): the least probability with which a screened pool draw is
       finished whatever its surrogate (the finished ones are weighted by the inverse: Horvitz-Thompson). Lower saves
       more of the pool's denoising steps but makes the chains' starts noisier: with 0.2 the toy's screened exactness

@@ -259,9 +259,12 @@ def test_a_screened_wrapped_pipeline_returns_its_own_images_and_counts_its_unet_
         prompt="a cat", num_images_per_prompt=8, latents=out.latents, output_type="pt", num_inference_steps=4
     )
     assert torch.allclose(out.images, reference.images, atol=1e-4)
-    # a scheduler without a predicted clean sample: a given step is refused with the reason, "auto" says why it did not
+    # "auto" does not screen a pipeline that reruns what passes, and says why, without checking the pipeline again
+    checks = dict(pipe._screen_checks)
+    out = pipe("A & B", num_images=2, generator=gen(0), **{**settings, "screen": "auto"})
+    assert out.stats["screen"]["step"] is None and "reruns a latent" in out.stats["screen"]["reason"]
+    assert pipe._screen_checks == checks
+    # a scheduler without a predicted clean sample: a given step is refused with the reason
     sd.scheduler = DPMSolverMultistepScheduler.from_config(sd.scheduler.config)
     with pytest.raises(ValueError, match="screen=2 was asked for, but its scheduler DPMSolverMultistepScheduler"):
         pipe("A & B", num_images=2, generator=gen(0), **settings)
-    out = pipe("A & B", num_images=2, generator=gen(0), **{**settings, "screen": "auto"})
-    assert out.stats["screen"]["step"] is None and "pred_original_sample" in out.stats["screen"]["reason"]
