@@ -64,12 +64,11 @@ class ChainState:
 
     def replace_where(self, accept: torch.Tensor, new: ChainState) -> None:
         """Move the chains where ``accept`` to ``new``'s states, in place."""
-        for name, mine in zip(_FIELDS, self._values()):
-            other = getattr(new, name)
-            if mine is None or other is None:
-                continue
-            mask = accept.to(mine.device).reshape(-1, *([1] * (mine.ndim - 1)))
-            setattr(self, name, torch.where(mask, other.to(mine.device, mine.dtype), mine))
+        for name in _FIELDS:
+            mine, other = getattr(self, name), getattr(new, name)
+            if mine is not None and other is not None:
+                mask = accept.to(mine.device).reshape(-1, *([1] * (mine.ndim - 1)))
+                setattr(self, name, torch.where(mask, other.to(mine.device, mine.dtype), mine))
 
     def put(self, rows: torch.Tensor, new: ChainState) -> None:
         """Write ``new``'s states into the chains ``rows``, in place."""
@@ -77,9 +76,6 @@ class ChainState:
             mine, other = getattr(self, name), getattr(new, name)
             if mine is not None and other is not None:
                 mine[rows.to(mine.device)] = other.to(mine.device, mine.dtype)
-
-    def _values(self) -> list:
-        return [getattr(self, name) for name in _FIELDS]
 
 
 _FIELDS = ("z", "x", "log_w", "log_ratio", "readings", "grad", "log_w_s")
@@ -504,17 +500,17 @@ def chain_diagnostics(traces: dict, returned_readings, returned_log_w, chain_ids
             for j, name in enumerate(names):
                 values[f"ratio[{name}]"] = (returned_readings[:, j], pool.readings[:, j])
         n_eff = _returned_ess(returned_log_w, chain_ids)
+        judged = pool.ess >= diagnostics.READING_CHECK_MIN_POOL_ESS
         for key, (mine, theirs) in values.items():
             checks[key] = diagnostics.reading_check(mine, n_eff, theirs, pool.log_ratio)
             z = checks[key]["z"]
-            judged = pool.ess >= diagnostics.READING_CHECK_MIN_POOL_ESS
             if judged and math.isfinite(z) and z > diagnostics.READING_CHECK_SE:
                 warnings.append(
                     f"the returned images' mean {key} {checks[key]['mean']:.3g} is {z:.1f} standard errors from the "
                     f"pool's importance-weighted estimate {checks[key]['estimate']:.3g}"
                 )
         out["returned_ess"] = n_eff
-        out["reading_check_judged"] = pool.ess >= diagnostics.READING_CHECK_MIN_POOL_ESS
+        out["reading_check_judged"] = judged
     out["reading_check"] = checks
     out["warnings"] = warnings
     return out
