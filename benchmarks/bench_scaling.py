@@ -31,7 +31,10 @@ Methods:
   script itself fails where the fit's spend limit skips a stage), with the same k, N, seeds, presence margin, budget
   and heads; every call fits anew (that script let later seeds reuse the first seed's fit). Scored here.
 - `ours`: `S2MPipeline(heads, gan=ShapesGenerator)` at its defaults (chains that move locally in the noise space from
-  a pool of prior draws; there is no refitting any more), with the presence margin below and ``--max-proposals``.
+  a pool of prior draws, or for a rare target from particles that climbed its stages, `s2m_diffusers.ladder`; there is
+  no refitting any more), with the presence margin below and ``--max-proposals``.
+- `ours_pool`: ours with ``entry="pool"``: the chains always enter from the pool, which draws until its ESS is
+  reached (the default before the ladder).
 
 Every method but the official reads the heads with a presence margin ``kappa`` (``--presence-margin``, default 0.5;
 `log_r`): a required attribute counts only where its ratio comes within ``kappa`` of the image's strongest. Exact
@@ -87,7 +90,9 @@ from s2m_diffusers.testing.shapes import ShapesGenerator, shapes_single_positive
 from s2m_diffusers.training import save_heads, train_heads  # noqa: E402
 from s2m_diffusers.utils import jsonable, write_json_atomically  # noqa: E402
 
-METHODS = ("official", "previous_norefit", "previous", "ours")
+METHODS = ("official", "previous_norefit", "previous", "ours_pool", "ours")
+# ours' variants: the settings they pass beside the defaults.
+OURS = {"ours": {}, "ours_pool": {"entry": "pool"}}
 # The previous default's methods, by their names in its own bench_scaling.py.
 PREVIOUS = {"previous_norefit": "ours_norefit", "previous": "ours"}
 # The official code's D_r temperature by the number of present attributes; it has none beyond 3 (0.2 is used).
@@ -188,7 +193,7 @@ def run_method(method: str, pipe: S2MPipeline, target: str, num_images: int, see
             "unique_images": s.unique_returned,
             "acceptance_rate": s.acceptance_rate,
         }
-    if method != "ours":
+    if method not in OURS:
         raise ValueError(f"Unknown method {method!r}; choose among {list(METHODS)}.")
     out = sample_quietly(  # the diagnostics' warnings are recorded in the row
         pipe,
@@ -198,6 +203,7 @@ def run_method(method: str, pipe: S2MPipeline, target: str, num_images: int, see
         presence_margin=args.presence_margin,
         max_proposals=args.max_proposals,
         micro_batch_size=256,
+        **OURS[method],
     )
     s = out.stats
     pool = ((s.get("chains") or {}).get("pool") or {}).get("proposals")

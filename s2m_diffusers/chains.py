@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from . import diagnostics, kernels
+from . import diagnostics, kernels, ladder
+from .ladder import systematic_resample
 from .results import SamplerStats
 from .screen import Screen, count, prepare_screen, screened_pool_batch, unpack
 
@@ -95,6 +96,7 @@ class Pool:
     log_w_s: torch.Tensor | None = None
     proposals: int = 0
     log_finish: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    climbed: dict | None = None  # the ladder's record where the pool climbed the target's stages (`ladder`)
 
     @property
     def num_on_target(self) -> int:
@@ -102,14 +104,50 @@ class Pool:
 
     @property
     def ess(self) -> float:
-        """The effective sample size of the pool's importance ratios (0 when no draw is on the target)."""
-        if not self.num_on_target:
-            return 0.0
-        return float(1.0 / torch.softmax(self.log_ratio, 0).pow(2).sum())
+        """The effective sample size of the pool's importance ratios (0 when no draw is on the target); for a pool
+        that climbed, the least ESS of its stages' reweighting (its particles are equally weighted but not
+        independent)."""
+        if self.climbed is not None:
+            return min(stage["ess"] for stage in self.climbed["stages"])
+        return ladder.ess(self.log_ratio)
+
+    @classmethod
+    def from_particles(cls, particles: ladder.Particles, proposals: int) -> Pool:
+        """The pool of a climb: equally weighted as starts (``log_ratio`` 0), each chain keeping its own ratio
+        ``log w + log p_z - log q`` (held in ``log_finish``, which `start_chains` adds)."""
+        log_w = particles.stage_log_w[:, -1]
+        n = log_w.shape[0]
+        pool = cls(
+            particles.z,
+            torch.zeros(n, dtype=torch.float64),
+            particles.readings,
+            {i: particles.x[i] for i in range(n)},
+            log_w,
+            proposals=proposals,
+            log_finish=log_w + particles.log_prior_ratio,
+            climbed=particles.record,
+        )
+        return pool
 
 
 def _cat(a, b):
     return b if a is None else torch.cat([a, b])
+
+
+def can_climb(evaluate, config, screen: Screen | None) -> bool:
+    """Whether the entry may climb the target's stages (`s2m_diffusers.ladder`): ``entry`` is not ``"pool"``, the
+    call is not screened and ``evaluate`` offers ``refinements`` of more than one stage."""
+    return (
+        config.entry != "pool"
+        and screen is None
+        and callable(getattr(evaluate, "refinements", None))
+        and int(getattr(evaluate, "num_stages", 1)) > 1
+    )
+
+
+def ladder_particles(config, starts: int) -> int:
+    """The ladder's particles: four per starting point, at least ``pool_size``."""
+    return max(config.pool_size, 4 * starts)
 
 
 def draw_pool(
@@ -118,11 +156,15 @@ def draw_pool(
     """Draws of ``q`` in batches of ``pool_batch`` until at least ``pool_size`` are drawn and their importance ratios
     have an effective sample size of ``pool_ess``, or of the square root of the number of ``starts`` where that is
     more (or ``budget`` proposals are spent). With a ``screen`` each batch is screened
-    ([`screen.screened_pool_batch`])."""
+    ([`screen.screened_pool_batch`]). Where the entry may climb ([`can_climb`]), each batch is read on every stage
+    of the target, and the pool climbs them instead of drawing on (`s2m_diffusers.ladder`) with ``entry="ladder"``,
+    or with ``"auto"`` where [`ladder.climb_pays`]."""
     size, ess = config.pool_size, max(config.pool_ess, math.sqrt(starts))
     batch = config.pool_batch or size
     pool = Pool(torch.zeros(0), torch.zeros(0, dtype=torch.float64), None, {}, torch.zeros(0, dtype=torch.float64))
-    zs = []
+    zs, stage_log_w, corrections = [], [], []
+    climbing = can_climb(evaluate, config, screen)
+    particles = ladder_particles(config, starts)
     while pool.proposals < size or pool.ess < ess:
         n = batch if budget is None else min(batch, math.floor(budget - stats.cost + 1e-9))
         if n <= 0:
@@ -133,7 +175,15 @@ def draw_pool(
             keep, x, log_w, readings, log_w_s, log_p = screened_pool_batch(evaluate, z, screen, generator, stats)
         else:
             t0 = time.perf_counter()
-            x, log_w, readings = unpack(evaluate(z))
+            if climbing:
+                x, stages, readings = evaluate.refinements(z)
+                stages = stages.detach().double().cpu()
+                readings = None if readings is None else readings.detach().double().cpu()
+                log_w = stages[:, -1]
+                stage_log_w.append(stages)
+                corrections.append(correction)
+            else:
+                x, log_w, readings = unpack(evaluate(z))
             stats.seconds_evaluate += time.perf_counter() - t0
             count(stats, n, evaluate)
             keep, log_w_s, log_p = torch.arange(n), None, torch.zeros(n, dtype=torch.float64)
@@ -149,17 +199,36 @@ def draw_pool(
         if log_w_s is not None:
             pool.log_w_s = _cat(pool.log_w_s, log_w_s)
         pool.proposals += n
+        if climbing and (config.entry == "ladder" or pool.proposals < size or pool.ess < ess):
+            levels = int(evaluate.num_stages)
+            if config.entry == "ladder" or ladder.climb_pays(pool.proposals, particles, levels):
+                drawn = ladder.Particles(
+                    torch.cat(zs), None, torch.cat(stage_log_w), pool.readings, torch.cat(corrections)
+                )
+                spent = stats.proposals
+                climbed = _climb(evaluate, q, config, generator, stats, budget, particles, drawn, pool.proposals, ess)
+                if climbed is not None:
+                    return climbed
+                pool.proposals += stats.proposals - spent
+                climbing = False  # a stage kept no particle, or the budget ran out: draw on
     pool.z = torch.cat(zs) if zs else torch.zeros(0)
     return pool
 
 
-def systematic_resample(log_weights: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``n`` indices drawn in proportion to ``exp(log_weights)`` by systematic resampling (one uniform): each index
-    appears ``floor(n p_i)`` or ``ceil(n p_i)`` times, fewer repeats than multinomial draws."""
-    p = torch.softmax(log_weights.double(), 0)
-    device = generator.device if generator is not None else "cpu"
-    u = (torch.rand(1, generator=generator, device=device, dtype=torch.float64).cpu() + torch.arange(n)) / n
-    return torch.searchsorted(torch.cumsum(p, 0), u.clamp(max=1 - 1e-12)).clamp(max=p.numel() - 1)
+def _climb(evaluate, q, config, generator, stats, budget, particles, drawn, proposals, ess) -> Pool | None:
+    """The pool's ``drawn`` draws climb the target's stages (`ladder.climb`); the pool of the particles on the
+    target, or `None`."""
+
+    def affordable(n: int) -> bool:
+        return budget is None or stats.cost + n <= budget + 1e-9
+
+    before = stats.proposals
+    frozen = getattr(evaluate, "frozen", None)
+    out = ladder.climb(evaluate, q, drawn, particles, generator, stats, config.initial_step, frozen, affordable, ess)
+    if out is None:
+        return None
+    out.record["drawn"] = proposals
+    return Pool.from_particles(out, proposals + stats.proposals - before)
 
 
 def start_chains(pool: Pool, num_chains: int, per_start: int, generator) -> tuple[ChainState, torch.Tensor]:
@@ -335,6 +404,8 @@ def _enter(run: _Run, num_chains: int, per_start: int):
     starts = num_chains // per_start
     pool = draw_pool(run.evaluate, run.q, run.config, run.generator, run.stats, run.budget, run.screen, starts)
     run.record["pool"] = {"proposals": pool.proposals, "on_target": pool.num_on_target, "ess": pool.ess}
+    if pool.climbed is not None:
+        run.record["pool"]["climbed"] = pool.climbed
     if run.stop("pool") or not pool.num_on_target:
         run.stats.budget_exhausted = not pool.num_on_target
         return pool, None, None

@@ -50,6 +50,7 @@ Evaluate = Callable[[torch.Tensor], tuple]
 Callback = Callable[[int, dict], Any]
 
 KERNELS = ("pcn", "mala", "independent")
+ENTRIES = ("auto", "pool", "ladder")
 # Settings for which `None` is a value of its own, not "keep the default" (see `S2MSamplingConfig.resolve`).
 _NONE_IS_A_VALUE = ("class_label", "screen", "thinning")
 # Settings of earlier versions, and what took their place.
@@ -122,6 +123,11 @@ class S2MSamplingConfig:
       of the analytic toy's rarest targets: 2-4x the i.i.d. floor of the energy distance with the square root,
       9-14x without, for 0.3-0.7 more calls per image).
     - ``pool_batch`` (`int`, *optional*): draws per batch of the pool (defaults to ``pool_size``).
+    - ``entry`` (`str`, defaults to `"auto"`): how the chains reach a rare target (`s2m_diffusers.ladder`).
+      ``"pool"`` draws the pool until its ESS is reached; ``"ladder"`` climbs the target's stages (``a``, ``a & b``,
+      ...) from the first batch with particles moved by pCN at each stage (an SMC sampler); ``"auto"`` climbs where,
+      after a batch, the pool's projected remaining draws exceed the ladder's calls. A screened call, or a target of
+      one stage, always draws the pool.
 
     Diffusion proposals (spec §5b, `s2m_diffusers.screen`):
 
@@ -154,6 +160,7 @@ class S2MSamplingConfig:
     pool_size: int = 32
     pool_ess: int = 2
     pool_batch: int | None = None
+    entry: str = "auto"
     screen: int | str | None = "auto"
     screen_min_finish: float = 0.5
 
@@ -166,6 +173,11 @@ class S2MSamplingConfig:
             raise ValueError(
                 f"kernel must be one of {list(KERNELS)}, got {self.kernel!r}: 'pcn' moves locally (the default), "
                 "'mala' follows the gradient of the weights (differentiable generators), 'independent' redraws."
+            )
+        if self.entry not in ENTRIES:
+            raise ValueError(
+                f"entry must be one of {list(ENTRIES)}, got {self.entry!r}: 'auto' climbs a rare target's stages "
+                "where that is cheaper than drawing the pool on, 'pool' always draws, 'ladder' always climbs."
             )
         for name in ("samples_per_chain", "pool_size", "pool_ess", "num_chains", "pool_batch", "thinning"):
             _check_positive(name, getattr(self, name), allow_none=name in ("num_chains", "pool_batch", "thinning"))

@@ -270,6 +270,8 @@ class TargetEvaluate:
         proposal = weigher.proposal
         self.num_steps = getattr(proposal, "num_steps", None)
         self.screen_restarts = bool(getattr(proposal, "screen_restarts", False))  # finishing reruns a proposal whole
+        self.stages = target.stages()[:-1] + [target]  # the last stage is the target itself
+        self.num_stages = len(self.stages)
         self.frozen = None
         if weigher.plan.mode == "marginal":  # the last coordinate draws the class
             shape = weigher.plan.latent_shape(proposal.latent_shape)
@@ -295,6 +297,20 @@ class TargetEvaluate:
             readings.append(r)
         x, lw = torch.cat(images), torch.cat(weights)
         return x, w.on_round(z, x, lw), torch.cat(readings)
+
+    def refinements(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As the call, with every stage's ``log w`` `(B, L)` in place of the target's (its last column), from one
+        pass of the generator and the heads (`s2m_diffusers.ladder`)."""
+        w = self.weigher
+        images, weights, readings = [], [], []
+        for chunk in z.split(w.micro_batch_size):
+            x, out, df = w._judge(chunk)
+            images.append(x.cpu())
+            weights.append(torch.stack([w._log_weight(s, out, df, w.dv_strength) for s in self.stages], 1))
+            readings.append(w.readings(out))
+        x, lw = torch.cat(images), torch.cat(weights)
+        lw[:, -1] = w.on_round(z, x, lw[:, -1])
+        return x, lw, torch.cat(readings)
 
     def value_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """As the call, and ``grad log w`` by ``z`` `(B, ...)` (zero where ``log w = -inf``: off the target)."""

@@ -100,3 +100,20 @@ def test_one_label_data_read_as_independent_is_biased_and_read_right_is_not():
     truth = float(toy.attributes(exact)[:, 2].double().mean())
     assert math.isclose(shares["one_label_per_image"], truth, abs_tol=0.01)
     assert abs(shares["independent"] - truth) > 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:S2M sampling")
+@pytest.mark.parametrize("target", ["B & ~A & ~C", "A & B & C"])
+@pytest.mark.parametrize("proposal", PROPOSALS)
+def test_chains_started_by_the_ladder_are_exact(target, proposal):
+    """``entry="ladder"``: the chains start from particles that climbed the target's stages (`ladder`), equally
+    weighted but only approximately distributed as the target; the chains after the burn-in are exact all the same."""
+    toy = ToyProblem(offset=NEAR if target == "A & B & C" else FAR)
+    drawn = proposal == "drawn_class"
+    evaluate = toy.evaluate_fn(target, class_label="drawn" if drawn else None)
+    q = StandardNormal((3,) if drawn else (2,))
+    p, results = calls_test(toy, target, evaluate, q, RUNS, N, entry="ladder")
+    climbed = sum("climbed" in r.stats.chains["pool"] for r in results)
+    assert climbed >= 0.9 * RUNS  # the rest: a stage kept no particle, and the call drew the pool on
+    assert p > ALPHA, (p, climbed)

@@ -199,6 +199,8 @@ def test_sample_s2m_takes_a_config_or_its_fields():
         ("A | B", {"kernel": "independent"}),  # disjunction, the paper's kernel from the pool
         pytest.param("A & (B | C)", {"kernel": "mala"}, marks=pytest.mark.slow),
         pytest.param("B & ~A & ~C", {"jump_rate": 0.5}, marks=pytest.mark.slow),  # rho = 3 %, many jumps
+        ("B & ~A & ~C", {"entry": "ladder"}),  # the chains start from particles that climbed the stages
+        pytest.param("A & (B | C)", {"entry": "ladder"}, marks=pytest.mark.slow),  # a stage that is an OR
     ],
 )
 def test_samples_follow_the_exact_target(text, settings):
@@ -206,6 +208,45 @@ def test_samples_follow_the_exact_target(text, settings):
     if settings.get("kernel") == "mala":
         evaluate = WithGradient(evaluate)
     assert runs_p_value(text, evaluate, **settings) > ALPHA
+
+
+def test_the_ladder_climbs_only_where_it_pays_and_says_so():
+    """`entry="auto"` draws the pool where the target is common and climbs its stages where few draws reach it; the
+    record says how; a target of one stage, or `entry="pool"`, never climbs."""
+    from s2m_diffusers import ladder
+
+    # the pool climbs once it has drawn twice the fewest calls of a climb: 3 stages x 6 moves x 32 particles
+    assert ladder.ladder_cost(32, 3) == 576
+    assert ladder.climb_pays(2 * 576, 32, 3) and not ladder.climb_pays(2 * 576 - 1, 32, 3)
+    assert not ladder.climb_pays(10**9, 32, 1)  # one stage: nothing to climb
+
+    rare, common = "A & B & C", "A & ~B"
+    far = ToyProblem(offset=(-1.2, -1.2))  # `A & B & C` holds 0.3% of the prior
+    small = {"pool_size": 8}  # 8 particles (2 starts x 4), a climb's fewest calls 3 x 6 x 8 = 144
+    climbed = sample_s2m(far.evaluate_fn(rare), PRIOR, 16, generator=gen(0), **small)
+    assert far.holds(rare, climbed.x).all()
+    pool = climbed.stats.chains["pool"]
+    record = pool["climbed"]
+    assert all(stage["ess"] > 0 for stage in record["stages"]) and len(record["stages"]) == 3
+    assert record["particles"] == 8 and record["drawn"] == 2 * 144  # climbed after 36 batches of 8
+    rounds = sum(stage["rounds"] for stage in record["stages"])
+    assert record["drawn"] + 6 * 8 * rounds < pool["proposals"] <= record["drawn"] + 6 * 8 * rounds + 8
+    assert pool["ess"] == min(stage["ess"] for stage in record["stages"])
+
+    def climbs(toy, target, n, **settings):
+        return (
+            "climbed"
+            in sample_s2m(toy.evaluate_fn(target), PRIOR, n, generator=gen(0), **settings).stats.chains["pool"]
+        )
+
+    assert (
+        not climbs(far, rare, 16, entry="pool")
+        and not climbs(TOY, common, 16)
+        and climbs(TOY, common, 16, entry="ladder")
+    )
+    assert not climbs(TOY, "A", 16, entry="ladder")  # one stage: nothing to climb
+    with pytest.raises(ValueError, match="entry must be one of"):
+        S2MSamplingConfig(entry="climb")
 
 
 def test_class_conditional_proposal_with_df_correction():

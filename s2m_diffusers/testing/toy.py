@@ -165,29 +165,40 @@ class ToyProblem:
         log_p_data = torch.log(self.p_data)
         settings = dict(negation_margin=negation_margin, labelling=self.labelling)
 
-        def evaluate(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stages = target.stages()[:-1] + [target]
+
+        def weigh(z: torch.Tensor, targets: list[Target]) -> tuple[torch.Tensor, torch.Tensor]:
+            """Images and the ``log w`` of each of ``targets`` `(B, len(targets))`."""
+            extra = {}
             if class_label is None:
                 x = self.generate(z)
                 dv = self.dv_logit(x)
-                return x, log_weight(target, self.dr_log_probs(x), dv, log_p_data, log_priors, **settings)
-            if class_label == "drawn":
+            elif class_label == "drawn":
                 u = torch.special.ndtr(z[:, 2].double())  # Phi(u)
                 labels = torch.searchsorted(self.class_probs.cumsum(0)[:-1], u, right=True)
                 x = self.generate(z[:, :2], labels)
                 dv = self.dv_logit(x, conditional=True)
-                return x, log_weight(target, self.dr_log_probs(x), dv, log_p_data, log_priors, **settings)
-            x = self.generate(z, torch.full((z.shape[0],), class_label, dtype=torch.long))
-            return x, log_weight(
-                target,
-                self.dr_log_probs(x),
-                self.dv_logit(x, conditional=True),
-                log_p_data,
-                log_priors,
-                df_log_prob=self.df_log_probs(x)[:, class_label],
-                log_pg_class=math.log(self.class_probs[class_label]),
-                **settings,
-            )
+            else:
+                x = self.generate(z, torch.full((z.shape[0],), class_label, dtype=torch.long))
+                dv = self.dv_logit(x, conditional=True)
+                extra = dict(
+                    df_log_prob=self.df_log_probs(x)[:, class_label],
+                    log_pg_class=math.log(self.class_probs[class_label]),
+                )
+            dr = self.dr_log_probs(x)
+            columns = [log_weight(t, dr, dv, log_p_data, log_priors, **settings, **extra) for t in targets]
+            return x, torch.stack(columns, 1)
 
+        def evaluate(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x, log_w = weigh(z, [target])
+            return x, log_w[:, 0]
+
+        def refinements(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+            """Every stage's ``log w`` (the last the target's), as the pipeline's evaluate offers (`ladder`)."""
+            x, log_w = weigh(z, stages)
+            return x, log_w, None
+
+        evaluate.refinements, evaluate.num_stages = refinements, len(stages)
         if class_label == "drawn":  # local moves keep the class coordinate, as the pipeline's do (`chains`)
             evaluate.frozen = torch.tensor([False, False, True])
         return evaluate
