@@ -3,9 +3,10 @@ stages.
 
 A target that few prior draws reach makes the entry pool of `s2m_diffusers.chains` expensive: it draws until its
 importance ratios have the effective sample size the chains need, about ``ess / share`` draws. The target's stages
-(`targets.Target.stages`: ``a``, ``a & b``, ``a & b & ~c``, one literal more at a time) are each far less rare than
-the next is given the one before, so particles can climb them (an SMC sampler, Del Moral, Doucet and Jasra 2006;
-what subset simulation, Au and Beck 2001, does for rare events): at each stage ``j`` the particles are
+(`targets.Target.stages`: ``a``, ``a & b``, ``a & b & ~c``, one literal more at a time) are each reached from the
+one before far more often than the whole target from the prior, so particles can climb them (an SMC sampler, Del
+Moral, Doucet and Jasra 2006; what subset simulation, Au and Beck 2001, does for rare events): at each stage ``j``
+the particles are
 
 1. **reweighted** by ``w_j / w_{j-1}`` (the draws of ``q`` by ``w_1 p_z / q``),
 2. **resampled** (systematic resampling) to ``particles`` equally weighted ones,
@@ -158,7 +159,9 @@ def climb(
         stage_ess = ess(log_weights)
         if stage_ess == 0:
             return None
-        current = _resample(evaluate, current, log_weights, particles, generator, stats)
+        current = _resample(evaluate, current, log_weights, particles, generator, stats, affordable)
+        if current is None:
+            return None
         state["moves"], state["accepted"], rounds, seen = 0, 0.0, 0, None
         while True:  # move until the rounds' particles reach the next stage with ``ess_goal`` (or MAX_ROUNDS)
             current = move(current, j)
@@ -184,13 +187,15 @@ def climb(
     return current
 
 
-def _resample(evaluate, current: Particles, log_weights, particles: int, generator, stats) -> Particles:
+def _resample(evaluate, current: Particles, log_weights, particles: int, generator, stats, affordable) -> Particles:
     """``particles`` of ``current`` resampled by ``log_weights``; the pool's draws, whose images were not kept, are
-    generated again (the distinct ones drawn: one call each)."""
+    generated again (the distinct ones drawn: one call each; `None` where ``affordable`` refuses them)."""
     rows = systematic_resample(log_weights, particles, generator)
     if current.x is not None:
         return current.take(rows)
     distinct, inverse = torch.unique(rows, return_inverse=True)
+    if affordable is not None and not affordable(distinct.numel()):
+        return None
     x, stage_log_w, readings = _evaluate(evaluate, current.z[distinct.to(current.z.device)], stats)
     again = Particles(
         current.z[distinct.to(current.z.device)], x, stage_log_w, readings, current.log_prior_ratio[distinct]

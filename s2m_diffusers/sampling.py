@@ -127,9 +127,9 @@ class S2MSamplingConfig:
     - ``pool_batch`` (`int`, *optional*): draws per batch of the pool (defaults to ``pool_size``).
     - ``entry`` (`str`, defaults to `"auto"`): how the chains reach a rare target (`s2m_diffusers.ladder`).
       ``"pool"`` draws the pool until its ESS is reached; ``"ladder"`` climbs the target's stages (``a``, ``a & b``,
-      ...) from the first batch with particles moved by pCN at each stage (an SMC sampler); ``"auto"`` climbs where,
-      after a batch, the pool's projected remaining draws exceed the ladder's calls. A screened call, or a target of
-      one stage, always draws the pool.
+      ...) from the first batch with particles moved by pCN at each stage (an SMC sampler); ``"auto"`` climbs once
+      the pool, not yet done, has drawn twice the fewest calls of a climb (four particles per starting point, six
+      moves each per stage). A screened call, or a target of one stage, always draws the pool.
 
     Diffusion proposals (spec §5b, `s2m_diffusers.screen`):
 
