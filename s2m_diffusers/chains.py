@@ -45,12 +45,6 @@ STUCK_SHARE = 0.05
 MAX_THINNING = 20
 # Step sizes stay in [MIN_STEP, 1] (pCN's b = 1 is an independent draw from the prior).
 MIN_STEP = 1e-3
-# The pool stops drawing, once some draw is on the target, when it has drawn this many times what the chains are
-# expected to cost (`None`: only its ESS stops it). Measured on Digits-7to3's GAN (7 targets x 3 seeds): at 16 images
-# 20 of 21 calls within 16 calls per image (worst 16.2, mean 12.1, accuracy 0.991) against 16 of 21 without (worst 27,
-# mean 13.6, accuracy 0.979); at 64 images 9.87 calls per image against 9.92 at the same accuracy (0.952); with 0.5,
-# accuracy 0.926 at 16 images.
-POOL_BALANCE = 1.0
 # The Robbins-Monro gain of the step-size adaptation at burn-in step t: ADAPT_GAIN / sqrt(t + 1).
 ADAPT_GAIN = 1.5
 
@@ -157,20 +151,11 @@ def ladder_particles(config, starts: int) -> int:
 
 
 def draw_pool(
-    evaluate,
-    q,
-    config,
-    generator,
-    stats,
-    budget: float | None,
-    screen: Screen | None = None,
-    starts: int = 1,
-    enough: float | None = None,
+    evaluate, q, config, generator, stats, budget: float | None, screen: Screen | None = None, starts: int = 1
 ) -> Pool:
     """Draws of ``q`` in batches of ``pool_batch`` until at least ``pool_size`` are drawn and their importance ratios
     have an effective sample size of ``pool_ess``, or of the square root of the number of ``starts`` where that is
-    more, or some draw is on the target and ``enough`` are drawn (what the chains will cost: a small call's entry
-    costs no more than its chains), or ``budget`` proposals are spent. With a ``screen`` each batch is screened
+    more (or ``budget`` proposals are spent). With a ``screen`` each batch is screened
     ([`screen.screened_pool_batch`]). Where the entry may climb ([`can_climb`]), each batch is read on every stage
     of the target, and the pool climbs them instead of drawing on (`s2m_diffusers.ladder`) with ``entry="ladder"``,
     or with ``"auto"`` where [`ladder.climb_pays`]."""
@@ -180,13 +165,7 @@ def draw_pool(
     zs, stage_log_w, corrections = [], [], []
     climbing = can_climb(evaluate, config, screen)
     particles = ladder_particles(config, starts)
-
-    def done() -> bool:
-        if pool.proposals < size:
-            return False
-        return pool.ess >= ess or (enough is not None and pool.proposals >= enough and pool.num_on_target > 0)
-
-    while not done():
+    while pool.proposals < size or pool.ess < ess:
         n = batch if budget is None else min(batch, math.floor(budget - stats.cost + 1e-9))
         if n <= 0:
             break
@@ -220,7 +199,7 @@ def draw_pool(
         if log_w_s is not None:
             pool.log_w_s = _cat(pool.log_w_s, log_w_s)
         pool.proposals += n
-        if climbing and (config.entry == "ladder" or not done()):
+        if climbing and (config.entry == "ladder" or pool.proposals < size or pool.ess < ess):
             levels = int(evaluate.num_stages)
             if config.entry == "ladder" or ladder.climb_pays(pool.proposals, particles, levels):
                 drawn = ladder.Particles(
@@ -418,20 +397,12 @@ def _layout(num_samples: int, config) -> tuple[int, int, int]:
     return num_chains, per_start, math.ceil(num_samples / num_chains)
 
 
-def chains_cost(config, num_chains: int, per_chain: int) -> float:
-    """What the chains are expected to cost before the burn-in has set the thinning: their burn-in and sampling
-    steps at the thinning of a chain accepting at ``target_acceptance``."""
-    thinning = config.thinning or thinning_for(config.target_acceptance)
-    return num_chains * (config.burn_in + (per_chain - 1) * thinning)
-
-
-def _enter(run: _Run, num_chains: int, per_start: int, per_chain: int = 1):
+def _enter(run: _Run, num_chains: int, per_start: int):
     """The entry: the pool, and the chains' starting states and superchains (`None` when no draw is on the target or
     the callback stops the run)."""
     run.phase("pool")
     starts = num_chains // per_start
-    enough = None if POOL_BALANCE is None else POOL_BALANCE * chains_cost(run.config, num_chains, per_chain)
-    pool = draw_pool(run.evaluate, run.q, run.config, run.generator, run.stats, run.budget, run.screen, starts, enough)
+    pool = draw_pool(run.evaluate, run.q, run.config, run.generator, run.stats, run.budget, run.screen, starts)
     run.record["pool"] = {"proposals": pool.proposals, "on_target": pool.num_on_target, "ess": pool.ess}
     if pool.climbed is not None:
         run.record["pool"]["climbed"] = pool.climbed
@@ -537,7 +508,7 @@ def sample_chains(
     run = _Run(evaluate, q, config, generator, max_proposals, callback)
     run.screen, screen_record = prepare_screen(evaluate, config)
     run.record.update(num_chains=num_chains, samples_per_chain=per_chain, kernel=config.kernel, screen=screen_record)
-    pool, state, superchains = _enter(run, num_chains, per_start, per_chain)
+    pool, state, superchains = _enter(run, num_chains, per_start)
     frozen = None if state is None else _burn_in(run, state)
     out = traces = None
     if frozen is not None:

@@ -221,7 +221,7 @@ def test_the_ladder_climbs_only_where_it_pays_and_says_so():
     assert not ladder.climb_pays(10**9, 32, 1)  # one stage: nothing to climb
 
     rare, common = "A & B & C", "A & ~B"
-    far = ToyProblem(offset=(-2.0, -2.0))  # `A & B & C` holds 0.06% of the prior
+    far = ToyProblem(offset=(-1.2, -1.2))  # `A & B & C` holds 0.3% of the prior
     small = {"pool_size": 8}  # 8 particles (2 starts x 4), a climb's fewest calls 3 x 6 x 8 = 144
     climbed = sample_s2m(far.evaluate_fn(rare), PRIOR, 16, generator=gen(0), **small)
     assert far.holds(rare, climbed.x).all()
