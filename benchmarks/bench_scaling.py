@@ -268,6 +268,22 @@ def score(generator: ShapesGenerator, k: int, method: str, seed: int, drawn: dic
     }
 
 
+def earlier_baselines(args: argparse.Namespace) -> list[dict]:
+    """The official and previous rows of ``--baselines-from`` for this run's k and seeds, marked with the file."""
+    with open(args.baselines_from, encoding="utf-8") as f:
+        earlier = json.load(f)
+    keep = {"official", *PREVIOUS}
+    rows = [
+        {**r, "from": os.path.basename(args.baselines_from)}
+        for r in earlier
+        if r["method"] in keep and r["k"] in args.ks and r["seed"] in args.seeds and r["method"] not in args.methods
+    ]
+    if any(r["num_images_asked"] != args.num_images for r in rows):
+        raise ValueError(f"{args.baselines_from} holds rows of another --num-images than {args.num_images}.")
+    print(f"official and previous rows from {args.baselines_from} ({len(rows)} rows)", flush=True)
+    return rows
+
+
 def print_table(rows: list[dict], methods: list[str], ks: list[int], generator: ShapesGenerator) -> None:
     """Per k: the prior share, the heads' ceiling and each method's cell; the calls of previous_norefit over ours'."""
     ratio = "previous_norefit" in methods and "ours" in methods
@@ -348,6 +364,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--retrain", action="store_true", help="train the heads even if cached")
     parser.add_argument("--previous-commit", default=PREVIOUS_COMMIT, help="the commit of the previous default")
+    parser.add_argument(
+        "--baselines-from",
+        default=None,
+        help="a JSON of an earlier run (same --ks, --seeds, --num-images) whose official and previous rows are "
+        "printed beside this run's methods (rows marked with that file's name): those methods do not depend on "
+        "this checkout's sampler, and take about an hour at k = 6 with 3 seeds",
+    )
     parser.add_argument("--json", default=None, help="write the rows to this file")
     return parser.parse_args(argv)
 
@@ -393,8 +416,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     f"{fmt(row['distinct_share'], 2)}  warnings {fmt(row['num_warnings'])}  {row['seconds']:.1f} s",
                     flush=True,
                 )
+    methods = [m for m in METHODS if m in args.methods]
+    if args.baselines_from:
+        rows = earlier_baselines(args) + rows
+        methods = [m for m in METHODS if m in methods or m == "official" or m in PREVIOUS]
     print(f"\nShapes, k attributes required, {args.num_images} images, seeds {args.seeds}")
-    print_table(rows, [m for m in METHODS if m in args.methods], args.ks, generator)
+    print_table(rows, methods, args.ks, generator)
     print_goal(rows)
     if args.json:
         write_json_atomically(args.json, jsonable(rows))
