@@ -414,6 +414,8 @@ def _enter(run: _Run, num_chains: int, per_start: int):
         if not run.screen.active:
             run.record["screen"], run.screen = run.screen.report(), None
     state, superchains = start_chains(pool, num_chains, per_start, run.generator)
+    # how many distinct points the chains start from: a call's images are about as varied as these and their moves
+    run.record["distinct_starts"] = int(torch.unique(state.z.reshape(num_chains, -1), dim=0).shape[0])
     if run.config.kernel == "mala":  # the starting states' gradients: one more evaluation of the starts
         state = _weigh(run.evaluate, run.q, state.z, "mala", run.stats)
     return pool, state, superchains

@@ -156,6 +156,7 @@ def test_gan_end_to_end_and_the_statistics_add_up(kernel):
     chains = s["chains"]
     c, per_chain, thinning = chains["num_chains"], chains["samples_per_chain"], chains["thinning"]
     assert chains["kernel"] == kernel and c == 2 and per_chain == 3 and chains["pool"]["proposals"] == 16
+    assert 1 <= chains["distinct_starts"] <= c
     assert chains["moves"] == c * (per_chain - 1) * thinning and s["accepted"] <= chains["moves"]
     starts = c if kernel == "mala" else 0
     assert s["proposals"] == chains["pool"]["proposals"] + starts + c * FAST["burn_in"] + chains["moves"]
