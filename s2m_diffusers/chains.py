@@ -165,7 +165,7 @@ def draw_pool(
     zs, stage_log_w, corrections = [], [], []
     climbing = can_climb(evaluate, config, screen)
     particles = ladder_particles(config, starts)
-    while pool.proposals < size or pool.ess < ess:
+    while True:  # until the pool is done (its size and ESS), the budget is spent, or it climbs
         n = batch if budget is None else min(batch, math.floor(budget - stats.cost + 1e-9))
         if n <= 0:
             break
@@ -199,7 +199,8 @@ def draw_pool(
         if log_w_s is not None:
             pool.log_w_s = _cat(pool.log_w_s, log_w_s)
         pool.proposals += n
-        if climbing and (config.entry == "ladder" or pool.proposals < size or pool.ess < ess):
+        more = pool.proposals < size or pool.ess < ess  # the ESS once per batch: it reads every draw
+        if climbing and (config.entry == "ladder" or more):
             levels = int(evaluate.num_stages)
             if config.entry == "ladder" or ladder.climb_pays(pool.proposals, particles, levels):
                 drawn = ladder.Particles(
@@ -211,6 +212,8 @@ def draw_pool(
                     return climbed
                 pool.proposals += stats.proposals - spent
                 climbing = False  # a stage kept no particle, or the budget ran out: draw on
+        if not more:
+            break
     pool.z = torch.cat(zs) if zs else torch.zeros(0)
     return pool
 

@@ -37,7 +37,16 @@ import torch
 from . import kernels
 from .screen import count
 
-__all__ = ["LADDER_MOVES", "Particles", "systematic_resample", "ess", "ladder_cost", "climb_pays", "climb"]
+__all__ = [
+    "LADDER_MOVES",
+    "Particles",
+    "stages_of",
+    "systematic_resample",
+    "ess",
+    "ladder_cost",
+    "climb_pays",
+    "climb",
+]
 
 # pCN moves of every particle in a round at a stage: on Shapes at k = 6 (6 seeds, 200 images), 3 moves gave a mean
 # accuracy of 0.85 for 89 calls per image, 6 moves 0.95 for 98 (climbing after the same 7,200 draws).
@@ -66,14 +75,25 @@ class Particles:
     record: dict = field(default_factory=dict)
 
     def take(self, rows: torch.Tensor) -> Particles:
-        return Particles(
-            self.z[rows.to(self.z.device)],
-            None if self.x is None else self.x[rows.to(self.x.device)],
-            self.stage_log_w[rows],
-            None if self.readings is None else self.readings[rows],
-            self.log_prior_ratio[rows],
-            self.record,
-        )
+        return _map(lambda a: a[rows.to(a.device)], self)
+
+
+_TENSORS = ("z", "x", "stage_log_w", "readings", "log_prior_ratio")
+
+
+def _map(fn, *parts: Particles) -> Particles:
+    """The particles whose every tensor is ``fn`` of that tensor of each of ``parts`` (`None` where one is `None`)."""
+    values = {}
+    for name in _TENSORS:
+        got = [getattr(part, name) for part in parts]
+        values[name] = None if any(g is None for g in got) else fn(*got)
+    return Particles(**values)
+
+
+def stages_of(target) -> list:
+    """The stages a climb goes through: `Target.stages`, the last replaced by the target itself (so that the last
+    column of ``refinements`` is exactly the target's ``log w``)."""
+    return target.stages()[:-1] + [target]
 
 
 def systematic_resample(log_weights: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -205,26 +225,14 @@ def _resample(evaluate, current: Particles, log_weights, particles: int, generat
 
 def _concat(a: Particles, b: Particles) -> Particles:
     """The particles of two rounds at one stage, together (each an equally weighted sample of that stage)."""
-    return Particles(
-        torch.cat([a.z, b.z]),
-        torch.cat([a.x, b.x]),
-        torch.cat([a.stage_log_w, b.stage_log_w]),
-        None if a.readings is None else torch.cat([a.readings, b.readings]),
-        torch.cat([a.log_prior_ratio, b.log_prior_ratio]),
-    )
+    return _map(lambda u, v: torch.cat([u, v]), a, b)
 
 
 def _where(accept: torch.Tensor, new: Particles, old: Particles) -> Particles:
-    def pick(a, b):
-        if a is None or b is None:
-            return b
-        mask = accept.to(a.device).reshape(-1, *([1] * (a.ndim - 1)))
-        return torch.where(mask, a.to(b.device, b.dtype), b)
+    """``new`` where ``accept``, else ``old``."""
 
-    return Particles(
-        pick(new.z, old.z),
-        pick(new.x, old.x),
-        pick(new.stage_log_w, old.stage_log_w),
-        pick(new.readings, old.readings),
-        pick(new.log_prior_ratio, old.log_prior_ratio),
-    )
+    def pick(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        mask = accept.to(v.device).reshape(-1, *([1] * (v.ndim - 1)))
+        return torch.where(mask, u.to(v.device, v.dtype), v)
+
+    return _map(pick, new, old)

@@ -22,6 +22,7 @@ import torch
 from . import maths
 from .data import prepare_images
 from .densities import StandardNormal
+from .ladder import stages_of
 from .proposals import eval_mode, execution_device
 from .targets import Target
 from .utils import module_device_dtype
@@ -270,7 +271,7 @@ class TargetEvaluate:
         proposal = weigher.proposal
         self.num_steps = getattr(proposal, "num_steps", None)
         self.screen_restarts = bool(getattr(proposal, "screen_restarts", False))  # finishing reruns a proposal whole
-        self.stages = target.stages()[:-1] + [target]  # the last stage is the target itself
+        self.stages = stages_of(target)
         self.num_stages = len(self.stages)
         self.frozen = None
         if weigher.plan.mode == "marginal":  # the last coordinate draws the class

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..ladder import stages_of
 from ..maths import log_weight
 from ..targets import Target, parse_target
 
@@ -165,7 +166,7 @@ class ToyProblem:
         log_p_data = torch.log(self.p_data)
         settings = dict(negation_margin=negation_margin, labelling=self.labelling)
 
-        stages = target.stages()[:-1] + [target]
+        stages = stages_of(target)
 
         def weigh(z: torch.Tensor, targets: list[Target]) -> tuple[torch.Tensor, torch.Tensor]:
             """Images and the ``log w`` of each of ``targets`` `(B, len(targets))`."""
