@@ -45,6 +45,12 @@ STUCK_SHARE = 0.05
 MAX_THINNING = 20
 # Step sizes stay in [MIN_STEP, 1] (pCN's b = 1 is an independent draw from the prior).
 MIN_STEP = 1e-3
+# The pool also stops, once it holds at least as many on-target draws as the chains have starting points, when it has
+# drawn this many times what the chains are expected to cost (`None`: only its ESS stops it), so that a small call's
+# entry costs no more than its chains. A rare target that has not that many on-target draws by then draws on (or
+# climbs its stages, `ladder`): one on-target draw is not enough (on Shapes k = 6 a stop at the first one started 50
+# chains from it, evaluator accuracy 0 on 3 of 3 calls).
+POOL_BALANCE = 1.0
 # The Robbins-Monro gain of the step-size adaptation at burn-in step t: ADAPT_GAIN / sqrt(t + 1).
 ADAPT_GAIN = 1.5
 
@@ -151,11 +157,20 @@ def ladder_particles(config, starts: int) -> int:
 
 
 def draw_pool(
-    evaluate, q, config, generator, stats, budget: float | None, screen: Screen | None = None, starts: int = 1
+    evaluate,
+    q,
+    config,
+    generator,
+    stats,
+    budget: float | None,
+    screen: Screen | None = None,
+    starts: int = 1,
+    enough: float | None = None,
 ) -> Pool:
     """Draws of ``q`` in batches of ``pool_batch`` until at least ``pool_size`` are drawn and their importance ratios
     have an effective sample size of ``pool_ess``, or of the square root of the number of ``starts`` where that is
-    more (or ``budget`` proposals are spent). With a ``screen`` each batch is screened
+    more; or until ``enough`` are drawn (what the chains will cost) and at least ``starts`` of them are on the target;
+    or until ``budget`` proposals are spent. With a ``screen`` each batch is screened
     ([`screen.screened_pool_batch`]). Where the entry may climb ([`can_climb`]), each batch is read on every stage
     of the target, and the pool climbs them instead of drawing on (`s2m_diffusers.ladder`) with ``entry="ladder"``,
     or with ``"auto"`` where [`ladder.climb_pays`]."""
@@ -199,7 +214,10 @@ def draw_pool(
         if log_w_s is not None:
             pool.log_w_s = _cat(pool.log_w_s, log_w_s)
         pool.proposals += n
-        more = pool.proposals < size or pool.ess < ess  # the ESS once per batch: it reads every draw
+        more = pool.proposals < size or (
+            pool.ess < ess  # the ESS once per batch: it reads every draw
+            and not (enough is not None and pool.proposals >= enough and pool.num_on_target >= starts)
+        )
         if climbing and (config.entry == "ladder" or more):
             levels = int(evaluate.num_stages)
             if config.entry == "ladder" or ladder.climb_pays(pool.proposals, particles, levels):
@@ -400,12 +418,20 @@ def _layout(num_samples: int, config) -> tuple[int, int, int]:
     return num_chains, per_start, math.ceil(num_samples / num_chains)
 
 
-def _enter(run: _Run, num_chains: int, per_start: int):
+def chains_cost(config, num_chains: int, per_chain: int) -> float:
+    """What the chains are expected to cost before the burn-in has set the thinning: their burn-in and sampling
+    steps at the thinning of a chain accepting at ``target_acceptance``."""
+    thinning = config.thinning or thinning_for(config.target_acceptance)
+    return num_chains * (config.burn_in + (per_chain - 1) * thinning)
+
+
+def _enter(run: _Run, num_chains: int, per_start: int, per_chain: int):
     """The entry: the pool, and the chains' starting states and superchains (`None` when no draw is on the target or
     the callback stops the run)."""
     run.phase("pool")
     starts = num_chains // per_start
-    pool = draw_pool(run.evaluate, run.q, run.config, run.generator, run.stats, run.budget, run.screen, starts)
+    enough = None if POOL_BALANCE is None else POOL_BALANCE * chains_cost(run.config, num_chains, per_chain)
+    pool = draw_pool(run.evaluate, run.q, run.config, run.generator, run.stats, run.budget, run.screen, starts, enough)
     run.record["pool"] = {"proposals": pool.proposals, "on_target": pool.num_on_target, "ess": pool.ess}
     if pool.climbed is not None:
         run.record["pool"]["climbed"] = pool.climbed
@@ -513,7 +539,7 @@ def sample_chains(
     run = _Run(evaluate, q, config, generator, max_proposals, callback)
     run.screen, screen_record = prepare_screen(evaluate, config)
     run.record.update(num_chains=num_chains, samples_per_chain=per_chain, kernel=config.kernel, screen=screen_record)
-    pool, state, superchains = _enter(run, num_chains, per_start)
+    pool, state, superchains = _enter(run, num_chains, per_start, per_chain)
     frozen = None if state is None else _burn_in(run, state)
     out = traces = None
     if frozen is not None:

@@ -121,7 +121,9 @@ class S2MSamplingConfig:
       ratios of its draws have this effective sample size, or the square root of the number of chain pairs where
       that is more (or the budget is spent): the chains start from that many distinct points at least (1,000 images
       of the analytic toy's rarest targets: 2-4x the i.i.d. floor of the energy distance with the square root,
-      9-14x without, for 0.3-0.7 more calls per image).
+      9-14x without, for 0.3-0.7 more calls per image). It also stops, once it holds at least as many on-target
+      draws as the chains have starting points, when it has drawn what the chains are expected to cost (their steps
+      at the thinning of ``target_acceptance``): a small call's entry costs no more than its chains.
     - ``pool_batch`` (`int`, *optional*): draws per batch of the pool (defaults to ``pool_size``).
     - ``entry`` (`str`, defaults to `"auto"`): how the chains reach a rare target (`s2m_diffusers.ladder`).
       ``"pool"`` draws the pool until its ESS is reached; ``"ladder"`` climbs the target's stages (``a``, ``a & b``,

@@ -249,6 +249,21 @@ def test_the_ladder_climbs_only_where_it_pays_and_says_so():
         S2MSamplingConfig(entry="climb")
 
 
+def test_the_pool_stops_at_the_chains_cost_once_each_start_has_an_on_target_draw():
+    """A pool whose ESS would never stop it stops once it has drawn what the chains will cost (16 images: 4 chains x
+    (10 burn-in + 3 x 5 thinning) = 100 steps, in batches of 8: 104 draws) and holds an on-target draw per starting
+    point (2); a rare target draws on until it has two."""
+    from s2m_diffusers.chains import chains_cost
+
+    config = S2MSamplingConfig(pool_size=8, pool_ess=1000, entry="pool")
+    assert chains_cost(config, 4, 4) == 100
+    common = sample_s2m(TOY.evaluate_fn("A & ~B"), PRIOR, 16, generator=gen(0), config=config).stats.chains["pool"]
+    assert common["proposals"] == 104 and common["on_target"] >= 2
+    far = ToyProblem(offset=(-1.2, -1.2))  # `A & B & C` holds 0.3% of the prior
+    rare = sample_s2m(far.evaluate_fn("A & B & C"), PRIOR, 16, generator=gen(0), config=config).stats.chains["pool"]
+    assert rare["on_target"] == 2 and rare["proposals"] > 104
+
+
 def test_class_conditional_proposal_with_df_correction():
     assert runs_p_value("A & ~B", TOY.evaluate_fn("A & ~B", class_label=0)) > ALPHA
 
