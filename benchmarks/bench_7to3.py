@@ -92,6 +92,7 @@ import torch  # noqa: E402
 from common import (  # noqa: E402  (the same folder)
     OFFICIAL_STEPS,
     PREVIOUS_COMMIT,
+    earlier_rows,
     fmt,
     mean,
     official_evaluate,
@@ -476,7 +477,11 @@ def print_tables(rows: list[dict], dataset: str, kind: str) -> None:
     calls = "UNet calls per image" if kind == "ddpm" else "generator calls per image"
     print(f"\n{dataset}-7to3, {kind} proposal, {'/'.join(map(str, asked))} images per cell, seeds {seeds}")
     print(f"cells: accuracy / Fréchet / {calls} / distinct share (mean ± sd over seeds); iid's calls are the prior")
-    print("draws it weighed (a reference)\n")
+    print("draws it weighed (a reference)")
+    for source in sorted({r["from"] for r in mine if r.get("from")}):
+        earlier = [m for m in methods if pick(mine, method=m, **{"from": source})]
+        print(f"the rows of {', '.join(earlier)} are an earlier run's, from {source}")
+    print()
     print(f"| target | {' | '.join(methods)} |")
     print("|---" * (len(methods) + 1) + "|")
     for target in SEVEN_TARGETS:
@@ -796,14 +801,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the previous commit's method for the DDPM (default ours_screen_heads: its defaults; ours: unscreened)",
     )
     parser.add_argument("--num-threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--baselines-from",
+        default=None,
+        help="an earlier run's JSON: its rows of the methods that are not ours (official, previous, iid, oracle, raw) "
+        "and not run here, for this run's datasets, proposals, targets and seeds, are printed beside this run's",
+    )
     parser.add_argument("--json", default=None, help="write the rows to this file")
     return parser.parse_args(argv)
+
+
+def earlier_baselines(args: argparse.Namespace) -> list[dict]:
+    """The baselines' rows of ``--baselines-from`` for this run's cells (they do not depend on this checkout's
+    sampler: the previous default runs from its own commit, the others use no chains), marked with the file."""
+    targets = set(args.targets if args.targets is not None else range(len(SEVEN_TARGETS)))
+
+    def keep(r: dict) -> bool:
+        return (
+            not r["method"].startswith("ours")
+            and r["method"] not in args.methods
+            and r["dataset"] in args.datasets
+            and r["proposal"] in args.proposals
+            and r["target_index"] in targets
+            and r["seed"] in args.seeds
+        )
+
+    return earlier_rows(args.baselines_from, keep, args.num_images, "baseline")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.num_threads)
-    rows = []
+    rows = earlier_baselines(args) if args.baselines_from else []
     for dataset in args.datasets:
         for kind in args.proposals:
             world = load_world(dataset, kind, args)

@@ -70,6 +70,7 @@ import torch  # noqa: E402
 from common import (  # noqa: E402  (the same folder)
     OFFICIAL_STEPS,
     PREVIOUS_COMMIT,
+    earlier_rows,
     fmt,
     mean,
     official_evaluate,
@@ -270,18 +271,13 @@ def score(generator: ShapesGenerator, k: int, method: str, seed: int, drawn: dic
 
 def earlier_baselines(args: argparse.Namespace) -> list[dict]:
     """The official and previous rows of ``--baselines-from`` for this run's k and seeds, marked with the file."""
-    with open(args.baselines_from, encoding="utf-8") as f:
-        earlier = json.load(f)
-    keep = {"official", *PREVIOUS}
-    rows = [
-        {**r, "from": os.path.basename(args.baselines_from)}
-        for r in earlier
-        if r["method"] in keep and r["k"] in args.ks and r["seed"] in args.seeds and r["method"] not in args.methods
-    ]
-    if any(r["num_images_asked"] != args.num_images for r in rows):
-        raise ValueError(f"{args.baselines_from} holds rows of another --num-images than {args.num_images}.")
-    print(f"official and previous rows from {args.baselines_from} ({len(rows)} rows)", flush=True)
-    return rows
+    keep = {"official", *PREVIOUS} - set(args.methods)
+    return earlier_rows(
+        args.baselines_from,
+        lambda r: r["method"] in keep and r["k"] in args.ks and r["seed"] in args.seeds,
+        args.num_images,
+        "official and previous",
+    )
 
 
 def print_table(rows: list[dict], methods: list[str], ks: list[int], generator: ShapesGenerator) -> None:

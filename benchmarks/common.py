@@ -8,6 +8,8 @@
   ``PYTHONPATH`` the worktree and the worktree as working directory, so that they import the old package (and its
   `benchmarks/pretrained_roots.py`); their JSON rows come back to the caller.
 - Formatting: `fmt`, `mean`, `spread` (mean ± sd over seeds), `verdict`.
+- `earlier_rows`: the baselines' rows of an earlier run's JSON (``--baselines-from``), for a run of our sampler alone
+  whose tables still show them side by side; each such row is marked with its file (``"from"``).
 """
 
 from __future__ import annotations
@@ -172,6 +174,18 @@ def sample_quietly(pipe, target: str, num_images: int, generator: torch.Generato
         return pipe(
             target, num_images=num_images, generator=generator, output_type="pt", allow_partial=True, **settings
         )
+
+
+def earlier_rows(path: str, keep: Callable[[dict], bool], num_images: int, what: str) -> list[dict]:
+    """The rows of the JSON file ``path`` that ``keep`` selects, each marked ``"from": <file name>``; raises where
+    one was asked for another number of images than ``num_images``. ``what`` names them in the printed line."""
+    with open(path, encoding="utf-8") as f:
+        earlier = json.load(f)
+    rows = [{**r, "from": os.path.basename(path)} for r in earlier if keep(r)]
+    if any(r["num_images_asked"] != num_images for r in rows):
+        raise ValueError(f"{path} holds rows of another --num-images than {num_images}.")
+    print(f"{what} rows from {path} ({len(rows)} rows)", flush=True)
+    return rows
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
