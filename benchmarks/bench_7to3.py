@@ -648,6 +648,18 @@ def goals_fashion(rows: list[dict]) -> list[list]:
     return out
 
 
+def _level(diagnostics: dict, finite: list) -> float | None:
+    """The chance level of the reading whose nested R-hat is the largest (one level per reading)."""
+    chance = diagnostics.get("nested_rhat_chance")
+    if not isinstance(chance, dict):
+        return chance
+    nested = {k: v for k, v in (diagnostics.get("nested_rhat") or {}).items() if isinstance(v, float)}
+    if not finite or not nested:
+        return None
+    worst = max((k for k in nested if math.isfinite(nested[k])), key=nested.get)
+    return chance.get(worst)
+
+
 def raw_diagnostics(diagnostics: dict) -> dict:
     """The largest nested R-hat of a call (over ``log w`` and the attribute ratios) beside the authors' threshold and
     the chance level with the call's pairs of chains, and the largest reading-check score (and whether the pool was
@@ -657,16 +669,15 @@ def raw_diagnostics(diagnostics: dict) -> dict:
     return {
         "nested_rhat_max": max(finite) if finite else None,
         "nested_rhat_threshold": diagnostics.get("nested_rhat_threshold"),
-        "nested_rhat_chance": diagnostics.get("nested_rhat_chance"),
+        "nested_rhat_chance": _level(diagnostics, finite),
         "reading_check_max_z": max(scores) if scores else None,
         "reading_check_judged": diagnostics.get("reading_check_judged"),
     }
 
 
 def goals_warnings(rows: list[dict]) -> list[list]:
-    """Every call of ours (each variant) within the diagnostics' thresholds: R-hat below the authors' threshold (and
-    whether the call warned, which it does above the larger of that and chance with its pairs of chains), the reading
-    check within 3 standard errors."""
+    """Every call of ours (each variant) within the diagnostics' thresholds (nested R-hat below the authors'
+    threshold, the reading check within 3 standard errors) or warned (issue 27: "where not, the call warns")."""
     out = []
     cells = {
         (r["dataset"], r["proposal"], r["num_images_asked"], r["method"])
@@ -675,14 +686,17 @@ def goals_warnings(rows: list[dict]) -> list[list]:
     }
     for dataset, kind, n, method in sorted(cells):
         sel = pick(rows, dataset=dataset, proposal=kind, num_images_asked=n, method=method)
-        quiet = [r for r in sel if not r["num_warnings"]]
-        below = [r for r in sel if (r.get("nested_rhat_max") or 0) <= (r.get("nested_rhat_threshold") or math.inf)]
-        within = [r for r in sel if (r.get("reading_check_max_z") or 0) <= 3]
+        above = [r for r in sel if (r.get("nested_rhat_max") or 0) > (r.get("nested_rhat_threshold") or math.inf)]
+        beyond = [r for r in sel if (r.get("reading_check_max_z") or 0) > 3]
+        unwarned = [r for r in sel if (r in above or r in beyond) and not r["num_warnings"]]
         goal = f"{dataset.capitalize()} {kind.upper()}, {n} images, {method}: nested R-hat below the authors' "
-        goal += "threshold, the reading check within 3 standard errors"
-        measured = f"R-hat {len(below)} of {len(sel)} calls, reading check {len(within)} of {len(sel)}; "
-        measured += f"{len(sel) - len(quiet)} calls warned"
-        out.append([goal, describe(sel), measured, "every call", verdict(len(below) == len(within) == len(sel))])
+        goal += "threshold and the reading check within 3 standard errors, or a warning"
+        measured = (
+            f"R-hat above on {len(above)} of {len(sel)} calls ({sum(bool(r['num_warnings']) for r in above)} "
+            f"warned), reading check beyond on {len(beyond)} ({sum(bool(r['num_warnings']) for r in beyond)} warned); "
+            f"{len(unwarned)} outside without a warning"
+        )
+        out.append([goal, describe(sel), measured, "every call", verdict(not unwarned)])
     return out
 
 

@@ -5,7 +5,8 @@
 
 1. **Entry.** A pool of draws of ``q`` (at least ``pool_size``, in batches until the importance ratios of its
    draws have an effective sample size of ``pool_ess``, or of the square root of the number of starting points
-   where that is more: many chains should not all start from a few points) is importance-resampled (systematic
+   where that is more: many chains should not all start from a few points; or, once it holds an on-target draw
+   per starting point, until it has drawn what the chains will cost) is importance-resampled (systematic
    resampling by ``r = w p_z / q``) to the chains' starting points.
    Chains are started in pairs from one point (superchains, for [`diagnostics.nested_rhat`]).
 2. **Burn-in.** ``burn_in`` steps of the kernel, each chain adapting its own step size towards
@@ -572,29 +573,37 @@ def chain_diagnostics(traces: dict, returned_readings, returned_log_w, chain_ids
             columns[f"ratio[{name}]"] = traces["readings"][:, :, j]
     per_start = traces["per_start"]
     out: dict[str, Any] = {"draws_per_chain": int(log_w.shape[1]), "chains": int(log_w.shape[0])}
-    rhat, ess, nested = {}, {}, {}
+    superchains = int(len(set(traces["superchains"].tolist())))
+    threshold = diagnostics.nested_rhat_threshold(per_start)
+    rhat, ess, nested, chance = {}, {}, {}, {}
     for key, draws in columns.items():
         rhat[key] = diagnostics.split_rhat(draws)
         ess[key] = diagnostics.ess_bulk(draws)
         nested[key] = diagnostics.nested_rhat(draws, traces["superchains"]) if per_start > 1 else math.nan
+        # what stationary chains of this length exceed 1% of the time: their effective draws from how fast each
+        # chain forgets around its own mean
+        effective = draws.shape[1] / diagnostics.draws_per_effective_draw(draws)
+        chance[key] = diagnostics.nested_rhat_chance(superchains, per_start, draws_per_chain=effective)
     out.update(split_rhat=rhat, ess_bulk=ess, nested_rhat=nested)
-    superchains = int(len(set(traces["superchains"].tolist())))
-    threshold = diagnostics.nested_rhat_threshold(per_start)
-    chance = diagnostics.nested_rhat_chance(superchains, per_start)
     out.update(nested_rhat_threshold=threshold, nested_rhat_chance=chance, superchains=superchains)
-    warn_above = max(threshold, chance)
     warnings = []
     finite_ess = [v for v in ess.values() if math.isfinite(v)]
     long_enough = finite_ess and min(finite_ess) / (2 * log_w.shape[0]) >= diagnostics.MIN_ESS_PER_SPLIT_CHAIN
     out["rhat_used"] = "split_rhat" if long_enough else "nested_rhat"
+    stuck = []
     for key in columns:
         if long_enough and rhat[key] > diagnostics.RHAT_THRESHOLD:
             warnings.append(f"split-R-hat of {key} is {rhat[key]:.3f} (> {diagnostics.RHAT_THRESHOLD})")
-        elif not long_enough and nested[key] > warn_above:
-            warnings.append(
-                f"nested R-hat of {key} is {nested[key]:.3f} (> {warn_above:.3f}: the authors' threshold, or what "
-                f"independent draws in {superchains} pairs of chains exceed 1% of the time where that is more)"
-            )
+        elif not long_enough and nested[key] > max(threshold, chance[key]):
+            stuck.append(f"{key} {nested[key]:.3f} (> {max(threshold, chance[key]):.3f})")
+    if stuck:
+        warnings.append(
+            f"nested R-hat of {', '.join(stuck)} is above the authors' threshold and above what chains of this "
+            f"length that have forgotten their starting points reach 1% of the time with {superchains} pairs: the "
+            "chains have not forgotten their starting points, so this call's images are about as varied as those "
+            "points (stats['chains']['distinct_starts']). More images per call start more chains; a larger entry "
+            "pool (pool_ess) starts them from more points"
+        )
     checks = {}
     if returned_log_w is not None and returned_log_w.numel() >= 2:
         values = {"log_w": (returned_log_w, pool.log_w)}

@@ -9,8 +9,11 @@
   for ``M`` chains per superchain (less when each chain has more than one effective draw); the chains are taken to
   have forgotten their starting points when ``nR^2 < 1 + 1/M + delta``, ``delta = 0.01`` (the condition of the
   authors' simulation code; the paper's threshold is of the same form). That condition is stated for many
-  superchains; with few, independent draws cross it by chance, so a call warns only above the larger of it and the
-  99th percentile of nested R-hat for independent draws with as many superchains ([`nested_rhat_chance`]).
+  superchains and one effective draw per chain; with few superchains such draws cross it by chance, so a call warns
+  only above the larger of it and the 99th percentile of nested R-hat for stationary chains of the call's length
+  ([`nested_rhat_chance`]), whose effective draws per chain come from how fast each chain forgets around its own
+  mean ([`draws_per_effective_draw`]): with 2 pairs of chains only far apart superchains warn, with 8 pairs (64
+  images) the authors' threshold itself.
 - [`reading_check`]: the returned images' mean of a reading of the heads (``log w``, each attribute's ratio)
   against its importance-weighted estimate from the entry pool, in standard errors: the same target seen by a chain
   and without one. It warns only where the pool's effective sample size is 10 or more (on fewer draws the pool's
@@ -36,6 +39,7 @@ __all__ = [
     "nested_rhat",
     "nested_rhat_threshold",
     "nested_rhat_chance",
+    "draws_per_effective_draw",
     "reading_check",
 ]
 
@@ -115,6 +119,17 @@ def _autocovariance(x: np.ndarray) -> np.ndarray:
     return np.fft.irfft(f * np.conj(f))[:n] / n
 
 
+def _geyer_tau(rho: np.ndarray) -> float:
+    """The integrated autocorrelation time ``-1 + 2 sum`` of Geyer's initial monotone sequence over the
+    autocorrelations ``rho`` (lag 0 first): sums of adjacent pairs, kept while positive, made monotone."""
+    n = rho.size
+    pairs = rho[: 2 * ((n - 1) // 2) : 2] + rho[1 : 2 * ((n - 1) // 2) + 1 : 2]
+    positive = np.flatnonzero(pairs <= 0)
+    pairs = pairs[: positive[0]] if positive.size else pairs
+    pairs = np.minimum.accumulate(pairs) if pairs.size else pairs
+    return -1.0 + 2.0 * pairs.sum() if pairs.size else 1.0
+
+
 def ess_bulk(draws) -> float:
     """Bulk effective sample size: the ESS of the rank-normalised split chains, with Geyer's initial monotone
     sequence over the combined autocorrelation (Vehtari et al. 2021, §3.2); `nan` when it cannot be estimated."""
@@ -130,14 +145,28 @@ def ess_bulk(draws) -> float:
         return math.nan
     rho = 1.0 - (mean_var - acov.mean(axis=0)) / var_plus  # (n,)
     rho[0] = 1.0
-    # Geyer: sums of adjacent pairs, kept while positive, made monotone.
-    pairs = rho[: 2 * ((n - 1) // 2) : 2] + rho[1 : 2 * ((n - 1) // 2) + 1 : 2]
-    positive = np.flatnonzero(pairs <= 0)
-    pairs = pairs[: positive[0]] if positive.size else pairs
-    pairs = np.minimum.accumulate(pairs) if pairs.size else pairs
-    tau = -1.0 + 2.0 * pairs.sum() if pairs.size else 1.0
+    tau = _geyer_tau(rho)
     tau = max(tau, 1.0 / math.log10(m * n)) if m * n > 10 else max(tau, 1e-3)
     return float(m * n / tau)
+
+
+def draws_per_effective_draw(draws) -> float:
+    """How many of a chain's draws make one effective draw, from the autocorrelation of each chain around its own
+    mean (rank-normalised over all draws, averaged over chains, Geyer's initial monotone sequence): in
+    ``[1, draws per chain]``; the draws per chain (one effective draw per chain) where it cannot be estimated.
+
+    Unlike [`ess_bulk`] it leaves out the variance between chains: it says how fast a chain forgets within the region
+    it stays in, which is what stationary chains of this length would show, whether or not the chains have forgotten
+    their starting points (which [`nested_rhat`] judges against it)."""
+    a = _as_array(draws)
+    n = a.shape[1]
+    if n < 4 or np.ptp(a) == 0:
+        return float(n)
+    z = _rank_normalise(a)
+    acov = np.stack([_autocovariance(chain) for chain in z]).mean(axis=0)  # (n,)
+    if acov[0] <= 0:
+        return float(n)
+    return float(min(max(_geyer_tau(acov / acov[0]), 1.0), n))
 
 
 def nested_rhat(draws, superchains, rank_normalise: bool = True) -> float:
@@ -173,17 +202,20 @@ def nested_rhat_threshold(chains_per_superchain: int, delta: float = NESTED_RHAT
     return math.sqrt(1.0 + 1.0 / chains_per_superchain + delta)
 
 
-def nested_rhat_chance(superchains: int, chains_per_superchain: int, level: float = CHANCE_LEVEL) -> float:
-    """The ``level`` quantile of nested R-hat for independent draws in ``superchains`` superchains of
-    ``chains_per_superchain`` chains: ``B / W`` is then ``F(K - 1, K (M - 1)) / M`` (rank-normalised, one draw per
-    chain; more draws per chain only lower it). With few superchains the authors' threshold is crossed by chance
-    (with 2 pairs of chains in about a third of such runs); a call warns above the larger of the two."""
+def nested_rhat_chance(
+    superchains: int, chains_per_superchain: int, level: float = CHANCE_LEVEL, draws_per_chain: float = 1.0
+) -> float:
+    """The ``level`` quantile of nested R-hat for stationary chains in ``superchains`` superchains of
+    ``chains_per_superchain`` chains with ``draws_per_chain`` effective draws each (a chain's length over
+    [`draws_per_effective_draw`]): ``B / W`` is then about ``F(K - 1, K (M - 1)) / (M n)``. With few superchains
+    and one effective draw per chain the authors' threshold is crossed by chance (with 2 pairs of chains in about a
+    third of such runs); with several it is not. A call warns above the larger of the two."""
     from scipy.stats import f
 
     k, m = superchains, chains_per_superchain
     if k < 2 or m < 2:
         return math.inf
-    return math.sqrt(1.0 + float(f.ppf(level, k - 1, k * (m - 1))) / m)
+    return math.sqrt(1.0 + float(f.ppf(level, k - 1, k * (m - 1))) / (m * max(draws_per_chain, 1.0)))
 
 
 def reading_check(returned, ess: float, pool_values, pool_log_weights) -> dict:

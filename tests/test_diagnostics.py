@@ -88,3 +88,41 @@ def test_with_few_pairs_of_chains_the_warning_waits_for_more_than_chance():
         assert float(np.mean(values > diagnostics.nested_rhat_threshold(2))) > 0.05
     assert diagnostics.nested_rhat_chance(10_000, 2) == pytest.approx(diagnostics.nested_rhat_threshold(2), abs=0.02)
     assert diagnostics.nested_rhat_chance(1, 2) == math.inf
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5, 0.8])
+def test_a_chain_forgets_as_fast_as_its_autocorrelation_says(rho):
+    """`draws_per_effective_draw` of AR(1) chains is their autocorrelation time ``(1 + rho) / (1 - rho)``, within
+    ``[1, draws per chain]``; chains stuck apart do not raise it (their means are left out)."""
+    draws = ar1(16, 400, rho, seed=4)
+    assert diagnostics.draws_per_effective_draw(draws) == pytest.approx((1 + rho) / (1 - rho), rel=0.25)
+    apart = draws + np.random.default_rng(5).normal(0, 3, 16)[:, None]
+    # (the ranks are taken over all draws, so that chains apart change them a little)
+    assert diagnostics.draws_per_effective_draw(apart) == pytest.approx(
+        diagnostics.draws_per_effective_draw(draws), rel=0.1
+    )
+    assert diagnostics.draws_per_effective_draw(np.ones((4, 10))) == 10  # no variance: one draw per chain
+    assert 1 <= diagnostics.draws_per_effective_draw(ar1(16, 6, 0.99, seed=6)) <= 6
+
+
+def test_the_warning_level_for_short_chains_is_crossed_by_chance_1_percent_of_the_time():
+    """The level a call warns above, for chains of the call's length: stationary AR(1) chains (autocorrelation time
+    9, 16 draws: under 2 effective draws a chain) in 8 pairs cross it in about 1% of 400 runs (under 3%: 2.5 binomial
+    sd above 1%); pairs started at different points (superchain means 1 sd apart) in most runs. With one effective
+    draw per chain the level is the one-draw chance level."""
+    pairs = np.repeat(np.arange(8), 2)
+
+    def warns(x):
+        effective = x.shape[1] / diagnostics.draws_per_effective_draw(x)
+        level = max(
+            diagnostics.nested_rhat_threshold(2), diagnostics.nested_rhat_chance(8, 2, draws_per_chain=effective)
+        )
+        return diagnostics.nested_rhat(x, pairs) > level
+
+    stationary = [warns(ar1(16, 16, 0.8, seed=seed)) for seed in range(400)]
+    assert float(np.mean(stationary)) < 0.03
+    rng = np.random.default_rng(7)
+    apart = [warns(ar1(16, 16, 0.8, seed=1000 + s, shift=np.repeat(rng.normal(0, 1, 8), 2))) for s in range(100)]
+    assert float(np.mean(apart)) > 0.7
+    assert diagnostics.nested_rhat_chance(8, 2, draws_per_chain=1) == diagnostics.nested_rhat_chance(8, 2)
+    assert diagnostics.nested_rhat_chance(8, 2, draws_per_chain=4) < diagnostics.nested_rhat_chance(8, 2)
