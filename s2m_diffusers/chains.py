@@ -485,7 +485,8 @@ def _sample(run: _Run, state: ChainState, step: torch.Tensor, thinning: int, per
     first at the end of the burn-in), and every step's ``log w`` and readings for the diagnostics."""
     run.phase("sampling")
     c = state.z.shape[0]
-    taken, trace_w, trace_r = [_snapshot(state)], [state.log_w.clone()], [state.readings]
+    # copies: a screened move writes the chains' states in place (`ChainState.put`)
+    taken, trace_w, trace_r = [_snapshot(state)], [state.log_w.clone()], [_copy(state.readings)]
     accepted = moves = jumps = 0
     for t in range(1, (per_chain - 1) * thinning + 1):
         if not run.affordable(c):
@@ -493,7 +494,7 @@ def _sample(run: _Run, state: ChainState, step: torch.Tensor, thinning: int, per
         accept, _, jump = run.step(state, step)
         accepted, moves, jumps = accepted + int(accept.sum()), moves + c, jumps + int(jump.sum())
         trace_w.append(state.log_w.clone())
-        trace_r.append(state.readings)
+        trace_r.append(_copy(state.readings))
         if t % thinning == 0:
             taken.append(_snapshot(state))
         if run.stop("sampling", min(num_samples, len(taken) * c)):
@@ -552,11 +553,14 @@ def sample_chains(
     return out, pool, traces, run.record, run.stats
 
 
+def _copy(values: torch.Tensor | None) -> torch.Tensor | None:
+    return None if values is None else values.clone()
+
+
 def _snapshot(state: ChainState) -> ChainState:
     return ChainState(
-        state.z.clone(), state.x.clone(), state.log_w.clone(), state.log_ratio.clone(),
-        None if state.readings is None else state.readings.clone(),
-    )  # fmt: skip
+        state.z.clone(), state.x.clone(), state.log_w.clone(), state.log_ratio.clone(), _copy(state.readings)
+    )
 
 
 def _summary(values: torch.Tensor) -> dict:

@@ -138,6 +138,26 @@ def tiny_pipeline() -> S2MPipeline:
     return pipe
 
 
+def test_the_diagnostics_see_every_state_of_a_screened_chain(monkeypatch):
+    """A screened move writes the chains' states in place: the readings the diagnostics see are each step's, not the
+    last step's repeated (each chain's readings change where its log w does)."""
+    import s2m_diffusers.chains as chains
+
+    seen = {}
+
+    def spy(traces, *args, **kwargs):
+        seen.update(traces)
+        return diagnose(traces, *args, **kwargs)
+
+    diagnose = chains.chain_diagnostics
+    monkeypatch.setattr("s2m_diffusers.sampling.chain_diagnostics", spy)
+    tiny_pipeline()("A & B", num_images=16, generator=gen(0), output_type="pt", screen=2, negation_margin=1.0)
+    log_w, readings = seen["log_w"], seen["readings"]
+    moved = (log_w[:, 1:] != log_w[:, :-1]).any(dim=1)
+    changed = (readings[:, 1:] != readings[:, :-1]).any(dim=2).any(dim=1)
+    assert bool(moved.any()) and torch.equal(moved, changed)
+
+
 def test_screened_pipeline_returns_on_target_images_and_counts_unet_calls():
     pipe = tiny_pipeline()
     unet, proposal = pipe.unet, pipe.get_proposal()
