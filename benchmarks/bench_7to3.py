@@ -98,6 +98,7 @@ from common import (  # noqa: E402  (the same folder)
     official_evaluate,
     run_previous,
     sample_quietly,
+    short_warning,
     spread,
     verdict,
 )
@@ -518,9 +519,9 @@ def print_details(mine: list[dict], methods: list[str], kind: str) -> None:
         print(f"| {m} | {' | '.join(cells)} |")
     warned = [r for r in mine if r.get("num_warnings")]
     if warned:
-        print("\nWarnings (the calls whose diagnostics went beyond their thresholds):\n")
+        print("\nWarnings (the calls whose diagnostics went beyond their thresholds; the values, without the text):\n")
         for r in warned:
-            print(f"- {r['method']} `{r['target']}` seed {r['seed']}: {'; '.join(r['warnings'])}")
+            print(f"- {r['method']} `{r['target']}` seed {r['seed']}: {'; '.join(map(short_warning, r['warnings']))}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

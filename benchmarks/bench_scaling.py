@@ -76,6 +76,7 @@ from common import (  # noqa: E402  (the same folder)
     official_evaluate,
     run_previous,
     sample_quietly,
+    short_warning,
     verdict,
 )
 
@@ -340,7 +341,7 @@ def print_goal(rows: list[dict]) -> None:
     warned = [r for r in per["ours"] if r.get("num_warnings")]
     print(f"  ours' calls within the diagnostics' thresholds: {len(per['ours']) - len(warned)} of {len(per['ours'])}")
     for r in warned:
-        print(f"    seed {r['seed']}: {'; '.join(r['warnings'])}")
+        print(f"    seed {r['seed']}: {'; '.join(map(short_warning, r['warnings']))}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

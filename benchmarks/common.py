@@ -7,7 +7,7 @@
   `benchmarks/.previous/<commit>/` (git-ignored). Its own benchmark scripts run there in a subprocess, with
   ``PYTHONPATH`` the worktree and the worktree as working directory, so that they import the old package (and its
   `benchmarks/pretrained_roots.py`); their JSON rows come back to the caller.
-- Formatting: `fmt`, `mean`, `spread` (mean ± sd over seeds), `verdict`.
+- Formatting: `fmt`, `mean`, `spread` (mean ± sd over seeds), `verdict`, `short_warning`.
 - `earlier_rows`: the baselines' rows of an earlier run's JSON (``--baselines-from``), for a run of our sampler alone
   whose tables still show them side by side; each such row is marked with its file (``"from"``).
 """
@@ -186,6 +186,11 @@ def earlier_rows(path: str, keep: Callable[[dict], bool], num_images: int, what:
         raise ValueError(f"{path} holds rows of another --num-images than {num_images}.")
     print(f"{what} rows from {path} ({len(rows)} rows)", flush=True)
     return rows
+
+
+def short_warning(warning: str) -> str:
+    """A sampler warning's figures without its explanation (nested R-hat's is the same text on every call)."""
+    return warning.split(" is above the authors' threshold")[0]
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
