@@ -39,6 +39,7 @@ versions.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import importlib
@@ -51,7 +52,14 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .utils import hub_repo_id, replace_folder_atomically, write_text_atomically
+from .utils import (
+    check_free_space,
+    hub_repo_id,
+    no_space_error,
+    replace_folder_atomically,
+    weights_bytes,
+    write_text_atomically,
+)
 
 __all__ = [
     "SHIM_HEADER",
@@ -317,6 +325,8 @@ def save_pipeline(
 
     Raises:
         ValueError: `save_directory` holds files and is not a saved pipeline.
+        OSError: (``ENOSPC``) its file system has less free space than the weights need (before anything is written),
+            or filled during the write (the partial write removed); the folder in place is as it was.
     """
     if not safe_serialization:
         warnings.warn(
@@ -337,7 +347,14 @@ def save_pipeline(
         part_of_old.update(_pipeline_entries(destination))
         _write_pipeline_folder(pipeline, folder, variant, max_shard_size, training_data, extra_files, card)
 
-    return replace_folder_atomically(write, destination, keep=lambda name: name not in part_of_old)
+    what = f"the {type(pipeline).__name__}"
+    check_free_space(destination, weights_bytes(pipeline.components.values()), what)
+    try:
+        return replace_folder_atomically(write, destination, keep=lambda name: name not in part_of_old)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise no_space_error(destination, what) from err
+        raise
 
 
 def check_save_directory(save_directory: str | os.PathLike) -> None:

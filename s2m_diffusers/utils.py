@@ -8,6 +8,8 @@
   Temporaries left by a killed writer are removed by the next write ([`remove_stale_temporaries`]).
 - [`folder_lock`]: one writer of a folder at a time, across processes and threads (held by both folder writers above
   from what they decide to keep of the old folder through the final rename), so that two writes at once never mix.
+- [`check_free_space`] (with [`weights_bytes`]): a clear error before a write that the disk cannot hold, and for one
+  that fills it on the way ([`no_space_error`]).
 - [`optional_dependency`]: an import of an optional package whose error names the extra that installs it.
 - [`module_device_dtype`]: where and in which dtype a module computes (diffusers' offloading and casting hooks
   included).
@@ -41,6 +43,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FolderBusyError",
+    "check_free_space",
+    "no_space_error",
+    "weights_bytes",
     "folder_lock",
     "hub_repo_id",
     "jsonable",
@@ -58,6 +63,67 @@ __all__ = [
 ]
 
 INDEX_FILE = "model_index.json"  # moved last: a pipeline folder's index never points at entries not yet in place
+
+
+# A folder's text files (configs, card, code shims, manifest) beside its weights, and a margin for the file system.
+FREE_SPACE_MARGIN = 16 * 2**20
+
+
+def weights_bytes(modules) -> int:
+    """The bytes of the parameters and buffers of ``modules`` (each tensor storage once): what their safetensors
+    files hold, give or take their headers."""
+    import torch
+
+    seen, total = set(), 0
+    for module in modules:
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for tensor in [*module.parameters(), *module.buffers()]:
+            key = (
+                (tensor.untyped_storage().data_ptr(), tensor.device.type)
+                if tensor.device.type != "meta"
+                else id(tensor)
+            )
+            if key not in seen:
+                seen.add(key)
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _existing_parent(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.isdir(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def no_space_error(destination: str | os.PathLike, what: str, needed: int | None = None) -> OSError:
+    """The error of a write of ``what`` to ``destination`` that the disk cannot hold: how much it needs (where
+    known), how much is free, and that the folder in place is untouched."""
+    where = _existing_parent(os.fspath(destination))
+    free = shutil.disk_usage(where).free / 2**20
+    if needed is not None:
+        why = f"it needs about {needed / 2**20:,.0f} MiB and {where!r} has {free:,.0f} MiB free"
+    else:
+        why = (
+            f"the disk filled while it was written ({where!r} has {free:,.0f} MiB free once the partial write is gone)"
+        )
+    return OSError(
+        errno.ENOSPC,
+        f"Cannot save {what} to {os.fspath(destination)!r}: {why}. Free some space or save elsewhere; the folder in "
+        "place, if any, is as it was (nothing was half-written).",
+    )
+
+
+def check_free_space(destination: str | os.PathLike, needed: int, what: str) -> None:
+    """Raise `OSError` (``ENOSPC``, [`no_space_error`]) before writing ``needed`` bytes (plus a margin for text files)
+    beside ``destination`` where its file system has less free."""
+    needed += FREE_SPACE_MARGIN
+    if shutil.disk_usage(_existing_parent(os.fspath(destination))).free < needed:
+        raise no_space_error(destination, what, needed)
 
 
 def jsonable(value):

@@ -157,6 +157,37 @@ def test_saving_into_an_existing_folder_keeps_other_files(tmp_path):
     S2MPipeline.from_pretrained(target)
 
 
+def test_a_save_the_disk_cannot_hold_says_so_and_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """Too little free space: a clear error before anything is written; the disk filling during the write: the same
+    error, the temporaries removed. Either way the pipeline in place still loads."""
+    import errno
+
+    pipe = gan_pipeline()
+    target = tmp_path / "s2m"
+    pipe.save_pretrained(target)
+    before = sorted(p.name for p in target.iterdir())
+    usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=2**20))
+    with pytest.raises(OSError, match=r"needs about [0-9,]+ MiB and .* has 1 MiB free. Free some space") as err:
+        pipe.save_pretrained(target)
+    assert err.value.errno == errno.ENOSPC
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+
+    def fills_the_disk(pipeline, folder, *args, **kwargs):
+        (Path(folder) / "half.safetensors").write_bytes(b"0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hub, "_write_pipeline_folder", fills_the_disk)
+    with pytest.raises(
+        OSError,
+        match=r"Cannot save the S2MPipeline .*: the disk filled while it was written .*\(nothing was half-written\)",
+    ):
+        pipe.save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s2m"]  # no temporaries left
+    S2MPipeline.from_pretrained(target)
+
+
 def test_hub_functions_save_and_load_a_pipeline(tmp_path):
     """The module-level functions that `S2MPipeline`'s loaders delegate to, called directly."""
     pipe = gan_pipeline()
