@@ -54,6 +54,7 @@ from typing import Any
 
 from .utils import (
     check_free_space,
+    folder_lock,
     hub_repo_id,
     no_space_error,
     replace_folder_atomically,
@@ -876,7 +877,8 @@ def push_pipeline(
         pipeline ([`~s2m_diffusers.pipeline_s2m.S2MPipeline`]): the pipeline.
         repo_id (`str`): ``"user/name"``.
         folder (`str`, *optional*): a folder the pipeline was just saved into (`save_pretrained(...,
-            push_to_hub=True)`), uploaded as it is; by default the pipeline is saved into a temporary folder with
+            push_to_hub=True)`), uploaded as it is, under its lock ([`~s2m_diffusers.utils.folder_lock`]: a save
+            into it waits for the upload); by default the pipeline is saved into a temporary folder with
             ``pipeline.save_pretrained(tmp, safe_serialization=..., variant=...)`` first.
         training_data (`dict` or `str`, *optional*): a description of the heads' training data for the card.
         safe_serialization (`bool`, defaults to `True`), variant (`str`, *optional*): as in [`save_pipeline`].
@@ -901,8 +903,9 @@ def push_pipeline(
         commit_message=commit_message,
         create_pr=create_pr,
     )
-    if folder is not None:
-        return upload(folder)
+    if folder is not None:  # under the folder's lock: no save replaces it while it is read and its card rewritten
+        with folder_lock(folder):
+            return upload(folder)
     with tempfile.TemporaryDirectory() as tmp:
         saved = os.path.join(tmp, "pipeline")
         pipeline.save_pretrained(saved, safe_serialization=safe_serialization, variant=variant)

@@ -13,6 +13,7 @@ The sampler sees only an ``evaluate(z) -> (x, log_w, readings)`` callable and th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -49,6 +50,7 @@ from .proposals import (
 )
 from .sampling import S2MSamplingConfig, SampleResult, SamplerStats, sample_s2m
 from .targets import Target, parse_target_for_heads
+from .utils import folder_lock
 from .weights import (
     PHASES,
     Weigher,
@@ -248,18 +250,20 @@ class S2MPipeline(DiffusionPipeline):
         ``license``, ``base_model``, ``sampling`` for the card (`s2m_diffusers.hub.model_card`), ``repo_id``,
         ``token``, ``private``, ``commit_message``, ``create_pr``, ``api`` for an upload (``push_to_hub=True``)."""
         card = {k: kwargs.pop(k) for k in ("license", "base_model", "sampling") if k in kwargs}
-        folder = hub.save_pipeline(
-            self,
-            save_directory,
-            safe_serialization=safe_serialization,
-            variant=variant,
-            max_shard_size=max_shard_size,
-            training_data=training_data,
-            **card,
-        )
-        if push_to_hub:
-            repo_id = kwargs.pop("repo_id", os.path.basename(folder))
-            hub.push_pipeline(self, repo_id, folder=folder, training_data=training_data, **card, **kwargs)
+        # with an upload, the folder's lock from the save through the upload: what is uploaded is this save
+        with folder_lock(save_directory) if push_to_hub else contextlib.nullcontext():
+            folder = hub.save_pipeline(
+                self,
+                save_directory,
+                safe_serialization=safe_serialization,
+                variant=variant,
+                max_shard_size=max_shard_size,
+                training_data=training_data,
+                **card,
+            )
+            if push_to_hub:
+                repo_id = kwargs.pop("repo_id", os.path.basename(folder))
+                hub.push_pipeline(self, repo_id, folder=folder, training_data=training_data, **card, **kwargs)
 
     def push_to_hub(self, repo_id: str, training_data: dict | str | None = None, **kwargs):
         """Upload the pipeline to ``repo_id`` (``"user/name"``) in the layout of [`save_pretrained`], with a model card

@@ -388,8 +388,32 @@ def test_push_to_hub_goes_through_huggingface_hub_hfapi_by_default(tmp_path, mon
 
 
 def test_save_pretrained_with_push_to_hub(tmp_path):
+    """The folder is uploaded under its lock: another writer (here, another thread) cannot replace it mid-upload."""
+    import threading
+
+    from s2m_diffusers.utils import FolderBusyError, folder_lock
+
     api = StandInHub(tmp_path / "cache")
+    busy = []
+
+    def try_to_write(folder):
+        try:
+            with folder_lock(folder, wait=False):
+                busy.append(False)
+        except FolderBusyError:
+            busy.append(True)
+
+    upload = api.upload_folder
+
+    def upload_while_another_writer_tries(*args, **kwargs):
+        thread = threading.Thread(target=try_to_write, args=(tmp_path / "s2m",))
+        thread.start()
+        thread.join()
+        return upload(*args, **kwargs)
+
+    api.upload_folder = upload_while_another_writer_tries
     gan_pipeline().save_pretrained(tmp_path / "s2m", push_to_hub=True, repo_id="user/pushed", api=api)
+    assert busy == [True]
     assert [c[0] for c in api.calls] == ["create_repo", "upload_folder", "upload_file"]
     readme = (tmp_path / "s2m" / "README.md").read_text()
     assert 'revision="' in readme and '"user/pushed"' in readme
