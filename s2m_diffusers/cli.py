@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 from .hub import TRAINING_FOLDER, check_save_directory, generator_image_shape, load_generator_folder, save_pipeline
-from .utils import FolderBusyError, folder_lock, jsonable, replace_folder_atomically, write_json_atomically
+from .utils import FolderBusyError, jsonable, replace_folder_atomically, write_json_atomically
 
 __all__ = ["main", "build_parser"]
 
@@ -1031,7 +1031,7 @@ def train_heads_command(args: argparse.Namespace) -> int:
     import torch
 
     from .distributed import get_state, launched_processes
-    from .hub import push_pipeline
+    from .hub import save_and_push
     from .pipeline_s2m import S2MPipeline
     from .training import train_heads
 
@@ -1102,21 +1102,17 @@ def train_heads_command(args: argparse.Namespace) -> int:
             )
             pipe.register_modules(screen_heads=screen_heads)
         training_data = _training_data(args, kind)
-        # with an upload, the folder's lock from the save through the upload: what is uploaded is this save
-        with folder_lock(args.output_dir) if args.push_to_hub else contextlib.nullcontext():
-            save_pipeline(  # the pipeline and metrics.json, as one folder
-                pipe,
-                args.output_dir,
-                training_data=training_data,
-                extra_files={"metrics.json": _training_metrics(training_data, data, metrics)},
-                license=args.license,
-            )
-            if args.push_to_hub:
-                repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-                commit = push_pipeline(
-                    pipe, repo_id, folder=args.output_dir, training_data=training_data, license=args.license
-                )
-                print(f"uploaded to https://huggingface.co/{repo_id} (revision {getattr(commit, 'oid', None)})")
+        saved = dict(
+            training_data=training_data,
+            extra_files={"metrics.json": _training_metrics(training_data, data, metrics)},
+            license=args.license,
+        )
+        if args.push_to_hub:  # the pipeline and metrics.json, as one folder, and its upload under one lock
+            repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+            _, commit = save_and_push(pipe, args.output_dir, repo_id, **saved)
+            print(f"uploaded to https://huggingface.co/{repo_id} (revision {getattr(commit, 'oid', None)})")
+        else:
+            save_pipeline(pipe, args.output_dir, **saved)  # the pipeline and metrics.json, as one folder
     except (OSError, ValueError, ImportError) as err:  # ImportError: a missing extra, named in the message
         return _fail(str(err), EXIT_USAGE)
     summary = ", ".join(

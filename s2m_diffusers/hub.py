@@ -19,11 +19,13 @@ loads it without remote code: [`resolve_remote_code_layout`] reads the shims bac
 them) and names the installed modules again.
 
 [`model_card`] (`s2m_diffusers.cards`, re-exported here) writes the repo's README: the attributes, a summary of the
-training data, and loading snippets with a pinned ``revision=``. [`upload_folder`] uploads a saved folder with any object that has `HfApi`'s
-``create_repo``/``upload_folder``/``upload_file`` methods, so that the upload can be tested offline.
+training data, and loading snippets with a pinned ``revision=``. [`upload_folder`] uploads a saved folder with any
+object that has `HfApi`'s ``create_repo``/``upload_folder``/``upload_file`` methods, so that the upload can be tested
+offline.
 
 `S2MPipeline`'s loaders are thin: [`resolve_local_config`] (``load_config``), [`snapshot_path`] (``from_pretrained``),
-[`save_pipeline`] (``save_pretrained``) and [`push_pipeline`] (``push_to_hub``) hold what they do.
+[`save_pipeline`] (``save_pretrained``), [`push_pipeline`] (``push_to_hub``) and [`save_and_push`] (both, under one
+lock) hold what they do.
 [`load_generator_folder`] loads the pretrained generator (a diffusers pipeline folder or a GAN model folder) that an
 S2M pipeline is built around.
 
@@ -79,6 +81,7 @@ __all__ = [
     "check_pipeline_folder",
     "MANIFEST_FILE",
     "push_pipeline",
+    "save_and_push",
     "load_generator_folder",
     "generator_image_shape",
     "hub_repo_id",
@@ -911,6 +914,26 @@ def push_pipeline(
         saved = os.path.join(tmp, "pipeline")
         pipeline.save_pretrained(saved, safe_serialization=safe_serialization, variant=variant)
         return upload(saved)
+
+
+def save_and_push(pipeline, save_directory: str | os.PathLike, repo_id: str | None = None, **kwargs) -> tuple:
+    """[`save_pipeline`] then [`push_pipeline`] of the saved folder, under the folder's lock from the save through the
+    upload, so that what is uploaded is this save. ``repo_id`` defaults to the folder's name; ``kwargs``: those of
+    [`save_pipeline`] (``safe_serialization``, ``variant``, ``max_shard_size``, ``extra_files``) and of
+    [`push_pipeline`] (``api``, ``token``, ...); ``training_data``, ``license``, ``base_model`` and ``sampling`` go to
+    both.
+
+    Returns:
+        `tuple`: the folder (absolute path) and the upload's `CommitInfo`.
+    """
+    both = {k: kwargs.pop(k) for k in ("training_data", "license", "base_model", "sampling") if k in kwargs}
+    save = {
+        k: kwargs.pop(k) for k in ("safe_serialization", "variant", "max_shard_size", "extra_files") if k in kwargs
+    }
+    with folder_lock(save_directory):
+        folder = save_pipeline(pipeline, save_directory, **save, **both)
+        commit = push_pipeline(pipeline, repo_id or os.path.basename(folder), folder=folder, **both, **kwargs)
+    return folder, commit
 
 
 def _pinned_card(pipeline, training_data, context: Mapping[str, Any], repo_id: str, revision: str | None) -> str:

@@ -13,7 +13,6 @@ The sampler sees only an ``evaluate(z) -> (x, log_w, readings)`` callable and th
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -50,7 +49,6 @@ from .proposals import (
 )
 from .sampling import S2MSamplingConfig, SampleResult, SamplerStats, sample_s2m
 from .targets import Target, parse_target_for_heads
-from .utils import folder_lock
 from .weights import (
     PHASES,
     Weigher,
@@ -249,21 +247,14 @@ class S2MPipeline(DiffusionPipeline):
         as in `DiffusionPipeline.save_pretrained`, and ``training_data`` (a description for the card); ``kwargs``:
         ``license``, ``base_model``, ``sampling`` for the card (`s2m_diffusers.hub.model_card`), ``repo_id``,
         ``token``, ``private``, ``commit_message``, ``create_pr``, ``api`` for an upload (``push_to_hub=True``)."""
-        card = {k: kwargs.pop(k) for k in ("license", "base_model", "sampling") if k in kwargs}
-        # with an upload, the folder's lock from the save through the upload: what is uploaded is this save
-        with folder_lock(save_directory) if push_to_hub else contextlib.nullcontext():
-            folder = hub.save_pipeline(
-                self,
-                save_directory,
-                safe_serialization=safe_serialization,
-                variant=variant,
-                max_shard_size=max_shard_size,
-                training_data=training_data,
-                **card,
+        settings = dict(safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size)
+        if push_to_hub:  # the save and its upload under one lock: what is uploaded is this save
+            hub.save_and_push(
+                self, save_directory, kwargs.pop("repo_id", None), training_data=training_data, **settings, **kwargs
             )
-            if push_to_hub:
-                repo_id = kwargs.pop("repo_id", os.path.basename(folder))
-                hub.push_pipeline(self, repo_id, folder=folder, training_data=training_data, **card, **kwargs)
+        else:
+            card = {k: kwargs.pop(k) for k in ("license", "base_model", "sampling") if k in kwargs}
+            hub.save_pipeline(self, save_directory, training_data=training_data, **settings, **card)
 
     def push_to_hub(self, repo_id: str, training_data: dict | str | None = None, **kwargs):
         """Upload the pipeline to ``repo_id`` (``"user/name"``) in the layout of [`save_pretrained`], with a model card

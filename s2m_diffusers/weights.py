@@ -127,11 +127,6 @@ class Weigher:
         proposal can stop after a denoising step, and ``value_and_grad`` where it can be differentiated)."""
         return TargetEvaluate(self, target)
 
-    def weigh(self, target: Target, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Images `(b, C, H, W)` in [-1, 1], ``log w`` `(b,)` and readings `(b, n)` of one micro-batch of latents."""
-        x, out, df = self._judge(z)
-        return x, self._log_weight(target, out, df, self.dv_strength), self.readings(out)
-
     def log_rest_and_dv(self, target: Target, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``log w`` split as ``log_rest + dv_strength * logit D_v``: (``log_rest``, ``logit D_v``), float64, for
         choosing ``dv_strength`` (`maths.dv_strength`)."""
@@ -289,25 +284,23 @@ class TargetEvaluate:
         self.weigher.phase = PHASES.index(name)
 
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        w = self.weigher
-        images, weights, readings = [], [], []
-        for chunk in z.split(w.micro_batch_size):
-            x, lw, r = w.weigh(self.target, chunk)
-            images.append(x.cpu())
-            weights.append(lw)
-            readings.append(r)
-        x, lw = torch.cat(images), torch.cat(weights)
-        return x, w.on_round(z, x, lw), torch.cat(readings)
+        x, lw, readings = self._weigh(z, [self.target])
+        return x, lw[:, 0], readings
 
     def refinements(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As the call, with every stage's ``log w`` `(B, L)` in place of the target's (its last column), from one
         pass of the generator and the heads (`s2m_diffusers.ladder`)."""
+        return self._weigh(z, self.stages)
+
+    def _weigh(self, z: torch.Tensor, targets: list[Target]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images, the ``log w`` of each of ``targets`` `(B, len(targets))` (the last one's read by ``on_round``: it is
+        the call's target) and readings, from one pass of the generator and the heads per micro-batch."""
         w = self.weigher
         images, weights, readings = [], [], []
         for chunk in z.split(w.micro_batch_size):
             x, out, df = w._judge(chunk)
             images.append(x.cpu())
-            weights.append(torch.stack([w._log_weight(s, out, df, w.dv_strength) for s in self.stages], 1))
+            weights.append(torch.stack([w._log_weight(t, out, df, w.dv_strength) for t in targets], 1))
             readings.append(w.readings(out))
         x, lw = torch.cat(images), torch.cat(weights)
         lw[:, -1] = w.on_round(z, x, lw[:, -1])
