@@ -649,28 +649,19 @@ def goals_fashion(rows: list[dict]) -> list[list]:
     return out
 
 
-def _level(diagnostics: dict, finite: list) -> float | None:
-    """The chance level of the reading whose nested R-hat is the largest (one level per reading)."""
-    chance = diagnostics.get("nested_rhat_chance")
-    if not isinstance(chance, dict):
-        return chance
-    nested = {k: v for k, v in (diagnostics.get("nested_rhat") or {}).items() if isinstance(v, float)}
-    if not finite or not nested:
-        return None
-    worst = max((k for k in nested if math.isfinite(nested[k])), key=nested.get)
-    return chance.get(worst)
-
-
 def raw_diagnostics(diagnostics: dict) -> dict:
     """The largest nested R-hat of a call (over ``log w`` and the attribute ratios) beside the authors' threshold and
-    the chance level with the call's pairs of chains, and the largest reading-check score (and whether the pool was
-    large enough for it to be judged)."""
-    finite = [v for v in (diagnostics.get("nested_rhat") or {}).values() if isinstance(v, float) and math.isfinite(v)]
+    that reading's chance level (one per reading: its chains' effective draws), and the largest reading-check score
+    (and whether the pool was large enough for it to be judged)."""
+    nested = {
+        k: v for k, v in (diagnostics.get("nested_rhat") or {}).items() if isinstance(v, float) and math.isfinite(v)
+    }
+    worst = max(nested, key=nested.get) if nested else None
     scores = [c["z"] for c in (diagnostics.get("reading_check") or {}).values() if math.isfinite(c.get("z", math.nan))]
     return {
-        "nested_rhat_max": max(finite) if finite else None,
+        "nested_rhat_max": nested.get(worst),
         "nested_rhat_threshold": diagnostics.get("nested_rhat_threshold"),
-        "nested_rhat_chance": _level(diagnostics, finite),
+        "nested_rhat_chance": (diagnostics.get("nested_rhat_chance") or {}).get(worst),
         "reading_check_max_z": max(scores) if scores else None,
         "reading_check_judged": diagnostics.get("reading_check_judged"),
     }

@@ -124,7 +124,7 @@ class Pool:
         ``log w + log p_z - log q`` (held in ``log_finish``, which `start_chains` adds)."""
         log_w = particles.stage_log_w[:, -1]
         n = log_w.shape[0]
-        pool = cls(
+        return cls(
             particles.z,
             torch.zeros(n, dtype=torch.float64),
             particles.readings,
@@ -134,7 +134,6 @@ class Pool:
             log_finish=log_w + particles.log_prior_ratio,
             climbed=particles.record,
         )
-        return pool
 
 
 def _cat(a, b):
