@@ -232,7 +232,7 @@ def test_train_heads_backbone_from_a_local_transformers_folder(tmp_path, capsys)
 
 
 def test_train_heads_lr_schedulers_are_diffusers_names():
-    from s2m_diffusers.cli import LR_SCHEDULERS
+    from s2m_diffusers.cli_common import LR_SCHEDULERS
     from s2m_diffusers.training import LR_SCHEDULERS as TRAINING_LR_SCHEDULERS
 
     assert sorted(LR_SCHEDULERS) == sorted(TRAINING_LR_SCHEDULERS)

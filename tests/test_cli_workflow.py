@@ -211,7 +211,7 @@ def test_console_script_train_heads(workspace, tmp_path):
 def test_train_heads_draws_a_diffusion_generators_bank_once_with_a_progress_bar(workspace, capsys):
     from types import SimpleNamespace
 
-    from s2m_diffusers.cli import _training_proposal
+    from s2m_diffusers.cli_train_heads import _training_proposal
     from s2m_diffusers.hub import load_generator_folder
     from s2m_diffusers.proposals import DDIMProposal
     from s2m_diffusers.training import sample_bank
