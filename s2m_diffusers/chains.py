@@ -3,17 +3,17 @@
 [`sample_chains`] is the one driver. It sees ``evaluate(z) -> (x, log_w[, readings])`` and a latent density ``q``
 (``sample(n, generator)``, ``log_prior_ratio(z) = log p_z(z) - log q(z)``), never a model:
 
-1. **Entry.** A pool of draws of ``q`` (at least ``pool_size``, in batches until the importance ratios of its
-   draws have an effective sample size of ``pool_ess``, or of the square root of the number of starting points
-   where that is more: many chains should not all start from a few points; or, once it holds an on-target draw
-   per starting point, until it has drawn what the chains will cost) is importance-resampled (systematic
-   resampling by ``r = w p_z / q``) to the chains' starting points.
-   Chains are started in pairs from one point (superchains, for [`diagnostics.nested_rhat`]).
-2. **Burn-in.** ``burn_in`` steps of the kernel, each chain adapting its own step size towards
-   ``target_acceptance`` (Robbins-Monro on the log step, with the acceptance probability itself, not the coin;
-   the step kept is the average over the burn-in's second half, shrunk towards the chains' median); the thinning is
-   then set from the acceptance rate (its posterior median) so that a chain has moved between two of its images
-   with probability 0.95.
+1. **Entry.** A pool of draws of ``q`` (at least ``pool_size``, in batches until it holds an on-target draw per
+   starting point and the importance ratios of its draws have an effective sample size of ``pool_ess``, or it has
+   drawn what the chains will cost) is importance-resampled (systematic resampling by ``r = w p_z / q``) to the
+   chains' starting points, at a tempered weight ``w^g`` where ``r`` rests on few of the on-target draws
+   (`s2m_diffusers.anneal`). Chains are started in pairs from one point (superchains, for
+   [`diagnostics.nested_rhat`]).
+2. **Burn-in.** ``burn_in`` steps of the kernel, each chain adapting its own step size towards ``target_acceptance``
+   (Robbins-Monro on the log step, with the acceptance probability itself, not the coin; the step kept is the
+   average over the burn-in's second half, shrunk towards the chains' median); the thinning is then set from the
+   acceptance rate (its posterior median) so that a chain has moved between two of its images with probability
+   0.95. Chains started at ``g < 1`` are reweighted and resampled every `anneal.ANNEAL_EVERY` steps until ``g = 1``.
 3. **Sampling.** The step sizes and the thinning are frozen: each chain is an exact Metropolis-Hastings chain for
    ``pi(z) ∝ p_z(z) w(G(z))`` and returns its state every ``thinning`` steps, ``samples_per_chain`` times, the first
    at the end of the burn-in.
@@ -34,8 +34,7 @@ from typing import Any
 
 import torch
 
-from . import diagnostics, kernels, ladder
-from .ladder import systematic_resample
+from . import anneal, diagnostics, kernels, ladder
 from .results import SamplerStats
 from .screen import Screen, count, prepare_screen, screened_pool_batch, unpack
 
@@ -78,6 +77,13 @@ class ChainState:
                 mask = accept.to(mine.device).reshape(-1, *([1] * (mine.ndim - 1)))
                 setattr(self, name, torch.where(mask, other.to(mine.device, mine.dtype), mine))
 
+    def take(self, rows: torch.Tensor) -> None:
+        """Make chain ``i`` a copy of chain ``rows[i]``, in place (a resampling of the chains)."""
+        for name in _FIELDS:
+            mine = getattr(self, name)
+            if mine is not None:
+                setattr(self, name, mine[rows.to(mine.device)].clone())
+
     def put(self, rows: torch.Tensor, new: ChainState) -> None:
         """Write ``new``'s states into the chains ``rows``, in place."""
         for name in _FIELDS:
@@ -117,6 +123,12 @@ class Pool:
         if self.climbed is not None:
             return min(stage["ess"] for stage in self.climbed["stages"])
         return ladder.ess(self.log_ratio)
+
+    @property
+    def on_target_ess(self) -> float:
+        """The effective number of the pool's on-target draws: the ESS of their ratios without the heads' weight
+        (``p_z / q``, and a screened draw's ``1 / P(finished)``): their number for a pool drawn from the prior."""
+        return ladder.ess(torch.where(torch.isfinite(self.log_ratio), self.log_ratio - self.log_w, self.log_ratio))
 
     @classmethod
     def from_particles(cls, particles: ladder.Particles, proposals: int) -> Pool:
@@ -167,14 +179,15 @@ def draw_pool(
     starts: int = 1,
     enough: float | None = None,
 ) -> Pool:
-    """Draws of ``q`` in batches of ``pool_batch`` until at least ``pool_size`` are drawn and their importance ratios
+    """Draws of ``q`` in batches of ``pool_batch`` until at least ``pool_size`` are drawn, they hold an on-target
+    draw per starting point (``starts``; [`Pool.on_target_ess`]: their effective number), and their importance ratios
     have an effective sample size of ``pool_ess``, or of the square root of the number of ``starts`` where that is
-    more; or until ``enough`` are drawn (what the chains will cost) and at least ``starts`` of them are on the target;
-    or until ``budget`` proposals are spent. With a ``screen`` each batch is screened
-    ([`screen.screened_pool_batch`]). Where the entry may climb ([`can_climb`]), each batch is read on every stage
-    of the target, and the pool climbs them instead of drawing on (`s2m_diffusers.ladder`) with ``entry="ladder"``,
-    or with ``"auto"`` where [`ladder.climb_pays`]."""
-    size, ess = config.pool_size, max(config.pool_ess, math.sqrt(starts))
+    more, or ``enough`` are drawn (what the chains will cost); or until ``budget`` proposals are spent. With a
+    ``screen`` each batch is screened ([`screen.screened_pool_batch`]). Where the entry may climb ([`can_climb`]),
+    each batch is read on every stage of the target, and the pool climbs them instead of drawing on
+    (`s2m_diffusers.ladder`) with ``entry="ladder"``, or with ``"auto"`` where [`ladder.climb_pays`]."""
+    size, ess = config.pool_size, config.pool_ess
+    climb_ess = max(config.pool_ess, math.sqrt(starts))  # what each stage of a climb reaches the next with
     batch = config.pool_batch or size
     pool = Pool(torch.zeros(0), torch.zeros(0, dtype=torch.float64), None, {}, torch.zeros(0, dtype=torch.float64))
     zs, stage_log_w, corrections = [], [], []
@@ -214,9 +227,10 @@ def draw_pool(
         if log_w_s is not None:
             pool.log_w_s = _cat(pool.log_w_s, log_w_s)
         pool.proposals += n
-        more = pool.proposals < size or (
-            pool.ess < ess  # the ESS once per batch: it reads every draw
-            and not (enough is not None and pool.proposals >= enough and pool.num_on_target >= starts)
+        more = (  # the ESS once per batch: it reads every draw
+            pool.proposals < size
+            or pool.on_target_ess < starts
+            or (pool.ess < ess and not (enough is not None and pool.proposals >= enough))
         )
         if climbing and (config.entry == "ladder" or more):
             levels = int(evaluate.num_stages)
@@ -225,7 +239,9 @@ def draw_pool(
                     torch.cat(zs), None, torch.cat(stage_log_w), pool.readings, torch.cat(corrections)
                 )
                 spent = stats.proposals
-                climbed = _climb(evaluate, q, config, generator, stats, budget, particles, drawn, pool.proposals, ess)
+                climbed = _climb(
+                    evaluate, q, config, generator, stats, budget, particles, drawn, pool.proposals, climb_ess
+                )
                 if climbed is not None:
                     return climbed
                 pool.proposals += stats.proposals - spent
@@ -252,11 +268,15 @@ def _climb(evaluate, q, config, generator, stats, budget, particles, drawn, prop
     return Pool.from_particles(out, proposals + stats.proposals - before)
 
 
-def start_chains(pool: Pool, num_chains: int, per_start: int, generator) -> tuple[ChainState, torch.Tensor]:
+def start_chains(
+    pool: Pool, num_chains: int, per_start: int, generator, temperature: float = 1.0
+) -> tuple[ChainState, torch.Tensor]:
     """The chains' starting states: ``num_chains / per_start`` points resampled from the pool by their importance
-    ratios, each shared by ``per_start`` chains (a superchain). Returns the states and each chain's superchain."""
-    starts = systematic_resample(pool.log_ratio, num_chains // per_start, generator)
-    rows = starts.repeat_interleave(per_start)
+    ratios, the heads' weight in them raised to ``temperature`` (`s2m_diffusers.anneal`), each shared by
+    ``per_start`` chains (a superchain); the states hold the tempered weights. Returns the states and each chain's
+    superchain."""
+    tempering = anneal.tempered(pool.log_w, temperature - 1.0)
+    rows = anneal.resample_pairs(pool.log_ratio + tempering, num_chains, per_start, generator)
     z = pool.z[rows.to(pool.z.device)].clone()
     x = torch.stack([pool.on_target[int(i)] for i in rows])
     readings = None if pool.readings is None else pool.readings[rows]
@@ -264,8 +284,10 @@ def start_chains(pool: Pool, num_chains: int, per_start: int, generator) -> tupl
     # A state's own log r, without the screened pool's -log P(finished): that weighs a draw as a start, and would
     # otherwise stay in the acceptance of the chain's first independent move (a jump away from a start the surrogate
     # underrates would be accepted P(finished) times as often as it should).
-    log_ratio = pool.log_ratio[rows] + pool.log_finish[rows]
-    state = ChainState(z, x, pool.log_w[rows], log_ratio, readings, None, log_w_s)
+    log_ratio = pool.log_ratio[rows] + pool.log_finish[rows] + tempering[rows]
+    log_w = anneal.tempered(pool.log_w[rows], temperature)
+    log_w_s = None if log_w_s is None else anneal.tempered(log_w_s, temperature)
+    state = ChainState(z, x, log_w, log_ratio, readings, None, log_w_s)
     return state, torch.arange(num_chains // per_start).repeat_interleave(per_start)
 
 
@@ -381,13 +403,19 @@ class _Run:
     screen: Screen | None = None
     record: dict = field(default_factory=dict)
     rounds: int = 0
+    temperature: float = 1.0  # the power of the heads' weight the chains move under (`anneal`)
+
+    @property
+    def moving(self):
+        """``evaluate`` at the chains' temperature."""
+        return self.evaluate if self.temperature >= 1.0 else anneal.Tempered(self.evaluate, self.temperature)
 
     def step(self, state: ChainState, step: torch.Tensor):
         """One step of every chain (`step_chains`), counted as a round."""
         self.rounds += 1
         frozen = getattr(self.evaluate, "frozen", None)
         return step_chains(
-            self.evaluate, self.q, state, step, self.config, self.generator, self.stats, self.screen, frozen
+            self.moving, self.q, state, step, self.config, self.generator, self.stats, self.screen, frozen
         )
 
     def affordable(self, num_chains: int) -> bool:
@@ -442,21 +470,43 @@ def _enter(run: _Run, num_chains: int, per_start: int, per_chain: int):
         run.screen.calibrate(pool)  # the surrogate's floor, from the pool's on-target draws
         if not run.screen.active:
             run.record["screen"], run.screen = run.screen.report(), None
-    state, superchains = start_chains(pool, num_chains, per_start, run.generator)
+    if pool.climbed is None and anneal.checkpoints(run.config.burn_in):  # a climb's particles start as they are
+        rest = pool.log_ratio - pool.log_w
+        run.temperature = anneal.start_temperature(pool.log_w, rest, pool.on_target_ess, num_chains // per_start)
+    run.record["temperatures"] = [run.temperature]
+    state, superchains = start_chains(pool, num_chains, per_start, run.generator, run.temperature)
     # how many distinct points the chains start from: a call's images are about as varied as these and their moves
     run.record["distinct_starts"] = int(torch.unique(state.z.reshape(num_chains, -1), dim=0).shape[0])
     if run.config.kernel == "mala":  # the starting states' gradients: one more evaluation of the starts
-        state = _weigh(run.evaluate, run.q, state.z, "mala", run.stats)
+        state = _weigh(run.moving, run.q, state.z, "mala", run.stats)
     return pool, state, superchains
 
 
-def _burn_in(run: _Run, state: ChainState) -> tuple[torch.Tensor, int] | None:
-    """``burn_in`` steps adapting each chain's step size; the step sizes and the thinning the chains keep (`None`
-    when the budget or the callback stops the run)."""
+def _reweigh(run: _Run, state: ChainState, per_start: int, last: bool) -> torch.Tensor:
+    """One reweighting of the annealed chains (`s2m_diffusers.anneal`): to the next temperature (to 1 where
+    ``last``), the chains resampled in superchains, in place. Returns the rows they were resampled from."""
+    g = run.temperature
+    log_w = anneal.tempered(state.log_w, 1.0 / g)  # the heads' weight itself
+    g_new = 1.0 if last else anneal.next_temperature(log_w, g)
+    rows = anneal.resample_pairs(anneal.tempered(log_w, g_new - g), log_w.numel(), per_start, run.generator)
+    state.take(rows)
+    anneal.retemper(state, g, g_new, run.screen.log_floor if run.screen is not None else None)
+    run.temperature = g_new
+    run.record["temperatures"].append(g_new)
+    if g_new >= 1.0:  # the points the chains set out from at the target itself
+        run.record["distinct_starts"] = int(torch.unique(rows).numel())
+    return rows
+
+
+def _burn_in(run: _Run, state: ChainState, per_start: int) -> tuple[torch.Tensor, int] | None:
+    """``burn_in`` steps adapting each chain's step size, and raising the chains' temperature to 1 where they started
+    below it (`s2m_diffusers.anneal`); the step sizes and the thinning the chains keep (`None` when the budget or
+    the callback stops the run)."""
     config, c = run.config, state.z.shape[0]
     run.phase("burn_in")
     log_step = torch.full((c,), math.log(config.initial_step), dtype=torch.float64)
     late_alpha, late_steps = [], []
+    marks = anneal.checkpoints(config.burn_in)
     for t in range(config.burn_in):
         if not run.affordable(c):
             return None
@@ -465,6 +515,9 @@ def _burn_in(run: _Run, state: ChainState) -> tuple[torch.Tensor, int] | None:
         if t >= config.burn_in // 2:
             late_alpha.append(alpha)
             late_steps.append(log_step)
+        if run.temperature < 1.0 and t + 1 in marks:
+            rows = _reweigh(run, state, per_start, last=t + 1 == marks[-1])
+            log_step, late_steps = log_step[rows], [s[rows] for s in late_steps]
         if run.stop("burn_in"):
             return None
     if run.screen is not None:  # "auto" keeps the screen only where the burn-in's steps saved with it
@@ -541,7 +594,7 @@ def sample_chains(
     run.screen, screen_record = prepare_screen(evaluate, config)
     run.record.update(num_chains=num_chains, samples_per_chain=per_chain, kernel=config.kernel, screen=screen_record)
     pool, state, superchains = _enter(run, num_chains, per_start, per_chain)
-    frozen = None if state is None else _burn_in(run, state)
+    frozen = None if state is None else _burn_in(run, state, per_start)
     out = traces = None
     if frozen is not None:
         out, traces = _sample(run, state, *frozen, per_chain, num_samples)
