@@ -108,9 +108,9 @@ class S2MSamplingConfig:
     - ``samples_per_chain`` (`int`, defaults to 4): images each chain returns, ``thinning`` steps apart.
     - ``num_chains`` (`int`, *optional*): chains side by side; by default ``ceil(images / samples_per_chain)``, at
       least 2 (rounded up to an even number from 4 on: chains start in pairs), at most 256 in the pipeline.
-    - ``burn_in`` (`int`, defaults to 10): steps before the first image, during which each chain adapts its step
-      size (and chains started annealed reach the target, `s2m_diffusers.anneal`); afterwards every chain is a fixed
-      Metropolis-Hastings kernel.
+    - ``burn_in`` (`int`, defaults to 10): steps before the first image, during which the chains adapt their common
+      step size (and chains started annealed reach the target, `s2m_diffusers.anneal`); afterwards every chain is a
+      fixed Metropolis-Hastings kernel.
     - ``target_acceptance`` (`float`, defaults to 0.5): the acceptance rate the step sizes are adapted towards.
     - ``initial_step`` (`float`, defaults to 0.5): the step size the adaptation starts from (pCN's ``b``; MALA's
       noise scale ``sqrt(h)``).
