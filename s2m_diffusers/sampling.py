@@ -119,13 +119,11 @@ class S2MSamplingConfig:
     - ``pool_size`` (`int`, defaults to 32): the least number of draws of ``q`` in the entry pool, which the chains'
       starting points are importance-resampled from (and which the reading check compares the images with).
     - ``pool_ess`` (`int`, defaults to 2): the pool grows, ``pool_batch`` draws at a time, until it holds an
-      on-target draw per starting point of the chains and the importance ratios of its draws have this effective
-      sample size (or the budget is spent); once it holds an on-target draw per starting point, it also stops when
-      it has drawn what the chains are expected to cost (their steps at the thinning of ``target_acceptance``): a
-      small call's entry costs no more than its chains. Where the ratios rest on few of the on-target draws (the
-      heads' weight uneven on them), the chains start annealed from them (`s2m_diffusers.anneal`): on the Digits
-      GAN's rarest combination, 12 calls of 64 images, accuracy 0.87 (0.52-1.0) against 0.82 (0.39-1.0) when the
-      pool grew to an ESS of the square root of the chain pairs instead.
+      on-target draw per starting point of the chains (at most 16) and the importance ratios of its draws have this
+      effective sample size (or the budget is spent); once it holds those on-target draws, it also stops when it has
+      drawn what the chains are expected to cost (their steps at the thinning of ``target_acceptance``): a small
+      call's entry costs no more than its chains. Where the ratios rest on few of the on-target draws (the heads'
+      weight uneven on them), the chains start annealed from them (`s2m_diffusers.anneal`).
     - ``pool_batch`` (`int`, *optional*): draws per batch of the pool (defaults to ``pool_size``).
     - ``entry`` (`str`, defaults to `"auto"`): how the chains reach a rare target (`s2m_diffusers.ladder`).
       ``"pool"`` draws the pool until its ESS is reached; ``"ladder"`` climbs the target's stages (``a``, ``a & b``,
