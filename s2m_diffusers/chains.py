@@ -12,9 +12,9 @@
 2. **Burn-in.** ``burn_in`` steps of the kernel, the chains adapting their common step size towards
    ``target_acceptance`` (Robbins-Monro on the log step, with the mean acceptance probability itself, not the coin;
    one step for all chains, so that no chain's kernel depends on its own state; the step kept is the average over
-   the burn-in's second half); the thinning is then set from the
-   acceptance rate (its posterior median) so that a chain has moved between two of its images with probability
-   0.95. Chains started at ``g < 1`` are reweighted and resampled every `anneal.ANNEAL_EVERY` steps until ``g = 1``.
+   the burn-in's second half); the thinning is then set from the acceptance rate (its posterior median) so that a
+   chain has moved between two of its images with probability 0.95. Chains started at ``g < 1`` are reweighted and
+   resampled every `anneal.ANNEAL_EVERY` steps until ``g = 1``.
 3. **Sampling.** The step sizes and the thinning are frozen: each chain is an exact Metropolis-Hastings chain for
    ``pi(z) ∝ p_z(z) w(G(z))`` and returns its state every ``thinning`` steps, ``samples_per_chain`` times, the first
    at the end of the burn-in.
@@ -494,9 +494,9 @@ def _enter(run: _Run, num_chains: int, per_start: int, per_chain: int):
     return pool, state, superchains
 
 
-def _reweigh(run: _Run, state: ChainState, per_start: int, last: bool) -> torch.Tensor:
+def _reweigh(run: _Run, state: ChainState, per_start: int, last: bool) -> None:
     """One reweighting of the annealed chains (`s2m_diffusers.anneal`): to the next temperature (to 1 where
-    ``last``), the chains resampled in superchains, in place. Returns the rows they were resampled from."""
+    ``last``), the chains resampled in superchains, in place."""
     g = run.temperature
     log_w = anneal.tempered(state.log_w, 1.0 / g)  # the heads' weight itself
     g_new = 1.0 if last else anneal.next_temperature(log_w, g)
@@ -507,11 +507,10 @@ def _reweigh(run: _Run, state: ChainState, per_start: int, last: bool) -> torch.
     run.record["temperatures"].append(g_new)
     if g_new >= 1.0:  # the points the chains set out from at the target itself
         run.record["distinct_starts"] = int(torch.unique(rows).numel())
-    return rows
 
 
 def _burn_in(run: _Run, state: ChainState, per_start: int) -> tuple[torch.Tensor, int] | None:
-    """``burn_in`` steps adapting each chain's step size, and raising the chains' temperature to 1 where they started
+    """``burn_in`` steps adapting the chains' common step size, and raising their temperature to 1 where they started
     below it (`s2m_diffusers.anneal`); the step sizes and the thinning the chains keep (`None` when the budget or
     the callback stops the run)."""
     config, c = run.config, state.z.shape[0]
@@ -527,9 +526,8 @@ def _burn_in(run: _Run, state: ChainState, per_start: int) -> tuple[torch.Tensor
         if t >= config.burn_in // 2:
             late_alpha.append(alpha)
             late_steps.append(log_step)
-        if run.temperature < 1.0 and t + 1 in marks:
-            rows = _reweigh(run, state, per_start, last=t + 1 == marks[-1])
-            log_step, late_steps = log_step[rows], [s[rows] for s in late_steps]
+        if run.temperature < 1.0 and t + 1 in marks:  # the step size is common: resampling leaves it
+            _reweigh(run, state, per_start, last=t + 1 == marks[-1])
         if run.stop("burn_in"):
             return None
     if run.screen is not None:  # "auto" keeps the screen only where the burn-in's steps saved with it
