@@ -417,7 +417,8 @@ def _memory_problem(args: argparse.Namespace, pipe) -> str | None:
     shape = "x".join(map(str, image_shape))
     held = (
         f"{format_bytes(call + bookkeeping)}: one call of {per_call} images of {shape} holds "
-        f"{format_bytes(parts['images'] + parts['latents'])} and its {chains} chains {format_bytes(parts['chains'])}, "
+        f"{format_bytes(parts['images'] + parts['latents'])} and its {chains} chains and entry pool "
+        f"{format_bytes(parts['chains'] + parts['pool'])}, "
         f"and the run keeps {BOOKKEEPING_BYTES} bytes per image until stats.json is written "
         f"({format_bytes(bookkeeping)})"
     )
@@ -428,13 +429,14 @@ def _memory_problem(args: argparse.Namespace, pipe) -> str | None:
             f"--num-images {args.num_images} needs at least {held}, but {available}. Ask for at most about {most} "
             "images per run, and spread more over several runs into other --output folders with other --seed values."
         )
-    if parts["chains"] > parts["images"] + parts["latents"]:
-        most = max((free - bookkeeping - parts["images"] - parts["latents"]) // max(parts["chains"] // chains, 1), 0)
+    running = parts["chains"] + parts["pool"]  # what the chains hold beside the images
+    if running > parts["images"] + parts["latents"]:
+        most = max((free - bookkeeping - parts["images"] - parts["latents"]) // max(running // chains, 1), 0)
         return (
             f"--num-chains {args.num_chains} needs at least {held}, but {available}. Use --num-chains {most} or less."
         )
     per_image = max((parts["images"] + parts["latents"]) // per_call, 1)
-    most = max((free - bookkeeping - parts["chains"]) // per_image, 0)
+    most = max((free - bookkeeping - running) // per_image, 0)
     return (
         f"--images-per-call {args.images_per_call} needs at least {held}, but {available}. Use --images-per-call "
         f"{most} or fewer (the images then depend on it as on --seed)."

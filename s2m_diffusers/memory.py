@@ -1,7 +1,8 @@
 """What a sampling call will hold in memory, checked against what the machine has before any work starts.
 
 A call keeps every image it returns until it returns (as float32, plus the copy of its ``output_type``), their
-latents, and the state of its chains (each a latent and an image, and a proposal of each per round). A count that
+latents, the state of its chains (each a latent and an image, and a proposal of each per round), and the images of
+its entry pool's on-target draws (at least one per pair of chains, up to `chains.MAX_ON_TARGET`). A count that
 cannot fit (``num_images=10**9``) would otherwise start, hold more and more, and fail hours later in the allocator.
 [`check_call_memory`] refuses it at once, naming the count, the bytes it needs, the bytes available and the fix;
 `S2MPipeline.__call__` calls it first, and `s2m sample` checks its own runs with [`call_memory`] (it writes images as
@@ -111,20 +112,26 @@ def call_memory(
         output_type (`str`, defaults to `"pil"`): the returned copy's format.
 
     Returns:
-        `dict[str, int]`: ``{"images": ..., "latents": ..., "chains": ...}``.
+        `dict[str, int]`: ``{"images": ..., "latents": ..., "chains": ..., "pool": ...}`` (the pool: the images of
+        the entry pool's on-target draws it holds at the least, one per pair of chains up to
+        `chains.MAX_ON_TARGET`).
     """
+    from .chains import MAX_ON_TARGET
+
     values = math.prod(int(s) for s in image_shape)
     image = values * (FLOAT_BYTES + OUTPUT_COPY_BYTES.get(output_type, FLOAT_BYTES))
     latent = latent_numel * FLOAT_BYTES
     chain = 2 * (values + latent_numel) * FLOAT_BYTES + CHAIN_STATE_BYTES  # its state, and its round's proposal
-    return {"images": num_images * image, "latents": num_images * latent, "chains": num_chains * chain}
+    pool = min(max(1, num_chains // 2), MAX_ON_TARGET) * (values + latent_numel) * FLOAT_BYTES
+    return {"images": num_images * image, "latents": num_images * latent, "chains": num_chains * chain, "pool": pool}
 
 
 def _describe(parts: dict[str, int], num_images: int, num_chains: int, image_shape: Sequence[int], kind: str) -> str:
     shape = "x".join(str(s) for s in image_shape)
     return (
         f"{num_images} images of {shape} as float32 with their {kind} copy: {format_bytes(parts['images'])}; their "
-        f"latents: {format_bytes(parts['latents'])}; {num_chains} chains: {format_bytes(parts['chains'])}"
+        f"latents: {format_bytes(parts['latents'])}; {num_chains} chains: {format_bytes(parts['chains'])}; the entry "
+        f"pool's on-target images: {format_bytes(parts['pool'])}"
     )
 
 
@@ -164,12 +171,12 @@ def check_call_memory(
     if free is None or needed <= free:
         return estimate
     held = parts["images"] + parts["latents"]
-    if parts["chains"] > held:
-        most = max((free - held) // max(parts["chains"] // chains, 1), 0)
+    if parts["chains"] + parts["pool"] > held:
+        most = max((free - held) // max((parts["chains"] + parts["pool"]) // chains, 1), 0)
         count = f"num_chains={num_chains}"
         fix = f"Run fewer chains side by side (num_chains=, default min(num_images, 256); at most about {most} here)"
     else:
-        most = max((free - parts["chains"]) // max(held // num_images, 1), 0)
+        most = max((free - parts["chains"] - parts["pool"]) // max(held // num_images, 1), 0)
         count = f"num_images={num_images}"
         fix = (
             f"Ask for fewer images per call (at most about {most} here) and call again with another generator for more"

@@ -515,12 +515,23 @@ def test_a_call_that_cannot_fit_in_memory_is_refused_before_any_work(memory_avai
     with pytest.raises(ValueError, match=r"num_images=1000000000 would hold at least 327\.8 GiB in memory") as err:
         pipe("A", num_images=10**9, **cheap)
     assert "but 1.0 GiB is available (a test's 1 GiB)" in str(err.value) and "at most about 3" in str(err.value)
-    with pytest.raises(ValueError, match=r"num_chains=2000000 would hold .* 2000000 chains: 1\.2 GiB\)"):
+    with pytest.raises(ValueError, match=r"num_chains=2000000 would hold .* 2000000 chains: 1\.2 GiB; the entry pool"):
         pipe("A", num_images=2 * 10**6, num_chains=2 * 10**6, **cheap)
     assert calls == [] and time.perf_counter() - start < 1  # nothing generated, nothing allocated
     from s2m_diffusers.memory import check_call_memory
 
     assert check_call_memory(pipe, 10**9, None, "pil", available=(None, "unknown"))["needed"] > 2**38  # unknown: run
+
+
+def test_the_memory_estimate_counts_the_entry_pools_on_target_images():
+    """The pool holds at least one on-target image (and latent) per pair of chains, up to `chains.MAX_ON_TARGET`."""
+    from s2m_diffusers.chains import MAX_ON_TARGET
+    from s2m_diffusers.memory import call_memory
+
+    one = (3 * 8 * 8 + 10) * 4  # an image of 3x8x8 and a latent of 10 values, as float32
+    assert call_memory(64, 16, (3, 8, 8), 10)["pool"] == 8 * one
+    assert call_memory(10**6, 10**4, (3, 8, 8), 10)["pool"] == MAX_ON_TARGET * one
+    assert call_memory(1, 1, (3, 8, 8), 10)["pool"] == one
 
 
 def test_sample_refuses_counts_it_cannot_hold_naming_the_option(saved, tmp_path, capsys, memory_available):
