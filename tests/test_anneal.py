@@ -102,3 +102,48 @@ def test_annealed_chains_sample_a_target_known_exactly():
         assert temperatures[-1] == 1.0 and temperatures == sorted(temperatures)
     p = clustered_chi_square(torch.cat(xs).double(), torch.cat(calls), exact_sample(400_000, gen(1)))[2]
     assert sum(g < 1.0 for g in started) >= 0.2 * len(started) and p > ALPHA, (started, p)
+
+
+class ScreenedTilted:
+    """`tilted` with the screen's interface (`s2m_diffusers.screen`): 10 "denoising" steps, a surrogate that reads a
+    noisy view of the latent after ``step`` of them (its band's edge blurred, so that it is off where the weight is
+    not and the sampler's floor must make up for it)."""
+
+    num_steps = 10
+
+    def __init__(self):
+        self.calls = 0
+        self.noise = torch.Generator().manual_seed(7)
+
+    def __call__(self, z):
+        self.calls += z.shape[0] * self.num_steps
+        return tilted(z)
+
+    def start(self, z, step):
+        self.calls += z.shape[0] * step
+        view = z + 0.3 * torch.randn(z.shape, generator=self.noise, dtype=z.dtype)
+        return z, tilted(view)[1]
+
+    def finish(self, handle, keep):
+        z = handle[keep]
+        self.calls += z.shape[0] * (self.num_steps - 3)
+        return tilted(z)
+
+
+@pytest.mark.filterwarnings("ignore:S2M sampling")
+def test_annealed_chains_with_a_screen_sample_a_target_known_exactly():
+    """The annealed start through a screened proposal (the surrogate and its floor raised to the temperature with the
+    weight, `anneal.Tempered.start` and `retemper`): 80 calls of 64 images screened after 3 of 10 steps, at least a
+    tenth of them annealed (13 here: the screened pool's weights are its ratios over the chance to be finished),
+    against the exact target."""
+    prior = StandardNormal((2,))
+    evaluate = ScreenedTilted()
+    xs, calls, started = [], [], []
+    for r in range(80):
+        result = sample_s2m(evaluate, prior, 64, generator=gen(300 + r), screen=3)
+        xs.append(result.x)
+        calls.append(torch.full((result.num_samples,), r))
+        started.append(result.stats.chains["temperatures"][0])
+    assert result.stats.screen["screened_out_share"] > 0 and result.stats.screen["step"] == 3
+    p = clustered_chi_square(torch.cat(xs).double(), torch.cat(calls), exact_sample(400_000, gen(1)))[2]
+    assert sum(g < 1.0 for g in started) >= 0.1 * len(started) and p > ALPHA, (started, p)
