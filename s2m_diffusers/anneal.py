@@ -60,8 +60,8 @@ def tempered(log_w: torch.Tensor, g: float) -> torch.Tensor:
     return torch.where(torch.isfinite(log_w), g * log_w, log_w)
 
 
-def largest_temperature(log_w: torch.Tensor, rest: torch.Tensor, need: float, low: float = 0.0) -> float:
-    """The largest ``g`` in [``low``, 1] at which the log weights ``g log w + rest`` have an ESS of ``need``
+def largest_temperature(log_w: torch.Tensor, rest: torch.Tensor, need: float) -> float:
+    """The largest ``g`` in [0, 1] at which the log weights ``g log w + rest`` have an ESS of ``need``
     (bisection; the ESS falls as ``g`` grows while ``w`` spreads), at least `MIN_TEMPERATURE`."""
     rest = torch.where(torch.isfinite(log_w), rest, torch.zeros_like(rest))
 
@@ -70,7 +70,7 @@ def largest_temperature(log_w: torch.Tensor, rest: torch.Tensor, need: float, lo
 
     if ess_at(1.0) >= need:
         return 1.0
-    lo, hi = low, 1.0
+    lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if ess_at(mid) >= need else (lo, mid)

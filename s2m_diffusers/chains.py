@@ -131,10 +131,16 @@ class Pool:
         return ladder.ess(self.log_ratio)
 
     @property
+    def log_ratio_without_w(self) -> torch.Tensor:
+        """Each draw's ratio without the heads' weight: ``log p_z - log q`` (and a screened draw's
+        ``-log P(finished)``) on the target, ``-inf`` off it."""
+        return torch.where(torch.isfinite(self.log_ratio), self.log_ratio - self.log_w, self.log_ratio)
+
+    @property
     def on_target_ess(self) -> float:
-        """The effective number of the pool's on-target draws: the ESS of their ratios without the heads' weight
-        (``p_z / q``, and a screened draw's ``1 / P(finished)``): their number for a pool drawn from the prior."""
-        return ladder.ess(torch.where(torch.isfinite(self.log_ratio), self.log_ratio - self.log_w, self.log_ratio))
+        """The effective number of the pool's on-target draws: the ESS of [`log_ratio_without_w`]: their number for
+        a pool drawn from the prior."""
+        return ladder.ess(self.log_ratio_without_w)
 
     @classmethod
     def from_particles(cls, particles: ladder.Particles, proposals: int) -> Pool:
@@ -483,8 +489,9 @@ def _enter(run: _Run, num_chains: int, per_start: int, per_chain: int):
         if not run.screen.active:
             run.record["screen"], run.screen = run.screen.report(), None
     if pool.climbed is None and anneal.checkpoints(run.config.burn_in):  # a climb's particles start as they are
-        rest = pool.log_ratio - pool.log_w
-        run.temperature = anneal.start_temperature(pool.log_w, rest, pool.on_target_ess, num_chains // per_start)
+        run.temperature = anneal.start_temperature(
+            pool.log_w, pool.log_ratio_without_w, pool.on_target_ess, num_chains // per_start
+        )
     run.record["temperatures"] = [run.temperature]
     state, superchains = start_chains(pool, num_chains, per_start, run.generator, run.temperature)
     # how many distinct points the chains start from: a call's images are about as varied as these and their moves

@@ -19,6 +19,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from .chains import MAX_ON_TARGET
+
 __all__ = ["available_memory", "call_memory", "call_shapes", "check_call_memory", "format_bytes"]
 
 FLOAT_BYTES = 4  # images and latents are held as float32
@@ -116,8 +118,6 @@ def call_memory(
         the entry pool's on-target draws it holds at the least, one per pair of chains up to
         `chains.MAX_ON_TARGET`).
     """
-    from .chains import MAX_ON_TARGET
-
     values = math.prod(int(s) for s in image_shape)
     image = values * (FLOAT_BYTES + OUTPUT_COPY_BYTES.get(output_type, FLOAT_BYTES))
     latent = latent_numel * FLOAT_BYTES
