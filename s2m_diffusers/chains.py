@@ -57,13 +57,6 @@ POOL_BALANCE = 1.0
 # `A & B & C`, 1% of the prior, 125 pairs of chains: 20.2 calls per sample against 8.8 before the rule; 64 images
 # start 8 pairs, 16 images 2).
 MAX_ON_TARGET = 16
-# Each round a chain's local step is the common adapted step times one of these factors, drawn uniformly and
-# independently of the chain's state (`kernels.mixed_steps`): a chain in a narrow region of the noise, which rejects
-# the common step, still moves by the small ones. Digits-7to3 GAN, 64 images, 7 targets x 3 seeds: 95.3% of the
-# images distinct at 9.68 calls per image, evaluator accuracy 0.974, Frechet 4.96, against 94.4% at 9.79, 0.967, 5.27
-# with one step; (0.5, 1, 2): 95.0% at 10.14; (0.25, 0.5, 1): 95.8% at 9.89, Frechet 5.50; (0.125, ..., 2): 96.5% at
-# 9.82, accuracy 0.961, Frechet 6.53.
-STEP_SCALES = (0.25, 0.5, 1.0, 2.0)
 # The Robbins-Monro gain of the step-size adaptation at burn-in step t: ADAPT_GAIN / sqrt(t + 1).
 ADAPT_GAIN = 1.5
 
@@ -436,13 +429,11 @@ class _Run:
         return self.evaluate if self.temperature >= 1.0 else anneal.Tempered(self.evaluate, self.temperature)
 
     def step(self, state: ChainState, step: torch.Tensor):
-        """One step of every chain (`step_chains`) at the step sizes ``step`` times the round's `STEP_SCALES`
-        factors, counted as a round."""
+        """One step of every chain (`step_chains`), counted as a round."""
         self.rounds += 1
         frozen = getattr(self.evaluate, "frozen", None)
-        scaled = kernels.mixed_steps(step, STEP_SCALES, self.generator)
         return step_chains(
-            self.moving, self.q, state, scaled, self.config, self.generator, self.stats, self.screen, frozen
+            self.moving, self.q, state, step, self.config, self.generator, self.stats, self.screen, frozen
         )
 
     def affordable(self, num_chains: int) -> bool:

@@ -14,11 +14,6 @@ function takes batches with the chain dimension first and per-chain step sizes o
   ``z' = z + (h / 2) grad log pi(z) + sqrt(h) xi``, corrected by the ratio of the two Gaussian proposal densities
   ([`mala_propose`], [`log_alpha_mala`]).
 
-Each round a chain's local move takes its step size from a **mixture of scales** ([`mixed_steps`]): the adapted
-step times a factor drawn uniformly from a fixed set, independently of the state. Each component kernel leaves
-``pi`` invariant and the choice does not depend on where the chain is, so the mixture does too; a chain in a narrow
-region still moves by the small steps, one in a wide region travels by the large ones.
-
 A coordinate that a local move must keep (the drawn class of a class-conditional proposal, spec §5b) is marked in a
 boolean ``frozen`` mask of the latent's shape: local moves leave it as it is, independent draws redraw it.
 """
@@ -31,7 +26,6 @@ import torch
 
 __all__ = [
     "mh_accept",
-    "mixed_steps",
     "pcn_propose",
     "log_alpha_pcn",
     "log_alpha_independent",
@@ -67,16 +61,6 @@ def mh_accept(log_alpha: torch.Tensor, generator: torch.Generator | None = None)
     device = generator.device if generator is not None else "cpu"
     u = torch.rand(log_alpha.shape, generator=generator, device=device, dtype=torch.float64)
     return torch.log(u).to(log_alpha.device) < log_alpha
-
-
-def mixed_steps(
-    step: torch.Tensor, scales: tuple[float, ...], generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Each chain's step size for one round: ``step`` `(C,)` times a factor drawn uniformly from ``scales``, one
-    draw per chain, whatever its state (a mixture of kernels that each leave the target invariant)."""
-    device = generator.device if generator is not None else "cpu"
-    pick = torch.randint(len(scales), step.shape, generator=generator, device=device).cpu()
-    return step * torch.tensor(scales, dtype=step.dtype)[pick].to(step.device)
 
 
 def pcn_propose(
