@@ -683,17 +683,21 @@ def chain_diagnostics(traces: dict, returned_readings, returned_log_w, chain_ids
         if returned_readings is not None and pool.readings is not None:
             for j, name in enumerate(names):
                 values[f"ratio[{name}]"] = (returned_readings[:, j], pool.readings[:, j])
-        n_eff = _returned_ess(returned_log_w, chain_ids)
+        superchain_ids = traces["superchains"].cpu()[chain_ids.cpu()]
         judged = pool.ess >= diagnostics.READING_CHECK_MIN_POOL_ESS
+        n_effs = {}
         for key, (mine, theirs) in values.items():
-            checks[key] = diagnostics.reading_check(mine, n_eff, theirs, pool.log_ratio)
+            # images of one pair of chains (started from one point) count as one where they are as alike as that
+            n_effs[key] = min(_returned_ess(mine, chain_ids), diagnostics.cluster_ess(mine, superchain_ids))
+            checks[key] = diagnostics.reading_check(mine, n_effs[key], theirs, pool.log_ratio)
             z = checks[key]["z"]
             if judged and math.isfinite(z) and z > diagnostics.READING_CHECK_SE:
                 warnings.append(
                     f"the returned images' mean {key} {checks[key]['mean']:.3g} is {z:.1f} standard errors from the "
                     f"pool's importance-weighted estimate {checks[key]['estimate']:.3g}"
                 )
-        out["returned_ess"] = n_eff
+        out["returned_ess"] = min(n_effs.values())
+        out["returned_ess_by_reading"] = n_effs
         out["reading_check_judged"] = judged
     out["reading_check"] = checks
     out["warnings"] = warnings
@@ -701,8 +705,9 @@ def chain_diagnostics(traces: dict, returned_readings, returned_log_w, chain_ids
 
 
 def _returned_ess(values: torch.Tensor, chain_ids: torch.Tensor) -> float:
-    """The effective number of the returned images: their bulk-ESS across chains where every chain returned as many
-    (at least 4), else their number (correlation unseen)."""
+    """The effective number of the returned images as draws of their chains: their bulk-ESS across chains where every
+    chain returned as many (at least 4), else their number (correlation unseen). `chain_diagnostics` also counts
+    the images of one superchain as alike as they are (`diagnostics.cluster_ess`) and keeps the smaller."""
     ids = chain_ids.cpu()
     counts = torch.bincount(ids)
     counts = counts[counts > 0]

@@ -14,6 +14,9 @@
   ([`nested_rhat_chance`]), whose effective draws per chain come from how fast each chain forgets around its own
   mean ([`draws_per_effective_draw`]): with 2 pairs of chains only far apart superchains warn, with 8 pairs (64
   images) the authors' threshold itself.
+- [`cluster_ess`]: the effective number of the returned images, from how much more alike the images of one
+  superchain are than images of different ones (one-way analysis of variance, Kish's design effect): chains that
+  start from a few points return images worth about as many.
 - [`reading_check`]: the returned images' mean of a reading of the heads (``log w``, each attribute's ratio)
   against its importance-weighted estimate from the entry pool, in standard errors: the same target seen by a chain
   and without one. It warns only where the pool's effective sample size is 10 or more (on fewer draws the pool's
@@ -40,6 +43,7 @@ __all__ = [
     "nested_rhat_threshold",
     "nested_rhat_chance",
     "draws_per_effective_draw",
+    "cluster_ess",
     "reading_check",
 ]
 
@@ -218,12 +222,38 @@ def nested_rhat_chance(
     return math.sqrt(1.0 + float(f.ppf(level, k - 1, k * (m - 1))) / (m * max(draws_per_chain, 1.0)))
 
 
+def cluster_ess(values, clusters) -> float:
+    """The effective sample size of ``values`` `(n,)` drawn in ``clusters`` `(n,)` (the superchains the returned
+    images come from): ``n / (1 + (m - 1) rho)`` for the mean cluster size ``m`` and the intra-cluster correlation
+    ``rho`` of a one-way analysis of variance (clipped to [0, 1]): ``n`` where images of one cluster are no more
+    alike than of two, the number of clusters where each cluster's images are one.
+
+    Args:
+        values (`torch.Tensor` or array of shape `(n,)`): a reading of each image.
+        clusters (`torch.Tensor` or array of shape `(n,)`): each image's cluster.
+    """
+    v = np.asarray(torch.as_tensor(values).detach().double().cpu(), dtype=np.float64)
+    ids = np.unique(np.asarray(torch.as_tensor(clusters).cpu()), return_inverse=True)[1]
+    n, k = v.size, int(ids.max()) + 1 if v.size else 0
+    if k < 2 or n <= k or not np.all(np.isfinite(v)):
+        return float(n)
+    sizes = np.bincount(ids, minlength=k).astype(np.float64)
+    means = np.bincount(ids, weights=v, minlength=k) / sizes
+    between = float((sizes * (means - v.mean()) ** 2).sum()) / (k - 1)
+    within = float(((v - means[ids]) ** 2).sum()) / (n - k)
+    m0 = (n - float((sizes**2).sum()) / n) / (k - 1)
+    denominator = between + (m0 - 1.0) * within
+    rho = 0.0 if denominator <= 0 else min(1.0, max(0.0, (between - within) / denominator))
+    return float(n / (1.0 + (n / k - 1.0) * rho))
+
+
 def reading_check(returned, ess: float, pool_values, pool_log_weights) -> dict:
     """The returned images' mean of one reading against its importance-weighted estimate from the entry pool.
 
     Args:
         returned (`torch.Tensor` of shape `(n,)`): the reading on the returned images.
-        ess (`float`): their effective sample size (correlated images of one chain count less).
+        ess (`float`): their effective sample size (correlated images of one chain, or of one pair of chains started
+            together, count less: [`cluster_ess`]).
         pool_values (`torch.Tensor` of shape `(P,)`): the reading on the pool's draws (any value off the target).
         pool_log_weights (`torch.Tensor` of shape `(P,)`): the draws' log importance ratios (``-inf`` off target).
 

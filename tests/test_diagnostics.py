@@ -75,6 +75,21 @@ def test_reading_check_is_a_standard_normal_score_when_both_estimates_agree():
     assert math.isnan(diagnostics.reading_check(returned, 64.0, pool, off)["z"])  # no pool draw on the target
 
 
+@pytest.mark.parametrize("icc", [0.0, 0.2, 1.0])
+def test_cluster_ess_is_kishs_design_effect_for_a_known_intra_cluster_correlation(icc):
+    """Images in 500 clusters of 8 whose values share a cluster effect with the given share of the variance: the
+    effective number is ``n / (1 + 7 icc)`` (within 10%; at 0 within the estimate's noise); clusters of identical
+    images count one each."""
+    g = np.random.default_rng(0)
+    k, m = 500, 8
+    clusters = np.repeat(np.arange(k), m)
+    values = math.sqrt(icc) * g.normal(size=k)[clusters] + math.sqrt(1 - icc) * g.normal(size=k * m)
+    expected = k * m / (1 + (m - 1) * icc)
+    assert abs(diagnostics.cluster_ess(values, clusters) - expected) < 0.1 * expected
+    assert diagnostics.cluster_ess(np.arange(k)[clusters].astype(float), clusters) == k
+    assert diagnostics.cluster_ess(values[:5], np.zeros(5)) == 5  # one cluster: nothing to compare
+
+
 def test_with_few_pairs_of_chains_the_warning_waits_for_more_than_chance():
     """Independent draws cross the authors' threshold by chance when pairs of chains are few; the level a call warns
     above (`nested_rhat_chance`) is crossed 1% of the time, and tends to the authors' threshold with many pairs."""
