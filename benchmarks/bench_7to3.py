@@ -20,7 +20,7 @@ dataset's evaluator. Each row (and the JSON) holds:
 | `fidelity` | with `--fidelity`: the energy distance of the images to the heads' exact target (below) |
 
 With `--fidelity` each call is also scored against the heads' exact target itself: the energy distance, in the
-evaluator's features, of its images to `EXACT_DRAWS` prior draws weighted by the pipeline's own weights (one
+evaluator's features, of its images to `IID_DRAWS` prior draws weighted by the pipeline's own weights (one
 reference per combination, seed ``424_242 + k``); `fidelity_floor` is its expectation for as many i.i.d. draws of that
 target (``E|Y - Y'| / n``). Unlike the distinct share it sees images that differ by little, and unlike Fréchet it
 compares with the sampler's own target, not with real images (not for `ours_conditional`, whose generator and
@@ -161,8 +161,6 @@ MICRO_BATCH = {"gan": 256, "ddpm": MICRO_BATCH_SIZE["ddpm"]}
 BUDGET_PER_IMAGE = OFFICIAL_STEPS + 1
 # The i.i.d. reference's prior draws (as `bench_reading.py` weighs).
 IID_DRAWS = {"gan": 16_384, "ddpm": 4096}
-# The exact target's weighted draws for `--fidelity` (one set per combination and world).
-EXACT_DRAWS = {"gan": 16_384, "ddpm": 4096}
 
 
 @dataclass
@@ -204,19 +202,25 @@ class Draw:
 
 
 @torch.no_grad()
+def weighed_prior_draws(world: World, target: str, generator: torch.Generator):
+    """`IID_DRAWS` prior draws through the pipeline with its own weights at the defaults: (images, ``log w`` on the
+    CPU in float64, the generator calls spent, the draws' and the weights' measurements included)."""
+    pipe = world.pipe
+    parsed = pipe.parse_target(target)
+    proposal, plan, _, weigher, measured = pipe._prepare(parsed, S2MSamplingConfig(), MICRO_BATCH[world.kind], None)
+    m = IID_DRAWS[world.kind]
+    z = StandardNormal(plan.latent_shape(proposal.latent_shape)).sample(m, generator=generator)
+    x, log_w, _ = weigher.for_target(parsed)(z)
+    return x, log_w.double().cpu(), m + measured
+
+
+@torch.no_grad()
 def exact_reference(world: World, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The heads' exact target for combination ``k`` in the evaluator's features: the on-target draws of
-    `EXACT_DRAWS` prior draws with their self-normalised weights, and the target's own mean distance ``E|Y - Y'|``;
+    `IID_DRAWS` prior draws with their self-normalised weights, and the target's own mean distance ``E|Y - Y'|``;
     made once per combination."""
     if k not in world.exact:
-        pipe, target = world.pipe, SEVEN_TARGETS[k]
-        parsed = pipe.parse_target(target)
-        proposal, plan, _, weigher, _ = pipe._prepare(parsed, S2MSamplingConfig(), MICRO_BATCH[world.kind], None)
-        generator = torch.Generator().manual_seed(424_242 + k)
-        prior = StandardNormal(plan.latent_shape(proposal.latent_shape))
-        z = prior.sample(EXACT_DRAWS[world.kind], generator=generator)
-        x, log_w, _ = weigher.for_target(parsed)(z)
-        log_w = log_w.double().cpu()
+        x, log_w, _ = weighed_prior_draws(world, SEVEN_TARGETS[k], torch.Generator().manual_seed(424_242 + k))
         on = torch.isfinite(log_w)
         y = evaluator_features(world.evaluator, x[on.to(x.device)].float()).double().cpu()
         p = torch.softmax(log_w[on], 0)
@@ -249,20 +253,14 @@ def draw_official(world: World, target: str, n: int, generator: torch.Generator)
 def draw_iid(world: World, target: str, n: int, generator: torch.Generator) -> Draw:
     """N images importance-resampled, with replacement, from `IID_DRAWS` prior draws weighed by the pipeline's own
     weights at the defaults."""
-    pipe = world.pipe
-    parsed = pipe.parse_target(target)
-    proposal, plan, _, weigher, measured = pipe._prepare(parsed, S2MSamplingConfig(), MICRO_BATCH[world.kind], None)
-    m = IID_DRAWS[world.kind]
-    z = StandardNormal(plan.latent_shape(proposal.latent_shape)).sample(m, generator=generator)
-    x, log_w, _ = weigher.for_target(parsed)(z)
-    log_w = log_w.double().cpu()
+    x, log_w, calls = weighed_prior_draws(world, target, generator)
     on = int(torch.isfinite(log_w).sum())
     if not on:
-        return Draw(x[:0], m + measured, distinct=0, reference=True, extra={"on_target_draws": 0})
+        return Draw(x[:0], calls, distinct=0, reference=True, extra={"on_target_draws": 0})
     picks = torch.multinomial(torch.softmax(log_w, 0), n, replacement=True, generator=generator)
     ess = float(torch.softmax(log_w, 0).pow(2).sum().reciprocal())
     distinct = int(torch.unique(picks).numel())
-    return Draw(x[picks], m + measured, distinct=distinct, reference=True, extra={"on_target_draws": on, "ess": ess})
+    return Draw(x[picks], calls, distinct=distinct, reference=True, extra={"on_target_draws": on, "ess": ess})
 
 
 def draw_ours(world: World, method: str, target: str, n: int, generator: torch.Generator, overrides: dict) -> Draw:
@@ -398,7 +396,7 @@ def score(world: World, method: str, k: int, seed: int, n: int, draw: Draw, seco
         "num_images_asked": n,
         "budget_exhausted": found < n,
         "accuracy": formula_accuracy(world.evaluator, images, target) if found else math.nan,
-        "frechet": (frechet_distance(features, world.real_features(k)) if found >= 2 else math.nan),
+        "frechet": frechet_distance(features, world.real_features(k)) if features is not None else math.nan,
         "proposals": draw.proposals,
         "proposals_per_image": per_image(draw.proposals),
         "unet_calls_per_image": per_image(draw.unet_calls),
@@ -864,7 +862,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--fidelity",
         action="store_true",
-        help="also score each call's energy distance to the heads' exact target (a weighted draw of EXACT_DRAWS prior "
+        help="also score each call's energy distance to the heads' exact target (a weighted draw of IID_DRAWS prior "
         "draws per combination: 16,384 GAN or 4,096 DDPM calls more per combination)",
     )
     parser.add_argument("--json", default=None, help="write the rows to this file")
