@@ -5,17 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from s2m_diffusers.calibration import expected_calibration_error, fit_temperature, head_metrics, nll
 from s2m_diffusers.data import SinglePositiveDataset, prepare_images
 from s2m_diffusers.priors import estimate_log_gamma, estimate_priors
-from s2m_diffusers.training import (
-    augment_images,
-    expected_calibration_error,
-    fit_temperature,
-    head_metrics,
-    nll,
-    sample_bank,
-    train_heads,
-)
+from s2m_diffusers.training import augment_images, sample_bank, train_heads
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SMALL = {"cnn_channels": [8], "num_heldout_samples": 16, "progress": False, "batch_size": 8}

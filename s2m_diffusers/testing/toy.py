@@ -158,7 +158,7 @@ class ToyProblem:
             priors: the priors the sampler believes (``None``: the true ones).
             class_label: sample from the class-conditional generator with this class, with the ``D_f`` term; or
                 ``"drawn"``: the class is drawn from ``p_G(c)`` by a third latent coordinate ``u``
-                (``c = F^-1(Phi(u))``, as `s2m_diffusers.proposals.ClassPlan` does), so the proposal is the
+                (``c = F^-1(Phi(u))``, as `s2m_diffusers.class_plan.ClassPlan` does), so the proposal is the
                 generator's marginal and needs no ``D_f``; the latents then have 3 coordinates.
         """
         target = self.target(target) if isinstance(target, str) else target
