@@ -65,6 +65,7 @@ def test_the_heavy_tailed_case_has_a_heavy_tail():
     assert float(on.double().mean()) < 0.02
 
 
+@pytest.mark.slow  # the statistic's power; the default run keeps test_sampling's broken-sampler tests
 def test_the_test_catches_a_biased_sampler():
     """The same statistic rejects calls whose chains target the wrong density: the weights tilted by ``exp(x_1)``,
     which moves the target's mass by a few percent of its cells (calls of the same size as the cases')."""

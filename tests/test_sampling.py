@@ -298,6 +298,7 @@ class ShiftedNormal:
         return log_p - log_q
 
 
+@pytest.mark.slow  # no default path draws from a q other than the prior
 def test_a_density_other_than_the_prior_is_corrected_for():
     """The pool and the jumps drawn from q = N(mu, s^2 I): exact with the correction ``p_z / q``, rejected without."""
     q = ShiftedNormal([0.8, 0.8], 0.6)
@@ -311,6 +312,7 @@ def test_a_density_other_than_the_prior_is_corrected_for():
     assert runs_p_value(text, TOY.evaluate_fn(text), q=Uncorrected([0.8, 0.8], 0.6), jump_rate=0.5) < ALPHA
 
 
+@pytest.mark.slow  # the default run keeps test_wrong_priors_bias_a_disjunction
 def test_wrong_priors_do_not_bias_a_conjunction_with_a_large_margin():
     wrong = TOY.priors * torch.tensor([0.3, 1.0, 3.0], dtype=torch.float64)
     # 120 calls: at 60, seed 0's calls gave p = 0.003 before the annealed start and 2e-4 after, seeds 1-4 0.04-0.75

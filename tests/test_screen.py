@@ -61,6 +61,7 @@ def test_screened_sampler_is_exact(target, step, restarts):
     assert sum(r.stats.unet_calls for r in results) == evaluate.calls
 
 
+@pytest.mark.slow  # the default run keeps test_screened_sampler_is_exact
 def test_a_faithful_surrogate_saves_calls_at_the_same_exactness():
     """A view without perturbation (the surrogate is the true weight up to its margins): "auto" screens after one
     step of ten and keeps screening, and the images are as exact as without the screen, for fewer steps."""
