@@ -39,7 +39,16 @@ from . import anneal, diagnostics, kernels, ladder
 from .results import SamplerStats
 from .screen import Screen, count, prepare_screen, screened_pool_batch, unpack
 
-__all__ = ["ChainState", "Pool", "draw_pool", "start_chains", "thinning_for", "sample_chains"]
+__all__ = [
+    "ChainState",
+    "Pool",
+    "chains_per_start",
+    "pool_on_target",
+    "draw_pool",
+    "start_chains",
+    "thinning_for",
+    "sample_chains",
+]
 
 # Two images of one chain are this many steps apart that the chain has moved in between with probability 0.95.
 STUCK_SHARE = 0.05
@@ -455,11 +464,22 @@ class _Run:
             set_phase(name)
 
 
+def chains_per_start(num_chains: int) -> int:
+    """The chains started from one point: pairs (superchains, for `diagnostics.nested_rhat`) from 4 chains on."""
+    return 2 if num_chains >= 4 else 1
+
+
+def pool_on_target(num_chains: int) -> int:
+    """The on-target draws the entry pool holds before it stops: one per starting point of ``num_chains`` chains, at
+    most `MAX_ON_TARGET` (their images are kept until the chains start: `s2m_diffusers.memory` counts them)."""
+    return min(num_chains // chains_per_start(num_chains), MAX_ON_TARGET)
+
+
 def _layout(num_samples: int, config) -> tuple[int, int, int]:
     """The chains, the chains per start (pairs from 4 chains on: superchains) and the images per chain."""
     per_chain = min(config.samples_per_chain, num_samples)
     num_chains = config.num_chains or max(min(2, num_samples), math.ceil(num_samples / per_chain))
-    per_start = 2 if num_chains >= 4 else 1
+    per_start = chains_per_start(num_chains)
     num_chains = per_start * math.ceil(num_chains / per_start)
     return num_chains, per_start, math.ceil(num_samples / num_chains)
 

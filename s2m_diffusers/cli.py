@@ -402,7 +402,7 @@ def _memory_problem(args: argparse.Namespace, pipe) -> str | None:
     """Whether an `s2m sample` run fits in memory (`s2m_diffusers.memory`): one call's images, latents and chains,
     and the few bytes per image the run keeps until stats.json; `None` when it does, or when the memory available
     cannot be read."""
-    from .memory import available_memory, call_memory, call_shapes, format_bytes
+    from .memory import available_memory, call_memory, call_shapes, format_bytes, most_that_fit
     from .pipeline_s2m import DEFAULT_MAX_CHAINS
 
     per_call = min(args.num_images, args.images_per_call)
@@ -429,14 +429,11 @@ def _memory_problem(args: argparse.Namespace, pipe) -> str | None:
             f"--num-images {args.num_images} needs at least {held}, but {available}. Ask for at most about {most} "
             "images per run, and spread more over several runs into other --output folders with other --seed values."
         )
-    running = parts["chains"] + parts["pool"]  # what the chains hold beside the images
-    if running > parts["images"] + parts["latents"]:
-        most = max((free - bookkeeping - parts["images"] - parts["latents"]) // max(running // chains, 1), 0)
+    lower, most = most_that_fit(parts, free - bookkeeping, per_call, chains)
+    if lower == "chains":
         return (
             f"--num-chains {args.num_chains} needs at least {held}, but {available}. Use --num-chains {most} or less."
         )
-    per_image = max((parts["images"] + parts["latents"]) // per_call, 1)
-    most = max((free - bookkeeping - running) // per_image, 0)
     return (
         f"--images-per-call {args.images_per_call} needs at least {held}, but {available}. Use --images-per-call "
         f"{most} or fewer (the images then depend on it as on --seed)."

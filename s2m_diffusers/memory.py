@@ -19,9 +19,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .chains import MAX_ON_TARGET
+from .chains import pool_on_target
 
-__all__ = ["available_memory", "call_memory", "call_shapes", "check_call_memory", "format_bytes"]
+__all__ = ["available_memory", "call_memory", "call_shapes", "check_call_memory", "most_that_fit", "format_bytes"]
 
 FLOAT_BYTES = 4  # images and latents are held as float32
 # bytes per image value of the copy each output type returns beside the float32 images (PIL: uint8; "latent": none)
@@ -115,15 +115,25 @@ def call_memory(
 
     Returns:
         `dict[str, int]`: ``{"images": ..., "latents": ..., "chains": ..., "pool": ...}`` (the pool: the images of
-        the entry pool's on-target draws it holds at the least, one per pair of chains up to
-        `chains.MAX_ON_TARGET`).
+        the entry pool's on-target draws it holds at the least, `chains.pool_on_target`).
     """
     values = math.prod(int(s) for s in image_shape)
     image = values * (FLOAT_BYTES + OUTPUT_COPY_BYTES.get(output_type, FLOAT_BYTES))
     latent = latent_numel * FLOAT_BYTES
     chain = 2 * (values + latent_numel) * FLOAT_BYTES + CHAIN_STATE_BYTES  # its state, and its round's proposal
-    pool = min(max(1, num_chains // 2), MAX_ON_TARGET) * (values + latent_numel) * FLOAT_BYTES
+    pool = pool_on_target(num_chains) * (values + latent_numel) * FLOAT_BYTES
     return {"images": num_images * image, "latents": num_images * latent, "chains": num_chains * chain, "pool": pool}
+
+
+def most_that_fit(parts: dict[str, int], free: int, num_images: int, num_chains: int) -> tuple[str, int]:
+    """The count to lower so that a call of these ``parts`` ([`call_memory`]) fits in ``free`` bytes, and the most it
+    may be: ``("chains", n)`` where the chains and the entry pool hold more than the images and their latents, else
+    ``("images", n)``."""
+    held = parts["images"] + parts["latents"]
+    running = parts["chains"] + parts["pool"]
+    if running > held:
+        return "chains", max((free - held) // max(running // num_chains, 1), 0)
+    return "images", max((free - running) // max(held // num_images, 1), 0)
 
 
 def _describe(parts: dict[str, int], num_images: int, num_chains: int, image_shape: Sequence[int], kind: str) -> str:
@@ -170,13 +180,11 @@ def check_call_memory(
     estimate = {"needed": needed, "available": free, "source": source, **parts}
     if free is None or needed <= free:
         return estimate
-    held = parts["images"] + parts["latents"]
-    if parts["chains"] + parts["pool"] > held:
-        most = max((free - held) // max((parts["chains"] + parts["pool"]) // chains, 1), 0)
+    lower, most = most_that_fit(parts, free, num_images, chains)
+    if lower == "chains":
         count = f"num_chains={num_chains}"
         fix = f"Run fewer chains side by side (num_chains=, default min(num_images, 256); at most about {most} here)"
     else:
-        most = max((free - parts["chains"] - parts["pool"]) // max(held // num_images, 1), 0)
         count = f"num_images={num_images}"
         fix = (
             f"Ask for fewer images per call (at most about {most} here) and call again with another generator for more"
