@@ -1,41 +1,25 @@
-"""Saving an S2M pipeline so that diffusers, the Hub and `diffusers-cli` can load it (DESIGN.md, diffusers 0.42.1).
+"""Saving, checking, sharing and loading an S2M pipeline folder so that diffusers, the Hub and `diffusers-cli` can
+load it (DESIGN.md, diffusers 0.42.1).
 
-`DiffusionPipeline.save_pretrained` records a component defined outside diffusers and transformers under its full
-module path, e.g. ``"heads": ["s2m_diffusers.models.heads", "S2MHeads"]``. diffusers 0.42.1 loads such a component
-only when that module is already imported, and a Hub repo in that layout does not load at all: at download time
-diffusers checks that every component's module is a file of the repo (``heads/s2m_diffusers.models.heads.py``).
+`S2MPipeline`'s loaders are thin: [`resolve_local_config`] (``load_config``), [`snapshot_path`] (``from_pretrained``),
+[`save_pipeline`] (``save_pretrained``), [`push_pipeline`] (``push_to_hub``) and [`save_and_push`] (both, under one
+lock) hold what they do. Two modules hold the folder's parts:
 
-[`write_remote_code_layout`] turns a saved folder into a layout that loads everywhere:
+- `s2m_diffusers.remote_code`: the layout a saved folder is rewritten into ([`write_remote_code_layout`]: one-line
+  shims that import the classes from the installed package), so that ``DiffusionPipeline.from_pretrained(...,
+  trust_remote_code=True)`` and the Hub load it, and its reading back without running remote code
+  ([`resolve_remote_code_layout`]);
+- `s2m_diffusers.folder_checks`: the manifest a save ends with ([`write_manifest`]) and the checks before a folder is
+  loaded ([`check_pipeline_folder`]).
 
-- ``model_index.json`` names the pipeline ``["pipeline", "S2MPipeline"]`` and each third-party component
-  ``["<shim>", "ClassName"]``;
-- ``pipeline.py`` beside it and ``<component>/<shim>.py`` in each such component's folder are one-line *shims*
-  that import the class from the installed package (``from s2m_diffusers.models.heads import S2MHeads``). They hold
-  no model code, so the code that runs is that of the installed, pinned `s2m-diffusers`.
-
-``DiffusionPipeline.from_pretrained(dir_or_repo, trust_remote_code=True)`` and ``diffusers-cli run --model ...
---trust-remote-code`` load that layout in a process that imported only diffusers. `S2MPipeline.from_pretrained`
-loads it without remote code: [`resolve_remote_code_layout`] reads the shims back (it parses them, never runs
-them) and names the installed modules again.
+A saved folder is whole or absent: [`save_pipeline`] writes it beside its destination, ends with the manifest and swaps
+it in whole ([`~s2m_diffusers.utils.replace_folder_atomically`]).
 
 [`model_card`] (`s2m_diffusers.cards`, re-exported here) writes the repo's README: the attributes, a summary of the
 training data, and loading snippets with a pinned ``revision=``. [`upload_folder`] uploads a saved folder with any
 object that has `HfApi`'s ``create_repo``/``upload_folder``/``upload_file`` methods, so that the upload can be tested
-offline.
-
-`S2MPipeline`'s loaders are thin: [`resolve_local_config`] (``load_config``), [`snapshot_path`] (``from_pretrained``),
-[`save_pipeline`] (``save_pretrained``), [`push_pipeline`] (``push_to_hub``) and [`save_and_push`] (both, under one
-lock) hold what they do.
-[`load_generator_folder`] loads the pretrained generator (a diffusers pipeline folder or a GAN model folder) that an
-S2M pipeline is built around.
-
-A saved folder is whole or absent: [`save_pipeline`] writes it beside its destination, ends with a manifest
-(`s2m_manifest.json`: the components, and the size and SHA-256 of every file but `model_index.json`, whose settings
-may be edited, and the model card) and swaps it in whole
-([`~s2m_diffusers.utils.replace_folder_atomically`]). [`check_pipeline_folder`] refuses, before anything is loaded, a
-folder whose files differ from its manifest (components of different saves), a component folder that is missing,
-weights in pickle form, and classes that the installed packages do not define; it warns about a folder saved by newer
-versions.
+offline. [`load_generator_folder`] loads the pretrained generator (a diffusers pipeline folder or a GAN model folder)
+that an S2M pipeline is built around.
 """
 
 from __future__ import annotations
@@ -43,18 +27,35 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import hashlib
 import importlib
 import json
 import os
-import re
-import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .cards import model_card
+from .folder_checks import (
+    CARD_FILE,
+    FITS_FOLDER,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    check_pipeline_folder,
+    folder_files,
+    json_kind,
+    read_manifest,
+    write_manifest,
+)
+from .remote_code import (
+    PIPELINE_FILE,
+    SHIM_HEADER,
+    custom_component_files,
+    is_component_entry,
+    resolve_remote_code_layout,
+    shim_module_name,
+    write_remote_code_layout,
+)
 from .utils import (
     check_free_space,
     folder_lock,
@@ -88,138 +89,9 @@ __all__ = [
     "drop_local_paths",
 ]
 
-SHIM_HEADER = "# s2m-diffusers shim: imports the class from the installed package; it holds no model code.\n"
-_SHIM_IMPORT = re.compile(r"^from ([A-Za-z_][\w.]*) import ([A-Za-z_]\w*)", re.MULTILINE)
-PIPELINE_FILE = "pipeline"  # -> pipeline.py beside model_index.json
-INDEX_FILE = "model_index.json"
-MANIFEST_FILE = "s2m_manifest.json"  # written last: the components, and the size and SHA-256 of their files
-CARD_FILE = "README.md"  # not hashed: `upload_folder` rewrites it with the pinned revision
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # a training run's state inside the pipeline folder it writes (`s2m train-heads --checkpointing_steps`): kept by a
 # save like any file that is not part of the pipeline, and never uploaded
 TRAINING_FOLDER = "checkpoints"
-# what the pipeline measured once and keeps (`S2MPipeline.write_extra_files`: the dv_strength "auto" values), loaded by
-# `from_pretrained`: always the pipeline's,
-# replaced by every save and covered by its manifest
-FITS_FOLDER = "fits"
-
-
-# the libraries whose components diffusers loads by itself; `save_pretrained` records any other component under its
-# full module path (e.g. ``s2m_diffusers.models.heads``), which gets a shim
-_LOADED_BY_DIFFUSERS = ("diffusers", "transformers", "onnxruntime")
-
-
-def _loadable_library(library: str) -> bool:
-    """Whether diffusers loads components of ``library`` by itself (diffusers, transformers, a diffusers pipeline)."""
-    from diffusers import pipelines
-
-    return library.split(".")[0] in _LOADED_BY_DIFFUSERS or hasattr(pipelines, library)
-
-
-def shim_module_name(module: str) -> str:
-    """The shim's module name for a component class defined in ``module``: ``s2m_diffusers.models.heads`` ->
-    ``s2m_diffusers_models_heads``. Distinct modules get distinct names (diffusers copies every local shim into one
-    folder of its module cache)."""
-    return re.sub(r"\W", "_", module)
-
-
-def _shim_source(module: str, class_name: str) -> str:
-    return f"{SHIM_HEADER}from {module} import {class_name}  # noqa: F401\n"
-
-
-def _read_shim(path: str) -> tuple[str, str] | None:
-    """``(module, class_name)`` of a shim written by this module, or `None` for any other file. Never executes it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError:
-        return None
-    if not text.startswith(SHIM_HEADER):
-        return None
-    match = _SHIM_IMPORT.search(text)
-    return (match.group(1), match.group(2)) if match else None
-
-
-def write_remote_code_layout(folder: str | os.PathLike, pipeline_module: str, pipeline_class: str) -> dict:
-    """Rewrite a folder saved by `DiffusionPipeline.save_pretrained` into the layout that loads with
-    ``trust_remote_code=True`` and from the Hub.
-
-    Args:
-        folder (`str`): the saved pipeline folder (holding `model_index.json`).
-        pipeline_module (`str`), pipeline_class (`str`): where the pipeline class lives in the installed package,
-            e.g. ``"s2m_diffusers.pipeline_s2m"``, ``"S2MPipeline"``.
-
-    Returns:
-        `dict`: the new `model_index.json` content.
-    """
-    folder = os.fspath(folder)
-    index_path = os.path.join(folder, "model_index.json")
-    with open(index_path, encoding="utf-8") as f:
-        config = json.load(f)
-    config["_class_name"] = [PIPELINE_FILE, pipeline_class]
-    write_text_atomically(os.path.join(folder, f"{PIPELINE_FILE}.py"), _shim_source(pipeline_module, pipeline_class))
-    for name, value in list(config.items()):
-        if name.startswith("_") or not _is_component_entry(value):
-            continue
-        library, class_name = value
-        if library is None or _loadable_library(library):
-            continue
-        component_folder = os.path.join(folder, name)
-        if not os.path.isdir(component_folder):
-            continue  # not saved (diffusers then records [null, null] itself)
-        shim = shim_module_name(library)
-        write_text_atomically(os.path.join(component_folder, f"{shim}.py"), _shim_source(library, class_name))
-        config[name] = [shim, class_name]
-    write_text_atomically(index_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return config
-
-
-def _is_component_entry(value: Any) -> bool:
-    return (
-        isinstance(value, (list, tuple))
-        and len(value) == 2
-        and (value[0] is None or isinstance(value[0], str))
-        and (value[1] is None or isinstance(value[1], str))
-    )
-
-
-def resolve_remote_code_layout(config: dict, folder: str | os.PathLike) -> dict:
-    """Undo [`write_remote_code_layout`] on a loaded `model_index.json` dict, so that the pipeline class and its
-    components resolve to the installed package without running remote code.
-
-    Only shims written by this module are read (parsed, not executed); any other entry is returned unchanged.
-
-    Args:
-        config (`dict`): the `model_index.json` content.
-        folder (`str`): the folder it was read from.
-
-    Returns:
-        `dict`: a new dict with ``_class_name`` a plain class name and the components' installed module paths.
-    """
-    folder = os.fspath(folder)
-    config = dict(config)
-    class_name = config.get("_class_name")
-    if isinstance(class_name, (list, tuple)) and len(class_name) == 2 and isinstance(class_name[0], str):
-        if _read_shim(os.path.join(folder, f"{class_name[0]}.py")) is not None:
-            config["_class_name"] = class_name[1]
-    for name, value in config.items():
-        if name.startswith("_") or not _is_component_entry(value) or value[0] is None:
-            continue
-        shim = _read_shim(os.path.join(folder, name, f"{value[0]}.py"))
-        if shim is not None:
-            config[name] = [shim[0], shim[1]]
-    return config
-
-
-def custom_component_files(folder: str | os.PathLike) -> list[str]:
-    """Every file of a saved folder, relative and '/'-separated, as the Hub lists a repo's files."""
-    folder = os.fspath(folder)
-    out = []
-    for root, _, files in os.walk(folder):
-        for name in files:
-            out.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
-    return sorted(out)
-
 
 # ------------------------------------------------------------------------------------------------------------------
 # Saving and loading an S2M pipeline (the bodies of `S2MPipeline`'s `load_config`, `from_pretrained`,
@@ -252,7 +124,7 @@ def resolve_local_config(config_out, pretrained_model_name_or_path: str | os.Pat
     config = resolve_remote_code_layout(raw, folder)
     for value in config.values():
         # diffusers resolves a component's module from `sys.modules` only; ours may be imported here.
-        if _is_component_entry(value) and str(value[0]).startswith("s2m_diffusers."):
+        if is_component_entry(value) and str(value[0]).startswith("s2m_diffusers."):
             importlib.import_module(value[0])
     return (config, *config_out[1:]) if isinstance(config_out, tuple) else config
 
@@ -388,7 +260,7 @@ def _pipeline_entries(folder: str) -> set[str]:
         with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as f:
             index = json.load(f)
         if not isinstance(index, dict):
-            raise ValueError(f"a JSON {_json_kind(index)}, not an object")
+            raise ValueError(f"a JSON {json_kind(index)}, not an object")
     except (OSError, ValueError) as err:
         shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
         raise ValueError(
@@ -396,8 +268,8 @@ def _pipeline_entries(folder: str) -> set[str]:
             f"{err}); a save replaces its folder as a whole. Save into a new or empty folder, or into a saved "
             "pipeline."
         ) from None
-    names |= {k for k, v in index.items() if not k.startswith("_") and _is_component_entry(v)}
-    names |= {path.split("/")[0] for path in _read_manifest(folder).get("files", {})}
+    names |= {k for k, v in index.items() if not k.startswith("_") and is_component_entry(v)}
+    names |= {path.split("/")[0] for path in read_manifest(folder).get("files", {})}
     return names
 
 
@@ -440,7 +312,7 @@ def drop_local_paths(folder: str | os.PathLike) -> list[str]:
     """
     folder = os.fspath(folder)
     changed = []
-    for rel in _folder_files(folder):
+    for rel in folder_files(folder):
         if not rel.endswith(".json"):
             continue
         path = os.path.join(folder, rel)
@@ -457,404 +329,6 @@ def drop_local_paths(folder: str | os.PathLike) -> list[str]:
         write_text_atomically(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
         changed.append(rel)
     return changed
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# The manifest of a saved pipeline, and the checks before loading one
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _folder_files(folder: str) -> list[str]:
-    """Every file under `folder`, relative and '/'-separated, without `__pycache__` folders."""
-    out = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if d != "__pycache__"]
-        out += [os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/") for name in files]
-    return sorted(out)
-
-
-def write_manifest(folder: str | os.PathLike, card: Mapping[str, Any] | None = None) -> dict:
-    """Write `s2m_manifest.json`: the components `model_index.json` lists, the size and SHA-256 of every other file
-    of a saved pipeline folder but the model card, and the versions that wrote it. [`save_pipeline`] writes it last;
-    [`check_pipeline_folder`] compares the folder with it before loading, so that files of different saves are never
-    loaded together. `model_index.json` is not hashed, so that its settings (``default_target``, ...) may be edited;
-    its components must stay those of the manifest.
-
-    Args:
-        folder (`str`): the written pipeline folder.
-        card (`Mapping`, *optional*): the card's metadata (``license``, ``base_model``, ``sampling``), kept so that a
-            later save of the loaded pipeline writes the same card.
-
-    Returns:
-        `dict`: the manifest.
-    """
-    import diffusers
-
-    import s2m_diffusers
-
-    folder = os.fspath(folder)
-    with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as f:
-        components = _components(json.load(f))
-    files = {
-        rel: {"size": os.path.getsize(os.path.join(folder, rel)), "sha256": _sha256(os.path.join(folder, rel))}
-        for rel in _folder_files(folder)
-        if rel not in (MANIFEST_FILE, CARD_FILE, INDEX_FILE)
-    }
-    manifest = {
-        "format": 1,
-        "s2m_diffusers_version": s2m_diffusers.__version__,
-        "diffusers_version": diffusers.__version__,
-        "components": {k: list(v) for k, v in components.items()},
-        "files": files,
-    }
-    if card:
-        manifest["card"] = dict(card)
-    write_text_atomically(os.path.join(folder, MANIFEST_FILE), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return manifest
-
-
-def _read_manifest(folder: str) -> dict:
-    """The manifest of `folder`; `{}` when there is none. Raises for one that cannot be read."""
-    path = os.path.join(folder, MANIFEST_FILE)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        if not isinstance(manifest.get("files"), dict):
-            raise ValueError("no 'files' table")
-    except (OSError, ValueError, AttributeError) as err:
-        raise ValueError(
-            f"The manifest {path!r} cannot be read ({err}): the folder was altered after it was saved. Save the "
-            "pipeline again with S2MPipeline.save_pretrained, or restore the folder."
-        ) from None
-    return manifest
-
-
-def _shown(items: list[str], limit: int = 5) -> str:
-    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-def check_pipeline_folder(folder: str | os.PathLike, pipeline_class: type, config: Any = None) -> None:
-    """Refuse a saved S2M pipeline folder that cannot be loaded as one pipeline, before anything is loaded, in this
-    order (the first problem found is the one named):
-
-    - a `model_index.json` that is not a JSON object, or a setting of it of the wrong type ([`check_index`]);
-    - a component that `model_index.json` lists whose folder is missing;
-    - weights in pickle form (``.bin``, ``.pt``, ...) in a folder without safetensors weights: pickle runs code
-      when it is read;
-    - files that differ from the manifest or are missing (named: e.g. the one-line ``.py`` shims, which some
-      download filters drop), or that lie in a component folder or ``fits/`` without being listed in it: parts of
-      different saves, or a damaged folder;
-    - a pipeline class or a component class that the installed packages do not define, or that the index names
-      otherwise than the folder's shim (a shim that is missing is named as such);
-    - components in the index other than those the manifest records.
-
-    It warns about a folder without a manifest (saved by diffusers' own `save_pretrained` or an older
-    s2m-diffusers: its parts cannot be checked) and about one saved by a newer diffusers or s2m-diffusers.
-
-    Args:
-        folder (`str`): the pipeline folder.
-        pipeline_class (`type`): the class that loads it (`S2MPipeline`): its components, and the class (or a
-            subclass) the folder must name.
-        config (`Mapping`, *optional*): its `model_index.json` content, as read; read from the folder by default.
-
-    Raises:
-        ValueError: naming the file, the setting or the files that are wrong, and what to do.
-    """
-    folder = os.fspath(folder)
-    if config is None:
-        with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as f:
-            config = json.load(f)
-    check_index(config, os.path.join(folder, INDEX_FILE), pipeline_class)
-    components = _components(config)
-    _check_component_folders(folder, components)
-    _check_no_pickle(folder, components)
-    manifest = _read_manifest(folder)
-    if manifest:
-        _check_manifest_files(folder, manifest, config)
-    _check_classes(folder, config, components, pipeline_class)
-    if manifest:
-        _check_manifest_components(folder, manifest, components)
-    else:
-        warnings.warn(
-            f"{folder!r} has no {MANIFEST_FILE}: it was saved by diffusers' own save_pretrained or an s2m-diffusers "
-            "older than 0.1, so whether its components belong together cannot be checked. Save it again with "
-            "S2MPipeline.save_pretrained to add one.",
-            UserWarning,
-            stacklevel=3,
-        )
-    _warn_newer_versions(folder, config, manifest)
-
-
-def _json_kind(value: Any) -> str:
-    """How JSON names the type of a parsed value, for messages: ``"list"``, ``"string"``, ``"number"``, ..."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    return {str: "string", list: "list", tuple: "list", dict: "object"}.get(type(value), type(value).__name__)
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-# the settings `S2MPipeline` records in `model_index.json`: what each must be, and an example
-_INDEX_SETTINGS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "num_inference_steps": (_positive_int, "a positive integer, e.g. 25"),
-    "latent_shape": (
-        lambda v: v is None or (isinstance(v, list) and len(v) > 0 and all(_positive_int(s) for s in v)),
-        "null or a list of positive integers, e.g. [4, 64, 64]",
-    ),
-    "proposal_kwargs": (lambda v: v is None or isinstance(v, dict), 'null or an object, e.g. {"prompt": "a photo"}'),
-    "default_target": (lambda v: v is None or isinstance(v, str), 'null or a string, e.g. "a & ~b"'),
-}
-
-
-def check_index(config: Any, path: str, pipeline_class: type) -> None:
-    """Refuse a `model_index.json` that is not a JSON object, a setting of `S2MPipeline` of the wrong type
-    (``num_inference_steps`` a positive integer; ``latent_shape`` null or a list of positive integers;
-    ``proposal_kwargs`` null or an object; ``default_target`` null or a string), and a component entry (``heads``,
-    ``gan``, ``unet``, ...) that is not ``[library, class]`` (strings, or both null for a component not saved).
-
-    Args:
-        config: the parsed content of the file.
-        path (`str`): the file, named in the message.
-        pipeline_class (`type`): the class that loads it, whose ``_optional_components`` are the component keys.
-
-    Raises:
-        ValueError: naming the file, the key, the value and the fix.
-    """
-    restore = "restore the file from the saved pipeline, or save the pipeline again with S2MPipeline.save_pretrained"
-    if not isinstance(config, Mapping):
-        shown = json.dumps(config)[:80] if isinstance(config, (list, str, int, float, bool, type(None))) else config
-        raise ValueError(
-            f"{path} holds a JSON {_json_kind(config)} ({shown}), not an object: a pipeline's index is an object such "
-            'as {"_class_name": ["pipeline", "S2MPipeline"], "heads": [...], "num_inference_steps": 25}. The file '
-            f"was edited or replaced; {restore}."
-        )
-    for key, (valid, expected) in _INDEX_SETTINGS.items():
-        if key in config and not valid(config[key]):
-            raise ValueError(
-                f"{path}: the setting {key!r} is {json.dumps(config[key])} (a {_json_kind(config[key])}); it must be "
-                f"{expected}. Correct it in the file (or delete the line for the default), or {restore}."
-            )
-    for key in getattr(pipeline_class, "_optional_components", []):
-        if key in config and not _is_component_entry(config[key]):
-            raise ValueError(
-                f"{path}: the component {key!r} is {json.dumps(config[key])}; a component entry is "
-                f'["library", "ClassName"] (e.g. ["s2m_diffusers_models_heads", "S2MHeads"]), or [null, null] for '
-                f"one that was not saved. Correct it in the file, or {restore}."
-            )
-
-
-def _components(config: Mapping[str, Any]) -> dict[str, list]:
-    """The saved components of a `model_index.json`: ``{name: [library, class]}`` (optional ones left out)."""
-    return {
-        k: list(v) for k, v in config.items() if not k.startswith("_") and _is_component_entry(v) and v[0] is not None
-    }
-
-
-def _check_component_folders(folder: str, components: Mapping[str, Any]) -> None:
-    missing = [name for name in components if not os.path.isdir(os.path.join(folder, name))]
-    if missing:
-        listed = ", ".join(f"{name} ({components[name][1]})" for name in missing)
-        folders = ", ".join(f"{name}/" for name in missing)
-        raise ValueError(
-            f"The saved pipeline {folder!r} is incomplete: its {INDEX_FILE} lists the component(s) {listed}, but "
-            f"the folder(s) {folders} are missing. A save was interrupted or the folder was copied in part: copy "
-            "the whole folder again, or save the pipeline again with S2MPipeline.save_pretrained."
-        )
-
-
-def _check_no_pickle(folder: str, components: Mapping[str, Any]) -> None:
-    for name in components:
-        for root, dirs, files in os.walk(os.path.join(folder, name)):
-            dirs[:] = [d for d in dirs if d != "__pycache__"]
-            pickled = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
-            if not pickled or any(f.endswith(".safetensors") for f in files):
-                continue
-            sub = os.path.relpath(root, folder).replace(os.sep, "/")
-            raise ValueError(
-                f"{sub}/ of {folder!r} holds weights in pickle form ({', '.join(pickled)}) and no safetensors file. "
-                "S2M pipelines read weights as safetensors only: unpickling a file runs code from it. If you trust "
-                f"the file, convert it once: load it with `from_pretrained('{os.path.join(folder, sub)}', "
-                f"use_safetensors=False)` on its class, save it with `save_pretrained` to the same folder, and "
-                f"delete {', '.join(pickled)} (or save the whole pipeline again with S2MPipeline.save_pretrained)."
-            )
-
-
-def _installed_class(module: str, class_name: str):
-    """The class `module.class_name` when `module` is installed and may be imported here (s2m_diffusers, diffusers,
-    transformers, or a module already imported), else `None`."""
-    root = module.split(".")[0]
-    try:
-        mod = sys.modules.get(module) or (
-            importlib.import_module(module) if root in ("s2m_diffusers", "diffusers", "transformers") else None
-        )
-        if mod is None and "." not in module:  # a diffusers pipeline, saved under its pipelines module's name
-            from diffusers import pipelines
-
-            mod = getattr(pipelines, module, None)
-    except ImportError:
-        return None
-    cls = getattr(mod, class_name, None) if mod is not None else None
-    return cls if isinstance(cls, type) else None
-
-
-def _check_classes(folder: str, config: Mapping[str, Any], components: Mapping[str, Any], pipeline_class) -> None:
-    """The pipeline class and each component's class are defined by the installed packages, as the index names
-    them (a shim of this folder imports the class the index names), the pipeline's being ``pipeline_class`` or a
-    subclass of it."""
-    index = os.path.join(folder, INDEX_FILE)
-    name = config.get("_class_name")
-    if isinstance(name, (list, tuple)) and len(name) == 2 and isinstance(name[0], str):
-        _check_shim_present(folder, f"{name[0]}.py", "pipeline", name[1])
-        shim = _read_shim(os.path.join(folder, f"{name[0]}.py"))
-        cls = _installed_class(*shim) if shim is not None and shim[1] == name[1] else None
-    else:
-        cls = _installed_class("s2m_diffusers", name) if isinstance(name, str) else None
-    if cls is None or not issubclass(cls, pipeline_class):
-        name = name[1] if isinstance(name, (list, tuple)) and len(name) == 2 else name
-        raise ValueError(
-            f"{index} names the pipeline class {name!r}, which is not S2MPipeline (or a subclass of it) in the "
-            "installed packages: the folder is not an S2M pipeline, or its index was edited. S2MPipeline loads "
-            "folders written by S2MPipeline.save_pretrained; other diffusers pipelines load with "
-            "DiffusionPipeline.from_pretrained."
-        )
-    for key, (library, class_name) in components.items():
-        shim = _read_shim(os.path.join(folder, key, f"{library}.py"))
-        if shim is not None and shim[1] != class_name:
-            raise ValueError(
-                f"{index} names the {key} class {class_name!r}, but {key}/{library}.py imports {shim[1]!r}: the "
-                "index was edited or comes from another save. Save the pipeline again with "
-                "S2MPipeline.save_pretrained, or restore the folder."
-            )
-        module = shim[0] if shim is not None else library
-        if _installed_class(module, class_name) is None:
-            if "." not in library and not _loadable_library(library):  # a shim's name: its file must be there
-                _check_shim_present(folder, f"{key}/{library}.py", key, class_name)
-            raise ValueError(
-                f"{index} names the {key} class {module}.{class_name}, which the installed packages do not define: "
-                "neither s2m_diffusers, diffusers nor transformers has it, nor a module imported before loading. "
-                f"Install (and, for your own module, import) what defines it, in a version that has {class_name}, "
-                "or restore the folder; S2M pipelines never run code that ships with a folder."
-            )
-
-
-def _check_shim_present(folder: str, rel: str, role: str, class_name: Any) -> None:
-    """Name a shim that the index points to and the folder lacks (a folder copied without its ``.py`` files)."""
-    if not os.path.isfile(os.path.join(folder, *rel.split("/"))):
-        raise ValueError(
-            f"{os.path.join(folder, INDEX_FILE)} names the {role} class {class_name!r} through {rel}, which is "
-            f"missing from {folder!r}: the folder was copied without its .py files (one-line shims that name the "
-            "installed classes; they hold no model code, and some download filters drop them). Copy or download the "
-            "whole folder again (every file), or save the pipeline again with S2MPipeline.save_pretrained."
-        )
-
-
-def _check_manifest_components(folder: str, manifest: Mapping[str, Any], components: Mapping[str, Any]) -> None:
-    saved = manifest.get("components")
-    if isinstance(saved, dict) and saved != dict(components):
-        differ = sorted(k for k in set(saved) | set(components) if saved.get(k) != components.get(k))
-        described = "; ".join(f"{k}: {components.get(k)} in {INDEX_FILE}, {saved.get(k)} when saved" for k in differ)
-        raise ValueError(
-            f"{INDEX_FILE} of {folder!r} lists other components than were saved with the folder ({described}): "
-            "the index comes from another save or was edited. Save the pipeline again with "
-            "S2MPipeline.save_pretrained, or restore the whole folder."
-        )
-
-
-def _covered_folders(config: Mapping[str, Any], manifest: Mapping[str, Any]) -> set[str]:
-    """The top-level folders whose every file must be one the manifest lists: the components the index names (saved
-    or not), those the manifest records, ``fits/`` (loaded with the pipeline), and every folder of a listed file."""
-    names = {k for k, v in config.items() if not k.startswith("_") and _is_component_entry(v)} | {FITS_FOLDER}
-    if isinstance(manifest.get("components"), dict):
-        names |= set(manifest["components"])
-    return names | {rel.split("/")[0] for rel in manifest["files"] if "/" in rel}
-
-
-def _check_manifest_files(folder: str, manifest: Mapping[str, Any], config: Mapping[str, Any]) -> None:
-    listed = manifest["files"]
-    missing, changed = [], []
-    for rel, entry in sorted(listed.items()):
-        path = os.path.join(folder, *rel.split("/"))
-        if not os.path.isfile(path):
-            missing.append(rel)
-        elif os.path.getsize(path) != entry.get("size") or _sha256(path) != entry.get("sha256"):
-            changed.append(rel)
-    covered = _covered_folders(config, manifest)
-    unlisted = [
-        rel
-        for rel in _folder_files(folder)
-        if "/" in rel and rel.split("/")[0] in covered and rel not in listed and "/." not in f"/{rel}"
-    ]
-    if not (missing or changed or unlisted):
-        return
-    if missing and not (changed or unlisted):
-        shims = [rel for rel in missing if rel.endswith(".py")]
-        why = (
-            " The .py files are one-line shims that name the installed classes (they hold no model code); a "
-            "download or copy that keeps only some file types drops them."
-            if shims
-            else ""
-        )
-        raise ValueError(
-            f"The saved pipeline {folder!r} is incomplete: its manifest ({MANIFEST_FILE}) lists files that are "
-            f"missing: {_shown(missing)}.{why} Copy or download the whole folder again (every file), or save the "
-            "pipeline again with S2MPipeline.save_pretrained."
-        )
-    problems = []
-    if changed:
-        problems.append(f"differ from the files saved with it: {_shown(changed)}")
-    if missing:
-        problems.append(f"are missing: {_shown(missing)}")
-    if unlisted:
-        problems.append(f"were not saved with it: {_shown(unlisted)}")
-    raise ValueError(
-        f"The saved pipeline {folder!r} does not match its manifest ({MANIFEST_FILE}): files "
-        + "; files ".join(problems)
-        + ". Its parts come from different saves (two saves into one folder at once by an older version, an "
-        "interrupted save, or files copied in by hand) and do not belong together. Save the pipeline again with "
-        "S2MPipeline.save_pretrained, or restore the whole folder."
-    )
-
-
-def _warn_newer_versions(folder: str, config: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
-    import diffusers
-    from packaging.version import InvalidVersion, Version
-
-    import s2m_diffusers
-
-    saved = {
-        "diffusers": (config.get("_diffusers_version"), diffusers.__version__),
-        "s2m-diffusers": (manifest.get("s2m_diffusers_version"), s2m_diffusers.__version__),
-    }
-    for package, (version, installed) in saved.items():
-        if version is None:
-            continue
-        try:
-            newer = Version(str(version)) > Version(installed)
-        except InvalidVersion:
-            newer = True
-        if newer:
-            warnings.warn(
-                f"{folder!r} was saved with {package} {version}, newer than the installed {installed}: settings "
-                f"this version does not know are ignored, and the pipeline may behave otherwise than where it was "
-                f"saved. Upgrade {package} (pip install -U {package}) to load it as saved.",
-                UserWarning,
-                stacklevel=4,
-            )
 
 
 def push_pipeline(
@@ -1087,7 +561,7 @@ def _card_context(
     folder = getattr(pipeline, "name_or_path", None)
     if isinstance(folder, str) and os.path.isfile(os.path.join(folder, MANIFEST_FILE)):
         with contextlib.suppress(ValueError):
-            saved = _read_manifest(folder).get("card") or {}
+            saved = read_manifest(folder).get("card") or {}
     return {
         "license": license or saved.get("license"),
         "base_model": base_model or saved.get("base_model"),
